@@ -1,0 +1,2 @@
+/* placeholder: being written */
+typedef int pd_placeholder_llm_t;

@@ -1,0 +1,2 @@
+/* placeholder: being written */
+typedef int pd_placeholder_dispatch_t;

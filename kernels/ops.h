@@ -1,0 +1,85 @@
+/* ops.h - the ops table: every numeric operation the engine needs, behind one
+ * struct of function pointers that each backend fills in (cpu now, cuda later).
+ *
+ * The engine never #ifdefs a backend: it calls k->matmul(k, ...) and so on. All
+ * activations are F32, row-major, with the shapes given beside each op. Pointers
+ * are backend memory (host memory for the CPU backend). An op either completes
+ * before it returns (CPU) or is ordered on the backend's stream (CUDA).
+ * Threading: one pd_kernels_t is driven by one thread at a time (the engine
+ * thread); the CPU backend fans each op out over its own persistent thread pool. */
+#ifndef PD_KERNELS_OPS_H
+#define PD_KERNELS_OPS_H
+
+#include <stdint.h>
+
+#include "common/status.h"
+#include "common/tensor.h"
+
+typedef struct pd_kernels pd_kernels_t;
+
+/* Attention of T query tokens of ONE sequence over its paged KV cache.
+ * The cache of one layer is an array of blocks; block b holds
+ * [block_size][n_kv_heads][head_dim] elements of kv_dtype for K (k_cache) and the
+ * same for V (v_cache). Logical position p of the sequence lives in physical block
+ * block_table[p / block_size], row p % block_size. Query t sits at position pos[t]
+ * and attends causally to positions 0..pos[t] (all already written to the cache).
+ * Query head h reads KV head h / (n_heads / n_kv_heads) (grouped-query). */
+typedef struct pd_attn_args {
+    const float *q;             /* [T][n_heads][head_dim] */
+    float *out;                 /* [T][n_heads][head_dim] */
+    int64_t T;
+    const int32_t *pos;         /* [T] */
+    const void *k_cache;        /* layer base, blocks as above */
+    const void *v_cache;
+    pd_dtype_t kv_dtype;        /* F32 (F16 optional per backend) */
+    const int32_t *block_table; /* [ceil((max pos + 1) / block_size)] */
+    int64_t block_size;
+    int n_heads, n_kv_heads, head_dim;
+    float scale;                /* usually 1/sqrt(head_dim) */
+} pd_attn_args_t;
+
+struct pd_kernels {
+    const char *name; /* "scalar", "avx2", "avx512", "cuda" */
+    int n_threads;
+
+    /* y[t][o] = sum_i W[o][i] * x[t][i] for t < T; W: [ne1 = n_out][ne0 = n_in] of any
+     * pd_dtype_t. x: [T][n_in], y: [T][n_out] (y must not alias x). T = 1 is the
+     * matrix-vector path; larger T the matrix-matrix path. */
+    void (*matmul)(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int64_t T,
+                   float *y);
+    /* out[i][:] = row ids[i] of w converted to f32; w: [rows][ne0]. */
+    void (*get_rows)(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *ids, int64_t n,
+                     float *out);
+    /* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight, rows of n; out may alias x. */
+    void (*rmsnorm)(pd_kernels_t *k, float *out, const float *x, const float *weight,
+                    int64_t T, int64_t n, float eps);
+    /* In place, interleaved pairs (x[2i], x[2i+1]) of each head rotated by
+     * pos[t] * theta^(-2i/head_dim), computed in float as llama2.c does:
+     * freq = 1.0f / powf(theta, (float)(2i) / (float)head_dim). x: [T][n_heads][head_dim]. */
+    void (*rope)(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T, int n_heads,
+                 int head_dim, float theta);
+    /* In place softmax of each of T rows of n. */
+    void (*softmax)(pd_kernels_t *k, float *x, int64_t T, int64_t n);
+    /* gate[i] = silu(gate[i]) * up[i], i < n. */
+    void (*silu_mul)(pd_kernels_t *k, float *gate, const float *up, int64_t n);
+    /* y[i] += x[i], i < n (the residual). */
+    void (*add)(pd_kernels_t *k, float *y, const float *x, int64_t n);
+    /* Writes src[t] (one row of row_elems = n_kv_heads*head_dim floats) to the cache
+     * slot of position pos[t], converting to kv_dtype. */
+    void (*kv_write)(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
+                     const int32_t *block_table, int64_t block_size, int64_t row_elems,
+                     const int32_t *pos, int64_t T, const float *src);
+    void (*attention)(pd_kernels_t *k, const pd_attn_args_t *a);
+
+    /* Releases everything; called through pd_kernels_destroy(). */
+    void (*destroy)(pd_kernels_t *k);
+};
+
+/* The CPU backend with n_threads workers (n_threads <= 0: one per online CPU).
+ * isa: NULL or "auto" picks the best the CPU supports (avx512 > avx2 > scalar);
+ * "scalar", "avx2" or "avx512" force one (PD_ERR_UNSUPPORTED if the CPU lacks it). */
+pd_status_t pd_kernels_cpu_new(int n_threads, const char *isa, pd_kernels_t **k_p);
+/* Accepts NULL; clears *k_p. */
+void pd_kernels_destroy(pd_kernels_t **k_p);
+
+#endif
