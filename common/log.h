@@ -11,6 +11,7 @@
 #include <stdarg.h>
 
 typedef enum pd_log_level {
+    PD_LOG_LEVEL_OFF = -1, /* silences everything (tests of error paths) */
     PD_LOG_LEVEL_ERROR = 0,
     PD_LOG_LEVEL_WARN = 1,
     PD_LOG_LEVEL_INFO = 2,

@@ -1,2 +1,219 @@
-/* placeholder: being written */
-typedef int pd_placeholder_sampler_t;
+/* sampler.c - see sampler.h. Candidates are (id, prob) pairs in scratch sized at
+ * creation; top-k uses a partial selection so k << vocab costs O(vocab), and a full
+ * sort happens only over the survivors of the cheap filters. One thread per sampler. */
+#include "common/sampler.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "common/log.h"
+
+typedef struct cand {
+    float p;
+    int32_t id;
+} cand_t;
+
+struct pd_sampler {
+    int32_t n_vocab;
+    pd_sampler_params_t params;
+    uint64_t rng[4];
+    cand_t *cands; /* [n_vocab] */
+};
+
+pd_sampler_params_t pd_sampler_params_default(void)
+{
+    pd_sampler_params_t p = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f,
+                             .seed = 0};
+    return p;
+}
+
+pd_status_t pd_sampler_params_check(const pd_sampler_params_t *p)
+{
+    if (!isfinite(p->temperature) || p->temperature < 0.0f) {
+        PD_LOG_ERROR("temperature must be a finite number >= 0, got %g", p->temperature);
+        return PD_ERR_INVALID;
+    }
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) {
+        PD_LOG_ERROR("top_p must be in (0, 1], got %g", p->top_p);
+        return PD_ERR_INVALID;
+    }
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) {
+        PD_LOG_ERROR("min_p must be in [0, 1], got %g", p->min_p);
+        return PD_ERR_INVALID;
+    }
+    return PD_OK;
+}
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t xoshiro_next(uint64_t *s)
+{
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+/* Uniform in [0, 1) with 24 bits, exactly representable as a float. */
+static float rng_uniform(pd_sampler_t *s)
+{
+    return (float)(xoshiro_next(s->rng) >> 40) * (1.0f / 16777216.0f);
+}
+
+void pd_sampler_reseed(pd_sampler_t *s, uint64_t seed)
+{
+    uint64_t x = seed;
+    for (int i = 0; i < 4; i++)
+        s->rng[i] = splitmix64(&x);
+    s->params.seed = seed;
+}
+
+pd_status_t pd_sampler_new(int32_t n_vocab, const pd_sampler_params_t *params,
+                           pd_sampler_t **sampler_p)
+{
+    if (n_vocab <= 0 || pd_sampler_params_check(params) != PD_OK)
+        return PD_ERR_INVALID;
+    pd_sampler_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return PD_ERR_NOMEM;
+    s->cands = malloc((size_t)n_vocab * sizeof *s->cands);
+    if (!s->cands) {
+        free(s);
+        return PD_ERR_NOMEM;
+    }
+    s->n_vocab = n_vocab;
+    s->params = *params;
+    pd_sampler_reseed(s, params->seed);
+    *sampler_p = s;
+    return PD_OK;
+}
+
+void pd_sampler_destroy(pd_sampler_t **sampler_p)
+{
+    if (!sampler_p || !*sampler_p)
+        return;
+    free((*sampler_p)->cands);
+    free(*sampler_p);
+    *sampler_p = NULL;
+}
+
+int32_t pd_argmax(const float *x, int32_t n)
+{
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}
+
+/* Descending by probability, ties by id, so the order is total and portable. */
+static int cand_cmp(const void *a, const void *b)
+{
+    const cand_t *x = a, *y = b;
+    if (x->p != y->p)
+        return x->p < y->p ? 1 : -1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+static int cand_before(const cand_t *x, const cand_t *y)
+{
+    return x->p > y->p || (x->p == y->p && x->id < y->id);
+}
+
+/* Moves the k best candidates of c[0..n) to the front (unordered): quickselect. */
+static void select_top_k(cand_t *c, int32_t n, int32_t k)
+{
+    int32_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        cand_t pivot = c[lo + (hi - lo) / 2];
+        int32_t i = lo, j = hi;
+        while (i <= j) {
+            while (cand_before(&c[i], &pivot))
+                i++;
+            while (cand_before(&pivot, &c[j]))
+                j--;
+            if (i <= j) {
+                cand_t t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            return;
+    }
+}
+
+int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
+{
+    const pd_sampler_params_t *p = &s->params;
+    int32_t n = s->n_vocab;
+    if (p->temperature <= 0.0f || p->top_k == 1)
+        return pd_argmax(logits, n);
+
+    /* softmax(logits / T) into the candidates */
+    float max = logits[0];
+    for (int32_t i = 1; i < n; i++)
+        max = logits[i] > max ? logits[i] : max;
+    float inv_t = 1.0f / p->temperature;
+    for (int32_t i = 0; i < n; i++) {
+        float e = expf((logits[i] - max) * inv_t);
+        s->cands[i].p = e;
+        s->cands[i].id = i;
+    }
+    int32_t m = n;
+    if (p->top_k > 0 && p->top_k < m) {
+        select_top_k(s->cands, m, p->top_k);
+        m = p->top_k;
+    }
+    /* min-p: keep p >= min_p * p_max (p_max is the unnormalised max, 1.0 here) */
+    if (p->min_p > 0.0f) {
+        int32_t w = 0;
+        for (int32_t i = 0; i < m; i++)
+            if (s->cands[i].p >= p->min_p)
+                s->cands[w++] = s->cands[i];
+        m = w; /* the argmax has p == 1 and always survives */
+    }
+    qsort(s->cands, (size_t)m, sizeof *s->cands, cand_cmp);
+    float total = 0.0f;
+    for (int32_t i = 0; i < m; i++)
+        total += s->cands[i].p;
+    if (p->top_p < 1.0f) {
+        float cum = 0.0f, limit = p->top_p * total;
+        int32_t keep = m;
+        for (int32_t i = 0; i < m; i++) {
+            cum += s->cands[i].p;
+            if (cum >= limit) {
+                keep = i + 1;
+                break;
+            }
+        }
+        m = keep;
+        total = cum < total ? cum : total;
+    }
+    float r = rng_uniform(s) * total, cum = 0.0f;
+    for (int32_t i = 0; i < m; i++) {
+        cum += s->cands[i].p;
+        if (r < cum)
+            return s->cands[i].id;
+    }
+    return s->cands[m - 1].id; /* rounding left r at the very top */
+}

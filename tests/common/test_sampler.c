@@ -1,0 +1,174 @@
+/* test_sampler.c - the sampler: greedy is argmax, filters restrict the support,
+ * frequencies follow the softmax, the same seed gives the same draws. */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "common/log.h"
+#include "common/sampler.h"
+
+#define NV 6
+
+static pd_sampler_t *mk(float temp, int32_t k, float p, float minp, uint64_t seed)
+{
+    pd_sampler_params_t sp = {.temperature = temp, .top_k = k, .top_p = p, .min_p = minp,
+                              .seed = seed};
+    pd_sampler_t *s = NULL;
+    ck_assert_int_eq(pd_sampler_new(NV, &sp, &s), PD_OK);
+    return s;
+}
+
+/* probabilities 0.4 0.25 0.15 0.1 0.06 0.04 */
+static void logits(float *l)
+{
+    const float p[NV] = {0.4f, 0.25f, 0.15f, 0.1f, 0.06f, 0.04f};
+    for (int i = 0; i < NV; i++)
+        l[i] = logf(p[(i + 2) % NV]) + 3.0f; /* permuted and shifted */
+}
+
+START_TEST(greedy_is_argmax)
+{
+    float l[NV];
+    logits(l);
+    pd_sampler_t *s = mk(0.0f, 0, 1.0f, 0.0f, 1);
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(pd_sampler_sample(s, l), 4); /* 0.4 sits at index 4 */
+    pd_sampler_destroy(&s);
+    ck_assert_ptr_null(s);
+    s = mk(1.0f, 1, 1.0f, 0.0f, 1); /* top-k 1 is greedy too */
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(pd_sampler_sample(s, l), 4);
+    pd_sampler_destroy(&s);
+    float ties[NV] = {1, 5, 5, 2, 5, 0};
+    ck_assert_int_eq(pd_argmax(ties, NV), 1); /* first of the tied maxima */
+}
+END_TEST
+
+START_TEST(same_seed_same_draws)
+{
+    float l[NV];
+    logits(l);
+    pd_sampler_t *a = mk(1.0f, 0, 1.0f, 0.0f, 42), *b = mk(1.0f, 0, 1.0f, 0.0f, 42);
+    pd_sampler_t *c = mk(1.0f, 0, 1.0f, 0.0f, 43);
+    int differ = 0;
+    for (int i = 0; i < 200; i++) {
+        int32_t x = pd_sampler_sample(a, l), y = pd_sampler_sample(b, l);
+        ck_assert_int_eq(x, y);
+        differ += x != pd_sampler_sample(c, l);
+    }
+    ck_assert_int_gt(differ, 20);
+    pd_sampler_reseed(a, 42);
+    pd_sampler_reseed(b, 42);
+    for (int i = 0; i < 50; i++)
+        ck_assert_int_eq(pd_sampler_sample(a, l), pd_sampler_sample(b, l));
+    pd_sampler_destroy(&a);
+    pd_sampler_destroy(&b);
+    pd_sampler_destroy(&c);
+}
+END_TEST
+
+static void freqs(pd_sampler_t *s, int n, double *f)
+{
+    float l[NV];
+    logits(l);
+    for (int i = 0; i < NV; i++)
+        f[i] = 0;
+    for (int i = 0; i < n; i++)
+        f[pd_sampler_sample(s, l)] += 1.0 / n;
+}
+
+START_TEST(frequencies_follow_softmax)
+{
+    const int n = 40000;
+    double f[NV];
+    /* index i holds p[(i+2)%6] */
+    const double want[NV] = {0.15, 0.1, 0.06, 0.04, 0.4, 0.25};
+    pd_sampler_t *s = mk(1.0f, 0, 1.0f, 0.0f, 7);
+    freqs(s, n, f);
+    for (int i = 0; i < NV; i++) /* 5 sigma of a binomial */
+        ck_assert_double_le(fabs(f[i] - want[i]), 5 * sqrt(want[i] * (1 - want[i]) / n));
+    pd_sampler_destroy(&s);
+
+    /* temperature 0.5 squares the probabilities (renormalised) */
+    double z = 0;
+    for (int i = 0; i < NV; i++)
+        z += want[i] * want[i];
+    s = mk(0.5f, 0, 1.0f, 0.0f, 8);
+    freqs(s, n, f);
+    for (int i = 0; i < NV; i++) {
+        double w = want[i] * want[i] / z;
+        ck_assert_double_le(fabs(f[i] - w), 5 * sqrt(w * (1 - w) / n) + 1e-9);
+    }
+    pd_sampler_destroy(&s);
+}
+END_TEST
+
+START_TEST(filters_restrict_support)
+{
+    const int n = 20000;
+    double f[NV];
+    /* top-k 2: only 0.4 (idx 4) and 0.25 (idx 5), renormalised 0.615/0.385 */
+    pd_sampler_t *s = mk(1.0f, 2, 1.0f, 0.0f, 3);
+    freqs(s, n, f);
+    ck_assert_double_eq(f[0] + f[1] + f[2] + f[3], 0.0);
+    ck_assert_double_le(fabs(f[4] - 0.4 / 0.65), 0.02);
+    pd_sampler_destroy(&s);
+    /* top-p 0.7: 0.4 + 0.25 = 0.65 < 0.7, so 0.15 (idx 0) joins; 0.1 does not */
+    s = mk(1.0f, 0, 0.7f, 0.0f, 4);
+    freqs(s, n, f);
+    ck_assert_double_eq(f[1] + f[2] + f[3], 0.0);
+    ck_assert_double_gt(f[0], 0.1);
+    pd_sampler_destroy(&s);
+    /* min-p 0.3: keep p >= 0.12 -> 0.4, 0.25, 0.15 */
+    s = mk(1.0f, 0, 1.0f, 0.3f, 5);
+    freqs(s, n, f);
+    ck_assert_double_eq(f[1] + f[2] + f[3], 0.0);
+    ck_assert_double_gt(f[0], 0.1);
+    pd_sampler_destroy(&s);
+    /* a tiny top-p is greedy */
+    s = mk(1.0f, 0, 1e-6f, 0.0f, 6);
+    freqs(s, 1000, f);
+    ck_assert_double_eq_tol(f[4], 1.0, 1e-9);
+    pd_sampler_destroy(&s);
+}
+END_TEST
+
+START_TEST(bad_params_refused)
+{
+    pd_log_set_level(PD_LOG_LEVEL_OFF);
+    pd_sampler_params_t p = pd_sampler_params_default();
+    pd_sampler_t *s = NULL;
+    p.temperature = NAN;
+    ck_assert_int_eq(pd_sampler_new(NV, &p, &s), PD_ERR_INVALID);
+    p = pd_sampler_params_default();
+    p.temperature = -1;
+    ck_assert_int_eq(pd_sampler_params_check(&p), PD_ERR_INVALID);
+    p = pd_sampler_params_default();
+    p.top_p = 0.0f;
+    ck_assert_int_eq(pd_sampler_params_check(&p), PD_ERR_INVALID);
+    p = pd_sampler_params_default();
+    p.min_p = 1.5f;
+    ck_assert_int_eq(pd_sampler_params_check(&p), PD_ERR_INVALID);
+    p = pd_sampler_params_default();
+    ck_assert_int_eq(pd_sampler_new(0, &p, &s), PD_ERR_INVALID);
+    ck_assert_ptr_null(s);
+    pd_sampler_destroy(NULL);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *su = suite_create("sampler");
+    TCase *tc = tcase_create("core");
+    tcase_add_test(tc, greedy_is_argmax);
+    tcase_add_test(tc, same_seed_same_draws);
+    tcase_add_test(tc, frequencies_follow_softmax);
+    tcase_add_test(tc, filters_restrict_support);
+    tcase_add_test(tc, bad_params_refused);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
