@@ -1,0 +1,229 @@
+/* test_llm.c - the forward pass and the generation loop on a real model
+ * (stories260K): prompt chunking does not change the result, bad batches are
+ * refused without touching the cache, and generation allocates nothing per token
+ * (every allocation is counted: by interposing malloc, or through the sanitizer's
+ * allocator hooks in ASan builds). */
+#include <check.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/generate.h"
+#include "common/llm.h"
+#include "common/log.h"
+#include "common/model.h"
+#include "common/sampler.h"
+#include "kernels/ops.h"
+
+/* ---- allocation counting ---- */
+static atomic_long n_allocs;
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__has_feature)
+#if defined(__SANITIZE_ADDRESS__)
+#define PD_TEST_ASAN 1
+#elif __has_feature(address_sanitizer)
+#define PD_TEST_ASAN 1
+#endif
+#endif
+
+#ifdef PD_TEST_ASAN
+#include <sanitizer/allocator_interface.h>
+static void on_malloc(const volatile void *p, size_t n)
+{
+    (void)p;
+    (void)n;
+    atomic_fetch_add(&n_allocs, 1);
+}
+static void on_free(const volatile void *p)
+{
+    (void)p;
+}
+static void install_counter(void)
+{
+    __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
+}
+#else
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void *__libc_memalign(size_t, size_t);
+void *malloc(size_t n)
+{
+    atomic_fetch_add(&n_allocs, 1);
+    return __libc_malloc(n);
+}
+void *calloc(size_t a, size_t b)
+{
+    atomic_fetch_add(&n_allocs, 1);
+    return __libc_calloc(a, b);
+}
+void *realloc(void *p, size_t n)
+{
+    atomic_fetch_add(&n_allocs, 1);
+    return __libc_realloc(p, n);
+}
+void *aligned_alloc(size_t a, size_t n)
+{
+    atomic_fetch_add(&n_allocs, 1);
+    return __libc_memalign(a, n);
+}
+int posix_memalign(void **p, size_t a, size_t n)
+{
+    atomic_fetch_add(&n_allocs, 1);
+    *p = __libc_memalign(a, n);
+    return *p ? 0 : 12;
+}
+static void install_counter(void)
+{
+}
+#endif
+
+/* ---- fixtures ---- */
+static char model_path[4096];
+static pd_model_t *model;
+static pd_kernels_t *kern;
+
+static void setup(void)
+{
+    const char *shared = getenv("PD_SHARED_DIR");
+    ck_assert_msg(shared != NULL, "PD_SHARED_DIR is not set");
+    snprintf(model_path, sizeof model_path, "%s/models/stories260K.gguf", shared);
+    ck_assert_int_eq(pd_model_open(model_path, NULL, &model), PD_OK);
+    ck_assert_int_eq(pd_kernels_cpu_new(2, NULL, &kern), PD_OK);
+}
+
+static void teardown(void)
+{
+    pd_kernels_destroy(&kern);
+    pd_model_destroy(&model);
+}
+
+static const int32_t prompt[] = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315,
+                                 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408};
+#define NP ((int32_t)(sizeof prompt / sizeof prompt[0]))
+
+/* Logits of the last prompt token with the prompt run in chunks of `chunk`. */
+static void last_logits(int32_t chunk, float *out)
+{
+    pd_llm_t *llm = NULL;
+    pd_llm_opts_t o = {.max_ctx = 64, .max_batch_tokens = chunk};
+    ck_assert_int_eq(pd_llm_new(model, kern, &o, &llm), PD_OK);
+    int32_t pos[NP];
+    const float *logits = NULL;
+    for (int32_t s = 0; s < NP; s += chunk) {
+        int32_t T = NP - s < chunk ? NP - s : chunk, row = T - 1;
+        for (int32_t t = 0; t < T; t++)
+            pos[t] = s + t;
+        ck_assert_int_eq(pd_llm_forward(llm, prompt + s, pos, T, &row, 1, &logits), PD_OK);
+    }
+    memcpy(out, logits, (size_t)pd_model_config(model)->vocab_size * sizeof(float));
+    pd_llm_destroy(&llm);
+    ck_assert_ptr_null(llm);
+}
+
+START_TEST(chunking_does_not_change_logits)
+{
+    int32_t nv = pd_model_config(model)->vocab_size;
+    float *ref = malloc((size_t)nv * sizeof *ref), *got = malloc((size_t)nv * sizeof *got);
+    last_logits(NP, ref);
+    const int32_t chunks[] = {1, 2, 5, 16};
+    for (size_t c = 0; c < sizeof chunks / sizeof chunks[0]; c++) {
+        last_logits(chunks[c], got);
+        double maxd = 0, maxv = 0;
+        for (int32_t i = 0; i < nv; i++) {
+            maxd = fmax(maxd, fabs((double)got[i] - ref[i]));
+            maxv = fmax(maxv, fabs((double)ref[i]));
+        }
+        /* only summation order differs between the T = 1 and T > 1 paths */
+        ck_assert_msg(maxd <= 1e-4 * maxv, "chunk %d: max diff %g (max |logit| %g)",
+                      chunks[c], maxd, maxv);
+        ck_assert_int_eq(pd_argmax(got, nv), pd_argmax(ref, nv));
+    }
+    free(ref);
+    free(got);
+}
+END_TEST
+
+START_TEST(bad_batches_refused)
+{
+    pd_log_set_level(PD_LOG_LEVEL_OFF);
+    pd_llm_t *llm = NULL;
+    pd_llm_opts_t o = {.max_ctx = 8, .max_batch_tokens = 4, .max_logits = 2};
+    ck_assert_int_eq(pd_llm_new(model, kern, &o, &llm), PD_OK);
+    int32_t ids[5] = {1, 2, 3, 4, 5}, pos[5] = {0, 1, 2, 3, 4}, rows[3] = {0, 1, 2};
+    const float *l = NULL;
+    ck_assert_int_eq(pd_llm_forward(llm, ids, pos, 0, rows, 1, &l), PD_ERR_RANGE);
+    ck_assert_int_eq(pd_llm_forward(llm, ids, pos, 5, rows, 1, &l), PD_ERR_RANGE);
+    ck_assert_int_eq(pd_llm_forward(llm, ids, pos, 3, rows, 3, &l), PD_ERR_RANGE);
+    int32_t bad_id = 512, bad_pos = 8, bad_row = 1;
+    ck_assert_int_eq(pd_llm_forward(llm, &bad_id, pos, 1, rows, 1, &l), PD_ERR_RANGE);
+    ck_assert_int_eq(pd_llm_forward(llm, ids, &bad_pos, 1, rows, 1, &l), PD_ERR_RANGE);
+    ck_assert_int_eq(pd_llm_forward(llm, ids, pos, 1, &bad_row, 1, &l), PD_ERR_RANGE);
+    ck_assert_ptr_null(l);
+    ck_assert_int_eq(pd_llm_forward(llm, ids, pos, 4, rows, 2, &l), PD_OK);
+    ck_assert_ptr_nonnull(l);
+    pd_llm_destroy(&llm);
+}
+END_TEST
+
+static int count_tokens(void *user, int32_t id)
+{
+    (void)id;
+    ++*(int *)user;
+    return 0;
+}
+
+/* Allocations of one whole generation of n tokens (sampling on, a fresh seed). */
+static long allocs_for(pd_llm_t *llm, pd_sampler_t *s, int32_t n)
+{
+    int32_t out[256];
+    int seen = 0;
+    pd_gen_opts_t go = {.max_tokens = n, .ignore_eos = true};
+    pd_gen_stats_t st;
+    pd_sampler_reseed(s, 1234);
+    long before = atomic_load(&n_allocs);
+    ck_assert_int_eq(pd_generate(llm, s, prompt, NP, 2, 1, &go, count_tokens, &seen, out, &st),
+                     PD_OK);
+    long used = atomic_load(&n_allocs) - before;
+    ck_assert_int_eq(st.n_gen, n);
+    ck_assert_int_eq(seen, n);
+    return used;
+}
+
+START_TEST(generation_allocates_nothing_per_token)
+{
+    install_counter();
+    pd_llm_t *llm = NULL;
+    pd_sampler_t *s = NULL;
+    pd_llm_opts_t o = {.max_ctx = 512, .max_batch_tokens = 32};
+    pd_sampler_params_t sp = {.temperature = 0.9f, .top_k = 40, .top_p = 0.9f, .min_p = 0.02f};
+    ck_assert_int_eq(pd_llm_new(model, kern, &o, &llm), PD_OK);
+    ck_assert_int_eq(pd_sampler_new(pd_model_config(model)->vocab_size, &sp, &s), PD_OK);
+    (void)allocs_for(llm, s, 4); /* warm-up: kernels size their scratch on first use */
+    long a_short = allocs_for(llm, s, 8), a_long = allocs_for(llm, s, 200);
+    ck_assert_msg(a_long == a_short,
+                  "generating 200 tokens made %ld allocations, 8 tokens %ld", a_long, a_short);
+    ck_assert_int_eq(a_long, 0);
+    pd_sampler_destroy(&s);
+    pd_llm_destroy(&llm);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *su = suite_create("llm");
+    TCase *tc = tcase_create("core");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, chunking_does_not_change_logits);
+    tcase_add_test(tc, bad_batches_refused);
+    tcase_add_test(tc, generation_allocates_nothing_per_token);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

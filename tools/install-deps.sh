@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages pdserve needs to build and test, only those missing.
+# Runs as root (or with sudo available). Debian 12.
+set -euo pipefail
+pkgs=(build-essential cmake pkg-config check libjson-c-dev python3 python3-numpy
+      python3-sentencepiece)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

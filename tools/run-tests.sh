@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds with -Werror, runs every test through CTest, then
+# builds again under AddressSanitizer + UndefinedBehaviorSanitizer and runs the
+# tests once more. Exits non-zero if anything fails.
+# Usage: bash tools/run-tests.sh [--no-sanitizers]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+bash tools/install-deps.sh
+jobs="$(nproc)"
+if [ ! -d "$root/../shared/models" ]; then
+  echo "run-tests: ../shared/models is missing beside the checkout ($root/../shared)" >&2
+  exit 1
+fi
+echo "== build (RelWithDebInfo, -Werror)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPD_WERROR=ON > /dev/null
+cmake --build build -j"$jobs"
+echo "== tests"
+ctest --test-dir build --output-on-failure -j"$jobs"
+if [ "${1:-}" != "--no-sanitizers" ]; then
+  echo "== build (ASan + UBSan)"
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPD_WERROR=ON \
+        -DPD_ASAN=ON -DPD_UBSAN=ON > /dev/null
+  cmake --build build-asan -j"$jobs"
+  echo "== tests under ASan + UBSan"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    ctest --test-dir build-asan --output-on-failure -j"$jobs"
+fi
+echo "== all tests passed"
