@@ -12,7 +12,6 @@ Needs PD_BIN_DIR and PD_SHARED_DIR; a missing binary or file is a failure.
 import hashlib
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -208,9 +207,12 @@ def check_engine(path, tmp):
     ids = sp.encode(prompt)
     r = run(["tokenize", "--model", path, "--prompt", prompt])
     check(r.returncode == 0, "tokenize failed: %s" % r.stderr[-500:])
-    got = [int(x) for x in re.findall(r"-?\d+", r.stdout)]
-    found = any(got[i:i + len(ids)] == ids for i in range(len(got) - len(ids) + 1))
-    check(found, "tokenize ids %s do not contain sentencepiece's %s" % (got[:40], ids))
+    try:
+        got = json.loads(r.stdout)
+    except ValueError:
+        got = None
+    check(got == [1] + ids, "tokenize ids %r, want BOS + sentencepiece's %s"
+          % (r.stdout[:300], ids))
 
     n = 8
     r = run(["generate", "--model", path, "--prompt", prompt, "--max-tokens", str(n),
