@@ -376,7 +376,8 @@ static void header(buf_t *b, uint32_t version, uint64_t n_tensors, uint64_t n_kv
     put_u64(b, n_kv);
 }
 
-START_TEST(test_value_types)
+/* One key of every value type, and arrays; a16 and a64 are returned for checking. */
+static void build_value_types(buf_t *b_p, uint16_t a16[3], double a64[2])
 {
     buf_t b = {0};
     header(&b, 2, 0, 21);
@@ -399,12 +400,12 @@ START_TEST(test_value_types)
     put_key(&b, "f64", PD_GGUF_TYPE_F64); put(&b, &f64, 8);
     put_key(&b, "arr.u16", PD_GGUF_TYPE_ARRAY);
     put_u32(&b, PD_GGUF_TYPE_U16); put_u64(&b, 3);
-    uint16_t a16[3] = {1, 2, 65535};
-    put(&b, a16, sizeof a16);
+    a16[0] = 1, a16[1] = 2, a16[2] = 65535;
+    put(&b, a16, 3 * sizeof *a16);
     put_key(&b, "arr.f64", PD_GGUF_TYPE_ARRAY);
     put_u32(&b, PD_GGUF_TYPE_F64); put_u64(&b, 2);
-    double a64[2] = {-1.0, 3.0};
-    put(&b, a64, sizeof a64);
+    a64[0] = -1.0, a64[1] = 3.0;
+    put(&b, a64, 2 * sizeof *a64);
     put_key(&b, "arr.bool", PD_GGUF_TYPE_ARRAY);
     put_u32(&b, PD_GGUF_TYPE_BOOL); put_u64(&b, 0);
     put_key(&b, "arr.str", PD_GGUF_TYPE_ARRAY);
@@ -417,6 +418,15 @@ START_TEST(test_value_types)
     put_key(&b, "f64big", PD_GGUF_TYPE_F64);
     double big = 1e300;
     put(&b, &big, 8);
+    *b_p = b;
+}
+
+START_TEST(test_value_types)
+{
+    buf_t b;
+    uint16_t a16[3];
+    double a64[2];
+    build_value_types(&b, a16, a64);
     pd_gguf_t *g = open_built(&b);
     ck_assert_uint_eq(pd_gguf_version(g), 2);
     ck_assert_int_eq(pd_gguf_n_tensors(g), 0);

@@ -627,6 +627,35 @@ static void kv_str(buf_t *b, int *n, const char *key, const char *v)
     (*n)++;
 }
 
+/* The tokenizer metadata of the tiny model with fault f applied. */
+static void build_vocab_kvs(fault_t f, buf_t *b, int *n)
+{
+    kv_str(b, n, "tokenizer.ggml.model", "llama");
+    static const char *const toks[T_VOCAB] = {"<unk>", "<s>", "</s>", "a", "b",
+                                              "\xe2\x96\x81" "a"};
+    put_str(b, "tokenizer.ggml.tokens");
+    put_u32(b, PD_GGUF_TYPE_ARRAY);
+    put_u32(b, f == BAD_ETYPE ? 99 : PD_GGUF_TYPE_STRING);
+    put_u64(b, f == BAD_ARR_HUGE ? 1ull << 63 : T_VOCAB);
+    for (int i = 0; i < T_VOCAB; i++)
+        put_str(b, toks[i]);
+    (*n)++;
+    put_str(b, "tokenizer.ggml.scores");
+    put_u32(b, PD_GGUF_TYPE_ARRAY);
+    put_u32(b, PD_GGUF_TYPE_F32);
+    put_u64(b, f == BAD_NUMARR_HUGE ? (1ull << 62) + 1 : T_VOCAB);
+    const float scores[T_VOCAB] = {0, 0, 0, -1, -2, -3};
+    put(b, scores, sizeof scores);
+    (*n)++;
+    put_str(b, "tokenizer.ggml.token_type");
+    put_u32(b, PD_GGUF_TYPE_ARRAY);
+    put_u32(b, PD_GGUF_TYPE_I32);
+    put_u64(b, T_VOCAB);
+    const int32_t types[T_VOCAB] = {2, 3, 3, 1, 1, 1};
+    put(b, types, sizeof types);
+    (*n)++;
+}
+
 /* The metadata of the tiny model with fault f applied. */
 static void build_kvs(fault_t f, buf_t *b, int *n)
 {
@@ -675,30 +704,7 @@ static void build_kvs(fault_t f, buf_t *b, int *n)
     float theta = 10000.0f;
     put(b, &theta, 4);
     (*n)++;
-    kv_str(b, n, "tokenizer.ggml.model", "llama");
-    static const char *const toks[T_VOCAB] = {"<unk>", "<s>", "</s>", "a", "b",
-                                              "\xe2\x96\x81" "a"};
-    put_str(b, "tokenizer.ggml.tokens");
-    put_u32(b, PD_GGUF_TYPE_ARRAY);
-    put_u32(b, f == BAD_ETYPE ? 99 : PD_GGUF_TYPE_STRING);
-    put_u64(b, f == BAD_ARR_HUGE ? 1ull << 63 : T_VOCAB);
-    for (int i = 0; i < T_VOCAB; i++)
-        put_str(b, toks[i]);
-    (*n)++;
-    put_str(b, "tokenizer.ggml.scores");
-    put_u32(b, PD_GGUF_TYPE_ARRAY);
-    put_u32(b, PD_GGUF_TYPE_F32);
-    put_u64(b, f == BAD_NUMARR_HUGE ? (1ull << 62) + 1 : T_VOCAB);
-    const float scores[T_VOCAB] = {0, 0, 0, -1, -2, -3};
-    put(b, scores, sizeof scores);
-    (*n)++;
-    put_str(b, "tokenizer.ggml.token_type");
-    put_u32(b, PD_GGUF_TYPE_ARRAY);
-    put_u32(b, PD_GGUF_TYPE_I32);
-    put_u64(b, T_VOCAB);
-    const int32_t types[T_VOCAB] = {2, 3, 3, 1, 1, 1};
-    put(b, types, sizeof types);
-    (*n)++;
+    build_vocab_kvs(f, b, n);
     if (f == BAD_NESTED) { /* [[u8 'x']] */
         put_str(b, "nested");
         put_u32(b, PD_GGUF_TYPE_ARRAY);
