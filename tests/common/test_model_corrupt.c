@@ -632,7 +632,7 @@ static void build_vocab_kvs(fault_t f, buf_t *b, int *n)
 {
     kv_str(b, n, "tokenizer.ggml.model", "llama");
     static const char *const toks[T_VOCAB] = {"<unk>", "<s>", "</s>", "a", "b",
-                                              "\xe2\x96\x81" "a"};
+                                              "\xe2\x96\x81\x61"};
     put_str(b, "tokenizer.ggml.tokens");
     put_u32(b, PD_GGUF_TYPE_ARRAY);
     put_u32(b, f == BAD_ETYPE ? 99 : PD_GGUF_TYPE_STRING);
