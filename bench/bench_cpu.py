@@ -134,7 +134,7 @@ def make_prompt(shared, n_prompt, out_dir):
 def bench_pdserve(pdctl, model, text, ids, threads, a):
     runs = []
     for t in threads:
-        pp, tg = [], []
+        pp, tg, gen_ids = [], [], []
         for rep in range(a.reps + 1):  # the first is a warm-up
             n_gen = 4 if rep == 0 else a.n_gen
             out = json.loads(sh([pdctl, "generate", "--model", model["path"], "--prompt", text,
@@ -144,12 +144,13 @@ def bench_pdserve(pdctl, model, text, ids, threads, a):
                 raise RuntimeError("pdserve: %d prompt ids (match %s), %d generated"
                                    % (len(out.get("prompt_ids", [])),
                                       out.get("prompt_ids") == ids, len(out.get("ids", []))))
+            gen_ids = out["ids"]
             if rep:
                 pp.append(out["timings"]["prompt_tokens_per_s"])
                 tg.append(out["timings"]["gen_tokens_per_s"])
         log("pdserve %s t%d: prompt %.1f tok/s, gen %.2f tok/s" % (
             model["spec"], t, statistics.median(pp), statistics.median(tg)))
-        runs.append({"threads": t, "prompt_tok_s": pp, "gen_tok_s": tg})
+        runs.append({"threads": t, "prompt_tok_s": pp, "gen_tok_s": tg, "gen_ids": gen_ids})
     return runs
 
 
@@ -203,6 +204,20 @@ def table(res):
                 m["spec"], t, res["membw_gb_s"][t], fmt(wp and wp * m["bytes"] / 1e9),
                 fmt(wl and wl * m["bytes"] / 1e9), fmt(wp and wp * bpt / 1e9),
                 fmt(wl and wl * bpt / 1e9)))
+    agree = []
+    for m in res["models"]:
+        for t in res["threads"]:
+            ids = {}
+            for eng in ("pdserve", "llama.cpp"):
+                run = next((r for r in m.get(eng, {}).get("runs", []) if r["threads"] == t),
+                           None)
+                ids[eng] = run.get("gen_ids") if run else None
+            if ids["pdserve"] and ids["llama.cpp"]:
+                n = 0
+                while (n < min(len(ids["pdserve"]), len(ids["llama.cpp"])) and
+                       ids["pdserve"][n] == ids["llama.cpp"][n]):
+                    n += 1
+                agree.append("%s t%d: %d of %d" % (m["spec"], t, n, len(ids["llama.cpp"])))
     mi = res["machine"]
     head = ["CPU: %s, %s CPUs, ISA %s, %s; pdserve %s; llama-cpp-python %s; %s" % (
         mi.get("Model name"), mi.get("CPU(s)"), mi.get("isa"), mi.get("mem_total"),
@@ -215,7 +230,10 @@ def table(res):
     return "\n".join(head + [""] + rows + [
         "", "Implied weight bytes/s = model file bytes x gen tok/s (and, closer to what "
         "a decode step reads, the file less the embedding table, of which a step reads "
-        "one row):", ""] + bw_rows) + "\n"
+        "one row):", ""] + bw_rows + (
+        ["", "Greedy tokens identical from the start, pdserve vs llama.cpp (random "
+         "weights give near-tied logits, so a late divergence is rounding, an early one "
+         "a bug): " + "; ".join(agree)] if agree else [])) + "\n"
 
 
 def main():

@@ -32,11 +32,13 @@ def run_round(llm, toks, n_gen):
     t0 = time.perf_counter()
     llm.eval(toks)
     t1 = time.perf_counter()
+    ids = []
     for _ in range(n_gen):
         nxt = int(np.argmax(last_logits(llm)))
+        ids.append(nxt)
         llm.eval([nxt])
     t2 = time.perf_counter()
-    return len(toks) / (t1 - t0), n_gen / (t2 - t1)
+    return len(toks) / (t1 - t0), n_gen / (t2 - t1), ids
 
 
 def main():
@@ -66,13 +68,14 @@ def main():
         run_round(llm, toks, 4)  # warm-up
         pp, tg = [], []
         for _ in range(a.reps):
-            p, g = run_round(llm, toks, a.n_gen)
+            p, g, ids = run_round(llm, toks, a.n_gen)
             pp.append(p)
             tg.append(g)
         lg = last_logits(llm)
         finite = bool(np.all(np.isfinite(lg))) and float(np.std(lg)) > 0
         out["runs"].append({"threads": t, "load_s": t_load, "prompt_tok_s": pp,
-                            "gen_tok_s": tg, "logits_finite": finite})
+                            "gen_tok_s": tg, "logits_finite": finite,
+                            "gen_ids": ids})
         del llm
     json.dump(out, sys.stdout)
     print()

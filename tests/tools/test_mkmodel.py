@@ -198,13 +198,19 @@ def check_file(path, dtype, ref_kv):
                   "%s: %s std %.4f mean %.5f" % (dtype, name, x.std(), x.mean()))
 
 
-def check_engine(path, tmp):
-    """Opens the model with pdctl tokenize and generates with pdctl generate."""
+PROMPT = "Once upon a time, there was a tiny robot."
+
+
+def prompt_ids():
     import sentencepiece
     sp = sentencepiece.SentencePieceProcessor(
         model_file=os.path.join(SHARED, "models", "llama2_tokenizer.model"))
-    prompt = "Once upon a time, there was a tiny robot."
-    ids = sp.encode(prompt)
+    return sp.encode(PROMPT)
+
+
+def check_tokenize(path):
+    """pdctl tokenize reads the embedded vocabulary like SentencePiece does."""
+    ids, prompt = prompt_ids(), PROMPT
     r = run(["tokenize", "--model", path, "--prompt", prompt])
     check(r.returncode == 0, "tokenize failed: %s" % r.stderr[-500:])
     try:
@@ -214,10 +220,13 @@ def check_engine(path, tmp):
     check(got == [1] + ids, "tokenize ids %r, want BOS + sentencepiece's %s"
           % (r.stdout[:300], ids))
 
-    n = 8
+
+def check_generate(path, dtype):
+    """The project's engine loads the model and generates n tokens from it."""
+    ids, prompt, n = prompt_ids(), PROMPT, 8
     r = run(["generate", "--model", path, "--prompt", prompt, "--max-tokens", str(n),
              "--ignore-eos", "--threads", "1", "--format", "json"])
-    if not check(r.returncode == 0, "generate failed: %s" % r.stderr[-500:]):
+    if not check(r.returncode == 0, "generate %s failed: %s" % (dtype, r.stderr[-500:])):
         return
     try:
         out = json.loads(r.stdout)
@@ -280,8 +289,9 @@ def main():
         check(sha256(q8) == sha256(again), "same seed gave different files")
         check(sha256(q8) != sha256(other), "different seeds gave the same file")
         check_errors(tmp)
-        check_engine(os.path.join(tmp, "m_f32.gguf"), tmp)
-        check_engine(q8, tmp)
+        check_tokenize(os.path.join(tmp, "m_f32.gguf"))
+        for dtype in ("f32", "f16", "q8_0", "q4_0"):
+            check_generate(os.path.join(tmp, "m_%s.gguf" % dtype), dtype)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("test_mkmodel: %d checks passed, %d failed" % (passes[0], len(failures)))
