@@ -204,7 +204,8 @@ static int do_decode(const pd_tokenizer_t *tok, const char *text, size_t len)
             continue;
         }
         if (errno || id < 0 || id >= pd_tokenizer_n_vocab(tok)) {
-            fprintf(stderr, "pdctl tokenize: id %.20s out of range\n", p);
+            fprintf(stderr, "pdctl tokenize: id %ld out of range [0, %d)\n", id,
+                    (int)pd_tokenizer_n_vocab(tok));
             rc = 1;
             break;
         }
