@@ -47,18 +47,18 @@ enum {
     TT_BYTE = 6,
 };
 
-#define MAX_VOCAB (1 << 24)
+#define MAX_VOCAB      (1 << 24)
 #define MAX_FILE_BYTES ((size_t)1 << 30)
 #define MAX_TEXT_BYTES ((size_t)1 << 30)
 
 struct pd_tokenizer {
     int32_t n_vocab;
-    char *blob;           /* all pieces, each NUL-terminated */
+    char *blob; /* all pieces, each NUL-terminated */
     size_t blob_cap, blob_used;
-    size_t *off;          /* [n_vocab] offset of each piece in blob */
-    uint32_t *len;        /* [n_vocab] piece length in bytes */
-    float *score;         /* [n_vocab] */
-    uint8_t *type;        /* [n_vocab] TT_* */
+    size_t *off;   /* [n_vocab] offset of each piece in blob */
+    uint32_t *len; /* [n_vocab] piece length in bytes */
+    float *score;  /* [n_vocab] */
+    uint8_t *type; /* [n_vocab] TT_* */
     int32_t bos, eos, unk;
     bool add_space_prefix;
     bool remove_extra_ws;
@@ -206,8 +206,8 @@ static pd_status_t tok_alloc(int32_t n, size_t blob_cap, pd_tokenizer_t **tok_p)
 
 /* Appends piece id's bytes, turning U+2581 into ' ' when sp_escaped. The caller
  * sized blob_cap for len + 1 bytes per piece. */
-static void tok_put(pd_tokenizer_t *t, int32_t id, const char *s, size_t n, bool sp_escaped,
-                    float score, uint8_t type)
+static void tok_put(pd_tokenizer_t *t, int32_t id, const char *s, size_t n,
+                    bool sp_escaped, float score, uint8_t type)
 {
     char *dst = t->blob + t->blob_used;
     size_t k = 0;
@@ -273,7 +273,8 @@ static pd_status_t tok_finish(pd_tokenizer_t *t, const char *what)
         if (t->type[id] == TT_BYTE) {
             int b = parse_byte_piece(s, n);
             if (b < 0) {
-                PD_LOG_ERROR("%s: byte token %d is not of the form <0xNN>", what, (int)id);
+                PD_LOG_ERROR("%s: byte token %d is not of the form <0xNN>", what,
+                             (int)id);
                 return PD_ERR_FORMAT;
             }
             if (t->byte_id[b] < 0)
@@ -347,32 +348,16 @@ err_close:
     return st;
 }
 
-static int32_t rd_i32(const unsigned char *p)
-{
-    uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                 (uint32_t)p[3] << 24;
-    int32_t v;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
-static float rd_f32(const unsigned char *p)
-{
-    int32_t i = rd_i32(p);
-    float v;
-    memcpy(&v, &i, sizeof v);
-    return v;
-}
-
 /* Parses the pieces of a tokenizer.bin image into a new tokenizer. */
 static pd_status_t parse_bin(const char *path, const unsigned char *d, size_t size,
                              int32_t n, pd_tokenizer_t **tok_p)
 {
-    if (size < 4) {
-        PD_LOG_ERROR("tokenizer %s: truncated header (%zu bytes)", path, size);
+    if (size < 4 + 8 * (size_t)n) { /* before allocating for n tokens */
+        PD_LOG_ERROR("tokenizer %s: %zu bytes cannot hold %d tokens", path, size, (int)n);
         return PD_ERR_FORMAT;
     }
-    int32_t max_len = rd_i32(d);
+    int32_t max_len, len; /* little-endian, as the host (as everywhere in pdserve) */
+    memcpy(&max_len, d, 4);
     if (max_len < 0) {
         PD_LOG_ERROR("tokenizer %s: negative max_token_length %d", path, (int)max_len);
         return PD_ERR_FORMAT;
@@ -388,18 +373,21 @@ static pd_status_t parse_bin(const char *path, const unsigned char *d, size_t si
                          (int)id, (int)n, pos);
             goto err_format;
         }
-        float score = rd_f32(d + pos);
-        int32_t len = rd_i32(d + pos + 4);
+        float score;
+        memcpy(&score, d + pos, 4);
+        memcpy(&len, d + pos + 4, 4);
         pos += 8;
         if (len < 0 || len > max_len || (size_t)len > size - pos) {
             PD_LOG_ERROR("tokenizer %s: token %d has length %d (max_token_length %d, "
-                         "%zu bytes left)", path, (int)id, (int)len, (int)max_len,
-                         size - pos);
+                         "%zu bytes left)",
+                         path, (int)id, (int)len, (int)max_len, size - pos);
             goto err_format;
         }
         const char *s = (const char *)d + pos;
-        uint8_t type = id == 0 ? TT_UNKNOWN : id <= 2 ? TT_CONTROL
-                       : parse_byte_piece(s, (size_t)len) >= 0 ? TT_BYTE : TT_NORMAL;
+        uint8_t type = id == 0                                 ? TT_UNKNOWN
+                       : id <= 2                               ? TT_CONTROL
+                       : parse_byte_piece(s, (size_t)len) >= 0 ? TT_BYTE
+                                                               : TT_NORMAL;
         tok_put(t, id, s, (size_t)len, false, score, type);
         pos += (size_t)len;
     }
@@ -444,10 +432,10 @@ pd_status_t pd_tokenizer_load_bin(const char *path, int32_t vocab_size,
 
 /* ---- GGUF ----------------------------------------------------------------------- */
 
-#define KEY_MODEL "tokenizer.ggml.model"
+#define KEY_MODEL  "tokenizer.ggml.model"
 #define KEY_TOKENS "tokenizer.ggml.tokens"
 #define KEY_SCORES "tokenizer.ggml.scores"
-#define KEY_TYPES "tokenizer.ggml.token_type"
+#define KEY_TYPES  "tokenizer.ggml.token_type"
 
 /* An optional u32 key: default when absent, error when malformed. */
 static pd_status_t opt_id(const pd_gguf_t *g, const char *key, int32_t *v_p)
@@ -497,7 +485,8 @@ static pd_status_t check_model(const pd_gguf_t *g)
     }
     if (n != 5 || memcmp(s, "llama", 5) != 0) {
         PD_LOG_ERROR("gguf: tokenizer model '%.*s' is not supported (only 'llama', "
-                     "SentencePiece BPE)", (int)(n > 64 ? 64 : n), s);
+                     "SentencePiece BPE)",
+                     (int)(n > 64 ? 64 : n), s);
         return PD_ERR_UNSUPPORTED;
     }
     return PD_OK;
@@ -505,8 +494,7 @@ static pd_status_t check_model(const pd_gguf_t *g)
 
 /* A numeric array of exactly n elements of one of two element types. */
 static pd_status_t get_arr_n(const pd_gguf_t *g, const char *key, uint64_t n,
-                             pd_gguf_type_t ty1, pd_gguf_type_t ty2, const void **data_p,
-                             pd_gguf_type_t *ty_p)
+                             pd_gguf_type_t ty1, pd_gguf_type_t ty2, const void **data_p)
 {
     pd_gguf_type_t ty;
     uint64_t cnt;
@@ -518,11 +506,10 @@ static pd_status_t get_arr_n(const pd_gguf_t *g, const char *key, uint64_t n,
         return st;
     }
     if ((ty != ty1 && ty != ty2) || cnt != n) {
-        PD_LOG_ERROR("gguf: %s has element type %d and %llu elements, expected %llu",
-                     key, (int)ty, (unsigned long long)cnt, (unsigned long long)n);
+        PD_LOG_ERROR("gguf: %s has element type %d and %llu elements, expected %llu", key,
+                     (int)ty, (unsigned long long)cnt, (unsigned long long)n);
         return PD_ERR_FORMAT;
     }
-    *ty_p = ty;
     return PD_OK;
 }
 
@@ -531,9 +518,10 @@ static pd_status_t token_type(const pd_tokenizer_t *t, const void *types, int32_
                               const char *s, size_t n, uint8_t *type_p)
 {
     if (!types) {
-        *type_p = id == t->unk ? TT_UNKNOWN
+        *type_p = id == t->unk                   ? TT_UNKNOWN
                   : id == t->bos || id == t->eos ? TT_CONTROL
-                  : parse_byte_piece(s, n) >= 0 ? TT_BYTE : TT_NORMAL;
+                  : parse_byte_piece(s, n) >= 0  ? TT_BYTE
+                                                 : TT_NORMAL;
         return PD_OK;
     }
     int32_t v;
@@ -546,8 +534,8 @@ static pd_status_t token_type(const pd_tokenizer_t *t, const void *types, int32_
     return PD_OK;
 }
 
-static pd_status_t fill_from_gguf(pd_tokenizer_t *t, const pd_gguf_t *g, const void *scores,
-                                  const void *types)
+static pd_status_t fill_from_gguf(pd_tokenizer_t *t, const pd_gguf_t *g,
+                                  const void *scores, const void *types)
 {
     for (int32_t id = 0; id < t->n_vocab; id++) {
         const char *s;
@@ -581,7 +569,8 @@ static pd_status_t gguf_blob_size(const pd_gguf_t *g, uint64_t n, size_t *size_p
         size_t len;
         pd_status_t st = pd_gguf_get_arr_str(g, KEY_TOKENS, i, &s, &len);
         if (st != PD_OK) {
-            PD_LOG_ERROR("gguf: token %llu: %s", (unsigned long long)i, pd_status_str(st));
+            PD_LOG_ERROR("gguf: token %llu: %s", (unsigned long long)i,
+                         pd_status_str(st));
             return st;
         }
         if (len > UINT32_MAX || len + 1 > SIZE_MAX - total) {
@@ -610,18 +599,18 @@ pd_status_t pd_tokenizer_from_gguf(const pd_gguf_t *g, pd_tokenizer_t **tok_p)
         return st == PD_ERR_NOT_FOUND ? PD_ERR_FORMAT : st;
     }
     if (n < 3 || n > MAX_VOCAB) {
-        PD_LOG_ERROR("gguf: %llu tokens, expected 3..%d", (unsigned long long)n, MAX_VOCAB);
+        PD_LOG_ERROR("gguf: %llu tokens, expected 3..%d", (unsigned long long)n,
+                     MAX_VOCAB);
         return PD_ERR_FORMAT;
     }
     const void *scores = NULL, *types = NULL;
-    pd_gguf_type_t ty;
-    st = get_arr_n(g, KEY_SCORES, n, PD_GGUF_TYPE_F32, PD_GGUF_TYPE_F32, &scores, &ty);
+    st = get_arr_n(g, KEY_SCORES, n, PD_GGUF_TYPE_F32, PD_GGUF_TYPE_F32, &scores);
     if (st == PD_ERR_NOT_FOUND)
         PD_LOG_ERROR("gguf: no %s (a SentencePiece BPE vocabulary needs scores)",
                      KEY_SCORES);
     if (st != PD_OK)
         return st == PD_ERR_NOT_FOUND ? PD_ERR_FORMAT : st;
-    st = get_arr_n(g, KEY_TYPES, n, PD_GGUF_TYPE_I32, PD_GGUF_TYPE_U32, &types, &ty);
+    st = get_arr_n(g, KEY_TYPES, n, PD_GGUF_TYPE_I32, PD_GGUF_TYPE_U32, &types);
     if (st != PD_OK && st != PD_ERR_NOT_FOUND)
         return st;
     size_t blob = 0;
@@ -637,8 +626,8 @@ pd_status_t pd_tokenizer_from_gguf(const pd_gguf_t *g, pd_tokenizer_t **tok_p)
         (st = opt_id(g, "tokenizer.ggml.unknown_token_id", &t->unk)) != PD_OK ||
         (st = opt_bool(g, "tokenizer.ggml.add_space_prefix", &t->add_space_prefix)) !=
             PD_OK ||
-        (st = opt_bool(g, "tokenizer.ggml.remove_extra_whitespaces", &t->remove_extra_ws)) !=
-            PD_OK)
+        (st = opt_bool(g, "tokenizer.ggml.remove_extra_whitespaces",
+                       &t->remove_extra_ws)) != PD_OK)
         goto err_destroy;
     st = fill_from_gguf(t, g, scores, types);
     if (st != PD_OK)
@@ -763,8 +752,7 @@ static void try_pair(enc_t *e, int32_t l)
 static void add_sym(enc_t *e, int32_t start, int32_t len)
 {
     int32_t i = e->n_sym++;
-    e->sym[i] = (sym_t){start, len, i - 1, -1,
-                        lookup(e->t, e->buf + start, (size_t)len)};
+    e->sym[i] = (sym_t){start, len, i - 1, -1, lookup(e->t, e->buf + start, (size_t)len)};
     if (i > 0)
         e->sym[i - 1].next = i;
 }

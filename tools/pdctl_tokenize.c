@@ -28,10 +28,10 @@ typedef struct opts {
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: pdctl tokenize (--model M.gguf | --tokenizer T.bin [--vocab-size N])\n"
-            "                      (--prompt P | --stdin) [--no-bos] [--decode]\n"
-            "  prints the ids of P as a JSON array; --decode reads ids, prints text\n");
+    fprintf(
+        f, "usage: pdctl tokenize (--model M.gguf | --tokenizer T.bin [--vocab-size N])\n"
+           "                      (--prompt P | --stdin) [--no-bos] [--decode]\n"
+           "  prints the ids of P as a JSON array; --decode reads ids, prints text\n");
 }
 
 static int parse_args(int argc, char **argv, opts_t *o)

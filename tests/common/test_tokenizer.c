@@ -86,7 +86,8 @@ static void gtok_free(gtok_t *r)
     pd_gguf_destroy(&r->g);
 }
 
-static size_t enc(const pd_tokenizer_t *t, const char *s, size_t len, bool bos, int32_t *ids)
+static size_t enc(const pd_tokenizer_t *t, const char *s, size_t len, bool bos,
+                  int32_t *ids)
 {
     size_t n = 0;
     pd_status_t st = pd_tokenizer_encode(t, s, len, bos, ids, MAX_IDS, &n);
@@ -149,7 +150,8 @@ static size_t detok_all(const pd_tokenizer_t *t, const int32_t *ids, size_t n, c
         ck_assert_uint_lt(k, chunk_cap);
         ck_assert_int_eq(chunk[k], '\0');
         ck_assert_msg(valid_utf8((unsigned char *)chunk, k),
-                      "chunk %zu (id %d) is not whole UTF-8", i, i < n ? (int)ids[i] : -1);
+                      "chunk %zu (id %d) is not whole UTF-8", i,
+                      i < n ? (int)ids[i] : -1);
         ck_assert_uint_lt(len + k, cap);
         memcpy(out + len, chunk, k);
         len += k;
@@ -170,8 +172,8 @@ static void expect_round_trip(const pd_tokenizer_t *t, const char *s)
                   "round trip of '%s' gave '%s'", s, out);
 }
 
-static void expect_ids(const pd_tokenizer_t *t, const char *s, size_t len, const int32_t *want,
-                       size_t n_want)
+static void expect_ids(const pd_tokenizer_t *t, const char *s, size_t len,
+                       const int32_t *want, size_t n_want)
 {
     int32_t ids[MAX_IDS];
     size_t n = enc(t, s, len, true, ids);
@@ -241,7 +243,8 @@ static size_t json_string(const char *p, char *out, size_t cap)
         unsigned cp = (unsigned)strtoul((char[5]){p[1], p[2], p[3], p[4], 0}, NULL, 16);
         p += 4;
         if (cp >= 0xD800 && cp < 0xDC00 && p[1] == '\\' && p[2] == 'u') {
-            unsigned lo = (unsigned)strtoul((char[5]){p[3], p[4], p[5], p[6], 0}, NULL, 16);
+            unsigned lo =
+                (unsigned)strtoul((char[5]){p[3], p[4], p[5], p[6], 0}, NULL, 16);
             cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
             p += 6;
         }
@@ -289,18 +292,21 @@ static int read_golden(const char *name, golden_t *out, int max)
         if (line[0] != '{')
             continue;
         golden_t *g = &out[n++];
-        g->prompt_len = json_string(json_key(line, "prompt"), g->prompt, sizeof g->prompt);
+        g->prompt_len =
+            json_string(json_key(line, "prompt"), g->prompt, sizeof g->prompt);
         g->n_prompt = json_ints(json_key(line, "prompt_ids"), g->ids, MAX_IDS);
         g->n_ids = g->n_prompt + json_ints(json_key(line, "greedy_ids"),
                                            g->ids + g->n_prompt, MAX_IDS - g->n_prompt);
-        json_string(json_key(line, "run_c_stdout"), g->stdout_text, sizeof g->stdout_text);
+        json_string(json_key(line, "run_c_stdout"), g->stdout_text,
+                    sizeof g->stdout_text);
     }
     fclose(f);
     ck_assert_int_gt(n, 0);
     return n;
 }
 
-static void check_golden_file(const char *file, const pd_tokenizer_t *const *toks, int n_toks)
+static void check_golden_file(const char *file, const pd_tokenizer_t *const *toks,
+                              int n_toks)
 {
     static golden_t gs[16];
     static char out[1 << 16];
@@ -354,7 +360,8 @@ START_TEST(test_gguf_equals_bin)
         ck_assert_int_eq(pd_tokenizer_eos(bin), 2);
         for (int32_t id = 3; id < pairs[p].n; id++) { /* the specials are spelled apart */
             size_t la, lb;
-            const char *a = pd_tokenizer_piece(bin, id, &la), *b = pd_tokenizer_piece(g.t, id, &lb);
+            const char *a = pd_tokenizer_piece(bin, id, &la),
+                       *b = pd_tokenizer_piece(g.t, id, &lb);
             ck_assert_msg(la == lb && memcmp(a, b, la) == 0, "piece %d differs", (int)id);
             ck_assert_int_eq(a[la], '\0');
         }
@@ -378,9 +385,10 @@ static const char *const ROUND_TRIP[] = {
     " leading space",
     "two  spaces and trailing ",
     "tabs\tand\nnew\nlines\n\n",
-    "caf\xc3\xa9 na\xc3\xafve \xc3\xa9t\xc3\xa9",             /* café naïve été */
+    "caf\xc3\xa9 na\xc3\xafve \xc3\xa9t\xc3\xa9", /* café naïve été */
     "\xe4\xb8\xad\xe6\x96\x87 \xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e", /* 中文 日本語 */
-    "emoji \xf0\x9f\x98\x80 \xf0\x9f\x9a\x80\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd", /* 😀 🚀👍🏽 */
+    /* 😀 🚀👍🏽 */
+    "emoji \xf0\x9f\x98\x80 \xf0\x9f\x9a\x80\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd",
     "mix: a\xc3\xa9\xe4\xb8\xad\xf0\x9f\x98\x80z 123 4.5% <tag> {json: [1, 2]}",
     "<s> literal </s> and <unk> and <0x41>",
     "\x01\x02\x7f control bytes",
@@ -399,7 +407,8 @@ START_TEST(test_round_trip)
     /* The multi-byte text really went through byte fallback with tok512. */
     int32_t ids[MAX_IDS];
     EXPECT_IDS(bins[1], "\xe4\xb8\xad", 1, 410, 3 + 0xe4, 3 + 0xb8, 3 + 0xad);
-    size_t n = enc_str(bins[0], "\xe4\xb8\xad\xe6\x96\x87", ids); /* whole pieces in Llama-2 */
+    size_t n =
+        enc_str(bins[0], "\xe4\xb8\xad\xe6\x96\x87", ids); /* whole pieces in Llama-2 */
     ck_assert_uint_eq(n, 4);
     ck_assert_int_eq(ids[2], 30275);
     pd_tokenizer_destroy(&bins[0]);
@@ -465,15 +474,15 @@ START_TEST(test_char_level_unk)
     /* tok105 has no byte tokens: unknown characters are UNK, a run of them one UNK,
      * as SentencePiece encodes them. */
     EXPECT_IDS(t, "\xe4\xb8\xad", 1, 3, 0);
-    EXPECT_IDS(t, "a\xe4\xb8\xad\xe6\x96\x87" "b", 1, 3, 5, 0, 23);
-    EXPECT_IDS(t, "\xe4\xb8\xad" "a\xe6\x96\x87", 1, 3, 0, 5, 0);
+    EXPECT_IDS(t, "a\xe4\xb8\xad\xe6\x96\x87\x62", 1, 3, 5, 0, 23); /* \x62: b */
+    EXPECT_IDS(t, "\xe4\xb8\xad\x61\xe6\x96\x87", 1, 3, 0, 5, 0);   /* \x61: a */
     EXPECT_IDS(t, "a\n\nb", 1, 3, 5, 0, 23);
-    EXPECT_IDS(t, "a\xff\x80" "b", 1, 3, 5, 0, 23); /* invalid UTF-8 too */
+    EXPECT_IDS(t, "a\xff\x80\x62", 1, 3, 5, 0, 23); /* invalid UTF-8 too */
     EXPECT_IDS(t, "Hello", 1, 3, 33, 4, 14, 14, 7);
     /* UNK decodes to nothing; the rest comes back. */
     int32_t ids[MAX_IDS];
     char out[256];
-    size_t n = enc_str(t, "a\xe4\xb8\xad" "b c", ids);
+    size_t n = enc_str(t, "a\xe4\xb8\xad\x62 c", ids);
     detok_all(t, ids, n, out, sizeof out);
     ck_assert_str_eq(out, "ab c");
     pd_tokenizer_destroy(&t);
@@ -488,15 +497,15 @@ START_TEST(test_invalid_utf8)
         const char *in, *out; /* out: U+FFFD per maximal invalid subpart */
     } cases[] = {
         {"\xff", "\xef\xbf\xbd"},
-        {"\x80" "abc", "\xef\xbf\xbd" "abc"},
-        {"x\xe4\xb8", "x\xef\xbf\xbd"},                             /* truncated at the end */
-        {"\xe4\xb8" "a", "\xef\xbf\xbd" "a"},                       /* truncated inside */
-        {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"},                   /* overlong '/' */
-        {"\xe0\x80\xaf", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},   /* overlong */
-        {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},   /* surrogate */
+        {"\x80xyz", "\xef\xbf\xbdxyz"},
+        {"x\xe4\xb8", "x\xef\xbf\xbd"},           /* truncated at the end */
+        {"\xe4\xb8z", "\xef\xbf\xbdz"},           /* truncated inside */
+        {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"}, /* overlong '/' */
+        {"\xe0\x80\xaf", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, /* overlong */
+        {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, /* surrogate */
         {"\xf4\x90\x80\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
         {"a\xf0\x9f\x98", "a\xef\xbf\xbd"},
-        {"\xf0\x9f\x98\x80\x80", "\xf0\x9f\x98\x80\xef\xbf\xbd"},   /* emoji + stray */
+        {"\xf0\x9f\x98\x80\x80", "\xf0\x9f\x98\x80\xef\xbf\xbd"}, /* emoji + stray */
         {"ok \xc3\xa9\xc3", "ok \xc3\xa9\xef\xbf\xbd"},
     };
     pd_tokenizer_t *t = load_bin("tok512.bin", 512);
@@ -564,7 +573,8 @@ END_TEST
 START_TEST(test_detok_random_streams)
 {
     /* Random ids (byte tokens and multi-byte pieces mixed): every chunk whole UTF-8. */
-    pd_tokenizer_t *t[2] = {load_bin("tok512.bin", 512), load_bin("llama2_tokenizer.bin", 32000)};
+    pd_tokenizer_t *t[2] = {load_bin("tok512.bin", 512),
+                            load_bin("llama2_tokenizer.bin", 32000)};
     static int32_t ids[2000];
     static char out[2000 * 64];
     srand(12345);
@@ -573,8 +583,9 @@ START_TEST(test_detok_random_streams)
         for (int round = 0; round < 20; round++) {
             for (size_t i = 0; i < 2000; i++) {
                 int r = rand() % 4;
-                ids[i] = r == 0 ? 3 + rand() % 256 : r == 1 ? 3 + 0x80 + rand() % 0x40
-                                                            : rand() % nv;
+                ids[i] = r == 0   ? 3 + rand() % 256
+                         : r == 1 ? 3 + 0x80 + rand() % 0x40
+                                  : rand() % nv;
             }
             detok_all(t[k], ids, 2000, out, sizeof out);
         }
@@ -678,8 +689,14 @@ static void gput(gbuf_t *b, const void *p, size_t n)
     b->n += n;
 }
 
-static void gput_u32(gbuf_t *b, uint32_t v) { gput(b, &v, 4); }
-static void gput_u64(gbuf_t *b, uint64_t v) { gput(b, &v, 8); }
+static void gput_u32(gbuf_t *b, uint32_t v)
+{
+    gput(b, &v, 4);
+}
+static void gput_u64(gbuf_t *b, uint64_t v)
+{
+    gput(b, &v, 8);
+}
 
 static void gput_str(gbuf_t *b, const char *s)
 {
@@ -697,11 +714,11 @@ static void gkey(gbuf_t *b, const char *key, uint32_t type)
 #define SP "\xe2\x96\x81"
 /* Besides plain merges: a control piece "ba" and a byte piece "<0x63>" that merges
  * could spell (they must not), and "aa" for leftmost-first ties. */
-static const char *const G_TOKENS[] = {"<unk>", "<s>", "</s>", SP, "a", "b", SP "a", "ab",
-                                       "ba", "<0x63>", "<", "0", "x", "6", "3", ">",
-                                       "<0", "<0x", "<0x6", "3>", "aa"};
-static const float G_SCORES[] = {0, 0, 0, -1, -2, -3, -0.5f, -0.7f, 0, 0, -4,
-                                 -4, -4, -4, -4, -4, -1, -1, -1, -1, -1.5f};
+static const char *const G_TOKENS[] = {
+    "<unk>", "<s>", "</s>", SP,  "a", "b",  SP "a", "ab",   "ba", "<0x63>", "<",
+    "0",     "x",   "6",    "3", ">", "<0", "<0x",  "<0x6", "3>", "aa"};
+static const float G_SCORES[] = {0,  0,  0,  -1, -2, -3, -0.5f, -0.7f, 0,  0,    -4,
+                                 -4, -4, -4, -4, -4, -1, -1,    -1,    -1, -1.5f};
 static const int32_t G_TYPES[] = {2, 3, 3, 1, 1, 1, 1, 1, 3, 6, 1,
                                   1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 #define G_N 21
@@ -711,8 +728,8 @@ typedef struct gopts {
     int n_scores;      /* 0: no key */
     int32_t bad_type;  /* type of token 4 if nonzero */
     uint32_t bos;
-    int add_space;     /* -1: no key */
-    int remove_ws;     /* -1: no key */
+    int add_space; /* -1: no key */
+    int remove_ws; /* -1: no key */
 } gopts_t;
 
 static const gopts_t G_DEFAULT = {"llama", G_N, 0, 1, -1, -1};
@@ -783,20 +800,20 @@ START_TEST(test_crafted_gguf)
     pd_tokenizer_t *t = NULL;
     gopts_t o = G_DEFAULT;
     ck_assert_int_eq(gguf_tokenizer(&o, &t), PD_OK);
-    EXPECT_IDS(t, "a b", 1, 6, 3, 5);   /* " a" wins over "ab"-less spellings */
-    EXPECT_IDS(t, "ab", 1, 6, 5);       /* " a" (-0.5) beats "ab" (-0.7) */
-    EXPECT_IDS(t, "c", 1, 3, 9);        /* byte fallback */
-    EXPECT_IDS(t, "d", 1, 3, 0);        /* no byte token for it: UNK */
-    EXPECT_IDS(t, "ba", 1, 3, 5, 4);    /* never the control piece */
+    EXPECT_IDS(t, "a b", 1, 6, 3, 5);      /* " a" wins over "ab"-less spellings */
+    EXPECT_IDS(t, "ab", 1, 6, 5);          /* " a" (-0.5) beats "ab" (-0.7) */
+    EXPECT_IDS(t, "c", 1, 3, 9);           /* byte fallback */
+    EXPECT_IDS(t, "d", 1, 3, 0);           /* no byte token for it: UNK */
+    EXPECT_IDS(t, "ba", 1, 3, 5, 4);       /* never the control piece */
     EXPECT_IDS(t, "<0x63>", 1, 3, 18, 19); /* never the byte piece */
-    EXPECT_IDS(t, "  a", 1, 3, 3, 6);   /* spaces kept by default */
-    EXPECT_IDS(t, SP "a", 1, 3, 6);     /* a literal U+2581 is a space */
+    EXPECT_IDS(t, "  a", 1, 3, 3, 6);      /* spaces kept by default */
+    EXPECT_IDS(t, SP "a", 1, 3, 6);        /* a literal U+2581 is a space */
     pd_tokenizer_destroy(&t);
 
     o.add_space = 0;
     ck_assert_int_eq(gguf_tokenizer(&o, &t), PD_OK);
     EXPECT_IDS(t, "ab", 1, 7);
-    EXPECT_IDS(t, "aaa", 1, 20, 4);     /* equal scores: the leftmost pair first */
+    EXPECT_IDS(t, "aaa", 1, 20, 4); /* equal scores: the leftmost pair first */
     EXPECT_IDS(t, "aaaaa", 1, 20, 20, 4);
     char out[32];
     pd_detok_t d;
@@ -848,13 +865,24 @@ static double now_ms(void)
 
 START_TEST(test_encode_speed)
 {
-    pd_tokenizer_t *t[2] = {load_bin("llama2_tokenizer.bin", 32000), load_bin("tok512.bin", 512)};
+    pd_tokenizer_t *t[2] = {load_bin("llama2_tokenizer.bin", 32000),
+                            load_bin("tok512.bin", 512)};
     static char text[64 * 1024];
     static int32_t ids[64 * 1024];
     size_t len = 0;
-    const char *words[] = {"Once", " upon", " a", " time", ",", " there", " was",
-                           " caf\xc3\xa9", " \xe4\xb8\xad\xe6\x96\x87", "\n", " 12345",
-                           " aaaaaaaa", "  "};
+    const char *words[] = {"Once",
+                           " upon",
+                           " a",
+                           " time",
+                           ",",
+                           " there",
+                           " was",
+                           " caf\xc3\xa9",
+                           " \xe4\xb8\xad\xe6\x96\x87",
+                           "\n",
+                           " 12345",
+                           " aaaaaaaa",
+                           "  "};
     srand(3);
     while (len < 20000) {
         const char *w = words[rand() % 13];
@@ -866,8 +894,8 @@ START_TEST(test_encode_speed)
         double best = 1e9;
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now_ms();
-            ck_assert_int_eq(pd_tokenizer_encode(t[k], text, len, true, ids, 64 * 1024, &n),
-                             PD_OK);
+            ck_assert_int_eq(
+                pd_tokenizer_encode(t[k], text, len, true, ids, 64 * 1024, &n), PD_OK);
             double dt = now_ms() - t0;
             best = dt < best ? dt : best;
         }
