@@ -8,6 +8,7 @@
  * the ASan/UBSan build runs the same suite.
  * Threading: single-threaded; Check forks per test. */
 #include <check.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -40,6 +41,37 @@ static void setup(void)
     n_errors = 0;
     last_error[0] = '\0';
     pd_log_set_callback(count_log, NULL);
+}
+
+/* ---- temp files: all in one directory that main() removes, even after a test
+ * process died on an assertion or a signal ---- */
+
+static char temp_dir[] = "/tmp/pd_corrupt_XXXXXX";
+
+/* A new temp file named "<temp_dir>/<stem>XXXXXX<sfx>" in path (cap bytes). */
+static int make_temp(char *path, size_t cap, const char *stem, const char *sfx)
+{
+    snprintf(path, cap, "%s/%sXXXXXX%s", temp_dir, stem, sfx);
+    int fd = mkstemps(path, (int)strlen(sfx));
+    ck_assert_int_ge(fd, 0);
+    return fd;
+}
+
+static void remove_temp_dir(void)
+{
+    DIR *d = opendir(temp_dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    char path[512];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        snprintf(path, sizeof path, "%s/%s", temp_dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    rmdir(temp_dir);
 }
 
 /* ---- the real models ---- */
@@ -86,7 +118,7 @@ static uint8_t *read_all(const char *path, size_t *size_p)
 
 /* A temp copy with the original's suffix, held open for pwrite/ftruncate. */
 typedef struct work {
-    char path[64];
+    char path[128];
     int fd;
     char tok[4096]; /* empty: none */
     uint8_t *orig;
@@ -108,9 +140,7 @@ static void work_init(work_t *w, const target_t *t)
     shared_path(src, sizeof src, t->model);
     w->orig = read_all(src, &w->size);
     w->is_gguf = strstr(t->model, ".gguf") != NULL;
-    snprintf(w->path, sizeof w->path, "/tmp/pd_corrupt_XXXXXX%s", w->is_gguf ? ".gguf" : ".bin");
-    w->fd = mkstemps(w->path, w->is_gguf ? 5 : 4);
-    ck_assert_int_ge(w->fd, 0);
+    w->fd = make_temp(w->path, sizeof w->path, "model_", w->is_gguf ? ".gguf" : ".bin");
     if (t->tok)
         shared_path(w->tok, sizeof w->tok, t->tok);
     work_write(w, w->orig, w->size);
@@ -814,9 +844,8 @@ START_TEST(test_handcrafted)
     fault_t f = (fault_t)_i;
     buf_t b = {0};
     build_gguf(f, &b);
-    char path[] = "/tmp/pd_corrupt_hand_XXXXXX.gguf";
-    int fd = mkstemps(path, 5);
-    ck_assert_int_ge(fd, 0);
+    char path[128];
+    int fd = make_temp(path, sizeof path, "hand_", ".gguf");
     ck_assert_int_eq(write(fd, b.p, b.n), (ssize_t)b.n);
     close(fd);
     free(b.p);
@@ -863,6 +892,10 @@ END_TEST
 
 int main(void)
 {
+    if (!mkdtemp(temp_dir)) {
+        perror("mkdtemp");
+        return EXIT_FAILURE;
+    }
     Suite *s = suite_create("model_corrupt");
     TCase *tc = tcase_create("corrupt");
     tcase_add_checked_fixture(tc, setup, NULL);
@@ -877,5 +910,6 @@ int main(void)
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    remove_temp_dir();
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
