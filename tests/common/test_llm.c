@@ -29,7 +29,9 @@ static atomic_long n_allocs;
 #endif
 
 #ifdef PD_TEST_ASAN
-#include <sanitizer/allocator_interface.h>
+/* from the sanitizer runtime (sanitizer/allocator_interface.h, not shipped by gcc) */
+int __sanitizer_install_malloc_and_free_hooks(void (*m)(const volatile void *, size_t),
+                                              void (*f)(const volatile void *));
 static void on_malloc(const volatile void *p, size_t n)
 {
     (void)p;
