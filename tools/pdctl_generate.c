@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -195,6 +196,13 @@ static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernel
     json_object_object_add(t, "gen_tokens_per_s",
                            json_object_new_double(st->decode_s > 0 ? st->n_decode_steps / st->decode_s : 0));
     json_object_object_add(o, "timings", t);
+    struct rusage ru;
+    json_object *mem = json_object_new_object();
+    getrusage(RUSAGE_SELF, &ru);
+    json_object_object_add(mem, "max_rss_bytes", json_object_new_int64((int64_t)ru.ru_maxrss * 1024));
+    json_object_object_add(mem, "model_file_bytes",
+                           json_object_new_int64((int64_t)pd_model_file_bytes(m)));
+    json_object_object_add(o, "memory", mem);
     printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
                                                          JSON_C_TO_STRING_NOSLASHESCAPE));
     json_object_put(o);
