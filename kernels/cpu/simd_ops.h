@@ -1,0 +1,468 @@
+/* simd_ops.h - ISA-neutral bodies of the element-wise, attention and matrix-vector
+ * kernels, compiled once per ISA.
+ *
+ * Design: an ISA file includes simd_avx2.h or simd_avx512.h (VW lanes of vf and the
+ * v*() operations), optionally defines PD_SIMD_VNNI, then includes this file and puts
+ * the functions into its pd_cpu_isa_t. Numerics follow the scalar reference: the same
+ * formulas, with sums in VW-lane partial order and multiply-adds fused where marked;
+ * element-wise products (rope, rmsnorm scaling) round exactly as the reference.
+ * The integer dot products use the 256-bit AVX2 encodings in both ISAs (the int8
+ * blocks of Q8_0/Q4_0 are 32 bytes); with PD_SIMD_VNNI they use vpdpbusd.
+ * Threading: pure functions over the rows they are given. */
+#ifndef PD_SIMD_OPS_H
+#define PD_SIMD_OPS_H
+
+#include <math.h>
+#include <string.h>
+
+#include "common/tensor.h"
+#include "kernels/cpu/cpu_internal.h"
+
+/* ---- element-wise ---------------------------------------------------------------- */
+
+static inline float simd_dot(const float *a, const float *b, int64_t n)
+{
+    vf s0 = vzero(), s1 = vzero();
+    int64_t i = 0;
+    for (; i + 2 * VW <= n; i += 2 * VW) {
+        s0 = vfma(vload(a + i), vload(b + i), s0);
+        s1 = vfma(vload(a + i + VW), vload(b + i + VW), s1);
+    }
+    for (; i + VW <= n; i += VW)
+        s0 = vfma(vload(a + i), vload(b + i), s0);
+    if (i < n)
+        s1 = vfma(vloadn(a + i, n - i), vloadn(b + i, n - i), s1);
+    return vhsum(vadd(s0, s1));
+}
+
+static inline float simd_dot_h(const float *a, const uint16_t *b, int64_t n)
+{
+    vf s0 = vzero(), s1 = vzero();
+    int64_t i = 0;
+    for (; i + 2 * VW <= n; i += 2 * VW) {
+        s0 = vfma(vload(a + i), vload_h(b + i), s0);
+        s1 = vfma(vload(a + i + VW), vload_h(b + i + VW), s1);
+    }
+    for (; i + VW <= n; i += VW)
+        s0 = vfma(vload(a + i), vload_h(b + i), s0);
+    if (i < n)
+        s1 = vfma(vloadn(a + i, n - i), vloadn_h(b + i, n - i), s1);
+    return vhsum(vadd(s0, s1));
+}
+
+static inline void simd_rmsnorm(float *out, const float *x, const float *w, int64_t n,
+                                float eps)
+{
+    float ss = simd_dot(x, x, n);
+    ss /= (float)n;
+    ss += eps;
+    ss = 1.0f / sqrtf(ss);
+    vf s = vset1(ss);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        vstore(out + i, vmul(vload(w + i), vmul(s, vload(x + i))));
+    if (i < n)
+        vstoren(out + i, vmul(vloadn(w + i, n - i), vmul(s, vloadn(x + i, n - i))), n - i);
+}
+
+static inline void simd_softmax(float *x, int64_t n)
+{
+    int64_t nv = n / VW * VW, i;
+    vf m = vset1(x[0]);
+    for (i = 0; i < nv; i += VW)
+        m = vmax(m, vload(x + i));
+    float max = vhmax(m);
+    for (i = nv; i < n; i++)
+        max = x[i] > max ? x[i] : max;
+    vf mv = vset1(max), s = vzero();
+    for (i = 0; i < nv; i += VW) {
+        vf e = vexp(vsub(vload(x + i), mv));
+        vstore(x + i, e);
+        s = vadd(s, e);
+    }
+    float sum = vhsum(s);
+    if (nv < n) {
+        vstoren(x + nv, vexp(vsub(vloadn(x + nv, n - nv), mv)), n - nv);
+        for (i = nv; i < n; i++)
+            sum += x[i];
+    }
+    vf d = vset1(sum);
+    for (i = 0; i < nv; i += VW)
+        vstore(x + i, vdiv(vload(x + i), d));
+    if (nv < n)
+        vstoren(x + nv, vdiv(vloadn(x + nv, n - nv), d), n - nv);
+}
+
+static inline vf simd_silu1(vf g, vf u)
+{
+    vf one = vset1(1.0f);
+    vf sig = vdiv(one, vadd(one, vexp(vsub(vzero(), g))));
+    return vmul(vmul(g, sig), u);
+}
+
+static inline void simd_silu_mul(float *gate, const float *up, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        vstore(gate + i, simd_silu1(vload(gate + i), vload(up + i)));
+    if (i < n)
+        vstoren(gate + i, simd_silu1(vloadn(gate + i, n - i), vloadn(up + i, n - i)), n - i);
+}
+
+static inline void simd_add(float *y, const float *x, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        vstore(y + i, vadd(vload(y + i), vload(x + i)));
+    if (i < n)
+        vstoren(y + i, vadd(vloadn(y + i, n - i), vloadn(x + i, n - i)), n - i);
+}
+
+/* out = x * cos + swap(x) * (-sin, sin): (x0 c - x1 s, x1 c + x0 s), as the reference. */
+static inline void simd_rope(float *x, int n_heads, int head_dim, const float *cs,
+                             int32_t pos, float theta)
+{
+    (void)pos;
+    (void)theta;
+    const float *cc = cs, *ss = cs + head_dim;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (int64_t)h * head_dim;
+        int i = 0;
+        for (; i + VW <= head_dim; i += VW) {
+            vf a = vload(v + i);
+            vstore(v + i, vadd(vmul(a, vload(cc + i)), vmul(vswap_pairs(a), vload(ss + i))));
+        }
+        for (; i < head_dim; i += 2) {
+            float v0 = v[i], v1 = v[i + 1];
+            v[i] = v0 * cc[i] + v1 * ss[i];
+            v[i + 1] = v1 * cc[i + 1] + v0 * ss[i + 1];
+        }
+    }
+}
+
+static inline void simd_f32_to_f16(const float *src, uint16_t *dst, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        vstore_h(dst + i, vload(src + i));
+    if (i < n)
+        vstoren_h(dst + i, vloadn(src + i, n - i), n - i);
+}
+
+/* Q8 blocks of x with f32 scales d = amax / 127 (llama.cpp's q8_0, unrounded scale). */
+static inline void simd_quantize_x(const float *x, int64_t n, int8_t *qs, float *d,
+                                   int add128)
+{
+    for (int64_t b = 0; b < n / PD_QK; b++) {
+        float amax = vamax32(x + b * PD_QK);
+        float db = amax / 127.0f;
+        d[b] = db;
+        vquant32(x + b * PD_QK, db != 0.0f ? 1.0f / db : 0.0f, qs + b * PD_QK, add128);
+    }
+}
+
+/* ---- attention ------------------------------------------------------------------- */
+
+/* out[0..NV*VW) = sum_p scores[p] * v_p, accumulators in registers. */
+static inline __attribute__((always_inline)) void
+attn_values(const pd_attn_args_t *a, int kvh, const float *scores, int64_t n, float *out,
+            const int NV, const int f16)
+{
+    int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
+    size_t es = f16 ? 2 : 4;
+    vf acc[8];
+    for (int j = 0; j < NV; j++)
+        acc[j] = vzero();
+    for (int64_t p = 0; p < n; p++) {
+        const uint8_t *r = pd_cpu_kv_row(a->v_cache, a->block_table, a->block_size,
+                                         row_elems, es, p);
+        r += (size_t)kvh * (size_t)a->head_dim * es;
+        vf s = vset1(scores[p]);
+        for (int j = 0; j < NV; j++)
+            acc[j] = vfma(s, f16 ? vload_h((const uint16_t *)r + j * VW)
+                                 : vload((const float *)r + j * VW),
+                          acc[j]);
+    }
+    for (int j = 0; j < NV; j++)
+        vstore(out + j * VW, acc[j]);
+}
+
+/* Any head_dim: one vector at a time with a masked tail. */
+static inline void attn_values_any(const pd_attn_args_t *a, int kvh, const float *scores,
+                                   int64_t n, float *out, int f16)
+{
+    int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
+    size_t es = f16 ? 2 : 4;
+    int hd = a->head_dim;
+    for (int i = 0; i < hd; i += VW) {
+        int64_t m = pd_cpu_min64(VW, hd - i);
+        vf acc = vzero();
+        for (int64_t p = 0; p < n; p++) {
+            const uint8_t *r = pd_cpu_kv_row(a->v_cache, a->block_table, a->block_size,
+                                             row_elems, es, p);
+            r += ((size_t)kvh * (size_t)hd + (size_t)i) * es;
+            vf v = f16 ? vloadn_h((const uint16_t *)r, m) : vloadn((const float *)r, m);
+            acc = vfma(vset1(scores[p]), v, acc);
+        }
+        vstoren(out + i, acc, m);
+    }
+}
+
+static inline void simd_attn_head(const pd_attn_args_t *a, int64_t t, int h, float *scores)
+{
+    int hd = a->head_dim;
+    int kvh = h / (a->n_heads / a->n_kv_heads);
+    int f16 = a->kv_dtype == PD_DTYPE_F16;
+    size_t es = f16 ? 2 : 4;
+    int64_t row_elems = (int64_t)a->n_kv_heads * hd;
+    const float *q = a->q + (t * a->n_heads + h) * hd;
+    float *out = a->out + (t * a->n_heads + h) * hd;
+    int64_t n = (int64_t)a->pos[t] + 1;
+    for (int64_t p = 0; p < n; p++) {
+        const uint8_t *r = pd_cpu_kv_row(a->k_cache, a->block_table, a->block_size,
+                                         row_elems, es, p);
+        r += (size_t)kvh * (size_t)hd * es;
+        float s = f16 ? simd_dot_h(q, (const uint16_t *)r, hd)
+                      : simd_dot(q, (const float *)r, hd);
+        scores[p] = s * a->scale;
+    }
+    simd_softmax(scores, n);
+    if (hd % VW != 0 || hd > 8 * VW) {
+        attn_values_any(a, kvh, scores, n, out, f16);
+        return;
+    }
+#define PD_ATTN_NV_(nv)                                                                  \
+    case nv:                                                                             \
+        if (f16)                                                                         \
+            attn_values(a, kvh, scores, n, out, nv, 1);                                  \
+        else                                                                             \
+            attn_values(a, kvh, scores, n, out, nv, 0);                                  \
+        return;
+    switch (hd / VW) {
+        PD_ATTN_NV_(1)
+        PD_ATTN_NV_(2)
+        PD_ATTN_NV_(3)
+        PD_ATTN_NV_(4)
+        PD_ATTN_NV_(5)
+        PD_ATTN_NV_(6)
+        PD_ATTN_NV_(7)
+        PD_ATTN_NV_(8)
+    }
+#undef PD_ATTN_NV_
+}
+
+/* ---- matrix-vector: f32, f16, bf16 weights ---------------------------------------- */
+
+static inline __attribute__((always_inline)) vf wload(const uint8_t *w, int64_t k,
+                                                      const int dt)
+{
+    if (dt == PD_CPU_DT_F32)
+        return vload((const float *)w + k);
+    if (dt == PD_CPU_DT_F16)
+        return vload_h((const uint16_t *)w + k);
+    return vload_bf((const uint16_t *)w + k);
+}
+
+static inline __attribute__((always_inline)) vf wloadn(const uint8_t *w, int64_t k,
+                                                       int64_t n, const int dt)
+{
+    if (dt == PD_CPU_DT_F32)
+        return vloadn((const float *)w + k, n);
+    if (dt == PD_CPU_DT_F16)
+        return vloadn_h((const uint16_t *)w + k, n);
+    return vloadn_bf((const uint16_t *)w + k, n);
+}
+
+/* y[t..t+TT)[o..o+R) for R weight rows and TT tokens: each weight vector is loaded once
+ * and used for all TT tokens. */
+static inline __attribute__((always_inline)) void
+mv_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT, const int dt)
+{
+    const int64_t K = mm->n_in;
+    const uint8_t *w[8];
+    const float *x[4];
+    vf acc[8][4];
+    for (int r = 0; r < R; r++) {
+        w[r] = mm->w + (size_t)(o + r) * mm->row_bytes;
+        for (int j = 0; j < TT; j++)
+            acc[r][j] = vzero();
+    }
+    for (int j = 0; j < TT; j++)
+        x[j] = mm->x + (t + j) * K;
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) {
+        vf xv[4];
+        for (int j = 0; j < TT; j++)
+            xv[j] = vload(x[j] + k);
+        for (int r = 0; r < R; r++) {
+            vf wv = wload(w[r], k, dt);
+            for (int j = 0; j < TT; j++)
+                acc[r][j] = vfma(wv, xv[j], acc[r][j]);
+        }
+    }
+    if (k < K) {
+        for (int r = 0; r < R; r++) {
+            vf wv = wloadn(w[r], k, K - k, dt);
+            for (int j = 0; j < TT; j++)
+                acc[r][j] = vfma(wv, vloadn(x[j] + k, K - k), acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < TT; j++)
+            mm->y[(t + j) * mm->n_out + o + r] = vhsum(acc[r][j]);
+}
+
+#define PD_MV_TT_SWITCH_(R, tt, dt)                                                      \
+    switch (tt) {                                                                        \
+    case 1: mv_tile(mm, o, t, R, 1, dt); break;                                          \
+    case 2: mv_tile(mm, o, t, R, 2, dt); break;                                          \
+    case 3: mv_tile(mm, o, t, R, 3, dt); break;                                          \
+    default: mv_tile(mm, o, t, R, 4, dt); break;                                         \
+    }
+
+static inline __attribute__((always_inline)) void
+mv_float(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
+{
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        for (int64_t t = 0; t < mm->T; t += 4) {
+            int tt = (int)pd_cpu_min64(4, mm->T - t);
+            PD_MV_TT_SWITCH_(4, tt, dt)
+        }
+    }
+    for (; o < o1; o++) {
+        for (int64_t t = 0; t < mm->T; t += 4) {
+            int tt = (int)pd_cpu_min64(4, mm->T - t);
+            PD_MV_TT_SWITCH_(1, tt, dt)
+        }
+    }
+}
+
+static inline void simd_mv_f32(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+{
+    (void)scratch;
+    mv_float(mm, o0, o1, PD_CPU_DT_F32);
+}
+
+static inline void simd_mv_f16(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+{
+    (void)scratch;
+    mv_float(mm, o0, o1, PD_CPU_DT_F16);
+}
+
+static inline void simd_mv_bf16(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+{
+    (void)scratch;
+    mv_float(mm, o0, o1, PD_CPU_DT_BF16);
+}
+
+/* ---- matrix-vector: Q8_0 / Q4_0 weights x Q8 activations ----------------------------- */
+
+static inline __m256i q4_unpack(const uint8_t *qs)
+{
+    __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    __m128i m = _mm_set1_epi8(0x0f);
+    __m128i lo = _mm_and_si128(b, m);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+
+/* 8 int32 partial sums of |w| * sign(x, w) = w * x over 32 bytes. */
+static inline __m256i dot_i8(__m256i aw, __m256i w, __m256i x)
+{
+    __m256i sx = _mm256_sign_epi8(x, w);
+#if defined(PD_SIMD_VNNI)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void
+mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT, const int dt)
+{
+    const int64_t K = mm->n_in, nb = K / PD_QK;
+    const uint8_t *w[8];
+    const int8_t *xq[4];
+    const float *xd[4];
+    __m256 acc[8][4];
+    for (int r = 0; r < R; r++) {
+        w[r] = mm->w + (size_t)(o + r) * mm->row_bytes;
+        for (int j = 0; j < TT; j++)
+            acc[r][j] = _mm256_setzero_ps();
+    }
+    for (int j = 0; j < TT; j++) {
+        xq[j] = mm->xq + (t + j) * K;
+        xd[j] = mm->xd + (t + j) * nb;
+    }
+    const size_t bs = dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv[4];
+        for (int j = 0; j < TT; j++)
+            xv[j] = _mm256_loadu_si256((const __m256i *)(xq[j] + b * PD_QK));
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w[r] + (size_t)b * bs;
+            uint16_t dh;
+            memcpy(&dh, blk, 2);
+            float dw = _cvtsh_ss(dh);
+            __m256i wv = dt == PD_CPU_DT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
+                                               : q4_unpack(blk + 2);
+            __m256i aw = _mm256_sign_epi8(wv, wv);
+            for (int j = 0; j < TT; j++) {
+                __m256 p = _mm256_cvtepi32_ps(dot_i8(aw, wv, xv[j]));
+                acc[r][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * xd[j][b]), acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < TT; j++)
+            mm->y[(t + j) * mm->n_out + o + r] = hsum256(acc[r][j]);
+}
+
+#define PD_MVQ_TT_SWITCH_(R, tt, dt)                                                     \
+    switch (tt) {                                                                        \
+    case 1: mvq_tile(mm, o, t, R, 1, dt); break;                                         \
+    case 2: mvq_tile(mm, o, t, R, 2, dt); break;                                         \
+    case 3: mvq_tile(mm, o, t, R, 3, dt); break;                                         \
+    default: mvq_tile(mm, o, t, R, 4, dt); break;                                        \
+    }
+
+static inline __attribute__((always_inline)) void
+mv_quant(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
+{
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        for (int64_t t = 0; t < mm->T; t += 4) {
+            int tt = (int)pd_cpu_min64(4, mm->T - t);
+            PD_MVQ_TT_SWITCH_(4, tt, dt)
+        }
+    }
+    for (; o < o1; o++) {
+        for (int64_t t = 0; t < mm->T; t += 4) {
+            int tt = (int)pd_cpu_min64(4, mm->T - t);
+            PD_MVQ_TT_SWITCH_(1, tt, dt)
+        }
+    }
+}
+
+static inline void simd_mv_q8_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+{
+    (void)scratch;
+    mv_quant(mm, o0, o1, PD_CPU_DT_Q8_0);
+}
+
+static inline void simd_mv_q4_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+{
+    (void)scratch;
+    mv_quant(mm, o0, o1, PD_CPU_DT_Q4_0);
+}
+
+#endif
