@@ -69,6 +69,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
 {
     __m256 c0[MR], c1[MR];
     const float *xr[MR];
+    #pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         c0[i] = _mm256_setzero_ps();
         c1[i] = _mm256_setzero_ps();
@@ -77,12 +78,14 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
     for (int64_t k = 0; k < K; k++) {
         __m256 b0 = _mm256_load_ps(panel + k * NR);
         __m256 b1 = _mm256_load_ps(panel + k * NR + 8);
+        #pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             __m256 a = _mm256_broadcast_ss(xr[i] + k);
             c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
             c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
         }
     }
+    #pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         if (n_valid == NR) {
             _mm256_storeu_ps(y + i * ldy, c0[i]);

@@ -117,6 +117,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
 {
     __m512 c0[MR], c1[MR];
     const float *xr[MR];
+    #pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         c0[i] = _mm512_setzero_ps();
         c1[i] = _mm512_setzero_ps();
@@ -126,6 +127,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
     for (int64_t k = 0; k < K; k++) {
         __m512 b0 = _mm512_load_ps(panel + k * NR);
         __m512 b1 = _mm512_load_ps(panel + k * NR + 16);
+        #pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             __m512 a = _mm512_set1_ps(xr[i][k]);
             c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
@@ -133,6 +135,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
         }
     }
     if (n_valid == NR) {
+        #pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             _mm512_storeu_ps(y + i * ldy, c0[i]);
             _mm512_storeu_ps(y + i * ldy + 16, c1[i]);
@@ -141,6 +144,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
     }
     __mmask16 m0 = n_valid >= 16 ? 0xffff : (__mmask16)((1u << n_valid) - 1);
     __mmask16 m1 = n_valid <= 16 ? 0 : (__mmask16)((1u << (n_valid - 16)) - 1);
+    #pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         _mm512_mask_storeu_ps(y + i * ldy, m0, c0[i]);
         _mm512_mask_storeu_ps(y + i * ldy + 16, m1, c1[i]);

@@ -171,6 +171,7 @@ attn_values(const pd_attn_args_t *a, int kvh, const float *scores, int64_t n, fl
     int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
     size_t es = f16 ? 2 : 4;
     vf acc[8];
+    #pragma GCC unroll 16
     for (int j = 0; j < NV; j++)
         acc[j] = vzero();
     for (int64_t p = 0; p < n; p++) {
@@ -178,11 +179,13 @@ attn_values(const pd_attn_args_t *a, int kvh, const float *scores, int64_t n, fl
                                          row_elems, es, p);
         r += (size_t)kvh * (size_t)a->head_dim * es;
         vf s = vset1(scores[p]);
+        #pragma GCC unroll 16
         for (int j = 0; j < NV; j++)
             acc[j] = vfma(s, f16 ? vload_h((const uint16_t *)r + j * VW)
                                  : vload((const float *)r + j * VW),
                           acc[j]);
     }
+    #pragma GCC unroll 16
     for (int j = 0; j < NV; j++)
         vstore(out + j * VW, acc[j]);
 }
@@ -253,6 +256,15 @@ static inline void simd_attn_head(const pd_attn_args_t *a, int64_t t, int h, flo
 
 /* ---- matrix-vector: f32, f16, bf16 weights ---------------------------------------- */
 
+/* Weights stream from DRAM once per token. One row at a time keeps the stream
+ * strictly sequential (rows are contiguous), which the hardware prefetcher follows far
+ * better than several interleaved row streams; on top of that the kernels prefetch
+ * PD_MV_PREFETCH bytes ahead. */
+#ifndef PD_MV_PREFETCH
+#define PD_MV_PREFETCH 1024
+#endif
+#define PD_MV_PREFETCH_HINT _MM_HINT_T0
+
 static inline __attribute__((always_inline)) vf wload(const uint8_t *w, int64_t k,
                                                       const int dt)
 {
@@ -282,58 +294,98 @@ mv_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT, 
     const uint8_t *w[8];
     const float *x[4];
     vf acc[8][4];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
         w[r] = mm->w + (size_t)(o + r) * mm->row_bytes;
+        #pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             acc[r][j] = vzero();
     }
+    #pragma GCC unroll 16
     for (int j = 0; j < TT; j++)
         x[j] = mm->x + (t + j) * K;
+    const size_t es = dt == PD_CPU_DT_F32 ? 4 : 2;
     int64_t k = 0;
     for (; k + VW <= K; k += VW) {
         vf xv[4];
+        if ((k * (int64_t)es) % 64 == 0)
+#pragma GCC unroll 16
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)w[r] + PD_MV_PREFETCH + (size_t)k * es,
+                             PD_MV_PREFETCH_HINT);
+        #pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             xv[j] = vload(x[j] + k);
+        #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             vf wv = wload(w[r], k, dt);
+            #pragma GCC unroll 16
             for (int j = 0; j < TT; j++)
                 acc[r][j] = vfma(wv, xv[j], acc[r][j]);
         }
     }
     if (k < K) {
+        #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             vf wv = wloadn(w[r], k, K - k, dt);
+            #pragma GCC unroll 16
             for (int j = 0; j < TT; j++)
                 acc[r][j] = vfma(wv, vloadn(x[j] + k, K - k), acc[r][j]);
         }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < R; r++)
+        #pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             mm->y[(t + j) * mm->n_out + o + r] = vhsum(acc[r][j]);
 }
 
-#define PD_MV_TT_SWITCH_(R, tt, dt)                                                      \
-    switch (tt) {                                                                        \
-    case 1: mv_tile(mm, o, t, R, 1, dt); break;                                          \
-    case 2: mv_tile(mm, o, t, R, 2, dt); break;                                          \
-    case 3: mv_tile(mm, o, t, R, 3, dt); break;                                          \
-    default: mv_tile(mm, o, t, R, 4, dt); break;                                         \
+/* y[t][o] for one row and one token: four accumulators over k. */
+static inline __attribute__((always_inline)) void
+mv_row(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int dt)
+{
+    const int64_t K = mm->n_in;
+    const uint8_t *w = mm->w + (size_t)o * mm->row_bytes;
+    const float *x = mm->x + t * K;
+    const size_t es = dt == PD_CPU_DT_F32 ? 4 : 2;
+    vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    int64_t k = 0;
+    for (; k + 4 * VW <= K; k += 4 * VW) {
+        _mm_prefetch((const char *)w + PD_MV_PREFETCH + (size_t)k * es, PD_MV_PREFETCH_HINT);
+        if (4 * VW * es > 64)
+            _mm_prefetch((const char *)w + PD_MV_PREFETCH + 64 + (size_t)k * es,
+                         PD_MV_PREFETCH_HINT);
+        if (4 * VW * es > 128) {
+            _mm_prefetch((const char *)w + PD_MV_PREFETCH + 128 + (size_t)k * es,
+                         PD_MV_PREFETCH_HINT);
+            _mm_prefetch((const char *)w + PD_MV_PREFETCH + 192 + (size_t)k * es,
+                         PD_MV_PREFETCH_HINT);
+        }
+        a0 = vfma(wload(w, k, dt), vload(x + k), a0);
+        a1 = vfma(wload(w, k + VW, dt), vload(x + k + VW), a1);
+        a2 = vfma(wload(w, k + 2 * VW, dt), vload(x + k + 2 * VW), a2);
+        a3 = vfma(wload(w, k + 3 * VW, dt), vload(x + k + 3 * VW), a3);
     }
+    for (; k + VW <= K; k += VW)
+        a0 = vfma(wload(w, k, dt), vload(x + k), a0);
+    if (k < K)
+        a1 = vfma(wloadn(w, k, K - k, dt), vloadn(x + k, K - k), a1);
+    mm->y[t * mm->n_out + o] = vhsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+}
 
+/* One row at a time (a sequential weight stream), for up to 4 tokens per pass; the
+ * row is re-read from L1 for further groups of tokens. */
 static inline __attribute__((always_inline)) void
 mv_float(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
 {
-    int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
+    for (int64_t o = o0; o < o1; o++) {
         for (int64_t t = 0; t < mm->T; t += 4) {
-            int tt = (int)pd_cpu_min64(4, mm->T - t);
-            PD_MV_TT_SWITCH_(4, tt, dt)
-        }
-    }
-    for (; o < o1; o++) {
-        for (int64_t t = 0; t < mm->T; t += 4) {
-            int tt = (int)pd_cpu_min64(4, mm->T - t);
-            PD_MV_TT_SWITCH_(1, tt, dt)
+            switch (pd_cpu_min64(4, mm->T - t)) {
+            case 1: mv_row(mm, o, t, dt); break;
+            case 2: mv_tile(mm, o, t, 1, 2, dt); break;
+            case 3: mv_tile(mm, o, t, 1, 3, dt); break;
+            default: mv_tile(mm, o, t, 1, 4, dt); break;
+            }
         }
     }
 }
@@ -394,11 +446,14 @@ mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT,
     const int8_t *xq[4];
     const float *xd[4];
     __m256 acc[8][4];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
         w[r] = mm->w + (size_t)(o + r) * mm->row_bytes;
+        #pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             acc[r][j] = _mm256_setzero_ps();
     }
+    #pragma GCC unroll 16
     for (int j = 0; j < TT; j++) {
         xq[j] = mm->xq + (t + j) * K;
         xd[j] = mm->xd + (t + j) * nb;
@@ -406,8 +461,15 @@ mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT,
     const size_t bs = dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
     for (int64_t b = 0; b < nb; b++) {
         __m256i xv[4];
+        if (b % 2 == 0)
+#pragma GCC unroll 16
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)w[r] + PD_MV_PREFETCH + (size_t)b * bs,
+                             PD_MV_PREFETCH_HINT);
+        #pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             xv[j] = _mm256_loadu_si256((const __m256i *)(xq[j] + b * PD_QK));
+        #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w[r] + (size_t)b * bs;
             uint16_t dh;
@@ -416,39 +478,31 @@ mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT,
             __m256i wv = dt == PD_CPU_DT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
                                                : q4_unpack(blk + 2);
             __m256i aw = _mm256_sign_epi8(wv, wv);
+            #pragma GCC unroll 16
             for (int j = 0; j < TT; j++) {
                 __m256 p = _mm256_cvtepi32_ps(dot_i8(aw, wv, xv[j]));
                 acc[r][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * xd[j][b]), acc[r][j]);
             }
         }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < R; r++)
+        #pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             mm->y[(t + j) * mm->n_out + o + r] = hsum256(acc[r][j]);
 }
 
-#define PD_MVQ_TT_SWITCH_(R, tt, dt)                                                     \
-    switch (tt) {                                                                        \
-    case 1: mvq_tile(mm, o, t, R, 1, dt); break;                                         \
-    case 2: mvq_tile(mm, o, t, R, 2, dt); break;                                         \
-    case 3: mvq_tile(mm, o, t, R, 3, dt); break;                                         \
-    default: mvq_tile(mm, o, t, R, 4, dt); break;                                        \
-    }
-
 static inline __attribute__((always_inline)) void
 mv_quant(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
 {
-    int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
+    for (int64_t o = o0; o < o1; o++) {
         for (int64_t t = 0; t < mm->T; t += 4) {
-            int tt = (int)pd_cpu_min64(4, mm->T - t);
-            PD_MVQ_TT_SWITCH_(4, tt, dt)
-        }
-    }
-    for (; o < o1; o++) {
-        for (int64_t t = 0; t < mm->T; t += 4) {
-            int tt = (int)pd_cpu_min64(4, mm->T - t);
-            PD_MVQ_TT_SWITCH_(1, tt, dt)
+            switch (pd_cpu_min64(4, mm->T - t)) {
+            case 1: mvq_tile(mm, o, t, 1, 1, dt); break;
+            case 2: mvq_tile(mm, o, t, 1, 2, dt); break;
+            case 3: mvq_tile(mm, o, t, 1, 3, dt); break;
+            default: mvq_tile(mm, o, t, 1, 4, dt); break;
+            }
         }
     }
 }
