@@ -10,16 +10,17 @@ Builds nothing: expects <build-dir>/bin/pdctl (cmake --build <build-dir>). Steps
   4. builds a prompt of exactly --n-prompt tokens including BOS (checked with
      sentencepiece against the Llama-2 tokenizer model in ../shared/models);
   5. pdserve: `pdctl generate --model M --prompt P --max-tokens N --ignore-eos
-     --format json --threads T`, its own prompt / generation tokens/s, one warm-up
-     then --reps runs, median;
-  6. llama.cpp through llama-cpp-python (the --venv python, bench/llamacpp_bench.py):
-     the same files, the prompt in one batch of 512, then N greedy single-token
-     evals, same thread counts, warm-up + median of --reps;
+     --format json --threads T`, its own prompt / generation tokens/s;
+  6. llama.cpp through llama-cpp-python (the --venv python, bench/llamacpp_bench.py,
+     one process per model and thread count): the same files, the prompt in one
+     batch of 512, then N greedy single-token evals, same thread counts;
+     per thread count, one warm-up of each, then --reps rounds alternating the two
+     engines (pdserve, llama.cpp, pdserve, ...), median of each;
   7. prints a markdown table (pdserve vs llama.cpp per row, ratio) with the implied
      weight bytes/s (model file bytes x generation tokens/s) beside the measured
      bandwidth, and writes bench/out/bench_cpu.{md,json}.
-Runs with /usr/bin/python3 (numpy, sentencepiece from Debian). Sequential: one
-benchmark process at a time, so runs do not compete for the cores.
+Runs with /usr/bin/python3 (numpy, sentencepiece from Debian). One engine computes
+at a time (the other waits), so they never compete for the cores.
 """
 import argparse
 import datetime
@@ -131,46 +132,87 @@ def make_prompt(shared, n_prompt, out_dir):
     return text, ids
 
 
-def bench_pdserve(pdctl, model, text, ids, threads, a):
-    runs = []
+def pdserve_run(pdctl, model, text, ids, t, n_gen):
+    out = json.loads(sh([pdctl, "generate", "--model", model["path"], "--prompt", text,
+                         "--max-tokens", str(n_gen), "--ignore-eos", "--format", "json",
+                         "--threads", str(t)]))
+    if out.get("prompt_ids") != ids or len(out.get("ids", [])) != n_gen:
+        raise RuntimeError("pdserve: %d prompt ids (match %s), %d generated"
+                           % (len(out.get("prompt_ids", [])), out.get("prompt_ids") == ids,
+                              len(out.get("ids", []))))
+    return {"prompt_tok_s": out["timings"]["prompt_tokens_per_s"],
+            "gen_tok_s": out["timings"]["gen_tokens_per_s"], "ids": out["ids"]}
+
+
+class LlamaCpp:
+    """A llamacpp_bench.py process holding one model at one thread count."""
+
+    def __init__(self, a, model, t):
+        py = os.path.join(a.venv, "bin", "python")
+        if not os.access(py, os.X_OK):
+            raise RuntimeError("no %s: install llama-cpp-python there (docs/benchmarks.md) "
+                               "or pass --no-llamacpp" % py)
+        self.p = subprocess.Popen(
+            [py, os.path.join(HERE, "llamacpp_bench.py"), "--model", model["path"],
+             "--prompt-file", os.path.join(a.out_dir, "prompt.txt"),
+             "--expect-ids", os.path.join(a.out_dir, "prompt_ids.json"),
+             "--threads", str(t)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+        if not self.info.get("tokenization_matches") or self.info.get("n_vocab") != 32000:
+            raise RuntimeError("llama.cpp: tokenization or vocabulary differs: %s" % self.info)
+
+    def _read(self):
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("llamacpp_bench.py exited (rc %s)" % self.p.wait())
+        return json.loads(line)
+
+    def round(self, n_gen):
+        self.p.stdin.write("round %d\n" % n_gen)
+        self.p.stdin.flush()
+        r = self._read()
+        if not r.get("logits_ok"):
+            raise RuntimeError("llama.cpp: non-finite or constant logits: %s" % r)
+        return r
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.stdin.write("quit\n")
+            self.p.stdin.close()
+            self.p.wait(timeout=60)
+
+
+def bench_model(pdctl, m, text, ids, threads, a):
+    """Per thread count: a warm-up of each engine, then --reps rounds, each one pdserve
+    run followed by one llama.cpp round (interleaved, so load bursts hit both)."""
+    engines = ([] if a.no_pdserve else ["pdserve"]) + ([] if a.no_llamacpp else ["llama.cpp"])
+    for eng in engines:
+        m[eng] = {"runs": []}
     for t in threads:
-        pp, tg, gen_ids = [], [], []
-        for rep in range(a.reps + 1):  # the first is a warm-up
-            n_gen = 4 if rep == 0 else a.n_gen
-            out = json.loads(sh([pdctl, "generate", "--model", model["path"], "--prompt", text,
-                                 "--max-tokens", str(n_gen), "--ignore-eos", "--format",
-                                 "json", "--threads", str(t)]))
-            if out.get("prompt_ids") != ids or len(out.get("ids", [])) != n_gen:
-                raise RuntimeError("pdserve: %d prompt ids (match %s), %d generated"
-                                   % (len(out.get("prompt_ids", [])),
-                                      out.get("prompt_ids") == ids, len(out.get("ids", []))))
-            gen_ids = out["ids"]
-            if rep:
-                pp.append(out["timings"]["prompt_tokens_per_s"])
-                tg.append(out["timings"]["gen_tokens_per_s"])
-        log("pdserve %s t%d: prompt %.1f tok/s, gen %.2f tok/s" % (
-            model["spec"], t, statistics.median(pp), statistics.median(tg)))
-        runs.append({"threads": t, "prompt_tok_s": pp, "gen_tok_s": tg, "gen_ids": gen_ids})
-    return runs
-
-
-def bench_llamacpp(model, threads, a, out_dir):
-    py = os.path.join(a.venv, "bin", "python")
-    out = json.loads(sh([py, os.path.join(HERE, "llamacpp_bench.py"), "--model", model["path"],
-                         "--prompt-file", os.path.join(out_dir, "prompt.txt"),
-                         "--expect-ids", os.path.join(out_dir, "prompt_ids.json"),
-                         "--threads", ",".join(map(str, threads)), "--reps", str(a.reps),
-                         "--n-gen", str(a.n_gen)], timeout=1800))
-    if not out.get("tokenization_matches") or out.get("n_vocab") != 32000:
-        raise RuntimeError("llama.cpp: tokenization or vocabulary differs: %s"
-                           % {k: out.get(k) for k in ("tokenization_matches", "n_vocab")})
-    for r in out["runs"]:
-        if not r["logits_finite"]:
-            raise RuntimeError("llama.cpp: non-finite or constant logits")
-        log("llama.cpp %s t%d: prompt %.1f tok/s, gen %.2f tok/s" % (
-            model["spec"], r["threads"], statistics.median(r["prompt_tok_s"]),
-            statistics.median(r["gen_tok_s"])))
-    return out
+        lc = LlamaCpp(a, m, t) if "llama.cpp" in engines else None
+        try:
+            if lc:
+                m["llama.cpp"]["info"] = lc.info
+            run = {"pdserve": lambda n: pdserve_run(pdctl, m, text, ids, t, n),
+                   "llama.cpp": lambda n: lc.round(n)}
+            got = {eng: [] for eng in engines}
+            for rep in range(a.reps + 1):  # round 0 is a warm-up
+                for eng in engines:
+                    r = run[eng](4 if rep == 0 else a.n_gen)
+                    if rep:
+                        got[eng].append(r)
+        finally:
+            if lc:
+                lc.close()
+        for eng in engines:
+            rs = got[eng]
+            m[eng]["runs"].append({"threads": t,
+                                   "prompt_tok_s": [r["prompt_tok_s"] for r in rs],
+                                   "gen_tok_s": [r["gen_tok_s"] for r in rs],
+                                   "gen_ids": rs[-1]["ids"]})
+            log("%s %s t%d: prompt %.1f tok/s, gen %.2f tok/s" % (
+                eng, m["spec"], t, statistics.median(r["prompt_tok_s"] for r in rs),
+                statistics.median(r["gen_tok_s"] for r in rs)))
 
 
 def fmt(x, nd=1):
@@ -271,11 +313,9 @@ def main():
     text, ids = make_prompt(a.shared_dir, a.n_prompt, a.out_dir)
     res["models"] = [make_model(pdctl, a.out_dir, s, a.shared_dir) for s in a.models.split(",")]
     for m in res["models"]:
-        if not a.no_pdserve:
-            m["pdserve"] = {"runs": bench_pdserve(pdctl, m, text, ids, threads, a)}
-        if not a.no_llamacpp:
-            m["llama.cpp"] = bench_llamacpp(m, threads, a, a.out_dir)
-            res["llama_cpp_python"] = m["llama.cpp"]["llama_cpp_python"]
+        bench_model(pdctl, m, text, ids, threads, a)
+        if "llama.cpp" in m:
+            res["llama_cpp_python"] = m["llama.cpp"]["info"]["llama_cpp_python"]
     with open("/proc/loadavg") as f:
         res["machine"]["loadavg_end"] = f.read().split()[:3]
     md = table(res)
