@@ -10,7 +10,8 @@
  *   gemm       T = 512 over one layer's 7 matrices: GFLOP/s, and the prompt tokens/s
  *              of 12 such layers (matmuls only; the classifier is needed for the
  *              last token alone).
- * Usage: bench_kernels [--isa NAME] [--threads N] [--reps R] [--only mem|mv|gemm]
+ *   attn       one layer's causal attention, a 512-token prompt and one decode step.
+ * Usage: bench_kernels [--isa NAME] [--threads N] [--reps R] [--only mem|mv|gemm|attn]
  * Threading: single-threaded driver; the kernels use their own pool. */
 #include <pthread.h>
 #include <stdint.h>
@@ -252,6 +253,57 @@ static void bench_gemm(const char *isa, int n_threads, pd_dtype_t dt, int64_t T,
     pd_kernels_destroy(&k);
 }
 
+/* One layer's causal attention over a 16-row paged F32 cache: a prompt of T tokens at
+ * positions 0..T-1, or one token at position T - 1. */
+static void bench_attention(const char *isa, int n_threads, int64_t T, int decode, int reps)
+{
+    pd_kernels_t *k = NULL;
+    if (pd_kernels_cpu_new(n_threads, isa, &k) != PD_OK)
+        exit(1);
+    const int heads = 12, hd = DIM / 12, bs = 16;
+    int64_t n_blocks = (T + bs - 1) / bs;
+    float *kc = xmalloc((size_t)(n_blocks * bs * DIM) * 4);
+    float *vc = xmalloc((size_t)(n_blocks * bs * DIM) * 4);
+    float *q = xmalloc((size_t)(T * DIM) * 4), *out = xmalloc((size_t)(T * DIM) * 4);
+    int32_t *table = xmalloc((size_t)n_blocks * 4), *pos = xmalloc((size_t)T * 4);
+    for (int64_t b = 0; b < n_blocks; b++)
+        table[b] = (int32_t)(n_blocks - 1 - b);
+    for (int64_t t = 0; t < T; t++)
+        pos[t] = (int32_t)t;
+    for (int64_t i = 0; i < T * DIM; i++)
+        q[i] = frand();
+    for (int64_t i = 0; i < n_blocks * bs * DIM; i++) {
+        kc[i] = frand();
+        vc[i] = frand();
+    }
+    pd_attn_args_t a = {.q = q, .out = out, .T = decode ? 1 : T,
+                        .pos = decode ? pos + T - 1 : pos, .k_cache = kc, .v_cache = vc,
+                        .kv_dtype = PD_DTYPE_F32, .block_table = table, .block_size = bs,
+                        .n_heads = heads, .n_kv_heads = heads, .head_dim = hd,
+                        .scale = 0.125f};
+    double times[32];
+    for (int r = -1; r < reps; r++) {
+        double t0 = now();
+        k->attention(k, &a);
+        if (r >= 0)
+            times[r] = now() - t0;
+    }
+    double t = median(times, reps);
+    if (decode)
+        printf("attn     %-6s decode at pos %lld threads %d: %7.1f us/layer\n", k->name,
+               (long long)T - 1, n_threads, t * 1e6);
+    else
+        printf("attn     %-6s prompt T %lld threads %d: %7.2f ms/layer (%.0f ms for 12)\n",
+               k->name, (long long)T, n_threads, t * 1e3, t * 1e3 * LAYERS);
+    free(kc);
+    free(vc);
+    free(q);
+    free(out);
+    free(table);
+    free(pos);
+    pd_kernels_destroy(&k);
+}
+
 int main(int argc, char **argv)
 {
     const char *isa = "auto", *only = NULL;
@@ -267,7 +319,7 @@ int main(int argc, char **argv)
             only = argv[++i];
         else {
             fprintf(stderr, "usage: %s [--isa NAME] [--threads N] [--reps R] "
-                            "[--only mem|mv|gemm]\n", argv[0]);
+                            "[--only mem|mv|gemm|attn]\n", argv[0]);
             return 2;
         }
     }
@@ -288,5 +340,10 @@ int main(int argc, char **argv)
         for (size_t d = 0; d < sizeof gemm_dts / sizeof gemm_dts[0]; d++)
             for (int nt = t_lo; nt <= t_hi; nt++)
                 bench_gemm(isa, nt, gemm_dts[d], 512, reps < 5 ? reps : 5);
+    if (!only || strcmp(only, "attn") == 0)
+        for (int nt = t_lo; nt <= t_hi; nt++) {
+            bench_attention(isa, nt, 512, 0, reps);
+            bench_attention(isa, nt, 512, 1, reps);
+        }
     return 0;
 }

@@ -16,6 +16,8 @@
 #include "kernels/ops.h"
 
 #define PD_CPU_ALIGN 64
+/* Queries of one head per attention task: each K/V row loaded serves all of them. */
+#define PD_CPU_ATTN_QB 4
 
 /* Dense dtype index for the per-dtype kernel arrays. */
 enum {
@@ -79,8 +81,9 @@ typedef struct pd_cpu_isa {
                  float theta);
     /* out[:] = f16(src[:]) for F16 KV. */
     void (*f32_to_f16)(const float *src, uint16_t *dst, int64_t n);
-    /* Query t, head h; scores: scratch of at least pos[t] + 1 floats. */
-    void (*attn_head)(const pd_attn_args_t *a, int64_t t, int h, float *scores);
+    /* Queries t0 .. t0 + nq - 1 (nq <= PD_CPU_ATTN_QB) of head h; scores: scratch of
+     * PD_CPU_ATTN_QB * (max pos + 17) floats. */
+    void (*attn_block)(const pd_attn_args_t *a, int h, int64_t t0, int nq, float *scores);
 } pd_cpu_isa_t;
 
 extern const pd_cpu_isa_t pd_cpu_isa_scalar;

@@ -10,7 +10,7 @@
  *              gemm_nr output rows x a chunk of tokens (gemm kernels pack the panel
  *              to f32 or int8 once and reuse it across the chunk). Activations are
  *              quantized to Q8 blocks first when the kernel wants that.
- *   attention  one task per (token, head).
+ *   attention  one task per (head, block of 4 queries), head-major for cache reuse.
  *   the rest   rows or element chunks when big enough, else inline.
  * Tiny ops run on the calling thread: waking the pool costs more than they do.
  * Threading: one thread drives a pd_kernels_t (ops.h); the pool runs the tasks. */
@@ -426,13 +426,17 @@ static void cpu_rope(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T, i
 typedef struct attn_job {
     pd_cpu_kernels_t *ck;
     const pd_attn_args_t *a;
+    int64_t n_qblocks;
 } attn_job_t;
 
+/* Head-major: consecutive tasks are query blocks of one head, which read the same
+ * K/V slices, so those stay in L2 across a prompt's queries. */
 static void attn_task(void *arg, int64_t task, int thread)
 {
     attn_job_t *j = arg;
-    j->ck->isa->attn_head(j->a, task / j->a->n_heads, (int)(task % j->a->n_heads),
-                          j->ck->thread_scratch[thread]);
+    int64_t h = task / j->n_qblocks, t0 = task % j->n_qblocks * PD_CPU_ATTN_QB;
+    int nq = (int)pd_cpu_min64(PD_CPU_ATTN_QB, j->a->T - t0);
+    j->ck->isa->attn_block(j->a, (int)h, t0, nq, j->ck->thread_scratch[thread]);
 }
 
 static void cpu_attention(pd_kernels_t *k, const pd_attn_args_t *a)
@@ -455,10 +459,12 @@ static void cpu_attention(pd_kernels_t *k, const pd_attn_args_t *a)
         if (a->pos[t] > max_pos)
             max_pos = a->pos[t];
     }
-    ensure_thread_scratch(ck, (size_t)(max_pos + 1 + 16) * sizeof(float));
-    attn_job_t j = {.ck = ck, .a = a};
+    ensure_thread_scratch(ck, (size_t)PD_CPU_ATTN_QB * (size_t)(max_pos + 1 + 16) *
+                                  sizeof(float));
+    attn_job_t j = {.ck = ck, .a = a,
+                    .n_qblocks = (a->T + PD_CPU_ATTN_QB - 1) / PD_CPU_ATTN_QB};
     double work = (double)a->T * (double)(max_pos + 1) * a->n_heads * a->head_dim * 2;
-    run(ck, a->T * a->n_heads, work, attn_task, &j);
+    run(ck, j.n_qblocks * a->n_heads, work, attn_task, &j);
 }
 
 /* ---- construction ---------------------------------------------------------------- */

@@ -28,5 +28,5 @@ const pd_cpu_isa_t pd_cpu_isa_avx2 = {
     .add = simd_add,
     .rope = simd_rope,
     .f32_to_f16 = simd_f32_to_f16,
-    .attn_head = simd_attn_head,
+    .attn_block = simd_attn_block,
 };

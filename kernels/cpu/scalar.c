@@ -160,6 +160,12 @@ static void attn_head(const pd_attn_args_t *a, int64_t t, int h, float *scores)
     }
 }
 
+static void attn_block(const pd_attn_args_t *a, int h, int64_t t0, int nq, float *scores)
+{
+    for (int i = 0; i < nq; i++)
+        attn_head(a, t0 + i, h, scores);
+}
+
 const pd_cpu_isa_t pd_cpu_isa_scalar = {
     .name = "scalar",
     .mv = {mv_any, mv_any, mv_any, mv_any, mv_any},
@@ -171,5 +177,5 @@ const pd_cpu_isa_t pd_cpu_isa_scalar = {
     .add = add,
     .rope = rope,
     .f32_to_f16 = f32_to_f16,
-    .attn_head = attn_head,
+    .attn_block = attn_block,
 };

@@ -102,6 +102,14 @@ PD_SIMD_INLINE float vhmax(vf v)
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+/* The four horizontal sums of a, b, c, d, in lanes 0..3. */
+PD_SIMD_INLINE __m128 vhsum4(vf a, vf b, vf c, vf d)
+{
+    vf x = _mm256_hadd_ps(a, b); /* a01 a23 b01 b23 | a45 a67 b45 b67 */
+    vf y = _mm256_hadd_ps(c, d);
+    vf z = _mm256_hadd_ps(x, y); /* a0-3 b0-3 c0-3 d0-3 | a4-7 ... */
+    return _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+}
 PD_SIMD_INLINE vf vswap_pairs(vf v)
 {
     return _mm256_permute_ps(v, 0xb1);

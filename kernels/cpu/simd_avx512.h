@@ -89,6 +89,16 @@ PD_SIMD_INLINE float vhmax(vf v)
 {
     return _mm512_reduce_max_ps(v);
 }
+/* The four horizontal sums of a, b, c, d, in lanes 0..3. */
+PD_SIMD_INLINE __m128 vhsum4(vf a, vf b, vf c, vf d)
+{
+    vf x = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    vf y = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    vf z = _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xee));
+    z = _mm512_add_ps(z, _mm512_shuffle_f32x4(z, z, 0x4e));
+    z = _mm512_add_ps(z, _mm512_shuffle_f32x4(z, z, 0xb1));
+    return _mm512_castps512_ps128(z);
+}
 /* (v0, v1, v2, v3, ...) -> (v1, v0, v3, v2, ...) */
 PD_SIMD_INLINE vf vswap_pairs(vf v)
 {

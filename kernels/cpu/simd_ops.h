@@ -163,47 +163,172 @@ static inline void simd_quantize_x(const float *x, int64_t n, int8_t *qs, float 
 
 /* ---- attention ------------------------------------------------------------------- */
 
-/* out[0..NV*VW) = sum_p scores[p] * v_p, accumulators in registers. */
-static inline __attribute__((always_inline)) void
-attn_values(const pd_attn_args_t *a, int kvh, const float *scores, int64_t n, float *out,
-            const int NV, const int f16)
+/* The cache is walked block by block, so the block table is read once per block and
+ * no division happens per position. kvh's vector of position p is at
+ * base(p's block) + (p % block_size) * row_bytes. */
+typedef struct attn_walk {
+    const uint8_t *k_cache, *v_cache;
+    size_t row_bytes, block_bytes, head_off; /* bytes */
+} attn_walk_t;
+
+static inline attn_walk_t attn_walk(const pd_attn_args_t *a, int kvh, size_t es)
 {
-    int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
-    size_t es = f16 ? 2 : 4;
-    vf acc[8];
-    #pragma GCC unroll 16
-    for (int j = 0; j < NV; j++)
-        acc[j] = vzero();
-    for (int64_t p = 0; p < n; p++) {
-        const uint8_t *r = pd_cpu_kv_row(a->v_cache, a->block_table, a->block_size,
-                                         row_elems, es, p);
-        r += (size_t)kvh * (size_t)a->head_dim * es;
-        vf s = vset1(scores[p]);
-        #pragma GCC unroll 16
-        for (int j = 0; j < NV; j++)
-            acc[j] = vfma(s, f16 ? vload_h((const uint16_t *)r + j * VW)
-                                 : vload((const float *)r + j * VW),
-                          acc[j]);
-    }
-    #pragma GCC unroll 16
-    for (int j = 0; j < NV; j++)
-        vstore(out + j * VW, acc[j]);
+    attn_walk_t w;
+    w.k_cache = a->k_cache;
+    w.v_cache = a->v_cache;
+    w.row_bytes = (size_t)a->n_kv_heads * (size_t)a->head_dim * es;
+    w.block_bytes = w.row_bytes * (size_t)a->block_size;
+    w.head_off = (size_t)kvh * (size_t)a->head_dim * es;
+    return w;
 }
 
-/* Any head_dim: one vector at a time with a masked tail. */
-static inline void attn_values_any(const pd_attn_args_t *a, int kvh, const float *scores,
-                                   int64_t n, float *out, int f16)
+static inline __attribute__((always_inline)) vf kvload(const uint8_t *r, int j, const int f16)
 {
-    int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
-    size_t es = f16 ? 2 : 4;
+    return f16 ? vload_h((const uint16_t *)r + j * VW) : vload((const float *)r + j * VW);
+}
+
+/* Query block of QB queries of one head (QB * NV <= 16 accumulators). scores: QB rows
+ * of ld floats. Keys p < n_max are scored for every query of the block; query i then
+ * takes softmax over its own p < n[i] and zero weight past it. */
+
+/* scores[i][p] = q_i . k_p * scale for p < n_max, four positions at a time. */
+static inline __attribute__((always_inline)) void
+attn_scores(const pd_attn_args_t *a, const attn_walk_t *w, const float *const *q,
+            int64_t n_max, float *scores, int64_t ld, const int QB, const int NV,
+            const int f16)
+{
+    __m128 scale = _mm_set1_ps(a->scale);
+    for (int64_t p0 = 0; p0 < n_max; p0 += a->block_size) {
+        const uint8_t *base = w->k_cache + (size_t)a->block_table[p0 / a->block_size] *
+                                               w->block_bytes + w->head_off;
+        int64_t m = pd_cpu_min64(a->block_size, n_max - p0), i = 0;
+        for (; i + 4 <= m; i += 4) {
+            const uint8_t *r = base + (size_t)i * w->row_bytes;
+            vf s[4][4];
+#pragma GCC unroll 4
+            for (int qi = 0; qi < QB; qi++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++)
+                    s[qi][c] = vzero();
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; j++) {
+                vf k0 = kvload(r, j, f16), k1 = kvload(r + w->row_bytes, j, f16);
+                vf k2 = kvload(r + 2 * w->row_bytes, j, f16);
+                vf k3 = kvload(r + 3 * w->row_bytes, j, f16);
+#pragma GCC unroll 4
+                for (int qi = 0; qi < QB; qi++) {
+                    vf qv = vload(q[qi] + j * VW);
+                    s[qi][0] = vfma(qv, k0, s[qi][0]);
+                    s[qi][1] = vfma(qv, k1, s[qi][1]);
+                    s[qi][2] = vfma(qv, k2, s[qi][2]);
+                    s[qi][3] = vfma(qv, k3, s[qi][3]);
+                }
+            }
+#pragma GCC unroll 4
+            for (int qi = 0; qi < QB; qi++)
+                _mm_storeu_ps(scores + qi * ld + p0 + i,
+                              _mm_mul_ps(vhsum4(s[qi][0], s[qi][1], s[qi][2], s[qi][3]),
+                                         scale));
+        }
+        for (; i < m; i++) {
+            const uint8_t *r = base + (size_t)i * w->row_bytes;
+#pragma GCC unroll 4
+            for (int qi = 0; qi < QB; qi++) {
+                vf s0 = vzero();
+#pragma GCC unroll 8
+                for (int j = 0; j < NV; j++)
+                    s0 = vfma(vload(q[qi] + j * VW), kvload(r, j, f16), s0);
+                scores[qi * ld + p0 + i] = vhsum(s0) * a->scale;
+            }
+        }
+    }
+}
+
+/* out_i = sum_p scores[i][p] * v_p for p < n_max, accumulators in registers. */
+static inline __attribute__((always_inline)) void
+attn_values(const pd_attn_args_t *a, const attn_walk_t *w, const float *scores, int64_t ld,
+            int64_t n_max, float *const *out, const int QB, const int NV, const int f16)
+{
+    vf acc[4][8];
+#pragma GCC unroll 4
+    for (int qi = 0; qi < QB; qi++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; j++)
+            acc[qi][j] = vzero();
+    for (int64_t p0 = 0; p0 < n_max; p0 += a->block_size) {
+        const uint8_t *base = w->v_cache + (size_t)a->block_table[p0 / a->block_size] *
+                                               w->block_bytes + w->head_off;
+        int64_t m = pd_cpu_min64(a->block_size, n_max - p0);
+        for (int64_t i = 0; i < m; i++) {
+            const uint8_t *r = base + (size_t)i * w->row_bytes;
+            vf v[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; j++)
+                v[j] = kvload(r, j, f16);
+#pragma GCC unroll 4
+            for (int qi = 0; qi < QB; qi++) {
+                vf s = vset1(scores[qi * ld + p0 + i]);
+#pragma GCC unroll 8
+                for (int j = 0; j < NV; j++)
+                    acc[qi][j] = vfma(s, v[j], acc[qi][j]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int qi = 0; qi < QB; qi++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; j++)
+            vstore(out[qi] + j * VW, acc[qi][j]);
+}
+
+static inline __attribute__((always_inline)) void
+attn_block(const pd_attn_args_t *a, const attn_walk_t *w, int h, int64_t t0, float *scores,
+           const int QB, const int NV, const int f16)
+{
+    const float *q[4];
+    float *out[4];
+    int64_t n[4], n_max = 0;
+#pragma GCC unroll 4
+    for (int qi = 0; qi < QB; qi++) {
+        q[qi] = a->q + ((t0 + qi) * a->n_heads + h) * a->head_dim;
+        out[qi] = a->out + ((t0 + qi) * a->n_heads + h) * a->head_dim;
+        n[qi] = (int64_t)a->pos[t0 + qi] + 1;
+        n_max = n[qi] > n_max ? n[qi] : n_max;
+    }
+    int64_t ld = (n_max + 15) / 16 * 16;
+    attn_scores(a, w, q, n_max, scores, ld, QB, NV, f16);
+    for (int qi = 0; qi < QB; qi++) {
+        simd_softmax(scores + qi * ld, n[qi]);
+        for (int64_t p = n[qi]; p < n_max; p++)
+            scores[qi * ld + p] = 0.0f;
+    }
+    attn_values(a, w, scores, ld, n_max, out, QB, NV, f16);
+}
+
+/* Any head_dim: the generic dot products and a masked tail. */
+static inline void attn_head_any(const pd_attn_args_t *a, const attn_walk_t *w,
+                                 const float *q, int64_t n, float *scores, float *out,
+                                 int f16)
+{
     int hd = a->head_dim;
+    for (int64_t p = 0; p < n; p++) {
+        const uint8_t *r = w->k_cache + (size_t)a->block_table[p / a->block_size] *
+                                            w->block_bytes +
+                           (size_t)(p % a->block_size) * w->row_bytes + w->head_off;
+        float s = f16 ? simd_dot_h(q, (const uint16_t *)r, hd)
+                      : simd_dot(q, (const float *)r, hd);
+        scores[p] = s * a->scale;
+    }
+    simd_softmax(scores, n);
+    size_t es = f16 ? 2 : 4;
     for (int i = 0; i < hd; i += VW) {
         int64_t m = pd_cpu_min64(VW, hd - i);
         vf acc = vzero();
         for (int64_t p = 0; p < n; p++) {
-            const uint8_t *r = pd_cpu_kv_row(a->v_cache, a->block_table, a->block_size,
-                                             row_elems, es, p);
-            r += ((size_t)kvh * (size_t)hd + (size_t)i) * es;
+            const uint8_t *r = w->v_cache + (size_t)a->block_table[p / a->block_size] *
+                                                w->block_bytes +
+                               (size_t)(p % a->block_size) * w->row_bytes + w->head_off +
+                               (size_t)i * es;
             vf v = f16 ? vloadn_h((const uint16_t *)r, m) : vloadn((const float *)r, m);
             acc = vfma(vset1(scores[p]), v, acc);
         }
@@ -211,35 +336,46 @@ static inline void attn_values_any(const pd_attn_args_t *a, int kvh, const float
     }
 }
 
-static inline void simd_attn_head(const pd_attn_args_t *a, int64_t t, int h, float *scores)
+/* One kv-type specialisation: blocks of up to QB queries (QB * NV <= 16). */
+static inline __attribute__((always_inline)) void
+attn_queries(const pd_attn_args_t *a, const attn_walk_t *w, int h, int64_t t0, int nq,
+             float *scores, const int NV, const int f16)
+{
+    const int QB = NV <= 4 ? 4 : 2;
+    for (int done = 0; done < nq;) {
+        int b = nq - done < QB ? nq - done : QB;
+        switch (b) {
+        case 1: attn_block(a, w, h, t0 + done, scores, 1, NV, f16); break;
+        case 2: attn_block(a, w, h, t0 + done, scores, 2, NV, f16); break;
+        case 3: attn_block(a, w, h, t0 + done, scores, 3, NV, f16); break;
+        default: attn_block(a, w, h, t0 + done, scores, 4, NV, f16); break;
+        }
+        done += b;
+    }
+}
+
+/* Queries t0 .. t0 + nq - 1 (nq <= 4) of head h; scores: 4 * (max pos + 17) floats. */
+static inline void simd_attn_block(const pd_attn_args_t *a, int h, int64_t t0, int nq,
+                                   float *scores)
 {
     int hd = a->head_dim;
     int kvh = h / (a->n_heads / a->n_kv_heads);
     int f16 = a->kv_dtype == PD_DTYPE_F16;
-    size_t es = f16 ? 2 : 4;
-    int64_t row_elems = (int64_t)a->n_kv_heads * hd;
-    const float *q = a->q + (t * a->n_heads + h) * hd;
-    float *out = a->out + (t * a->n_heads + h) * hd;
-    int64_t n = (int64_t)a->pos[t] + 1;
-    for (int64_t p = 0; p < n; p++) {
-        const uint8_t *r = pd_cpu_kv_row(a->k_cache, a->block_table, a->block_size,
-                                         row_elems, es, p);
-        r += (size_t)kvh * (size_t)hd * es;
-        float s = f16 ? simd_dot_h(q, (const uint16_t *)r, hd)
-                      : simd_dot(q, (const float *)r, hd);
-        scores[p] = s * a->scale;
-    }
-    simd_softmax(scores, n);
+    attn_walk_t w = attn_walk(a, kvh, f16 ? 2 : 4);
     if (hd % VW != 0 || hd > 8 * VW) {
-        attn_values_any(a, kvh, scores, n, out, f16);
+        for (int qi = 0; qi < nq; qi++) {
+            int64_t t = t0 + qi;
+            attn_head_any(a, &w, a->q + (t * a->n_heads + h) * hd, (int64_t)a->pos[t] + 1,
+                          scores, a->out + (t * a->n_heads + h) * hd, f16);
+        }
         return;
     }
 #define PD_ATTN_NV_(nv)                                                                  \
     case nv:                                                                             \
         if (f16)                                                                         \
-            attn_values(a, kvh, scores, n, out, nv, 1);                                  \
+            attn_queries(a, &w, h, t0, nq, scores, nv, 1);                               \
         else                                                                             \
-            attn_values(a, kvh, scores, n, out, nv, 0);                                  \
+            attn_queries(a, &w, h, t0, nq, scores, nv, 0);                               \
         return;
     switch (hd / VW) {
         PD_ATTN_NV_(1)
