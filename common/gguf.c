@@ -15,18 +15,15 @@
 #include "common/gguf.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "common/log.h"
+#include "common/mapfile.h"
 
 #define GGUF_HEADER_BYTES 24 /* magic, version, n_tensors, n_kv */
 #define GGUF_DEFAULT_ALIGNMENT 32
@@ -578,51 +575,18 @@ static pd_status_t parse(pd_gguf_t *g, const char *path)
     return parse_tensors(g, &c, n_tensors);
 }
 
-static pd_status_t map_file(const char *path, const uint8_t **map_p, size_t *size_p)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        PD_LOG_ERROR("gguf %s: open failed: %s", path, strerror(errno));
-        return PD_ERR_IO;
-    }
-    pd_status_t st = PD_OK;
-    struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        PD_LOG_ERROR("gguf %s: not a readable regular file", path);
-        st = PD_ERR_IO;
-        goto close_fd;
-    }
-    if (sb.st_size < GGUF_HEADER_BYTES) {
-        PD_LOG_ERROR("gguf %s: byte 0: file too small (%lld bytes) for a gguf header", path,
-                     (long long)sb.st_size);
-        st = PD_ERR_FORMAT;
-        goto close_fd;
-    }
-    void *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map == MAP_FAILED) {
-        PD_LOG_ERROR("gguf %s: mmap failed: %s", path, strerror(errno));
-        st = PD_ERR_IO;
-        goto close_fd;
-    }
-    *map_p = map;
-    *size_p = (size_t)sb.st_size;
-close_fd:
-    close(fd);
-    return st;
-}
-
 pd_status_t pd_gguf_open(const char *path, pd_gguf_t **gguf_p)
 {
     if (!path || !gguf_p)
         return PD_ERR_INVALID;
-    const uint8_t *map;
+    const void *map;
     size_t size;
-    pd_status_t st = map_file(path, &map, &size);
+    pd_status_t st = pd_map_file(path, "gguf", GGUF_HEADER_BYTES, &map, &size);
     if (st != PD_OK)
         return st;
     pd_gguf_t *g = calloc(1, sizeof *g);
     if (!g) {
-        munmap((void *)map, size);
+        pd_unmap_file(map, size);
         PD_LOG_ERROR("gguf %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
@@ -649,8 +613,7 @@ void pd_gguf_destroy(pd_gguf_t **gguf_p)
     free(g->names);
     free(g->kv_index.slots);
     free(g->tensor_index.slots);
-    if (g->map)
-        munmap((void *)g->map, g->size);
+    pd_unmap_file(g->map, g->size);
     free(g);
     *gguf_p = NULL;
 }

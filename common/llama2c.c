@@ -12,15 +12,11 @@
  * Threading: open/destroy on one thread; the result is immutable. */
 #include "common/llama2c.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "common/log.h"
+#include "common/mapfile.h"
 
 #define L2C_HEADER_INTS 7
 #define L2C_HEADER_BYTES (L2C_HEADER_INTS * 4)
@@ -124,39 +120,6 @@ static void bind_weights(pd_llama2c_t *l)
         take(&l->w.output, &p, dim, c->vocab_size);
 }
 
-static pd_status_t map_checkpoint(const char *path, pd_llama2c_t *l)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        PD_LOG_ERROR("llama2c %s: open failed: %s", path, strerror(errno));
-        return PD_ERR_IO;
-    }
-    pd_status_t st = PD_OK;
-    struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        PD_LOG_ERROR("llama2c %s: not a readable regular file", path);
-        st = PD_ERR_IO;
-        goto close_fd;
-    }
-    if (sb.st_size < L2C_HEADER_BYTES) {
-        PD_LOG_ERROR("llama2c %s: byte 0: file too small (%lld bytes) for the header", path,
-                     (long long)sb.st_size);
-        st = PD_ERR_FORMAT;
-        goto close_fd;
-    }
-    void *map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map == MAP_FAILED) {
-        PD_LOG_ERROR("llama2c %s: mmap failed: %s", path, strerror(errno));
-        st = PD_ERR_IO;
-        goto close_fd;
-    }
-    l->map = map;
-    l->size = (size_t)sb.st_size;
-close_fd:
-    close(fd);
-    return st;
-}
-
 pd_status_t pd_llama2c_open(const char *path, pd_llama2c_t **l2c_p)
 {
     if (!path || !l2c_p)
@@ -166,7 +129,7 @@ pd_status_t pd_llama2c_open(const char *path, pd_llama2c_t **l2c_p)
         PD_LOG_ERROR("llama2c %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
-    pd_status_t st = map_checkpoint(path, l);
+    pd_status_t st = pd_map_file(path, "llama2c", L2C_HEADER_BYTES, &l->map, &l->size);
     if (st != PD_OK)
         goto err_free;
     int32_t h[L2C_HEADER_INTS];
@@ -206,8 +169,7 @@ void pd_llama2c_destroy(pd_llama2c_t **l2c_p)
         return;
     pd_llama2c_t *l = *l2c_p;
     free(l->w.layers);
-    if (l->map)
-        munmap(l->map, l->size);
+    pd_unmap_file(l->map, l->size);
     free(l);
     *l2c_p = NULL;
 }

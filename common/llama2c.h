@@ -15,7 +15,7 @@
 #include "common/status.h"
 
 typedef struct pd_llama2c {
-    void *map;
+    const void *map;
     size_t size;
     pd_model_config_t cfg;  /* norm_eps 1e-5, rope_theta 10000, as llama2.c */
     int shared_classifier;  /* 1: output == tok_embd */
