@@ -188,7 +188,7 @@ static void cpu_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, in
     j.mm = (pd_cpu_mm_t){.dt = dt, .dtype = w->dtype, .w = w->data,
                          .row_bytes = pd_tensor_row_bytes(w), .n_in = w->ne[0],
                          .n_out = w->ne[1], .T = T, .x = x, .y = y};
-    int use_gemm = isa->gemm[dt] && T >= isa->gemm_min_T[dt] && j.mm.n_in % PD_QK == 0;
+    int use_gemm = isa->gemm[dt] && T >= isa->gemm_min_T[dt];
     int xmode = use_gemm ? isa->gemm_x[dt] : isa->mv_x[dt];
     double work = (double)T * (double)j.mm.n_in * (double)j.mm.n_out;
 

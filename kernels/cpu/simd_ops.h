@@ -397,7 +397,7 @@ static inline void simd_attn_block(const pd_attn_args_t *a, int h, int64_t t0, i
  * better than several interleaved row streams; on top of that the kernels prefetch
  * PD_MV_PREFETCH bytes ahead. */
 #ifndef PD_MV_PREFETCH
-#define PD_MV_PREFETCH 1024
+#define PD_MV_PREFETCH 512
 #endif
 #define PD_MV_PREFETCH_HINT _MM_HINT_T0
 
@@ -628,9 +628,116 @@ mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT,
             mm->y[(t + j) * mm->n_out + o + r] = hsum256(acc[r][j]);
 }
 
+#if VW == 16
+/* One token, two blocks per zmm: |w| and x negated where w < 0 (there is no 512-bit
+ * vpsignb), one integer dot for both, each half scaled by its block's d_w * d_x. */
+static inline __attribute__((always_inline)) __m512i mvq_pair_dot(const uint8_t *b0,
+                                                                  size_t bs,
+                                                                  const int8_t *xq,
+                                                                  const int dt)
+{
+    const uint8_t *b1 = b0 + bs;
+    __m512i wv;
+    if (dt == PD_CPU_DT_Q8_0)
+        wv = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+            _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+    else
+        wv = _mm512_inserti64x4(_mm512_castsi256_si512(q4_unpack(b0 + 2)),
+                                q4_unpack(b1 + 2), 1);
+    __m512i xv = _mm512_loadu_si512(xq);
+    __m512i aw = _mm512_abs_epi8(wv);
+    __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+#if defined(PD_SIMD_VNNI)
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), _mm512_set1_epi16(1));
+#endif
+}
+
+/* The f32 scales d_w[b + i] * d_x[b + i] of four blocks. */
+static inline __attribute__((always_inline)) __m128 mvq_scales4(const uint8_t *blk, size_t bs,
+                                                                const float *xd)
+{
+    uint16_t d[4];
+    for (int i = 0; i < 4; i++)
+        memcpy(&d[i], blk + (size_t)i * bs, 2);
+    __m128i h = _mm_loadl_epi64((const __m128i *)d);
+    return _mm_mul_ps(_mm_cvtph_ps(h), _mm_loadu_ps(xd));
+}
+
+/* sum_b (w_b . x_b) d_w d_x of one row as 16 partial sums. */
+static inline __attribute__((always_inline)) __m512 mvq_row_acc(const uint8_t *w,
+                                                                const int8_t *xq,
+                                                                const float *xd, int64_t nb,
+                                                                const int dt)
+{
+    const size_t bs = dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    const __m512i lo = _mm512_set1_epi32(0), hi = _mm512_set1_epi32(1);
+    const __m512i lo2 = _mm512_set1_epi32(2), hi2 = _mm512_set1_epi32(3);
+    const __m512i idx01 = _mm512_mask_blend_epi32(0xff00, lo, hi);
+    const __m512i idx23 = _mm512_mask_blend_epi32(0xff00, lo2, hi2);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const uint8_t *blk = w + (size_t)b * bs;
+        _mm_prefetch((const char *)blk + PD_MV_PREFETCH, PD_MV_PREFETCH_HINT);
+        _mm_prefetch((const char *)blk + PD_MV_PREFETCH + 64, PD_MV_PREFETCH_HINT);
+        if (4 * bs > 128)
+            _mm_prefetch((const char *)blk + PD_MV_PREFETCH + 128, PD_MV_PREFETCH_HINT);
+        __m512 s4 = _mm512_castps128_ps512(mvq_scales4(blk, bs, xd + b));
+        __m512i p0 = mvq_pair_dot(blk, bs, xq + b * PD_QK, dt);
+        __m512i p1 = mvq_pair_dot(blk + 2 * bs, bs, xq + (b + 2) * PD_QK, dt);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx01, s4), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(idx23, s4), a1);
+    }
+    for (; b < nb; b++) { /* the last blocks: the 256-bit form */
+        const uint8_t *blk = w + (size_t)b * bs;
+        uint16_t dh;
+        memcpy(&dh, blk, 2);
+        __m256i wv = dt == PD_CPU_DT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
+                                           : q4_unpack(blk + 2);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * PD_QK));
+        __m256 p = _mm256_cvtepi32_ps(dot_i8(_mm256_sign_epi8(wv, wv), wv, xv));
+        a1 = _mm512_fmadd_ps(_mm512_castps256_ps512(p) /* upper lanes unused: zeroed */,
+                             _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(_cvtsh_ss(dh) * xd[b])),
+                             a1);
+    }
+    return _mm512_add_ps(a0, a1);
+}
+
+/* Rows o0..o1 for one token: rows one after another (a sequential stream), reduced
+ * four at a time. */
+static inline __attribute__((always_inline)) void
+mvq_rows(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t, const int dt)
+{
+    const int64_t K = mm->n_in, nb = K / PD_QK;
+    const int8_t *xq = mm->xq + t * K;
+    const float *xd = mm->xd + t * nb;
+    float *y = mm->y + t * mm->n_out;
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        __m512 r0 = mvq_row_acc(mm->w + (size_t)o * mm->row_bytes, xq, xd, nb, dt);
+        __m512 r1 = mvq_row_acc(mm->w + (size_t)(o + 1) * mm->row_bytes, xq, xd, nb, dt);
+        __m512 r2 = mvq_row_acc(mm->w + (size_t)(o + 2) * mm->row_bytes, xq, xd, nb, dt);
+        __m512 r3 = mvq_row_acc(mm->w + (size_t)(o + 3) * mm->row_bytes, xq, xd, nb, dt);
+        _mm_storeu_ps(y + o, vhsum4(r0, r1, r2, r3));
+    }
+    for (; o < o1; o++)
+        y[o] = _mm512_reduce_add_ps(mvq_row_acc(mm->w + (size_t)o * mm->row_bytes, xq, xd,
+                                                nb, dt));
+}
+#endif
+
 static inline __attribute__((always_inline)) void
 mv_quant(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
 {
+#if VW == 16
+    if (mm->T == 1) {
+        mvq_rows(mm, o0, o1, 0, dt);
+        return;
+    }
+#endif
     for (int64_t o = o0; o < o1; o++) {
         for (int64_t t = 0; t < mm->T; t += 4) {
             switch (pd_cpu_min64(4, mm->T - t)) {

@@ -419,13 +419,15 @@ typedef struct attn_case {
     int n_heads, n_kv_heads, head_dim;
     int64_t T, p0, block_size; /* queries at positions p0 .. p0 + T - 1 */
     pd_dtype_t kv;
+    int shuffled; /* the queries in a scrambled order (their positions with them) */
 } attn_case_t;
 
 static const attn_case_t attn_cases[] = {
-    {4, 2, 8, 1, 0, 4, PD_DTYPE_F32},     {4, 2, 64, 5, 30, 16, PD_DTYPE_F32},
-    {4, 4, 128, 3, 70, 16, PD_DTYPE_F32}, {6, 2, 64, 33, 0, 16, PD_DTYPE_F32},
-    {2, 1, 48, 2, 20, 3, PD_DTYPE_F32},   {4, 2, 64, 7, 40, 8, PD_DTYPE_F16},
-    {4, 1, 8, 4, 10, 4, PD_DTYPE_F16},    {12, 12, 64, 1, 300, 16, PD_DTYPE_F32},
+    {4, 2, 8, 1, 0, 4, PD_DTYPE_F32, 0},     {4, 2, 64, 5, 30, 16, PD_DTYPE_F32, 0},
+    {4, 4, 128, 3, 70, 16, PD_DTYPE_F32, 0}, {6, 2, 64, 33, 0, 16, PD_DTYPE_F32, 0},
+    {2, 1, 48, 2, 20, 3, PD_DTYPE_F32, 0},   {4, 2, 64, 7, 40, 8, PD_DTYPE_F16, 0},
+    {4, 1, 8, 4, 10, 4, PD_DTYPE_F16, 0},    {12, 12, 64, 1, 300, 16, PD_DTYPE_F32, 0},
+    {4, 2, 64, 9, 5, 16, PD_DTYPE_F32, 1}, {2, 2, 128, 7, 3, 4, PD_DTYPE_F16, 1},
 };
 
 static int64_t gcd64(int64_t a, int64_t b)
@@ -467,9 +469,14 @@ static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_
             vs[i] = pd_fp16_to_f32(pd_f32_to_fp16(vs[i]));
         }
     }
+    int32_t *qpos = malloc((size_t)c->T * 4); /* position of query t */
+    for (int64_t t = 0; t < c->T; t++)
+        qpos[t] = (int32_t)(c->p0 + (c->shuffled ? (t * 5 + 2) % c->T : t));
+    if (c->shuffled) /* (t * 5 + 2) mod T must be a permutation */
+        ck_assert_int_eq(gcd64(5, c->T), 1);
     int64_t nq = c->T * c->n_heads * hd;
     float *q = rand_vec(nq, 1.0f), *out = rand_vec(nq, 1.0f), *rout = rand_vec(nq, 1.0f);
-    pd_attn_args_t a = {.q = q, .out = out, .T = c->T, .pos = pos_all + c->p0,
+    pd_attn_args_t a = {.q = q, .out = out, .T = c->T, .pos = qpos,
                         .k_cache = kc, .v_cache = vc, .kv_dtype = c->kv,
                         .block_table = table, .block_size = c->block_size,
                         .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
@@ -481,7 +488,7 @@ static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_
     for (int64_t t = 0; t < c->T; t++) {
         for (int h = 0; h < c->n_heads; h++) {
             int kvh = h / (c->n_heads / c->n_kv_heads);
-            int64_t np = c->p0 + t + 1;
+            int64_t np = (int64_t)qpos[t] + 1;
             const float *qv = q + (t * c->n_heads + h) * hd;
             double max = -1e300, sum = 0;
             for (int64_t p = 0; p < np; p++) {
@@ -508,6 +515,7 @@ static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_
         }
     }
     free(sc);
+    free(qpos);
     free(q);
     free(out);
     free(rout);
