@@ -23,10 +23,10 @@
 #include "common/tensor.h"
 #include "kernels/ops.h"
 
-#define DIM 768
+#define DIM    768
 #define HIDDEN 2048
 #define LAYERS 12
-#define VOCAB 32000
+#define VOCAB  32000
 
 static double now(void)
 {
@@ -95,8 +95,8 @@ static double mem_run(void *(*fn)(void *), const uint64_t *src, uint64_t *dst, s
     double t0 = now();
     for (int i = 0; i < n_threads; i++) {
         size_t lo = n / (size_t)n_threads * (size_t)i;
-        args[i] = (mem_arg_t){.src = src + lo, .dst = dst ? dst + lo : NULL,
-                              .n = n / (size_t)n_threads};
+        args[i] = (mem_arg_t){
+            .src = src + lo, .dst = dst ? dst + lo : NULL, .n = n / (size_t)n_threads};
         pthread_create(&th[i], NULL, fn, &args[i]);
     }
     for (int i = 0; i < n_threads; i++)
@@ -124,7 +124,8 @@ static void bench_memory(int reps)
     free(dst);
 }
 
-/* ---- weights ------------------------------------------------------------------------ */
+/* ---- weights ------------------------------------------------------------------------
+ */
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
@@ -147,20 +148,29 @@ static pd_tensor_t make_weight(pd_dtype_t dt, int64_t n_out, int64_t n_in)
             row[i] = frand() * 0.1f;
         uint8_t *d = data + (size_t)o * rb;
         switch (dt) {
-        case PD_DTYPE_F32: memcpy(d, row, (size_t)n_in * 4); break;
-        case PD_DTYPE_Q8_0: pd_quantize_q8_0(row, n_in, (pd_block_q8_0_t *)d); break;
-        case PD_DTYPE_Q4_0: pd_quantize_q4_0(row, n_in, (pd_block_q4_0_t *)d); break;
+        case PD_DTYPE_F32:
+            memcpy(d, row, (size_t)n_in * 4);
+            break;
+        case PD_DTYPE_Q8_0:
+            pd_quantize_q8_0(row, n_in, (pd_block_q8_0_t *)d);
+            break;
+        case PD_DTYPE_Q4_0:
+            pd_quantize_q4_0(row, n_in, (pd_block_q4_0_t *)d);
+            break;
         default:
             for (int64_t i = 0; i < n_in; i++) {
-                uint16_t h = dt == PD_DTYPE_F16 ? pd_f32_to_fp16(row[i])
-                                                : pd_f32_to_bf16(row[i]);
+                uint16_t h =
+                    dt == PD_DTYPE_F16 ? pd_f32_to_fp16(row[i]) : pd_f32_to_bf16(row[i]);
                 memcpy(d + 2 * i, &h, 2);
             }
         }
     }
     free(row);
-    return (pd_tensor_t){.dtype = dt, .n_dims = 2, .ne = {n_in, n_out, 1, 1},
-                         .data = data, .nbytes = rb * (size_t)n_out};
+    return (pd_tensor_t){.dtype = dt,
+                         .n_dims = 2,
+                         .ne = {n_in, n_out, 1, 1},
+                         .data = data,
+                         .nbytes = rb * (size_t)n_out};
 }
 
 /* The 7 matrices of a layer: wq wk wv wo (dim x dim), w1 w3 (hidden x dim), w2. */
@@ -180,8 +190,8 @@ static void free_layer(pd_tensor_t w[7])
 }
 
 /* y = W x for each matrix of the layer, inputs of the right width. */
-static double run_layer(pd_kernels_t *k, const pd_tensor_t w[7], const float *x, int64_t T,
-                        float *y)
+static double run_layer(pd_kernels_t *k, const pd_tensor_t w[7], const float *x,
+                        int64_t T, float *y)
 {
     double flops = 0;
     for (int i = 0; i < 7; i++) {
@@ -255,7 +265,8 @@ static void bench_gemm(const char *isa, int n_threads, pd_dtype_t dt, int64_t T,
 
 /* One layer's causal attention over a 16-row paged F32 cache: a prompt of T tokens at
  * positions 0..T-1, or one token at position T - 1. */
-static void bench_attention(const char *isa, int n_threads, int64_t T, int decode, int reps)
+static void bench_attention(const char *isa, int n_threads, int64_t T, int decode,
+                            int reps)
 {
     pd_kernels_t *k = NULL;
     if (pd_kernels_cpu_new(n_threads, isa, &k) != PD_OK)
@@ -276,10 +287,18 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
         kc[i] = frand();
         vc[i] = frand();
     }
-    pd_attn_args_t a = {.q = q, .out = out, .T = decode ? 1 : T,
-                        .pos = decode ? pos + T - 1 : pos, .k_cache = kc, .v_cache = vc,
-                        .kv_dtype = PD_DTYPE_F32, .block_table = table, .block_size = bs,
-                        .n_heads = heads, .n_kv_heads = heads, .head_dim = hd,
+    pd_attn_args_t a = {.q = q,
+                        .out = out,
+                        .T = decode ? 1 : T,
+                        .pos = decode ? pos + T - 1 : pos,
+                        .k_cache = kc,
+                        .v_cache = vc,
+                        .kv_dtype = PD_DTYPE_F32,
+                        .block_table = table,
+                        .block_size = bs,
+                        .n_heads = heads,
+                        .n_kv_heads = heads,
+                        .head_dim = hd,
                         .scale = 0.125f};
     double times[32];
     for (int r = -1; r < reps; r++) {
@@ -293,8 +312,9 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
         printf("attn     %-6s decode at pos %lld threads %d: %7.1f us/layer\n", k->name,
                (long long)T - 1, n_threads, t * 1e6);
     else
-        printf("attn     %-6s prompt T %lld threads %d: %7.2f ms/layer (%.0f ms for 12)\n",
-               k->name, (long long)T, n_threads, t * 1e3, t * 1e3 * LAYERS);
+        printf(
+            "attn     %-6s prompt T %lld threads %d: %7.2f ms/layer (%.0f ms for 12)\n",
+            k->name, (long long)T, n_threads, t * 1e3, t * 1e3 * LAYERS);
     free(kc);
     free(vc);
     free(q);
@@ -318,8 +338,10 @@ int main(int argc, char **argv)
         else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc)
             only = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--isa NAME] [--threads N] [--reps R] "
-                            "[--only mem|mv|gemm|attn]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--isa NAME] [--threads N] [--reps R] "
+                    "[--only mem|mv|gemm|attn]\n",
+                    argv[0]);
             return 2;
         }
     }

@@ -31,27 +31,28 @@ enum {
 
 /* Ways a matmul kernel wants the activations. */
 enum {
-    PD_CPU_X_F32 = 0,  /* x as given */
-    PD_CPU_X_Q8 = 1,   /* int8 blocks of 32, signed, with f32 scales (xq, xd) */
-    PD_CPU_X_Q8U = 2,  /* the same with 128 added: unsigned bytes (VNNI u8 x s8) */
+    PD_CPU_X_F32 = 0, /* x as given */
+    PD_CPU_X_Q8 = 1,  /* int8 blocks of 32, signed, with f32 scales (xq, xd) */
+    PD_CPU_X_Q8U = 2, /* the same with 128 added: unsigned bytes (VNNI u8 x s8) */
 };
 
 /* One matmul call, shared read-only by its tasks. */
 typedef struct pd_cpu_mm {
-    int dt;                /* PD_CPU_DT_* */
+    int dt; /* PD_CPU_DT_* */
     pd_dtype_t dtype;
-    const uint8_t *w;      /* [n_out] rows of row_bytes */
+    const uint8_t *w; /* [n_out] rows of row_bytes */
     size_t row_bytes;
     int64_t n_in, n_out, T;
-    const float *x;        /* [T][n_in] */
-    float *y;              /* [T][n_out] */
-    const int8_t *xq;      /* [T][n_in] quantized x (PD_CPU_X_Q8*), else NULL */
-    const float *xd;       /* [T][n_in / 32] scales of xq */
+    const float *x;   /* [T][n_in] */
+    float *y;         /* [T][n_out] */
+    const int8_t *xq; /* [T][n_in] quantized x (PD_CPU_X_Q8*), else NULL */
+    const float *xd;  /* [T][n_in / 32] scales of xq */
 } pd_cpu_mm_t;
 
 /* y[t][o] for o in [o0, o1) and every t < mm->T. scratch: per-thread, at least
  * mv_scratch bytes (below), 64-byte aligned. */
-typedef void (*pd_cpu_mv_fn)(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch);
+typedef void (*pd_cpu_mv_fn)(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
+                             void *scratch);
 /* y[t][o] for o in [o0, o1) (at most gemm_nr rows, o0 a multiple of gemm_nr) and
  * t in [t0, t1). */
 typedef void (*pd_cpu_gemm_fn)(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0,
@@ -60,11 +61,11 @@ typedef void (*pd_cpu_gemm_fn)(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, in
 typedef struct pd_cpu_isa {
     const char *name;
     pd_cpu_mv_fn mv[PD_CPU_DT_COUNT];
-    uint8_t mv_x[PD_CPU_DT_COUNT];     /* PD_CPU_X_* */
+    uint8_t mv_x[PD_CPU_DT_COUNT];        /* PD_CPU_X_* */
     pd_cpu_gemm_fn gemm[PD_CPU_DT_COUNT]; /* NULL: the mv kernel serves every T */
     uint8_t gemm_x[PD_CPU_DT_COUNT];
     int64_t gemm_min_T[PD_CPU_DT_COUNT]; /* T from which gemm beats mv */
-    int gemm_nr;                       /* output rows per gemm panel */
+    int gemm_nr;                         /* output rows per gemm panel */
     /* Per-thread scratch bytes for a matmul with n_in inputs. */
     size_t (*mm_scratch)(int dt, int64_t n_in, int gemm);
 
@@ -96,7 +97,7 @@ void pd_cpu_avx512_vnni_patch(pd_cpu_isa_t *isa);
 
 /* The f32-panel GEMMs (any weight dtype, converted while packing). */
 #define PD_CPU_AVX512_NR 32
-#define PD_CPU_AVX2_NR 16
+#define PD_CPU_AVX2_NR   16
 void pd_cpu_avx512_gemm(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0,
                         int64_t t1, void *scratch);
 size_t pd_cpu_avx512_gemm_scratch(int dt, int64_t n_in);

@@ -35,23 +35,23 @@
 #define MAX_HEAD_DIM 512
 
 typedef struct pd_cpu_kernels {
-    pd_kernels_t base; /* first: the ops table handed out */
+    pd_kernels_t base;       /* first: the ops table handed out */
     const pd_cpu_isa_t *isa; /* &isa_table */
     pd_cpu_isa_t isa_table;
     pd_threadpool_t *pool;
     int n_threads;
 
-    void **thread_scratch;  /* [n_threads] per-thread buffers */
+    void **thread_scratch; /* [n_threads] per-thread buffers */
     size_t thread_scratch_size;
-    void *shared;           /* quantized activations */
+    void *shared; /* quantized activations */
     size_t shared_size;
 
     /* RoPE: frequencies for (theta, head_dim) and the cos/sin rows of the last pos[]. */
     float rope_theta;
     int rope_head_dim;
-    float *rope_freq;       /* [head_dim / 2] */
-    int32_t *rope_pos;      /* [rope_cap] */
-    float *rope_cs;         /* [rope_cap][2 * head_dim] */
+    float *rope_freq;  /* [head_dim / 2] */
+    int32_t *rope_pos; /* [rope_cap] */
+    float *rope_cs;    /* [rope_cap][2 * head_dim] */
     int64_t rope_cap, rope_n;
 } pd_cpu_kernels_t;
 
@@ -109,11 +109,16 @@ static void run(pd_cpu_kernels_t *ck, int64_t n_tasks, double work, pd_task_fn f
 static int dt_index(pd_dtype_t d)
 {
     switch (d) {
-    case PD_DTYPE_F32: return PD_CPU_DT_F32;
-    case PD_DTYPE_F16: return PD_CPU_DT_F16;
-    case PD_DTYPE_BF16: return PD_CPU_DT_BF16;
-    case PD_DTYPE_Q8_0: return PD_CPU_DT_Q8_0;
-    case PD_DTYPE_Q4_0: return PD_CPU_DT_Q4_0;
+    case PD_DTYPE_F32:
+        return PD_CPU_DT_F32;
+    case PD_DTYPE_F16:
+        return PD_CPU_DT_F16;
+    case PD_DTYPE_BF16:
+        return PD_CPU_DT_BF16;
+    case PD_DTYPE_Q8_0:
+        return PD_CPU_DT_Q8_0;
+    case PD_DTYPE_Q4_0:
+        return PD_CPU_DT_Q4_0;
     }
     return -1;
 }
@@ -125,9 +130,9 @@ typedef struct mm_job {
     pd_cpu_mm_t mm;
     pd_cpu_mv_fn mv;
     pd_cpu_gemm_fn gemm;
-    int64_t rows_per_task;  /* mv */
-    int64_t n_panels, nr;   /* gemm */
-    int8_t *xq;             /* quantization target */
+    int64_t rows_per_task; /* mv */
+    int64_t n_panels, nr;  /* gemm */
+    int8_t *xq;            /* quantization target */
     float *xd;
     int add128;
 } mm_job_t;
@@ -164,8 +169,8 @@ static int mm_check(const pd_tensor_t *w, const float *x, float *y, int64_t T)
         w->ne[1] < 1 || w->ne[0] % pd_dtype_block_elems(w->dtype) != 0)
         return -1;
     size_t need;
-    if (pd_dtype_row_bytes(w->dtype, w->ne[0], &need) || pd_mul_size(need, (size_t)w->ne[1], &need) ||
-        need > w->nbytes)
+    if (pd_dtype_row_bytes(w->dtype, w->ne[0], &need) ||
+        pd_mul_size(need, (size_t)w->ne[1], &need) || need > w->nbytes)
         return -1;
     return 0;
 }
@@ -185,9 +190,15 @@ static void cpu_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, in
     const pd_cpu_isa_t *isa = ck->isa;
     mm_job_t j = {.ck = ck};
     int dt = dt_index(w->dtype);
-    j.mm = (pd_cpu_mm_t){.dt = dt, .dtype = w->dtype, .w = w->data,
-                         .row_bytes = pd_tensor_row_bytes(w), .n_in = w->ne[0],
-                         .n_out = w->ne[1], .T = T, .x = x, .y = y};
+    j.mm = (pd_cpu_mm_t){.dt = dt,
+                         .dtype = w->dtype,
+                         .w = w->data,
+                         .row_bytes = pd_tensor_row_bytes(w),
+                         .n_in = w->ne[0],
+                         .n_out = w->ne[1],
+                         .T = T,
+                         .x = x,
+                         .y = y};
     int use_gemm = isa->gemm[dt] && T >= isa->gemm_min_T[dt];
     int xmode = use_gemm ? isa->gemm_x[dt] : isa->mv_x[dt];
     double work = (double)T * (double)j.mm.n_in * (double)j.mm.n_out;
@@ -243,8 +254,9 @@ static void cpu_get_rows(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *i
 }
 
 static void cpu_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
-                         const int32_t *block_table, int64_t block_size, int64_t row_elems,
-                         const int32_t *pos, int64_t T, const float *src)
+                         const int32_t *block_table, int64_t block_size,
+                         int64_t row_elems, const int32_t *pos, int64_t T,
+                         const float *src)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
     if (!cache || !block_table || !pos || !src || block_size < 1 || row_elems < 1 ||
@@ -258,8 +270,8 @@ static void cpu_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
             PD_LOG_ERROR("kv_write: negative position %d", (int)pos[t]);
             continue;
         }
-        void *dst = (void *)pd_cpu_kv_row(cache, block_table, block_size, row_elems, es,
-                                          pos[t]);
+        void *dst =
+            (void *)pd_cpu_kv_row(cache, block_table, block_size, row_elems, es, pos[t]);
         if (kv_dtype == PD_DTYPE_F32)
             memcpy(dst, src + t * row_elems, (size_t)row_elems * 4);
         else
@@ -404,8 +416,8 @@ static void rope_task(void *arg, int64_t t, int thread)
                      j->ck->rope_cs + t * 2 * j->head_dim, j->pos[t], j->theta);
 }
 
-static void cpu_rope(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T, int n_heads,
-                     int head_dim, float theta)
+static void cpu_rope(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T,
+                     int n_heads, int head_dim, float theta)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
     if (!x || !pos || T < 0 || n_heads < 1 || head_dim < 2 || head_dim % 2 != 0 ||
@@ -416,8 +428,13 @@ static void cpu_rope(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T, i
     if (T == 0)
         return;
     rope_table(ck, pos, T, head_dim, theta);
-    row_job_t j = {.ck = ck, .out = x, .n = (int64_t)n_heads * head_dim, .pos = pos,
-                   .n_heads = n_heads, .head_dim = head_dim, .theta = theta};
+    row_job_t j = {.ck = ck,
+                   .out = x,
+                   .n = (int64_t)n_heads * head_dim,
+                   .pos = pos,
+                   .n_heads = n_heads,
+                   .head_dim = head_dim,
+                   .theta = theta};
     run(ck, T, (double)T * (double)j.n, rope_task, &j);
 }
 
@@ -461,8 +478,8 @@ static void cpu_attention(pd_kernels_t *k, const pd_attn_args_t *a)
     }
     ensure_thread_scratch(ck, (size_t)PD_CPU_ATTN_QB * (size_t)(max_pos + 1 + 16) *
                                   sizeof(float));
-    attn_job_t j = {.ck = ck, .a = a,
-                    .n_qblocks = (a->T + PD_CPU_ATTN_QB - 1) / PD_CPU_ATTN_QB};
+    attn_job_t j = {
+        .ck = ck, .a = a, .n_qblocks = (a->T + PD_CPU_ATTN_QB - 1) / PD_CPU_ATTN_QB};
     double work = (double)a->T * (double)(max_pos + 1) * a->n_heads * a->head_dim * 2;
     run(ck, j.n_qblocks * a->n_heads, work, attn_task, &j);
 }
@@ -498,8 +515,8 @@ static const pd_cpu_isa_t *pick_isa(const char *name, int *vnni_p, pd_status_t *
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                 __builtin_cpu_supports("avx512dq");
+                 __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
     if (want_auto || strcmp(name, "avx512") == 0) {
         if (avx512) {

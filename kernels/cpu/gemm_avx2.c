@@ -63,13 +63,14 @@ static void pack_panel(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, float *pan
     }
 }
 
-static inline __attribute__((always_inline)) void
-kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int n_valid,
-       const int M)
+static inline __attribute__((always_inline)) void kernel(const float *panel,
+                                                         const float *x, int64_t K,
+                                                         float *y, int64_t ldy,
+                                                         int n_valid, const int M)
 {
     __m256 c0[MR], c1[MR];
     const float *xr[MR];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         c0[i] = _mm256_setzero_ps();
         c1[i] = _mm256_setzero_ps();
@@ -78,14 +79,14 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
     for (int64_t k = 0; k < K; k++) {
         __m256 b0 = _mm256_load_ps(panel + k * NR);
         __m256 b1 = _mm256_load_ps(panel + k * NR + 8);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             __m256 a = _mm256_broadcast_ss(xr[i] + k);
             c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
             c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
         }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         if (n_valid == NR) {
             _mm256_storeu_ps(y + i * ldy, c0[i]);
@@ -103,21 +104,33 @@ void pd_cpu_avx2_gemm(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0,
                       int64_t t1, void *scratch)
 {
     const int64_t K = mm->n_in;
-    float *panel = scratch;               /* [K][NR], 64-byte aligned */
-    float *buf = panel + (size_t)K * NR;  /* [K] */
+    float *panel = scratch;              /* [K][NR], 64-byte aligned */
+    float *buf = panel + (size_t)K * NR; /* [K] */
     pack_panel(mm, o0, o1, panel, buf);
     int n_valid = (int)(o1 - o0);
     int64_t t = t0;
     for (; t + MR <= t1; t += MR)
-        kernel(panel, mm->x + t * K, K, mm->y + t * mm->n_out + o0, mm->n_out, n_valid, MR);
+        kernel(panel, mm->x + t * K, K, mm->y + t * mm->n_out + o0, mm->n_out, n_valid,
+               MR);
     const float *x = mm->x + t * K;
     float *y = mm->y + t * mm->n_out + o0;
     switch (t1 - t) {
-    case 1: kernel(panel, x, K, y, mm->n_out, n_valid, 1); break;
-    case 2: kernel(panel, x, K, y, mm->n_out, n_valid, 2); break;
-    case 3: kernel(panel, x, K, y, mm->n_out, n_valid, 3); break;
-    case 4: kernel(panel, x, K, y, mm->n_out, n_valid, 4); break;
-    case 5: kernel(panel, x, K, y, mm->n_out, n_valid, 5); break;
-    default: break;
+    case 1:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 1);
+        break;
+    case 2:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 2);
+        break;
+    case 3:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 3);
+        break;
+    case 4:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 4);
+        break;
+    case 5:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 5);
+        break;
+    default:
+        break;
     }
 }

@@ -111,13 +111,14 @@ static void pack_panel(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, float *pan
 }
 
 /* y[t0..t0+M)[o0..o0+n_valid) from the packed panel. */
-static inline __attribute__((always_inline)) void
-kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int n_valid,
-       const int M)
+static inline __attribute__((always_inline)) void kernel(const float *panel,
+                                                         const float *x, int64_t K,
+                                                         float *y, int64_t ldy,
+                                                         int n_valid, const int M)
 {
     __m512 c0[MR], c1[MR];
     const float *xr[MR];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         c0[i] = _mm512_setzero_ps();
         c1[i] = _mm512_setzero_ps();
@@ -127,7 +128,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
     for (int64_t k = 0; k < K; k++) {
         __m512 b0 = _mm512_load_ps(panel + k * NR);
         __m512 b1 = _mm512_load_ps(panel + k * NR + 16);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             __m512 a = _mm512_set1_ps(xr[i][k]);
             c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
@@ -135,7 +136,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
         }
     }
     if (n_valid == NR) {
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             _mm512_storeu_ps(y + i * ldy, c0[i]);
             _mm512_storeu_ps(y + i * ldy + 16, c1[i]);
@@ -144,7 +145,7 @@ kernel(const float *panel, const float *x, int64_t K, float *y, int64_t ldy, int
     }
     __mmask16 m0 = n_valid >= 16 ? 0xffff : (__mmask16)((1u << n_valid) - 1);
     __mmask16 m1 = n_valid <= 16 ? 0 : (__mmask16)((1u << (n_valid - 16)) - 1);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         _mm512_mask_storeu_ps(y + i * ldy, m0, c0[i]);
         _mm512_mask_storeu_ps(y + i * ldy + 16, m1, c1[i]);
@@ -155,22 +156,34 @@ void pd_cpu_avx512_gemm(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t
                         int64_t t1, void *scratch)
 {
     const int64_t K = mm->n_in;
-    float *panel = scratch;                 /* [K][NR], 64-byte aligned */
-    float *conv = panel + (size_t)K * NR;   /* [16][K] */
-    float *zero = conv + (size_t)K * 16;    /* [K] */
+    float *panel = scratch;               /* [K][NR], 64-byte aligned */
+    float *conv = panel + (size_t)K * NR; /* [16][K] */
+    float *zero = conv + (size_t)K * 16;  /* [K] */
     pack_panel(mm, o0, o1, panel, conv, zero);
     int n_valid = (int)(o1 - o0);
     int64_t t = t0;
     for (; t + MR <= t1; t += MR)
-        kernel(panel, mm->x + t * K, K, mm->y + t * mm->n_out + o0, mm->n_out, n_valid, MR);
+        kernel(panel, mm->x + t * K, K, mm->y + t * mm->n_out + o0, mm->n_out, n_valid,
+               MR);
     const float *x = mm->x + t * K;
     float *y = mm->y + t * mm->n_out + o0;
     switch (t1 - t) {
-    case 1: kernel(panel, x, K, y, mm->n_out, n_valid, 1); break;
-    case 2: kernel(panel, x, K, y, mm->n_out, n_valid, 2); break;
-    case 3: kernel(panel, x, K, y, mm->n_out, n_valid, 3); break;
-    case 4: kernel(panel, x, K, y, mm->n_out, n_valid, 4); break;
-    case 5: kernel(panel, x, K, y, mm->n_out, n_valid, 5); break;
-    default: break;
+    case 1:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 1);
+        break;
+    case 2:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 2);
+        break;
+    case 3:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 3);
+        break;
+    case 4:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 4);
+        break;
+    case 5:
+        kernel(panel, x, K, y, mm->n_out, n_valid, 5);
+        break;
+    default:
+        break;
     }
 }

@@ -20,8 +20,8 @@
 #define PD_SIMD_VNNI 1
 #include "kernels/cpu/simd_ops.h"
 
-#define NR 32
-#define MR 4
+#define NR          32
+#define MR          4
 #define BLOCK_BYTES (PD_QK * NR + NR * 4 + NR * 4) /* qs, scales, -128 * sum */
 
 static size_t panel_bytes(int64_t n_in)
@@ -42,11 +42,13 @@ static inline float block_q(const pd_cpu_mm_t *mm, int64_t o, int64_t b, int8_t 
 {
     uint16_t dh;
     if (mm->dt == PD_CPU_DT_Q8_0) {
-        const pd_block_q8_0_t *blk = (const pd_block_q8_0_t *)(mm->w + (size_t)o * mm->row_bytes) + b;
+        const pd_block_q8_0_t *blk =
+            (const pd_block_q8_0_t *)(mm->w + (size_t)o * mm->row_bytes) + b;
         memcpy(q, blk->qs, PD_QK);
         memcpy(&dh, &blk->d, 2);
     } else {
-        const pd_block_q4_0_t *blk = (const pd_block_q4_0_t *)(mm->w + (size_t)o * mm->row_bytes) + b;
+        const pd_block_q4_0_t *blk =
+            (const pd_block_q4_0_t *)(mm->w + (size_t)o * mm->row_bytes) + b;
         _mm256_storeu_si256((__m256i *)q, q4_unpack(blk->qs));
         memcpy(&dh, &blk->d, 2);
     }
@@ -78,9 +80,10 @@ static void pack_panel(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, uint8_t *p
     }
 }
 
-static inline __attribute__((always_inline)) void
-kernel(const uint8_t *panel, const pd_cpu_mm_t *mm, int64_t t, float *y, int n_valid,
-       const int M)
+static inline __attribute__((always_inline)) void kernel(const uint8_t *panel,
+                                                         const pd_cpu_mm_t *mm, int64_t t,
+                                                         float *y, int n_valid,
+                                                         const int M)
 {
     const int64_t K = mm->n_in, nb = K / PD_QK;
     __m512 f0[MR], f1[MR];
@@ -121,13 +124,16 @@ kernel(const uint8_t *panel, const pd_cpu_mm_t *mm, int64_t t, float *y, int n_v
 #pragma GCC unroll 16
         for (int i = 0; i < M; i++) {
             __m512 dx = _mm512_set1_ps(xd[i][b]);
-            f0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[i]), _mm512_mul_ps(s0, dx), f0[i]);
-            f1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[i]), _mm512_mul_ps(s1, dx), f1[i]);
+            f0[i] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[i]), _mm512_mul_ps(s0, dx), f0[i]);
+            f1[i] =
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[i]), _mm512_mul_ps(s1, dx), f1[i]);
         }
     }
     __mmask16 m0 = n_valid >= 16 ? 0xffff : (__mmask16)((1u << n_valid) - 1);
-    __mmask16 m1 = n_valid >= NR ? 0xffff
-                   : n_valid <= 16 ? 0 : (__mmask16)((1u << (n_valid - 16)) - 1);
+    __mmask16 m1 = n_valid >= NR   ? 0xffff
+                   : n_valid <= 16 ? 0
+                                   : (__mmask16)((1u << (n_valid - 16)) - 1);
 #pragma GCC unroll 16
     for (int i = 0; i < M; i++) {
         _mm512_mask_storeu_ps(y + i * mm->n_out, m0, f0[i]);
@@ -146,10 +152,17 @@ static void gemm_q(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0, in
         kernel(panel, mm, t, mm->y + t * mm->n_out + o0, n_valid, MR);
     float *y = mm->y + t * mm->n_out + o0;
     switch (t1 - t) {
-    case 1: kernel(panel, mm, t, y, n_valid, 1); break;
-    case 2: kernel(panel, mm, t, y, n_valid, 2); break;
-    case 3: kernel(panel, mm, t, y, n_valid, 3); break;
-    default: break;
+    case 1:
+        kernel(panel, mm, t, y, n_valid, 1);
+        break;
+    case 2:
+        kernel(panel, mm, t, y, n_valid, 2);
+        break;
+    case 3:
+        kernel(panel, mm, t, y, n_valid, 3);
+        break;
+    default:
+        break;
     }
 }
 

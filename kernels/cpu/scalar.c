@@ -132,7 +132,8 @@ static const float *kv_vec(const pd_attn_args_t *a, const void *cache, int64_t p
 {
     int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
     size_t es = a->kv_dtype == PD_DTYPE_F16 ? 2 : 4;
-    const uint8_t *r = pd_cpu_kv_row(cache, a->block_table, a->block_size, row_elems, es, p);
+    const uint8_t *r =
+        pd_cpu_kv_row(cache, a->block_table, a->block_size, row_elems, es, p);
     r += (size_t)kvh * (size_t)a->head_dim * es;
     if (a->kv_dtype == PD_DTYPE_F32)
         return (const float *)r;

@@ -58,7 +58,8 @@ PD_SIMD_INLINE void vstore_h(uint16_t *p, vf v)
 }
 PD_SIMD_INLINE void vstoren_h(uint16_t *p, vf v, int64_t n)
 {
-    _mm256_mask_storeu_epi16(p, tail_mask(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    _mm256_mask_storeu_epi16(p, tail_mask(n),
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 PD_SIMD_INLINE vf vload_bf(const uint16_t *p)
 {

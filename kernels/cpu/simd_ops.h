@@ -62,7 +62,8 @@ static inline void simd_rmsnorm(float *out, const float *x, const float *w, int6
     for (; i + VW <= n; i += VW)
         vstore(out + i, vmul(vload(w + i), vmul(s, vload(x + i))));
     if (i < n)
-        vstoren(out + i, vmul(vloadn(w + i, n - i), vmul(s, vloadn(x + i, n - i))), n - i);
+        vstoren(out + i, vmul(vloadn(w + i, n - i), vmul(s, vloadn(x + i, n - i))),
+                n - i);
 }
 
 static inline void simd_softmax(float *x, int64_t n)
@@ -106,7 +107,8 @@ static inline void simd_silu_mul(float *gate, const float *up, int64_t n)
     for (; i + VW <= n; i += VW)
         vstore(gate + i, simd_silu1(vload(gate + i), vload(up + i)));
     if (i < n)
-        vstoren(gate + i, simd_silu1(vloadn(gate + i, n - i), vloadn(up + i, n - i)), n - i);
+        vstoren(gate + i, simd_silu1(vloadn(gate + i, n - i), vloadn(up + i, n - i)),
+                n - i);
 }
 
 static inline void simd_add(float *y, const float *x, int64_t n)
@@ -130,7 +132,8 @@ static inline void simd_rope(float *x, int n_heads, int head_dim, const float *c
         int i = 0;
         for (; i + VW <= head_dim; i += VW) {
             vf a = vload(v + i);
-            vstore(v + i, vadd(vmul(a, vload(cc + i)), vmul(vswap_pairs(a), vload(ss + i))));
+            vstore(v + i,
+                   vadd(vmul(a, vload(cc + i)), vmul(vswap_pairs(a), vload(ss + i))));
         }
         for (; i < head_dim; i += 2) {
             float v0 = v[i], v1 = v[i + 1];
@@ -182,7 +185,8 @@ static inline attn_walk_t attn_walk(const pd_attn_args_t *a, int kvh, size_t es)
     return w;
 }
 
-static inline __attribute__((always_inline)) vf kvload(const uint8_t *r, int j, const int f16)
+static inline __attribute__((always_inline)) vf kvload(const uint8_t *r, int j,
+                                                       const int f16)
 {
     return f16 ? vload_h((const uint16_t *)r + j * VW) : vload((const float *)r + j * VW);
 }
@@ -199,8 +203,9 @@ attn_scores(const pd_attn_args_t *a, const attn_walk_t *w, const float *const *q
 {
     __m128 scale = _mm_set1_ps(a->scale);
     for (int64_t p0 = 0; p0 < n_max; p0 += a->block_size) {
-        const uint8_t *base = w->k_cache + (size_t)a->block_table[p0 / a->block_size] *
-                                               w->block_bytes + w->head_off;
+        const uint8_t *base =
+            w->k_cache + (size_t)a->block_table[p0 / a->block_size] * w->block_bytes +
+            w->head_off;
         int64_t m = pd_cpu_min64(a->block_size, n_max - p0), i = 0;
         for (; i + 4 <= m; i += 4) {
             const uint8_t *r = base + (size_t)i * w->row_bytes;
@@ -226,9 +231,9 @@ attn_scores(const pd_attn_args_t *a, const attn_walk_t *w, const float *const *q
             }
 #pragma GCC unroll 4
             for (int qi = 0; qi < QB; qi++)
-                _mm_storeu_ps(scores + qi * ld + p0 + i,
-                              _mm_mul_ps(vhsum4(s[qi][0], s[qi][1], s[qi][2], s[qi][3]),
-                                         scale));
+                _mm_storeu_ps(
+                    scores + qi * ld + p0 + i,
+                    _mm_mul_ps(vhsum4(s[qi][0], s[qi][1], s[qi][2], s[qi][3]), scale));
         }
         for (; i < m; i++) {
             const uint8_t *r = base + (size_t)i * w->row_bytes;
@@ -246,8 +251,9 @@ attn_scores(const pd_attn_args_t *a, const attn_walk_t *w, const float *const *q
 
 /* out_i = sum_p scores[i][p] * v_p for p < n_max, accumulators in registers. */
 static inline __attribute__((always_inline)) void
-attn_values(const pd_attn_args_t *a, const attn_walk_t *w, const float *scores, int64_t ld,
-            int64_t n_max, float *const *out, const int QB, const int NV, const int f16)
+attn_values(const pd_attn_args_t *a, const attn_walk_t *w, const float *scores,
+            int64_t ld, int64_t n_max, float *const *out, const int QB, const int NV,
+            const int f16)
 {
     vf acc[4][8];
 #pragma GCC unroll 4
@@ -256,8 +262,9 @@ attn_values(const pd_attn_args_t *a, const attn_walk_t *w, const float *scores, 
         for (int j = 0; j < NV; j++)
             acc[qi][j] = vzero();
     for (int64_t p0 = 0; p0 < n_max; p0 += a->block_size) {
-        const uint8_t *base = w->v_cache + (size_t)a->block_table[p0 / a->block_size] *
-                                               w->block_bytes + w->head_off;
+        const uint8_t *base =
+            w->v_cache + (size_t)a->block_table[p0 / a->block_size] * w->block_bytes +
+            w->head_off;
         int64_t m = pd_cpu_min64(a->block_size, n_max - p0);
         for (int64_t i = 0; i < m; i++) {
             const uint8_t *r = base + (size_t)i * w->row_bytes;
@@ -282,8 +289,8 @@ attn_values(const pd_attn_args_t *a, const attn_walk_t *w, const float *scores, 
 }
 
 static inline __attribute__((always_inline)) void
-attn_block(const pd_attn_args_t *a, const attn_walk_t *w, int h, int64_t t0, float *scores,
-           const int QB, const int NV, const int f16)
+attn_block(const pd_attn_args_t *a, const attn_walk_t *w, int h, int64_t t0,
+           float *scores, const int QB, const int NV, const int f16)
 {
     const float *q[4];
     float *out[4];
@@ -312,8 +319,8 @@ static inline void attn_head_any(const pd_attn_args_t *a, const attn_walk_t *w,
 {
     int hd = a->head_dim;
     for (int64_t p = 0; p < n; p++) {
-        const uint8_t *r = w->k_cache + (size_t)a->block_table[p / a->block_size] *
-                                            w->block_bytes +
+        const uint8_t *r = w->k_cache +
+                           (size_t)a->block_table[p / a->block_size] * w->block_bytes +
                            (size_t)(p % a->block_size) * w->row_bytes + w->head_off;
         float s = f16 ? simd_dot_h(q, (const uint16_t *)r, hd)
                       : simd_dot(q, (const float *)r, hd);
@@ -325,10 +332,9 @@ static inline void attn_head_any(const pd_attn_args_t *a, const attn_walk_t *w,
         int64_t m = pd_cpu_min64(VW, hd - i);
         vf acc = vzero();
         for (int64_t p = 0; p < n; p++) {
-            const uint8_t *r = w->v_cache + (size_t)a->block_table[p / a->block_size] *
-                                                w->block_bytes +
-                               (size_t)(p % a->block_size) * w->row_bytes + w->head_off +
-                               (size_t)i * es;
+            const uint8_t *r =
+                w->v_cache + (size_t)a->block_table[p / a->block_size] * w->block_bytes +
+                (size_t)(p % a->block_size) * w->row_bytes + w->head_off + (size_t)i * es;
             vf v = f16 ? vloadn_h((const uint16_t *)r, m) : vloadn((const float *)r, m);
             acc = vfma(vset1(scores[p]), v, acc);
         }
@@ -345,10 +351,18 @@ attn_queries(const pd_attn_args_t *a, const attn_walk_t *w, int h, int64_t t0, i
     for (int done = 0; done < nq;) {
         int b = nq - done < QB ? nq - done : QB;
         switch (b) {
-        case 1: attn_block(a, w, h, t0 + done, scores, 1, NV, f16); break;
-        case 2: attn_block(a, w, h, t0 + done, scores, 2, NV, f16); break;
-        case 3: attn_block(a, w, h, t0 + done, scores, 3, NV, f16); break;
-        default: attn_block(a, w, h, t0 + done, scores, 4, NV, f16); break;
+        case 1:
+            attn_block(a, w, h, t0 + done, scores, 1, NV, f16);
+            break;
+        case 2:
+            attn_block(a, w, h, t0 + done, scores, 2, NV, f16);
+            break;
+        case 3:
+            attn_block(a, w, h, t0 + done, scores, 3, NV, f16);
+            break;
+        default:
+            attn_block(a, w, h, t0 + done, scores, 4, NV, f16);
+            break;
         }
         done += b;
     }
@@ -423,21 +437,23 @@ static inline __attribute__((always_inline)) vf wloadn(const uint8_t *w, int64_t
 
 /* y[t..t+TT)[o..o+R) for R weight rows and TT tokens: each weight vector is loaded once
  * and used for all TT tokens. */
-static inline __attribute__((always_inline)) void
-mv_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT, const int dt)
+static inline __attribute__((always_inline)) void mv_tile(const pd_cpu_mm_t *mm,
+                                                          int64_t o, int64_t t,
+                                                          const int R, const int TT,
+                                                          const int dt)
 {
     const int64_t K = mm->n_in;
     const uint8_t *w[8];
     const float *x[4];
     vf acc[8][4];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
         w[r] = mm->w + (size_t)(o + r) * mm->row_bytes;
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             acc[r][j] = vzero();
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < TT; j++)
         x[j] = mm->x + (t + j) * K;
     const size_t es = dt == PD_CPU_DT_F32 ? 4 : 2;
@@ -449,36 +465,36 @@ mv_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT, 
             for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)w[r] + PD_MV_PREFETCH + (size_t)k * es,
                              PD_MV_PREFETCH_HINT);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             xv[j] = vload(x[j] + k);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             vf wv = wload(w[r], k, dt);
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int j = 0; j < TT; j++)
                 acc[r][j] = vfma(wv, xv[j], acc[r][j]);
         }
     }
     if (k < K) {
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             vf wv = wloadn(w[r], k, K - k, dt);
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int j = 0; j < TT; j++)
                 acc[r][j] = vfma(wv, vloadn(x[j] + k, K - k), acc[r][j]);
         }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++)
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             mm->y[(t + j) * mm->n_out + o + r] = vhsum(acc[r][j]);
 }
 
 /* y[t][o] for one row and one token: four accumulators over k. */
-static inline __attribute__((always_inline)) void
-mv_row(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int dt)
+static inline __attribute__((always_inline)) void mv_row(const pd_cpu_mm_t *mm, int64_t o,
+                                                         int64_t t, const int dt)
 {
     const int64_t K = mm->n_in;
     const uint8_t *w = mm->w + (size_t)o * mm->row_bytes;
@@ -487,7 +503,8 @@ mv_row(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int dt)
     vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
     int64_t k = 0;
     for (; k + 4 * VW <= K; k += 4 * VW) {
-        _mm_prefetch((const char *)w + PD_MV_PREFETCH + (size_t)k * es, PD_MV_PREFETCH_HINT);
+        _mm_prefetch((const char *)w + PD_MV_PREFETCH + (size_t)k * es,
+                     PD_MV_PREFETCH_HINT);
         if (4 * VW * es > 64)
             _mm_prefetch((const char *)w + PD_MV_PREFETCH + 64 + (size_t)k * es,
                          PD_MV_PREFETCH_HINT);
@@ -517,34 +534,46 @@ mv_float(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
     for (int64_t o = o0; o < o1; o++) {
         for (int64_t t = 0; t < mm->T; t += 4) {
             switch (pd_cpu_min64(4, mm->T - t)) {
-            case 1: mv_row(mm, o, t, dt); break;
-            case 2: mv_tile(mm, o, t, 1, 2, dt); break;
-            case 3: mv_tile(mm, o, t, 1, 3, dt); break;
-            default: mv_tile(mm, o, t, 1, 4, dt); break;
+            case 1:
+                mv_row(mm, o, t, dt);
+                break;
+            case 2:
+                mv_tile(mm, o, t, 1, 2, dt);
+                break;
+            case 3:
+                mv_tile(mm, o, t, 1, 3, dt);
+                break;
+            default:
+                mv_tile(mm, o, t, 1, 4, dt);
+                break;
             }
         }
     }
 }
 
-static inline void simd_mv_f32(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+static inline void simd_mv_f32(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
+                               void *scratch)
 {
     (void)scratch;
     mv_float(mm, o0, o1, PD_CPU_DT_F32);
 }
 
-static inline void simd_mv_f16(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+static inline void simd_mv_f16(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
+                               void *scratch)
 {
     (void)scratch;
     mv_float(mm, o0, o1, PD_CPU_DT_F16);
 }
 
-static inline void simd_mv_bf16(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+static inline void simd_mv_bf16(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
+                                void *scratch)
 {
     (void)scratch;
     mv_float(mm, o0, o1, PD_CPU_DT_BF16);
 }
 
-/* ---- matrix-vector: Q8_0 / Q4_0 weights x Q8 activations ----------------------------- */
+/* ---- matrix-vector: Q8_0 / Q4_0 weights x Q8 activations -----------------------------
+ */
 
 static inline __m256i q4_unpack(const uint8_t *qs)
 {
@@ -574,27 +603,30 @@ static inline float hsum256(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-static inline __attribute__((always_inline)) void
-mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT, const int dt)
+static inline __attribute__((always_inline)) void mvq_tile(const pd_cpu_mm_t *mm,
+                                                           int64_t o, int64_t t,
+                                                           const int R, const int TT,
+                                                           const int dt)
 {
     const int64_t K = mm->n_in, nb = K / PD_QK;
     const uint8_t *w[8];
     const int8_t *xq[4];
     const float *xd[4];
     __m256 acc[8][4];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
         w[r] = mm->w + (size_t)(o + r) * mm->row_bytes;
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             acc[r][j] = _mm256_setzero_ps();
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < TT; j++) {
         xq[j] = mm->xq + (t + j) * K;
         xd[j] = mm->xd + (t + j) * nb;
     }
-    const size_t bs = dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    const size_t bs =
+        dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
     for (int64_t b = 0; b < nb; b++) {
         __m256i xv[4];
         if (b % 2 == 0)
@@ -602,28 +634,29 @@ mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT,
             for (int r = 0; r < R; r++)
                 _mm_prefetch((const char *)w[r] + PD_MV_PREFETCH + (size_t)b * bs,
                              PD_MV_PREFETCH_HINT);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             xv[j] = _mm256_loadu_si256((const __m256i *)(xq[j] + b * PD_QK));
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w[r] + (size_t)b * bs;
             uint16_t dh;
             memcpy(&dh, blk, 2);
             float dw = _cvtsh_ss(dh);
-            __m256i wv = dt == PD_CPU_DT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
-                                               : q4_unpack(blk + 2);
+            __m256i wv = dt == PD_CPU_DT_Q8_0
+                             ? _mm256_loadu_si256((const __m256i *)(blk + 2))
+                             : q4_unpack(blk + 2);
             __m256i aw = _mm256_sign_epi8(wv, wv);
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int j = 0; j < TT; j++) {
                 __m256 p = _mm256_cvtepi32_ps(dot_i8(aw, wv, xv[j]));
                 acc[r][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * xd[j][b]), acc[r][j]);
             }
         }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++)
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < TT; j++)
             mm->y[(t + j) * mm->n_out + o + r] = hsum256(acc[r][j]);
 }
@@ -631,10 +664,8 @@ mvq_tile(const pd_cpu_mm_t *mm, int64_t o, int64_t t, const int R, const int TT,
 #if VW == 16
 /* One token, two blocks per zmm: |w| and x negated where w < 0 (there is no 512-bit
  * vpsignb), one integer dot for both, each half scaled by its block's d_w * d_x. */
-static inline __attribute__((always_inline)) __m512i mvq_pair_dot(const uint8_t *b0,
-                                                                  size_t bs,
-                                                                  const int8_t *xq,
-                                                                  const int dt)
+static inline __attribute__((always_inline)) __m512i
+mvq_pair_dot(const uint8_t *b0, size_t bs, const int8_t *xq, const int dt)
 {
     const uint8_t *b1 = b0 + bs;
     __m512i wv;
@@ -647,7 +678,8 @@ static inline __attribute__((always_inline)) __m512i mvq_pair_dot(const uint8_t 
                                 q4_unpack(b1 + 2), 1);
     __m512i xv = _mm512_loadu_si512(xq);
     __m512i aw = _mm512_abs_epi8(wv);
-    __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+    __m512i sx =
+        _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
 #if defined(PD_SIMD_VNNI)
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
 #else
@@ -656,8 +688,8 @@ static inline __attribute__((always_inline)) __m512i mvq_pair_dot(const uint8_t 
 }
 
 /* The f32 scales d_w[b + i] * d_x[b + i] of four blocks. */
-static inline __attribute__((always_inline)) __m128 mvq_scales4(const uint8_t *blk, size_t bs,
-                                                                const float *xd)
+static inline __attribute__((always_inline)) __m128
+mvq_scales4(const uint8_t *blk, size_t bs, const float *xd)
 {
     uint16_t d[4];
     for (int i = 0; i < 4; i++)
@@ -667,12 +699,11 @@ static inline __attribute__((always_inline)) __m128 mvq_scales4(const uint8_t *b
 }
 
 /* sum_b (w_b . x_b) d_w d_x of one row as 16 partial sums. */
-static inline __attribute__((always_inline)) __m512 mvq_row_acc(const uint8_t *w,
-                                                                const int8_t *xq,
-                                                                const float *xd, int64_t nb,
-                                                                const int dt)
+static inline __attribute__((always_inline)) __m512
+mvq_row_acc(const uint8_t *w, const int8_t *xq, const float *xd, int64_t nb, const int dt)
 {
-    const size_t bs = dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    const size_t bs =
+        dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
     const __m512i lo = _mm512_set1_epi32(0), hi = _mm512_set1_epi32(1);
     const __m512i lo2 = _mm512_set1_epi32(2), hi2 = _mm512_set1_epi32(3);
     const __m512i idx01 = _mm512_mask_blend_epi32(0xff00, lo, hi);
@@ -688,20 +719,22 @@ static inline __attribute__((always_inline)) __m512 mvq_row_acc(const uint8_t *w
         __m512 s4 = _mm512_castps128_ps512(mvq_scales4(blk, bs, xd + b));
         __m512i p0 = mvq_pair_dot(blk, bs, xq + b * PD_QK, dt);
         __m512i p1 = mvq_pair_dot(blk + 2 * bs, bs, xq + (b + 2) * PD_QK, dt);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx01, s4), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(idx23, s4), a1);
+        a0 =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(idx01, s4), a0);
+        a1 =
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(idx23, s4), a1);
     }
     for (; b < nb; b++) { /* the last blocks: the 256-bit form */
         const uint8_t *blk = w + (size_t)b * bs;
         uint16_t dh;
         memcpy(&dh, blk, 2);
         __m256i wv = dt == PD_CPU_DT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
-                                           : q4_unpack(blk + 2);
+                                          : q4_unpack(blk + 2);
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * PD_QK));
         __m256 p = _mm256_cvtepi32_ps(dot_i8(_mm256_sign_epi8(wv, wv), wv, xv));
-        a1 = _mm512_fmadd_ps(_mm512_castps256_ps512(p) /* upper lanes unused: zeroed */,
-                             _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(_cvtsh_ss(dh) * xd[b])),
-                             a1);
+        a1 = _mm512_fmadd_ps(
+            _mm512_castps256_ps512(p) /* upper lanes unused: zeroed */,
+            _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(_cvtsh_ss(dh) * xd[b])), a1);
     }
     return _mm512_add_ps(a0, a1);
 }
@@ -724,8 +757,8 @@ mvq_rows(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t, const int dt)
         _mm_storeu_ps(y + o, vhsum4(r0, r1, r2, r3));
     }
     for (; o < o1; o++)
-        y[o] = _mm512_reduce_add_ps(mvq_row_acc(mm->w + (size_t)o * mm->row_bytes, xq, xd,
-                                                nb, dt));
+        y[o] = _mm512_reduce_add_ps(
+            mvq_row_acc(mm->w + (size_t)o * mm->row_bytes, xq, xd, nb, dt));
 }
 #endif
 
@@ -741,22 +774,32 @@ mv_quant(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
     for (int64_t o = o0; o < o1; o++) {
         for (int64_t t = 0; t < mm->T; t += 4) {
             switch (pd_cpu_min64(4, mm->T - t)) {
-            case 1: mvq_tile(mm, o, t, 1, 1, dt); break;
-            case 2: mvq_tile(mm, o, t, 1, 2, dt); break;
-            case 3: mvq_tile(mm, o, t, 1, 3, dt); break;
-            default: mvq_tile(mm, o, t, 1, 4, dt); break;
+            case 1:
+                mvq_tile(mm, o, t, 1, 1, dt);
+                break;
+            case 2:
+                mvq_tile(mm, o, t, 1, 2, dt);
+                break;
+            case 3:
+                mvq_tile(mm, o, t, 1, 3, dt);
+                break;
+            default:
+                mvq_tile(mm, o, t, 1, 4, dt);
+                break;
             }
         }
     }
 }
 
-static inline void simd_mv_q8_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+static inline void simd_mv_q8_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
+                                void *scratch)
 {
     (void)scratch;
     mv_quant(mm, o0, o1, PD_CPU_DT_Q8_0);
 }
 
-static inline void simd_mv_q4_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch)
+static inline void simd_mv_q4_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
+                                void *scratch)
 {
     (void)scratch;
     mv_quant(mm, o0, o1, PD_CPU_DT_Q4_0);

@@ -40,7 +40,7 @@
 /* Spins of the caller waiting for running tasks before it starts yielding the CPU. */
 #define SPIN_BEFORE_YIELD 20000
 /* The task counter: generation tag in the high 32 bits, next index in the low 32. */
-#define CLOSED 0xffffffffu
+#define CLOSED    0xffffffffu
 #define MAX_BATCH ((int64_t)1 << 30)
 
 typedef struct worker {
@@ -53,7 +53,7 @@ struct pd_threadpool {
     int n_threads;     /* including the calling thread */
     worker_t *workers; /* [n_threads - 1] */
     int n_started;
-    uint32_t gen;      /* the caller's copy of the current generation */
+    uint32_t gen; /* the caller's copy of the current generation */
 
     /* The current run: release-stored by run(), acquire-loaded by workers. */
     _Atomic(pd_task_fn) fn;
@@ -82,9 +82,8 @@ static void run_tasks(pd_threadpool_t *pool, uint32_t gen, int thread)
     for (;;) {
         if ((uint32_t)(v >> 32) != gen || (int64_t)(v & 0xffffffffu) >= n)
             return;
-        if (!atomic_compare_exchange_weak_explicit(&pool->counter, &v, v + 1,
-                                                   memory_order_acq_rel,
-                                                   memory_order_relaxed))
+        if (!atomic_compare_exchange_weak_explicit(
+                &pool->counter, &v, v + 1, memory_order_acq_rel, memory_order_relaxed))
             continue;
         fn(arg, base + (int64_t)(v & 0xffffffffu), thread);
         atomic_fetch_add_explicit(&pool->n_done, 1, memory_order_release);
@@ -96,7 +95,8 @@ static void run_tasks(pd_threadpool_t *pool, uint32_t gen, int thread)
 static uint32_t wait_generation(pd_threadpool_t *pool, uint32_t seen)
 {
     for (int i = 0; i < SPIN_BEFORE_SLEEP; i++) {
-        uint32_t g = (uint32_t)atomic_load_explicit(&pool->generation, memory_order_acquire);
+        uint32_t g =
+            (uint32_t)atomic_load_explicit(&pool->generation, memory_order_acquire);
         if (g != seen)
             return g;
         cpu_relax();
@@ -104,7 +104,8 @@ static uint32_t wait_generation(pd_threadpool_t *pool, uint32_t seen)
     pthread_mutex_lock(&pool->mutex);
     atomic_fetch_add(&pool->n_sleeping, 1);
     uint32_t g;
-    while ((g = (uint32_t)atomic_load(&pool->generation)) == seen && !atomic_load(&pool->stop))
+    while ((g = (uint32_t)atomic_load(&pool->generation)) == seen &&
+           !atomic_load(&pool->stop))
         pthread_cond_wait(&pool->wake, &pool->mutex);
     atomic_fetch_sub(&pool->n_sleeping, 1);
     pthread_mutex_unlock(&pool->mutex);
@@ -240,8 +241,8 @@ static void run_batch(pd_threadpool_t *pool, int64_t base, int64_t n_tasks, pd_t
         pthread_mutex_unlock(&pool->mutex);
     }
     run_tasks(pool, gen, 0);
-    for (long spins = 0; atomic_load_explicit(&pool->n_done, memory_order_acquire) < n_tasks;
-         spins++) {
+    for (long spins = 0;
+         atomic_load_explicit(&pool->n_done, memory_order_acquire) < n_tasks; spins++) {
         if (spins < SPIN_BEFORE_YIELD)
             cpu_relax();
         else

@@ -114,8 +114,11 @@ static void weight_make(weight_t *w, pd_dtype_t dt, int64_t n_out, int64_t n_in)
         pd_dequantize_row(dt, d, n_in, w->deq + o * n_in);
     }
     free(src);
-    w->t = (pd_tensor_t){.dtype = dt, .n_dims = 2, .ne = {n_in, n_out, 1, 1},
-                         .data = w->data, .nbytes = rb * (size_t)n_out};
+    w->t = (pd_tensor_t){.dtype = dt,
+                         .n_dims = 2,
+                         .ne = {n_in, n_out, 1, 1},
+                         .data = w->data,
+                         .nbytes = rb * (size_t)n_out};
 }
 
 static void weight_free(weight_t *w)
@@ -168,9 +171,10 @@ typedef struct shape {
     int64_t n_out, n_in;
 } shape_t;
 
-static const shape_t float_shapes[] = {{5, 3}, {19, 37}, {41, 70}, {67, 96}, {33, 161},
-                                       {300, 256}};
-static const shape_t quant_shapes[] = {{1, 32}, {37, 64}, {67, 96}, {33, 160}, {300, 256}};
+static const shape_t float_shapes[] = {{5, 3},   {19, 37},  {41, 70},
+                                       {67, 96}, {33, 161}, {300, 256}};
+static const shape_t quant_shapes[] = {
+    {1, 32}, {37, 64}, {67, 96}, {33, 160}, {300, 256}};
 
 static void check_matmul_dtype(pd_kernels_t *ref_k, pd_kernels_t *k, pd_dtype_t dt,
                                int quant_x)
@@ -201,7 +205,8 @@ static void check_matmul_dtype(pd_kernels_t *ref_k, pd_kernels_t *k, pd_dtype_t 
                 ck_assert_msg(fabs(y[i] - yr[i]) <= tol,
                               "%s/%d %s %lldx%lld T=%lld [%lld]: %.8g vs %.8g (tol %g)",
                               k->name, k->n_threads, pd_dtype_name(dt), (long long)n_out,
-                              (long long)n_in, (long long)T, (long long)i, y[i], yr[i], tol);
+                              (long long)n_in, (long long)T, (long long)i, y[i], yr[i],
+                              tol);
             }
             free(x);
             free(y);
@@ -245,7 +250,8 @@ START_TEST(test_matmul_thread_invariant)
             weight_make(&w, all_dtypes[d], 333, 512);
             for (int64_t T = 1; T <= 40; T += 13) {
                 float *x = rand_vec(T * 512, 1.0f);
-                float *a = calloc((size_t)(T * 333), 4), *b = calloc((size_t)(T * 333), 4);
+                float *a = calloc((size_t)(T * 333), 4),
+                      *b = calloc((size_t)(T * 333), 4);
                 k1->matmul(k1, &w.t, x, T, a);
                 k3->matmul(k3, &w.t, x, T, b);
                 ck_assert_msg(memcmp(a, b, (size_t)(T * 333) * 4) == 0, "%s %s T=%lld",
@@ -427,7 +433,7 @@ static const attn_case_t attn_cases[] = {
     {4, 4, 128, 3, 70, 16, PD_DTYPE_F32, 0}, {6, 2, 64, 33, 0, 16, PD_DTYPE_F32, 0},
     {2, 1, 48, 2, 20, 3, PD_DTYPE_F32, 0},   {4, 2, 64, 7, 40, 8, PD_DTYPE_F16, 0},
     {4, 1, 8, 4, 10, 4, PD_DTYPE_F16, 0},    {12, 12, 64, 1, 300, 16, PD_DTYPE_F32, 0},
-    {4, 2, 64, 9, 5, 16, PD_DTYPE_F32, 1}, {2, 2, 128, 7, 3, 4, PD_DTYPE_F16, 1},
+    {4, 2, 64, 9, 5, 16, PD_DTYPE_F32, 1},   {2, 2, 128, 7, 3, 4, PD_DTYPE_F16, 1},
 };
 
 static int64_t gcd64(int64_t a, int64_t b)
@@ -476,11 +482,19 @@ static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_
         ck_assert_int_eq(gcd64(5, c->T), 1);
     int64_t nq = c->T * c->n_heads * hd;
     float *q = rand_vec(nq, 1.0f), *out = rand_vec(nq, 1.0f), *rout = rand_vec(nq, 1.0f);
-    pd_attn_args_t a = {.q = q, .out = out, .T = c->T, .pos = qpos,
-                        .k_cache = kc, .v_cache = vc, .kv_dtype = c->kv,
-                        .block_table = table, .block_size = c->block_size,
-                        .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
-                        .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)hd)};
+    pd_attn_args_t a = {.q = q,
+                        .out = out,
+                        .T = c->T,
+                        .pos = qpos,
+                        .k_cache = kc,
+                        .v_cache = vc,
+                        .kv_dtype = c->kv,
+                        .block_table = table,
+                        .block_size = c->block_size,
+                        .n_heads = c->n_heads,
+                        .n_kv_heads = c->n_kv_heads,
+                        .head_dim = c->head_dim,
+                        .scale = 1.0f / sqrtf((float)hd)};
     k->attention(k, &a);
     a.out = rout;
     ref->attention(ref, &a);
@@ -622,10 +636,19 @@ START_TEST(test_no_alloc_steady_state)
         k->rope(k, y, T == 1 ? &pos : ps, T, 4, 64, 10000.0f);
         k->kv_write(k, kc, PD_DTYPE_F32, table, 16, 64, T == 1 ? &pos : ps, T, x);
         k->kv_write(k, vc, PD_DTYPE_F32, table, 16, 64, T == 1 ? &pos : ps, T, x);
-        pd_attn_args_t a = {.q = q, .out = o, .T = 1, .pos = &pos, .k_cache = kc,
-                            .v_cache = vc, .kv_dtype = PD_DTYPE_F32, .block_table = table,
-                            .block_size = 16, .n_heads = 4, .n_kv_heads = 1,
-                            .head_dim = 64, .scale = 0.125f};
+        pd_attn_args_t a = {.q = q,
+                            .out = o,
+                            .T = 1,
+                            .pos = &pos,
+                            .k_cache = kc,
+                            .v_cache = vc,
+                            .kv_dtype = PD_DTYPE_F32,
+                            .block_table = table,
+                            .block_size = 16,
+                            .n_heads = 4,
+                            .n_kv_heads = 1,
+                            .head_dim = 64,
+                            .scale = 0.125f};
         k->attention(k, &a);
         k->silu_mul(k, y, x, 256);
         k->add(k, y, x, 256);

@@ -9,7 +9,7 @@
 #include "kernels/cpu/threadpool.h"
 
 typedef struct counts {
-    atomic_int *hits;      /* [n_tasks] */
+    atomic_int *hits; /* [n_tasks] */
     atomic_int bad_thread;
     atomic_int threads_seen[8];
     int n_threads;
