@@ -31,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -132,6 +133,35 @@ def make_prompt(shared, n_prompt, out_dir):
     return text, ids
 
 
+def cpu_busy(interval=0.5):
+    """Fraction of all CPUs busy over interval s (this script is idle meanwhile)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    t0, i0 = sample()
+    time.sleep(interval)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(a, stats):
+    """Waits up to --wait-idle s for other processes to leave the CPUs (< 10% busy);
+    counts the rounds that had to start on a busy machine."""
+    if a.wait_idle <= 0:
+        return
+    deadline = time.time() + a.wait_idle
+    while True:
+        busy = cpu_busy()
+        if busy < 0.10:
+            return
+        if time.time() > deadline:
+            stats["rounds_contended"] += 1
+            log("machine still %.0f%% busy after %gs; running anyway" % (100 * busy,
+                                                                         a.wait_idle))
+            return
+
+
 def pdserve_run(pdctl, model, text, ids, t, n_gen):
     out = json.loads(sh([pdctl, "generate", "--model", model["path"], "--prompt", text,
                          "--max-tokens", str(n_gen), "--ignore-eos", "--format", "json",
@@ -182,7 +212,7 @@ class LlamaCpp:
             self.p.wait(timeout=60)
 
 
-def bench_model(pdctl, m, text, ids, threads, a):
+def bench_model(pdctl, m, text, ids, threads, a, stats):
     """Per thread count: a warm-up of each engine, then --reps rounds, each one pdserve
     run followed by one llama.cpp round (interleaved, so load bursts hit both)."""
     engines = ([] if a.no_pdserve else ["pdserve"]) + ([] if a.no_llamacpp else ["llama.cpp"])
@@ -198,6 +228,9 @@ def bench_model(pdctl, m, text, ids, threads, a):
             got = {eng: [] for eng in engines}
             for rep in range(a.reps + 1):  # round 0 is a warm-up
                 for eng in engines:
+                    if rep:
+                        wait_idle(a, stats)
+                        stats["rounds"] += 1
                     r = run[eng](4 if rep == 0 else a.n_gen)
                     if rep:
                         got[eng].append(r)
@@ -268,7 +301,11 @@ def table(res):
         "gen = %d greedy tokens after it, EOS ignored. Load average at start %s, end %s "
         "(other processes on the machine skew results)." % (
             res["reps"], res["n_prompt"], res["n_gen"], "/".join(mi["loadavg_start"]),
-            "/".join(mi["loadavg_end"]))]
+            "/".join(mi["loadavg_end"])),
+        "Timed rounds started on a busy machine (other processes > 10%% CPU after "
+        "waiting %gs): %d of %d." % (res.get("contention", {}).get("wait_idle_s", 0),
+                                     res.get("contention", {}).get("rounds_contended", 0),
+                                     res.get("contention", {}).get("rounds", 0))]
     return "\n".join(head + [""] + rows + [
         "", "Implied weight bytes/s = model file bytes x gen tok/s (and, closer to what "
         "a decode step reads, the file less the embedding table, of which a step reads "
@@ -292,6 +329,9 @@ def main():
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--no-pdserve", action="store_true", help="llama.cpp only")
     ap.add_argument("--no-llamacpp", action="store_true", help="pdserve only")
+    ap.add_argument("--wait-idle", type=float, default=20,
+                    help="before each timed round, wait up to this many seconds for the "
+                    "CPUs to be idle (0: don't)")
     ap.add_argument("--report-only", action="store_true",
                     help="re-print the table of <out-dir>/bench_cpu.json, run nothing")
     a = ap.parse_args()
@@ -307,13 +347,14 @@ def main():
     os.makedirs(a.out_dir, exist_ok=True)
     threads = [int(x) for x in a.threads.split(",")]
     res = {"machine": machine_info(), "threads": threads, "reps": a.reps,
-           "n_prompt": a.n_prompt, "n_gen": a.n_gen}
+           "n_prompt": a.n_prompt, "n_gen": a.n_gen,
+           "contention": {"wait_idle_s": a.wait_idle, "rounds": 0, "rounds_contended": 0}}
     log("machine:", res["machine"].get("Model name"), res["machine"].get("isa"))
     res["membw_gb_s"] = membw(a.out_dir, threads)
     text, ids = make_prompt(a.shared_dir, a.n_prompt, a.out_dir)
     res["models"] = [make_model(pdctl, a.out_dir, s, a.shared_dir) for s in a.models.split(",")]
     for m in res["models"]:
-        bench_model(pdctl, m, text, ids, threads, a)
+        bench_model(pdctl, m, text, ids, threads, a, res["contention"])
         if "llama.cpp" in m:
             res["llama_cpp_python"] = m["llama.cpp"]["info"]["llama_cpp_python"]
     with open("/proc/loadavg") as f:
