@@ -7,48 +7,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "common/gguf.h"
-#include "common/log.h"
-
-/* ---- log capture ---- */
-
-static int n_errors;
-static char last_error[1024];
-
-static void count_log(pd_log_level_t level, const char *file, int line, const char *msg,
-                      void *user)
-{
-    (void)file, (void)line, (void)user;
-    if (level == PD_LOG_LEVEL_ERROR) {
-        n_errors++;
-        snprintf(last_error, sizeof last_error, "%s", msg);
-    }
-}
-
-static void setup(void)
-{
-    n_errors = 0;
-    last_error[0] = '\0';
-    pd_log_set_callback(count_log, NULL);
-}
-
-static void model_path(char *out, size_t cap, const char *name)
-{
-    const char *dir = getenv("PD_SHARED_DIR");
-    ck_assert_msg(dir != NULL, "PD_SHARED_DIR is not set");
-    snprintf(out, cap, "%s/models/%s", dir, name);
-}
+#include "support/ggufbuild.h"
+#include "support/pdcheck.h"
 
 static pd_gguf_t *open_shared(const char *name)
 {
-    char path[4096];
-    model_path(path, sizeof path, name);
+    const char *path = pd_test_model_path(name);
     pd_gguf_t *g = NULL;
     pd_status_t st = pd_gguf_open(path, &g);
-    ck_assert_msg(st == PD_OK, "open %s: %s (%s)", path, pd_status_str(st), last_error);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_msg(st == PD_OK, "open %s: %s (%s)", path, pd_status_str(st),
+                  pd_test_last_error);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     return g;
 }
 
@@ -136,18 +107,56 @@ static void check_tok512_vocab(const pd_gguf_t *g)
     ck_assert_uint_eq(u32_of(g, "tokenizer.ggml.unknown_token_id"), 0);
 }
 
+/* The llama hyperparameters every shared GGUF carries, and its vocabulary size. */
+typedef struct llama_hp {
+    uint32_t embd, ffn, blocks, heads, kv_heads, ctx, rope_dims, vocab;
+} llama_hp_t;
+
+static void expect_llama(const pd_gguf_t *g, llama_hp_t w)
+{
+    expect_str(g, "general.architecture", "llama");
+    ck_assert_uint_eq(u32_of(g, "llama.embedding_length"), w.embd);
+    ck_assert_uint_eq(u32_of(g, "llama.feed_forward_length"), w.ffn);
+    ck_assert_uint_eq(u32_of(g, "llama.block_count"), w.blocks);
+    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count"), w.heads);
+    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count_kv"), w.kv_heads);
+    ck_assert_uint_eq(u32_of(g, "llama.context_length"), w.ctx);
+    ck_assert_uint_eq(u32_of(g, "llama.rope.dimension_count"), w.rope_dims);
+}
+
+/* Every tensor of the model, shaped as w implies: matrices in mat, norms in F32. */
+static void expect_llama_tensors(const pd_gguf_t *g, llama_hp_t w, pd_dtype_t mat)
+{
+    int64_t e = w.embd, f = w.ffn, q = (int64_t)w.heads * (w.embd / w.heads),
+            kv = (int64_t)w.kv_heads * (w.embd / w.heads);
+    expect_tensor(g, "token_embd.weight", mat, 2, e, w.vocab);
+    expect_tensor(g, "output.weight", mat, 2, e, w.vocab);
+    expect_tensor(g, "output_norm.weight", PD_DTYPE_F32, 1, e, 1);
+    const struct {
+        const char *name;
+        int n_dims;
+        int64_t ne0, ne1;
+    } layer[] = {
+        {"attn_norm", 1, e, 1}, {"ffn_norm", 1, e, 1},   {"attn_q", 2, e, q},
+        {"attn_k", 2, e, kv},   {"attn_v", 2, e, kv},    {"attn_output", 2, q, e},
+        {"ffn_gate", 2, e, f},  {"ffn_down", 2, f, e},   {"ffn_up", 2, e, f},
+    };
+    for (uint32_t l = 0; l < w.blocks; l++) {
+        for (size_t k = 0; k < sizeof layer / sizeof layer[0]; k++) {
+            char name[64];
+            snprintf(name, sizeof name, "blk.%u.%s.weight", l, layer[k].name);
+            expect_tensor(g, name, layer[k].n_dims == 1 ? PD_DTYPE_F32 : mat,
+                          layer[k].n_dims, layer[k].ne0, layer[k].ne1);
+        }
+    }
+}
+
 START_TEST(test_stories260k)
 {
     pd_gguf_t *g = open_shared("stories260K.gguf");
+    const llama_hp_t hp = {64, 172, 5, 8, 4, 2048, 8, 512};
     ck_assert_uint_eq(pd_gguf_version(g), 3);
-    expect_str(g, "general.architecture", "llama");
-    ck_assert_uint_eq(u32_of(g, "llama.embedding_length"), 64);
-    ck_assert_uint_eq(u32_of(g, "llama.feed_forward_length"), 172);
-    ck_assert_uint_eq(u32_of(g, "llama.block_count"), 5);
-    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count"), 8);
-    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count_kv"), 4);
-    ck_assert_uint_eq(u32_of(g, "llama.context_length"), 2048);
-    ck_assert_uint_eq(u32_of(g, "llama.rope.dimension_count"), 8);
+    expect_llama(g, hp);
     ck_assert_uint_eq(u32_of(g, "tokenizer.ggml.seperator_token_id"), 4294967295u);
     float eps;
     ck_assert_int_eq(pd_gguf_get_f32(g, "llama.attention.layer_norm_rms_epsilon", &eps),
@@ -156,17 +165,7 @@ START_TEST(test_stories260k)
     expect_str(g, "tokenizer.ggml.model", "llama");
     check_tok512_vocab(g);
     check_tensor_table(g, 48);
-    expect_tensor(g, "token_embd.weight", PD_DTYPE_F32, 2, 64, 512);
-    expect_tensor(g, "output.weight", PD_DTYPE_F32, 2, 64, 512);
-    expect_tensor(g, "output_norm.weight", PD_DTYPE_F32, 1, 64, 1);
-    expect_tensor(g, "blk.0.attn_q.weight", PD_DTYPE_F32, 2, 64, 64);
-    expect_tensor(g, "blk.4.attn_k.weight", PD_DTYPE_F32, 2, 64, 32);
-    expect_tensor(g, "blk.2.attn_v.weight", PD_DTYPE_F32, 2, 64, 32);
-    expect_tensor(g, "blk.3.attn_output.weight", PD_DTYPE_F32, 2, 64, 64);
-    expect_tensor(g, "blk.0.ffn_gate.weight", PD_DTYPE_F32, 2, 64, 172);
-    expect_tensor(g, "blk.0.ffn_down.weight", PD_DTYPE_F32, 2, 172, 64);
-    expect_tensor(g, "blk.1.ffn_up.weight", PD_DTYPE_F32, 2, 64, 172);
-    expect_tensor(g, "blk.4.ffn_norm.weight", PD_DTYPE_F32, 1, 64, 1);
+    expect_llama_tensors(g, hp, PD_DTYPE_F32);
     /* the header ends at byte 14152; data starts at the next multiple of 32 */
     pd_tensor_t t;
     ck_assert_int_eq(pd_gguf_find_tensor(g, "token_embd.weight", &t), PD_OK);
@@ -177,7 +176,7 @@ START_TEST(test_stories260k)
     ck_assert_int_eq(pd_gguf_find_tensor(g, "blk.1.attn_q.weight", &t), PD_OK);
     ck_assert_int_eq((const uint8_t *)t.data - base, 14176 + 444160);
     ck_assert_int_eq(pd_gguf_find_tensor(g, "blk.5.attn_q.weight", &t), PD_ERR_NOT_FOUND);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     pd_gguf_destroy(&g);
     ck_assert_ptr_null(g);
     pd_gguf_destroy(&g); /* NULL is fine */
@@ -187,22 +186,14 @@ END_TEST
 START_TEST(test_llama2xs)
 {
     pd_gguf_t *g = open_shared("llama2xs_tok512_280K.gguf");
+    const llama_hp_t hp = {64, 192, 5, 8, 4, 256, 8, 512};
     ck_assert_uint_eq(pd_gguf_version(g), 3);
-    expect_str(g, "general.architecture", "llama");
     expect_str(g, "general.name", "llama2xs-tok512-280K");
-    ck_assert_uint_eq(u32_of(g, "llama.embedding_length"), 64);
-    ck_assert_uint_eq(u32_of(g, "llama.feed_forward_length"), 192);
-    ck_assert_uint_eq(u32_of(g, "llama.block_count"), 5);
-    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count"), 8);
-    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count_kv"), 4);
-    ck_assert_uint_eq(u32_of(g, "llama.context_length"), 256);
+    expect_llama(g, hp);
     check_tok512_vocab(g);
     check_tensor_table(g, 48);
-    expect_tensor(g, "token_embd.weight", PD_DTYPE_F32, 2, 64, 512);
-    expect_tensor(g, "blk.4.ffn_down.weight", PD_DTYPE_F32, 2, 192, 64);
-    expect_tensor(g, "blk.4.ffn_up.weight", PD_DTYPE_F32, 2, 64, 192);
-    expect_tensor(g, "blk.3.attn_norm.weight", PD_DTYPE_F32, 1, 64, 1);
-    ck_assert_int_eq(n_errors, 0);
+    expect_llama_tensors(g, hp, PD_DTYPE_F32);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     pd_gguf_destroy(&g);
 }
 END_TEST
@@ -210,22 +201,12 @@ END_TEST
 START_TEST(test_tiny_random_f16)
 {
     pd_gguf_t *g = open_shared("llama-2-tiny-random.gguf");
+    const llama_hp_t hp = {8, 32, 1, 2, 2, 4096, 4, 32000};
     expect_str(g, "general.name", "LLaMA v2");
-    ck_assert_uint_eq(u32_of(g, "llama.embedding_length"), 8);
-    ck_assert_uint_eq(u32_of(g, "llama.feed_forward_length"), 32);
-    ck_assert_uint_eq(u32_of(g, "llama.block_count"), 1);
-    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count"), 2);
-    ck_assert_uint_eq(u32_of(g, "llama.attention.head_count_kv"), 2);
-    ck_assert_uint_eq(u32_of(g, "llama.rope.dimension_count"), 4);
+    expect_llama(g, hp);
     ck_assert_uint_eq(u32_of(g, "general.file_type"), 1);
     check_tensor_table(g, 12);
-    expect_tensor(g, "token_embd.weight", PD_DTYPE_F16, 2, 8, 32000);
-    expect_tensor(g, "output.weight", PD_DTYPE_F16, 2, 8, 32000);
-    expect_tensor(g, "blk.0.attn_q.weight", PD_DTYPE_F16, 2, 8, 8);
-    expect_tensor(g, "blk.0.ffn_down.weight", PD_DTYPE_F16, 2, 32, 8);
-    expect_tensor(g, "blk.0.ffn_gate.weight", PD_DTYPE_F16, 2, 8, 32);
-    expect_tensor(g, "blk.0.attn_norm.weight", PD_DTYPE_F32, 1, 8, 1);
-    expect_tensor(g, "output_norm.weight", PD_DTYPE_F32, 1, 8, 1);
+    expect_llama_tensors(g, hp, PD_DTYPE_F16);
     /* the full Llama-2 vocabulary, every item reachable (byte sum from Python) */
     uint64_t n;
     ck_assert_int_eq(pd_gguf_get_arr_len(g, "tokenizer.ggml.tokens", &n), PD_OK);
@@ -251,7 +232,7 @@ START_TEST(test_tiny_random_f16)
     float score;
     memcpy(&score, (const char *)data + 4 * 1000, 4);
     ck_assert_float_eq(score, -741.0f);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     pd_gguf_destroy(&g);
 }
 END_TEST
@@ -276,11 +257,11 @@ START_TEST(test_lookup_contract)
     ck_assert_int_eq(pd_gguf_get_arr(g, "", NULL, &n, NULL), PD_ERR_NOT_FOUND);
     pd_tensor_t t;
     ck_assert_int_eq(pd_gguf_find_tensor(g, "nope.weight", &t), PD_ERR_NOT_FOUND);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     ck_assert(u == 7 && f == 7 && b == 7 && s == NULL && len == 7 && n == 7);
 
     ck_assert_int_eq(pd_gguf_get_u32(g, "general.architecture", &u), PD_ERR_FORMAT);
-    ck_assert_int_eq(n_errors, 1);
+    ck_assert_int_eq(pd_test_n_errors, 1);
     ck_assert_int_eq(pd_gguf_get_f32(g, "llama.block_count", &f), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_str(g, "tokenizer.ggml.tokens", &s, &len), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.tokens", NULL, &n, NULL),
@@ -289,7 +270,7 @@ START_TEST(test_lookup_contract)
                      PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_arr_len(g, "llama.block_count", &n), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_bool(g, "llama.block_count", &b), PD_ERR_FORMAT);
-    ck_assert_int_eq(n_errors, 7);
+    ck_assert_int_eq(pd_test_n_errors, 7);
     ck_assert(u == 7 && f == 7 && b == 7 && s == NULL && len == 7 && n == 7);
     pd_gguf_destroy(&g);
 }
@@ -300,134 +281,67 @@ START_TEST(test_open_failures)
     pd_gguf_t *g = NULL;
     ck_assert_int_eq(pd_gguf_open("/nonexistent/dir/x.gguf", &g), PD_ERR_IO);
     ck_assert_int_eq(pd_gguf_open("/tmp", &g), PD_ERR_IO);
-    ck_assert_int_eq(n_errors, 2);
+    ck_assert_int_eq(pd_test_n_errors, 2);
     ck_assert_ptr_null(g);
     /* a llama2.c checkpoint is not GGUF */
-    char path[4096];
-    model_path(path, sizeof path, "stories260K.bin");
-    ck_assert_int_eq(pd_gguf_open(path, &g), PD_ERR_FORMAT);
+    ck_assert_int_eq(pd_gguf_open(pd_test_model_path("stories260K.bin"), &g),
+                     PD_ERR_FORMAT);
     ck_assert_ptr_null(g);
-    ck_assert(strstr(last_error, "magic") != NULL);
-    ck_assert(strstr(last_error, "byte 0") != NULL);
+    ck_assert(strstr(pd_test_last_error, "magic") != NULL);
+    ck_assert(strstr(pd_test_last_error, "byte 0") != NULL);
 }
 END_TEST
 
 /* ---- files built here ---- */
 
-typedef struct buf {
-    uint8_t *p;
-    size_t n, cap;
-} buf_t;
-
-static void put(buf_t *b, const void *d, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2;
-        b->p = realloc(b->p, b->cap);
-        ck_assert_ptr_nonnull(b->p);
-    }
-    memcpy(b->p + b->n, d, n);
-    b->n += n;
-}
-static void put_u32(buf_t *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(buf_t *b, uint64_t v) { put(b, &v, 8); }
-static void put_str(buf_t *b, const char *s)
-{
-    put_u64(b, strlen(s));
-    put(b, s, strlen(s));
-}
-static void put_key(buf_t *b, const char *key, uint32_t type)
-{
-    put_str(b, key);
-    put_u32(b, type);
-}
-static void put_pad(buf_t *b, size_t align)
-{
-    static const uint8_t zeros[256];
-    put(b, zeros, (align - b->n % align) % align);
-}
-
-static void write_file(const buf_t *b, char *path)
-{
-    strcpy(path, "/tmp/pd_test_gguf_XXXXXX");
-    int fd = mkstemp(path);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(write(fd, b->p, b->n), (ssize_t)b->n);
-    close(fd);
-}
-
-static pd_gguf_t *open_built(buf_t *b)
-{
-    char path[64];
-    write_file(b, path);
-    pd_gguf_t *g = NULL;
-    pd_status_t st = pd_gguf_open(path, &g);
-    unlink(path);
-    free(b->p);
-    ck_assert_msg(st == PD_OK, "%s: %s", pd_status_str(st), last_error);
-    return g;
-}
-
-static void header(buf_t *b, uint32_t version, uint64_t n_tensors, uint64_t n_kv)
-{
-    put(b, "GGUF", 4);
-    put_u32(b, version);
-    put_u64(b, n_tensors);
-    put_u64(b, n_kv);
-}
-
 /* One key of every value type, and arrays; a16 and a64 are returned for checking. */
-static void build_value_types(buf_t *b_p, uint16_t a16[3], double a64[2])
+static void build_value_types(pd_gb_t *b_p, uint16_t a16[3], double a64[2])
 {
-    buf_t b = {0};
-    header(&b, 2, 0, 21);
+    pd_gb_t b = {0};
+    pd_gb_header(&b, 2, 0, 21);
     uint8_t u8 = 200; int8_t i8 = -5; uint16_t u16 = 60000; int16_t i16 = 1234;
     int32_t i32 = -7, i32p = 99; float f32 = 1.5f; uint8_t bl = 1;
     uint64_t u64 = 1ull << 40, u64s = 77; int64_t i64 = -3; double f64 = 0.25;
-    put_key(&b, "u8", PD_GGUF_TYPE_U8); put(&b, &u8, 1);
-    put_key(&b, "i8", PD_GGUF_TYPE_I8); put(&b, &i8, 1);
-    put_key(&b, "u16", PD_GGUF_TYPE_U16); put(&b, &u16, 2);
-    put_key(&b, "i16", PD_GGUF_TYPE_I16); put(&b, &i16, 2);
-    put_key(&b, "u32", PD_GGUF_TYPE_U32); put_u32(&b, 4000000000u);
-    put_key(&b, "i32", PD_GGUF_TYPE_I32); put(&b, &i32, 4);
-    put_key(&b, "i32p", PD_GGUF_TYPE_I32); put(&b, &i32p, 4);
-    put_key(&b, "f32", PD_GGUF_TYPE_F32); put(&b, &f32, 4);
-    put_key(&b, "bool", PD_GGUF_TYPE_BOOL); put(&b, &bl, 1);
-    put_key(&b, "str", PD_GGUF_TYPE_STRING); put_str(&b, "hello");
-    put_key(&b, "u64", PD_GGUF_TYPE_U64); put(&b, &u64, 8);
-    put_key(&b, "u64s", PD_GGUF_TYPE_U64); put(&b, &u64s, 8);
-    put_key(&b, "i64", PD_GGUF_TYPE_I64); put(&b, &i64, 8);
-    put_key(&b, "f64", PD_GGUF_TYPE_F64); put(&b, &f64, 8);
-    put_key(&b, "arr.u16", PD_GGUF_TYPE_ARRAY);
-    put_u32(&b, PD_GGUF_TYPE_U16); put_u64(&b, 3);
+    pd_gb_key(&b, "u8", PD_GGUF_TYPE_U8); pd_gb_put(&b, &u8, 1);
+    pd_gb_key(&b, "i8", PD_GGUF_TYPE_I8); pd_gb_put(&b, &i8, 1);
+    pd_gb_key(&b, "u16", PD_GGUF_TYPE_U16); pd_gb_put(&b, &u16, 2);
+    pd_gb_key(&b, "i16", PD_GGUF_TYPE_I16); pd_gb_put(&b, &i16, 2);
+    pd_gb_key(&b, "u32", PD_GGUF_TYPE_U32); pd_gb_u32(&b, 4000000000u);
+    pd_gb_key(&b, "i32", PD_GGUF_TYPE_I32); pd_gb_put(&b, &i32, 4);
+    pd_gb_key(&b, "i32p", PD_GGUF_TYPE_I32); pd_gb_put(&b, &i32p, 4);
+    pd_gb_key(&b, "f32", PD_GGUF_TYPE_F32); pd_gb_put(&b, &f32, 4);
+    pd_gb_key(&b, "bool", PD_GGUF_TYPE_BOOL); pd_gb_put(&b, &bl, 1);
+    pd_gb_key(&b, "str", PD_GGUF_TYPE_STRING); pd_gb_str(&b, "hello");
+    pd_gb_key(&b, "u64", PD_GGUF_TYPE_U64); pd_gb_put(&b, &u64, 8);
+    pd_gb_key(&b, "u64s", PD_GGUF_TYPE_U64); pd_gb_put(&b, &u64s, 8);
+    pd_gb_key(&b, "i64", PD_GGUF_TYPE_I64); pd_gb_put(&b, &i64, 8);
+    pd_gb_key(&b, "f64", PD_GGUF_TYPE_F64); pd_gb_put(&b, &f64, 8);
+    pd_gb_arr(&b, "arr.u16", PD_GGUF_TYPE_U16, 3);
     a16[0] = 1, a16[1] = 2, a16[2] = 65535;
-    put(&b, a16, 3 * sizeof *a16);
-    put_key(&b, "arr.f64", PD_GGUF_TYPE_ARRAY);
-    put_u32(&b, PD_GGUF_TYPE_F64); put_u64(&b, 2);
+    pd_gb_put(&b, a16, 3 * sizeof *a16);
+    pd_gb_arr(&b, "arr.f64", PD_GGUF_TYPE_F64, 2);
     a64[0] = -1.0, a64[1] = 3.0;
-    put(&b, a64, 2 * sizeof *a64);
-    put_key(&b, "arr.bool", PD_GGUF_TYPE_ARRAY);
-    put_u32(&b, PD_GGUF_TYPE_BOOL); put_u64(&b, 0);
-    put_key(&b, "arr.str", PD_GGUF_TYPE_ARRAY);
-    put_u32(&b, PD_GGUF_TYPE_STRING); put_u64(&b, 3);
-    put_str(&b, "a"); put_str(&b, ""); put_str(&b, "ccc");
-    put_key(&b, "arr.i8", PD_GGUF_TYPE_ARRAY);
-    put_u32(&b, PD_GGUF_TYPE_I8); put_u64(&b, 1); put(&b, &i8, 1);
-    put_key(&b, "arr.str0", PD_GGUF_TYPE_ARRAY);
-    put_u32(&b, PD_GGUF_TYPE_STRING); put_u64(&b, 0);
-    put_key(&b, "f64big", PD_GGUF_TYPE_F64);
+    pd_gb_put(&b, a64, 2 * sizeof *a64);
+    pd_gb_arr(&b, "arr.bool", PD_GGUF_TYPE_BOOL, 0);
+    pd_gb_arr(&b, "arr.str", PD_GGUF_TYPE_STRING, 3);
+    pd_gb_str(&b, "a"); pd_gb_str(&b, ""); pd_gb_str(&b, "ccc");
+    pd_gb_arr(&b, "arr.i8", PD_GGUF_TYPE_I8, 1);
+    pd_gb_put(&b, &i8, 1);
+    pd_gb_arr(&b, "arr.str0", PD_GGUF_TYPE_STRING, 0);
+    pd_gb_key(&b, "f64big", PD_GGUF_TYPE_F64);
     double big = 1e300;
-    put(&b, &big, 8);
+    pd_gb_put(&b, &big, 8);
+    ck_assert_uint_eq(b.n_kv, 21);
     *b_p = b;
 }
 
 START_TEST(test_value_types)
 {
-    buf_t b;
+    pd_gb_t b;
     uint16_t a16[3];
     double a64[2];
     build_value_types(&b, a16, a64);
-    pd_gguf_t *g = open_built(&b);
+    pd_gguf_t *g = pd_gb_open(&b, "built gguf");
     ck_assert_uint_eq(pd_gguf_version(g), 2);
     ck_assert_int_eq(pd_gguf_n_tensors(g), 0);
     uint32_t u;
@@ -437,7 +351,7 @@ START_TEST(test_value_types)
     ck_assert(pd_gguf_get_u32(g, "u32", &u) == PD_OK && u == 4000000000u);
     ck_assert(pd_gguf_get_u32(g, "i32p", &u) == PD_OK && u == 99);
     ck_assert(pd_gguf_get_u32(g, "u64s", &u) == PD_OK && u == 77);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     ck_assert_int_eq(pd_gguf_get_u32(g, "i8", &u), PD_ERR_FORMAT);  /* negative */
     ck_assert_int_eq(pd_gguf_get_u32(g, "i32", &u), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_u32(g, "i64", &u), PD_ERR_FORMAT);
@@ -483,13 +397,13 @@ START_TEST(test_alignment_and_dtypes)
 {
     for (int align = 0; align <= 256; align = align ? align * 4 : 1) {
         size_t a = align ? (size_t)align : 32;
-        buf_t b = {0};
-        header(&b, 3, 4, align ? 2 : 1);
-        put_key(&b, "general.architecture", PD_GGUF_TYPE_STRING);
-        put_str(&b, "test");
+        pd_gb_t b = {0};
+        pd_gb_header(&b, 3, 4, align ? 2 : 1);
+        pd_gb_key(&b, "general.architecture", PD_GGUF_TYPE_STRING);
+        pd_gb_str(&b, "test");
         if (align) {
-            put_key(&b, "general.alignment", PD_GGUF_TYPE_U32);
-            put_u32(&b, (uint32_t)align);
+            pd_gb_key(&b, "general.alignment", PD_GGUF_TYPE_U32);
+            pd_gb_u32(&b, (uint32_t)align);
         }
         const struct { const char *name; uint32_t type; uint64_t ne0, ne1; size_t bytes; } ts[] = {
             {"a", PD_DTYPE_F32, 3, 1, 12},   {"b", PD_DTYPE_Q8_0, 64, 2, 4 * 34},
@@ -497,21 +411,21 @@ START_TEST(test_alignment_and_dtypes)
         };
         size_t off = 0, offs[4];
         for (int i = 0; i < 4; i++) {
-            put_str(&b, ts[i].name);
-            put_u32(&b, 2);
-            put_u64(&b, ts[i].ne0);
-            put_u64(&b, ts[i].ne1);
-            put_u32(&b, ts[i].type);
-            put_u64(&b, off);
+            pd_gb_str(&b, ts[i].name);
+            pd_gb_u32(&b, 2);
+            pd_gb_u64(&b, ts[i].ne0);
+            pd_gb_u64(&b, ts[i].ne1);
+            pd_gb_u32(&b, ts[i].type);
+            pd_gb_u64(&b, off);
             offs[i] = off;
             off = (off + ts[i].bytes + a - 1) / a * a;
         }
-        put_pad(&b, a);
+        pd_gb_pad(&b, a);
         size_t data_off = b.n;
         uint8_t *zeros = calloc(1, off);
-        put(&b, zeros, off);
+        pd_gb_put(&b, zeros, off);
         free(zeros);
-        pd_gguf_t *g = open_built(&b);
+        pd_gguf_t *g = pd_gb_open(&b, "built gguf");
         size_t size;
         const uint8_t *base = pd_gguf_data(g, &size);
         for (int i = 0; i < 4; i++) {
@@ -526,27 +440,15 @@ START_TEST(test_alignment_and_dtypes)
         }
         pd_gguf_destroy(&g);
     }
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
 }
 END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("gguf");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, NULL);
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_stories260k);
-    tcase_add_test(tc, test_llama2xs);
-    tcase_add_test(tc, test_tiny_random_f16);
-    tcase_add_test(tc, test_lookup_contract);
-    tcase_add_test(tc, test_open_failures);
-    tcase_add_test(tc, test_value_types);
-    tcase_add_test(tc, test_alignment_and_dtypes);
-    suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    TCase *tc = pd_test_tcase("core", 120, pd_test_log_setup, NULL);
+    PD_TEST_ADD(tc, test_stories260k, test_llama2xs, test_tiny_random_f16,
+                test_lookup_contract, test_open_failures, test_value_types,
+                test_alignment_and_dtypes);
+    return pd_test_run("gguf", tc);
 }

@@ -16,6 +16,7 @@
 #include "common/model.h"
 #include "common/sampler.h"
 #include "kernels/ops.h"
+#include "support/pdcheck.h"
 
 /* ---- allocation counting ---- */
 static atomic_long n_allocs;
@@ -83,16 +84,13 @@ static void install_counter(void)
 #endif
 
 /* ---- fixtures ---- */
-static char model_path[4096];
 static pd_model_t *model;
 static pd_kernels_t *kern;
 
 static void setup(void)
 {
-    const char *shared = getenv("PD_SHARED_DIR");
-    ck_assert_msg(shared != NULL, "PD_SHARED_DIR is not set");
-    snprintf(model_path, sizeof model_path, "%s/models/stories260K.gguf", shared);
-    ck_assert_int_eq(pd_model_open(model_path, NULL, &model), PD_OK);
+    ck_assert_int_eq(pd_model_open(pd_test_model_path("stories260K.gguf"), NULL, &model),
+                     PD_OK);
     ck_assert_int_eq(pd_kernels_cpu_new(2, NULL, &kern), PD_OK);
 }
 
@@ -216,17 +214,8 @@ END_TEST
 
 int main(void)
 {
-    Suite *su = suite_create("llm");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, chunking_does_not_change_logits);
-    tcase_add_test(tc, bad_batches_refused);
-    tcase_add_test(tc, generation_allocates_nothing_per_token);
-    suite_add_tcase(su, tc);
-    SRunner *sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    TCase *tc = pd_test_tcase("core", 120, setup, teardown);
+    PD_TEST_ADD(tc, chunking_does_not_change_logits, bad_batches_refused,
+                generation_allocates_nothing_per_token);
+    return pd_test_run("llm", tc);
 }

@@ -10,49 +10,19 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "common/log.h"
 #include "common/model.h"
-
-static int n_errors;
-static char last_error[1024];
-
-static void count_log(pd_log_level_t level, const char *file, int line, const char *msg,
-                      void *user)
-{
-    (void)file, (void)line, (void)user;
-    if (level == PD_LOG_LEVEL_ERROR) {
-        n_errors++;
-        snprintf(last_error, sizeof last_error, "%s", msg);
-    }
-}
-
-static void setup(void)
-{
-    n_errors = 0;
-    last_error[0] = '\0';
-    pd_log_set_callback(count_log, NULL);
-}
-
-static char *model_path(const char *name)
-{
-    static char paths[4][4096];
-    static int next;
-    const char *dir = getenv("PD_SHARED_DIR");
-    ck_assert_msg(dir != NULL, "PD_SHARED_DIR is not set");
-    char *p = paths[next++ % 4];
-    snprintf(p, sizeof paths[0], "%s/models/%s", dir, name);
-    return p;
-}
+#include "support/pdcheck.h"
 
 static pd_model_t *open_model(const char *name, const char *tok_name)
 {
-    const char *path = model_path(name);
-    const char *tok = tok_name ? model_path(tok_name) : NULL;
+    const char *path = pd_test_model_path(name);
+    const char *tok = tok_name ? pd_test_model_path(tok_name) : NULL;
     pd_model_t *m = NULL;
     pd_status_t st = pd_model_open(path, tok, &m);
-    ck_assert_msg(st == PD_OK, "open %s: %s (%s)", path, pd_status_str(st), last_error);
+    ck_assert_msg(st == PD_OK, "open %s: %s (%s)", path, pd_status_str(st),
+                  pd_test_last_error);
     ck_assert_ptr_nonnull(m);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
     return m;
 }
 
@@ -210,29 +180,29 @@ END_TEST
 /* The GGUF magic decides, not the name; a checkpoint finds tokenizer.bin beside it. */
 START_TEST(test_detection_and_default_tokenizer)
 {
-    char dir[] = "/tmp/pd_test_model_XXXXXX";
+    char dir[4096], gg[4200], ck[4200], tok[4200];
+    snprintf(dir, sizeof dir, "%s/detect_XXXXXX", pd_test_temp_dir());
     ck_assert_ptr_nonnull(mkdtemp(dir));
-    char gg[4200], ck[4200], tok[4200];
     snprintf(gg, sizeof gg, "%s/weights", dir);
     snprintf(ck, sizeof ck, "%s/model.bin", dir);
     snprintf(tok, sizeof tok, "%s/tokenizer.bin", dir);
-    ck_assert_int_eq(symlink(model_path("stories260K.gguf"), gg), 0);
-    ck_assert_int_eq(symlink(model_path("stories260K.bin"), ck), 0);
+    ck_assert_int_eq(symlink(pd_test_model_path("stories260K.gguf"), gg), 0);
+    ck_assert_int_eq(symlink(pd_test_model_path("stories260K.bin"), ck), 0);
 
     pd_model_t *m = NULL;
     pd_status_t st = pd_model_open(gg, NULL, &m);
-    ck_assert_msg(st == PD_OK, "%s", last_error);
+    ck_assert_msg(st == PD_OK, "%s", pd_test_last_error);
     ck_assert_int_eq(pd_model_config(m)->ctx_len, 2048); /* read as GGUF */
     pd_model_destroy(&m);
 
     /* no tokenizer.bin beside the checkpoint yet: an error, nothing returned */
     ck_assert_int_ne(pd_model_open(ck, NULL, &m), PD_OK);
     ck_assert_ptr_null(m);
-    ck_assert_int_ge(n_errors, 1);
-    ck_assert_int_eq(symlink(model_path("tok512.bin"), tok), 0);
-    n_errors = 0;
+    ck_assert_int_ge(pd_test_n_errors, 1);
+    ck_assert_int_eq(symlink(pd_test_model_path("tok512.bin"), tok), 0);
+    pd_test_n_errors = 0;
     st = pd_model_open(ck, NULL, &m);
-    ck_assert_msg(st == PD_OK, "%s", last_error);
+    ck_assert_msg(st == PD_OK, "%s", pd_test_last_error);
     ck_assert_int_eq(pd_model_config(m)->ctx_len, 512);
     ck_assert_int_eq(pd_tokenizer_n_vocab(pd_model_tokenizer(m)), 512);
     pd_model_destroy(&m);
@@ -252,32 +222,23 @@ START_TEST(test_open_failures)
     ck_assert_int_eq(pd_model_open(NULL, NULL, &m), PD_ERR_INVALID);
     ck_assert_ptr_null(m);
     /* a tokenizer file is neither format */
-    ck_assert_int_eq(pd_model_open(model_path("tok512.bin"), NULL, &m), PD_ERR_FORMAT);
+    ck_assert_int_eq(pd_model_open(pd_test_model_path("tok512.bin"), NULL, &m),
+                     PD_ERR_FORMAT);
     ck_assert_ptr_null(m);
     /* a missing explicit tokenizer */
-    ck_assert_int_ne(pd_model_open(model_path("stories260K.bin"), "/nonexistent/tok.bin", &m),
-                     PD_OK);
+    ck_assert_int_ne(
+        pd_model_open(pd_test_model_path("stories260K.bin"), "/nonexistent/tok.bin", &m),
+        PD_OK);
     ck_assert_ptr_null(m);
-    ck_assert_int_ge(n_errors, 4);
+    ck_assert_int_ge(pd_test_n_errors, 4);
 }
 END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("model");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, NULL);
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_stories260k_both_formats);
-    tcase_add_test(tc, test_llama2xs_both_formats);
-    tcase_add_test(tc, test_babyllama_and_aidreams);
-    tcase_add_test(tc, test_tiny_random_f16);
-    tcase_add_test(tc, test_detection_and_default_tokenizer);
-    tcase_add_test(tc, test_open_failures);
-    suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    TCase *tc = pd_test_tcase("core", 120, pd_test_log_setup, NULL);
+    PD_TEST_ADD(tc, test_stories260k_both_formats, test_llama2xs_both_formats,
+                test_babyllama_and_aidreams, test_tiny_random_f16,
+                test_detection_and_default_tokenizer, test_open_failures);
+    return pd_test_run("model", tc);
 }

@@ -8,7 +8,6 @@
  * the ASan/UBSan build runs the same suite.
  * Threading: single-threaded; Check forks per test. */
 #include <check.h>
-#include <dirent.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -18,61 +17,9 @@
 #include <unistd.h>
 
 #include "common/gguf.h"
-#include "common/log.h"
 #include "common/model.h"
-
-/* ---- log capture ---- */
-
-static int n_errors;
-static char last_error[1024];
-
-static void count_log(pd_log_level_t level, const char *file, int line, const char *msg,
-                      void *user)
-{
-    (void)file, (void)line, (void)user;
-    if (level == PD_LOG_LEVEL_ERROR) {
-        n_errors++;
-        snprintf(last_error, sizeof last_error, "%s", msg);
-    }
-}
-
-static void setup(void)
-{
-    n_errors = 0;
-    last_error[0] = '\0';
-    pd_log_set_callback(count_log, NULL);
-}
-
-/* ---- temp files: all in one directory that main() removes, even after a test
- * process died on an assertion or a signal ---- */
-
-static char temp_dir[] = "/tmp/pd_corrupt_XXXXXX";
-
-/* A new temp file named "<temp_dir>/<stem>XXXXXX<sfx>" in path (cap bytes). */
-static int make_temp(char *path, size_t cap, const char *stem, const char *sfx)
-{
-    snprintf(path, cap, "%s/%sXXXXXX%s", temp_dir, stem, sfx);
-    int fd = mkstemps(path, (int)strlen(sfx));
-    ck_assert_int_ge(fd, 0);
-    return fd;
-}
-
-static void remove_temp_dir(void)
-{
-    DIR *d = opendir(temp_dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    char path[512];
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        snprintf(path, sizeof path, "%s/%s", temp_dir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    rmdir(temp_dir);
-}
+#include "support/ggufbuild.h"
+#include "support/pdcheck.h"
 
 /* ---- the real models ---- */
 
@@ -92,29 +39,6 @@ static const target_t targets[] = {
 };
 #define N_TARGETS ((int)(sizeof targets / sizeof targets[0]))
 #define N_GGUF_TARGETS 3
-
-static void shared_path(char *out, size_t cap, const char *name)
-{
-    const char *dir = getenv("PD_SHARED_DIR");
-    ck_assert_msg(dir != NULL, "PD_SHARED_DIR is not set");
-    snprintf(out, cap, "%s/models/%s", dir, name);
-}
-
-static uint8_t *read_all(const char *path, size_t *size_p)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "cannot open %s", path);
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    long n = ftell(f);
-    ck_assert_int_gt(n, 0);
-    rewind(f);
-    uint8_t *p = malloc((size_t)n);
-    ck_assert_ptr_nonnull(p);
-    ck_assert_uint_eq(fread(p, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size_p = (size_t)n;
-    return p;
-}
 
 /* A temp copy with the original's suffix, held open for pwrite/ftruncate. */
 typedef struct work {
@@ -136,13 +60,12 @@ static void work_write(work_t *w, const uint8_t *p, size_t n)
 static void work_init(work_t *w, const target_t *t)
 {
     memset(w, 0, sizeof *w);
-    char src[4096];
-    shared_path(src, sizeof src, t->model);
-    w->orig = read_all(src, &w->size);
+    w->orig = pd_test_read_file(pd_test_model_path(t->model), &w->size);
     w->is_gguf = strstr(t->model, ".gguf") != NULL;
-    w->fd = make_temp(w->path, sizeof w->path, "model_", w->is_gguf ? ".gguf" : ".bin");
+    w->fd = pd_test_temp_fd("model_", w->is_gguf ? ".gguf" : ".bin", w->path,
+                            sizeof w->path);
     if (t->tok)
-        shared_path(w->tok, sizeof w->tok, t->tok);
+        snprintf(w->tok, sizeof w->tok, "%s", pd_test_model_path(t->tok));
     work_write(w, w->orig, w->size);
 }
 
@@ -219,7 +142,7 @@ static void check_consistent(const pd_model_t *m)
 /* Opens the work file; a failure must be negative and logged, a success consistent. */
 static pd_status_t try_open(work_t *w, const char *what, size_t at)
 {
-    int before = n_errors;
+    int before = pd_test_n_errors;
     pd_model_t *m = NULL;
     pd_status_t st = pd_model_open(w->path, w->tok[0] ? w->tok : NULL, &m);
     if (st == PD_OK) {
@@ -230,8 +153,8 @@ static pd_status_t try_open(work_t *w, const char *what, size_t at)
     } else {
         ck_assert_msg(st < 0, "%s at %zu: status %d", what, at, st);
         ck_assert_ptr_null(m);
-        ck_assert_msg(n_errors > before, "%s at %zu: %s without an error logged", what, at,
-                      pd_status_str(st));
+        ck_assert_msg(pd_test_n_errors > before, "%s at %zu: %s without an error logged",
+                      what, at, pd_status_str(st));
         w->n_fail++;
     }
     return st;
@@ -562,30 +485,6 @@ END_TEST
 
 /* ---- (c) hand-crafted GGUF files ---- */
 
-typedef struct buf {
-    uint8_t *p;
-    size_t n, cap;
-} buf_t;
-
-static void put(buf_t *b, const void *d, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2 + 64;
-        b->p = realloc(b->p, b->cap);
-        ck_assert_ptr_nonnull(b->p);
-    }
-    memcpy(b->p + b->n, d, n);
-    b->n += n;
-}
-static void put_u32(buf_t *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(buf_t *b, uint64_t v) { put(b, &v, 8); }
-static void put_strn(buf_t *b, const char *s, uint64_t len_field, size_t n)
-{
-    put_u64(b, len_field);
-    put(b, s, n);
-}
-static void put_str(buf_t *b, const char *s) { put_strn(b, s, strlen(s), strlen(s)); }
-
 typedef enum fault {
     OK_F32, OK_Q8_0, OK_Q4_0, OK_F16, OK_BF16, OK_MIXED, OK_NO_OUTPUT, OK_V2,
     BAD_MAGIC, BAD_V1, BAD_V99, BAD_BIG_ENDIAN, BAD_NKV_HUGE, BAD_NT_HUGE, BAD_NKV_PLUS1,
@@ -641,123 +540,85 @@ static int tensor_list(fault_t f, tspec_t *ts)
     return n;
 }
 
-static void kv_u32(buf_t *b, int *n, const char *key, uint32_t v)
-{
-    put_str(b, key);
-    put_u32(b, PD_GGUF_TYPE_U32);
-    put_u32(b, v);
-    (*n)++;
-}
-
-static void kv_str(buf_t *b, int *n, const char *key, const char *v)
-{
-    put_str(b, key);
-    put_u32(b, PD_GGUF_TYPE_STRING);
-    put_str(b, v);
-    (*n)++;
-}
-
 /* The tokenizer metadata of the tiny model with fault f applied. */
-static void build_vocab_kvs(fault_t f, buf_t *b, int *n)
+static void build_vocab_kvs(fault_t f, pd_gb_t *b)
 {
-    kv_str(b, n, "tokenizer.ggml.model", "llama");
+    pd_gb_kv_str(b, "tokenizer.ggml.model", "llama");
     static const char *const toks[T_VOCAB] = {"<unk>", "<s>", "</s>", "a", "b",
                                               "\xe2\x96\x81\x61"};
-    put_str(b, "tokenizer.ggml.tokens");
-    put_u32(b, PD_GGUF_TYPE_ARRAY);
-    put_u32(b, f == BAD_ETYPE ? 99 : PD_GGUF_TYPE_STRING);
-    put_u64(b, f == BAD_ARR_HUGE ? 1ull << 63 : T_VOCAB);
+    pd_gb_arr(b, "tokenizer.ggml.tokens", f == BAD_ETYPE ? 99 : PD_GGUF_TYPE_STRING,
+              f == BAD_ARR_HUGE ? 1ull << 63 : T_VOCAB);
     for (int i = 0; i < T_VOCAB; i++)
-        put_str(b, toks[i]);
-    (*n)++;
-    put_str(b, "tokenizer.ggml.scores");
-    put_u32(b, PD_GGUF_TYPE_ARRAY);
-    put_u32(b, PD_GGUF_TYPE_F32);
-    put_u64(b, f == BAD_NUMARR_HUGE ? (1ull << 62) + 1 : T_VOCAB);
+        pd_gb_str(b, toks[i]);
+    pd_gb_arr(b, "tokenizer.ggml.scores", PD_GGUF_TYPE_F32,
+              f == BAD_NUMARR_HUGE ? (1ull << 62) + 1 : T_VOCAB);
     const float scores[T_VOCAB] = {0, 0, 0, -1, -2, -3};
-    put(b, scores, sizeof scores);
-    (*n)++;
-    put_str(b, "tokenizer.ggml.token_type");
-    put_u32(b, PD_GGUF_TYPE_ARRAY);
-    put_u32(b, PD_GGUF_TYPE_I32);
-    put_u64(b, T_VOCAB);
+    pd_gb_put(b, scores, sizeof scores);
+    pd_gb_arr(b, "tokenizer.ggml.token_type", PD_GGUF_TYPE_I32, T_VOCAB);
     const int32_t types[T_VOCAB] = {2, 3, 3, 1, 1, 1};
-    put(b, types, sizeof types);
-    (*n)++;
+    pd_gb_put(b, types, sizeof types);
 }
 
 /* The metadata of the tiny model with fault f applied. */
-static void build_kvs(fault_t f, buf_t *b, int *n)
+static void build_kvs(fault_t f, pd_gb_t *b)
 {
     if (f == BAD_KEYLEN_HUGE) {
-        put_strn(b, "general.architecture", 1ull << 63, 20);
-        put_u32(b, PD_GGUF_TYPE_STRING);
-        put_str(b, "llama");
-        (*n)++;
+        pd_gb_strn(b, "general.architecture", 1ull << 63, 20); /* the key */
+        pd_gb_u32(b, PD_GGUF_TYPE_STRING);
+        pd_gb_str(b, "llama");
+        b->n_kv++;
     } else if (f == BAD_STRLEN_HUGE) {
-        put_str(b, "general.architecture");
-        put_u32(b, PD_GGUF_TYPE_STRING);
-        put_strn(b, "llama", 1ull << 63, 5);
-        (*n)++;
+        pd_gb_key(b, "general.architecture", PD_GGUF_TYPE_STRING);
+        pd_gb_strn(b, "llama", 1ull << 63, 5);
     } else if (f == BAD_EMPTY_KEY)
-        kv_str(b, n, "", "llama");
+        pd_gb_kv_str(b, "", "llama");
     else
-        kv_str(b, n, "general.architecture", f == BAD_ARCH ? "gpt2" : "llama");
+        pd_gb_kv_str(b, "general.architecture", f == BAD_ARCH ? "gpt2" : "llama");
     if (f == BAD_DUP_KEY)
-        kv_u32(b, n, "llama.block_count", 1);
+        pd_gb_kv_u32(b, "llama.block_count", 1);
     if (f == BAD_ALIGN0 || f == BAD_ALIGN3)
-        kv_u32(b, n, "general.alignment", f == BAD_ALIGN0 ? 0 : 3);
+        pd_gb_kv_u32(b, "general.alignment", f == BAD_ALIGN0 ? 0 : 3);
     if (f == BAD_ALIGN_TYPE) {
-        put_str(b, "general.alignment");
-        put_u32(b, PD_GGUF_TYPE_U64);
-        put_u64(b, 32);
-        (*n)++;
+        pd_gb_key(b, "general.alignment", PD_GGUF_TYPE_U64);
+        pd_gb_u64(b, 32);
     }
-    kv_u32(b, n, "llama.embedding_length", T_DIM);
-    kv_u32(b, n, "llama.feed_forward_length", T_HID);
+    pd_gb_kv_u32(b, "llama.embedding_length", T_DIM);
+    pd_gb_kv_u32(b, "llama.feed_forward_length", T_HID);
     if (f != BAD_MISSING_KEY)
-        kv_u32(b, n, "llama.block_count", 1);
-    kv_u32(b, n, "llama.attention.head_count", f == BAD_HEADS ? 3 : T_HEADS);
-    kv_u32(b, n, "llama.attention.head_count_kv", f == BAD_KV_HEADS ? 0 : T_KV);
+        pd_gb_kv_u32(b, "llama.block_count", 1);
+    pd_gb_kv_u32(b, "llama.attention.head_count", f == BAD_HEADS ? 3 : T_HEADS);
+    pd_gb_kv_u32(b, "llama.attention.head_count_kv", f == BAD_KV_HEADS ? 0 : T_KV);
     if (f == BAD_KEY_TYPE)
-        kv_str(b, n, "llama.context_length", "64");
+        pd_gb_kv_str(b, "llama.context_length", "64");
     else
-        kv_u32(b, n, "llama.context_length", 64);
-    kv_u32(b, n, "llama.rope.dimension_count", f == BAD_ROPE_DIMS ? T_HD / 2 : T_HD);
-    put_str(b, "llama.attention.layer_norm_rms_epsilon");
-    put_u32(b, PD_GGUF_TYPE_F32);
+        pd_gb_kv_u32(b, "llama.context_length", 64);
+    pd_gb_kv_u32(b, "llama.rope.dimension_count", f == BAD_ROPE_DIMS ? T_HD / 2 : T_HD);
+    pd_gb_key(b, "llama.attention.layer_norm_rms_epsilon", PD_GGUF_TYPE_F32);
     float eps = f == BAD_EPS ? -1.0f : 1e-5f;
-    put(b, &eps, 4);
-    (*n)++;
-    put_str(b, "llama.rope.freq_base");
-    put_u32(b, f == BAD_VTYPE ? 13 : PD_GGUF_TYPE_F32);
+    pd_gb_put(b, &eps, 4);
+    pd_gb_key(b, "llama.rope.freq_base", f == BAD_VTYPE ? 13 : PD_GGUF_TYPE_F32);
     float theta = 10000.0f;
-    put(b, &theta, 4);
-    (*n)++;
-    build_vocab_kvs(f, b, n);
+    pd_gb_put(b, &theta, 4);
+    build_vocab_kvs(f, b);
     if (f == BAD_NESTED) { /* [[u8 'x']] */
-        put_str(b, "nested");
-        put_u32(b, PD_GGUF_TYPE_ARRAY);
-        put_u32(b, PD_GGUF_TYPE_ARRAY);
-        put_u64(b, 1);
-        put_u32(b, PD_GGUF_TYPE_U8);
-        put_u64(b, 1);
-        put(b, "x", 1);
-        (*n)++;
+        pd_gb_arr(b, "nested", PD_GGUF_TYPE_ARRAY, 1);
+        pd_gb_u32(b, PD_GGUF_TYPE_U8);
+        pd_gb_u64(b, 1);
+        pd_gb_put(b, "x", 1);
     }
 }
 
-static void put_tensor_info(fault_t f, buf_t *b, const tspec_t *t, int first, uint64_t off,
-                            uint64_t size_guess)
+static void put_tensor_info(fault_t f, pd_gb_t *b, const tspec_t *t, int first,
+                            uint64_t off, uint64_t size_guess)
 {
     if (f == BAD_NAME_NUL && first)
-        put_strn(b, "tok\0embd", 8, 8);
+        pd_gb_strn(b, "tok\0embd", 8, 8);
     else
-        put_str(b, t->name);
+        pd_gb_str(b, t->name);
     uint32_t nd = t->n_dims;
     if (first && (f == BAD_NDIMS5 || f == BAD_NDIMS0))
         nd = f == BAD_NDIMS5 ? 5 : 0;
-    put_u32(b, nd);
+    pd_gb_u32(b, nd);
     for (uint32_t d = 0; d < nd; d++) {
         uint64_t ne = d < 4 ? t->ne[d] : 1;
         if (first && f == BAD_NE0 && d == 1)
@@ -768,27 +629,27 @@ static void put_tensor_info(fault_t f, buf_t *b, const tspec_t *t, int first, ui
             ne = 1ull << 63;
         if (first && f == BAD_Q8_NE0 && d == 0)
             ne = 8;
-        put_u64(b, ne);
+        pd_gb_u64(b, ne);
     }
     uint32_t type = t->type;
     if (first && (f == BAD_TYPE_Q4_K || f == BAD_TYPE_INVALID || f == BAD_Q8_NE0))
         type = f == BAD_TYPE_Q4_K ? 12 : f == BAD_TYPE_INVALID ? 1000 : PD_DTYPE_Q8_0;
-    put_u32(b, type);
+    pd_gb_u32(b, type);
     if (first && f == BAD_OFF_EOF)
         off = size_guess;
     if (first && f == BAD_OFF_HUGE)
         off = ~0ull - 31;
     if (first && f == BAD_OFF_MISALIGNED)
         off += 4;
-    put_u64(b, off);
+    pd_gb_u64(b, off);
 }
 
 /* A complete tiny GGUF llama model with fault f. */
-static void build_gguf(fault_t f, buf_t *b)
+static void build_gguf(fault_t f, pd_gb_t *b)
 {
-    buf_t kvs = {0};
-    int n_kv = 0;
-    build_kvs(f, &kvs, &n_kv);
+    pd_gb_t kvs = {0};
+    build_kvs(f, &kvs);
+    uint64_t n_kv = kvs.n_kv;
     tspec_t ts[16];
     int nt = tensor_list(f, ts);
     uint64_t sizes[16], offs[16], total = 0;
@@ -800,21 +661,20 @@ static void build_gguf(fault_t f, buf_t *b)
         offs[i] = total;
         total = (total + bytes + 31) / 32 * 32;
     }
-    put(b, f == BAD_MAGIC ? "GGUG" : "GGUF", 4);
+    pd_gb_put(b, f == BAD_MAGIC ? "GGUG" : "GGUF", 4);
     uint32_t version = f == BAD_V1 ? 1 : f == BAD_V99 ? 99 : f == BAD_BIG_ENDIAN ? 3u << 24
                      : f == OK_V2 ? 2 : 3;
-    put_u32(b, version);
-    put_u64(b, f == BAD_NT_HUGE ? 1ull << 62 : (uint64_t)nt);
-    put_u64(b, f == BAD_NKV_HUGE ? 1ull << 62 : f == BAD_NKV_PLUS1 ? n_kv + 1u : (uint64_t)n_kv);
-    put(b, kvs.p, kvs.n);
-    free(kvs.p);
+    pd_gb_u32(b, version);
+    pd_gb_u64(b, f == BAD_NT_HUGE ? 1ull << 62 : (uint64_t)nt);
+    pd_gb_u64(b, f == BAD_NKV_HUGE ? 1ull << 62 : f == BAD_NKV_PLUS1 ? n_kv + 1 : n_kv);
+    pd_gb_put(b, kvs.p, kvs.n);
+    pd_gb_free(&kvs);
     for (int i = 0; i < nt; i++)
         put_tensor_info(f, b, &ts[i], i == 0, offs[i], total);
-    static const uint8_t zeros[32];
-    put(b, zeros, (32 - b->n % 32) % 32);
+    pd_gb_pad(b, 32);
     for (uint64_t i = 0; i < total; i++) {
         uint8_t v = (uint8_t)(i * 131 + 7);
-        put(b, &v, 1);
+        pd_gb_put(b, &v, 1);
     }
     for (int i = 0; i < nt; i++) /* norms: F32 ones */
         if (ts[i].n_dims == 1 && ts[i].type == PD_DTYPE_F32)
@@ -842,39 +702,42 @@ static const char *fault_want_dtype(fault_t f)
 START_TEST(test_handcrafted)
 {
     fault_t f = (fault_t)_i;
-    buf_t b = {0};
+    pd_gb_t b = {0};
     build_gguf(f, &b);
     char path[128];
-    int fd = make_temp(path, sizeof path, "hand_", ".gguf");
-    ck_assert_int_eq(write(fd, b.p, b.n), (ssize_t)b.n);
-    close(fd);
-    free(b.p);
+    pd_test_temp_write("hand_", ".gguf", b.p, b.n, path, sizeof path);
+    pd_gb_free(&b);
 
     pd_gguf_t *g = NULL;
     pd_status_t st = pd_gguf_open(path, &g);
     if (f < FIRST_BAD || f >= FIRST_MODEL_BAD) {
-        ck_assert_msg(st == PD_OK, "fault %d: gguf %s (%s)", f, pd_status_str(st), last_error);
-        ck_assert_int_eq(n_errors, 0);
+        ck_assert_msg(st == PD_OK, "fault %d: gguf %s (%s)", f, pd_status_str(st),
+                      pd_test_last_error);
+        ck_assert_int_eq(pd_test_n_errors, 0);
         pd_gguf_destroy(&g);
     } else {
         ck_assert_msg(st < 0, "fault %d opened", f);
         ck_assert_ptr_null(g);
-        ck_assert_int_eq(n_errors, 1); /* exactly one line, naming file and byte */
-        ck_assert_msg(strstr(last_error, path) && strstr(last_error, "byte "), "%s",
-                      last_error);
+        /* exactly one line, naming file and byte */
+        ck_assert_int_eq(pd_test_n_errors, 1);
+        ck_assert_msg(strstr(pd_test_last_error, path) &&
+                          strstr(pd_test_last_error, "byte "),
+                      "%s", pd_test_last_error);
         pd_status_t want = PD_ERR_FORMAT;
         if (f == BAD_V1 || f == BAD_BIG_ENDIAN || f == BAD_NESTED || f == BAD_TYPE_Q4_K)
             want = PD_ERR_UNSUPPORTED;
-        ck_assert_msg(st == want, "fault %d: %s (%s)", f, pd_status_str(st), last_error);
+        ck_assert_msg(st == want, "fault %d: %s (%s)", f, pd_status_str(st),
+                      pd_test_last_error);
         if (f == BAD_TYPE_Q4_K)
-            ck_assert(strstr(last_error, "unsupported tensor type") &&
-                      strstr(last_error, "token_embd.weight"));
+            ck_assert(strstr(pd_test_last_error, "unsupported tensor type") &&
+                      strstr(pd_test_last_error, "token_embd.weight"));
     }
-    n_errors = 0;
+    pd_test_n_errors = 0;
     pd_model_t *m = NULL;
     st = pd_model_open(path, NULL, &m);
     if (f < FIRST_BAD) {
-        ck_assert_msg(st == PD_OK, "fault %d: model %s (%s)", f, pd_status_str(st), last_error);
+        ck_assert_msg(st == PD_OK, "fault %d: model %s (%s)", f, pd_status_str(st),
+                      pd_test_last_error);
         check_consistent(m);
         ck_assert_str_eq(pd_model_dtype_name(m), fault_want_dtype(f));
         const pd_model_weights_t *w = pd_model_weights(m);
@@ -884,7 +747,7 @@ START_TEST(test_handcrafted)
     } else {
         ck_assert_msg(st < 0, "fault %d: model opened", f);
         ck_assert_ptr_null(m);
-        ck_assert_int_ge(n_errors, 1);
+        ck_assert_int_ge(pd_test_n_errors, 1);
     }
     unlink(path);
 }
@@ -892,24 +755,11 @@ END_TEST
 
 int main(void)
 {
-    if (!mkdtemp(temp_dir)) {
-        perror("mkdtemp");
-        return EXIT_FAILURE;
-    }
-    Suite *s = suite_create("model_corrupt");
-    TCase *tc = tcase_create("corrupt");
-    tcase_add_checked_fixture(tc, setup, NULL);
-    tcase_set_timeout(tc, 300);
+    TCase *tc = pd_test_tcase("corrupt", 300, pd_test_log_setup, NULL);
     tcase_add_loop_test(tc, test_handcrafted, 0, N_FAULTS);
     tcase_add_loop_test(tc, test_truncate, 0, N_TARGETS);
     tcase_add_loop_test(tc, test_mutate_gguf_fields, 0, N_GGUF_TARGETS);
     tcase_add_loop_test(tc, test_mutate_blind, 0, N_TARGETS);
     tcase_add_loop_test(tc, test_llama2c_header, 0, N_TARGETS - N_GGUF_TARGETS);
-    suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    remove_temp_dir();
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return pd_test_run("model_corrupt", tc);
 }

@@ -6,6 +6,7 @@
 
 #include "common/log.h"
 #include "common/sampler.h"
+#include "support/pdcheck.h"
 
 #define NV 6
 
@@ -158,17 +159,8 @@ END_TEST
 
 int main(void)
 {
-    Suite *su = suite_create("sampler");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, greedy_is_argmax);
-    tcase_add_test(tc, same_seed_same_draws);
-    tcase_add_test(tc, frequencies_follow_softmax);
-    tcase_add_test(tc, filters_restrict_support);
-    tcase_add_test(tc, bad_params_refused);
-    suite_add_tcase(su, tc);
-    SRunner *sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    TCase *tc = pd_test_tcase("core", 0, NULL, NULL);
+    PD_TEST_ADD(tc, greedy_is_argmax, same_seed_same_draws, frequencies_follow_softmax,
+                filters_restrict_support, bad_params_refused);
+    return pd_test_run("sampler", tc);
 }

@@ -17,47 +17,22 @@
 #include <unistd.h>
 
 #include "common/gguf.h"
-#include "common/log.h"
 #include "common/tokenizer.h"
+#include "support/ggufbuild.h"
+#include "support/golden.h"
+#include "support/pdcheck.h"
 
 #define MAX_IDS 4096
 
 /* ---- helpers ---- */
 
-static int n_errors;
-static char last_error[1024];
-
-static void count_log(pd_log_level_t level, const char *file, int line, const char *msg,
-                      void *user)
-{
-    (void)file, (void)line, (void)user;
-    if (level == PD_LOG_LEVEL_ERROR) {
-        n_errors++;
-        snprintf(last_error, sizeof last_error, "%s", msg);
-    }
-}
-
-static void setup(void)
-{
-    n_errors = 0;
-    last_error[0] = '\0';
-    pd_log_set_callback(count_log, NULL);
-}
-
-static void shared_path(char *out, size_t cap, const char *sub, const char *name)
-{
-    const char *dir = getenv("PD_SHARED_DIR");
-    ck_assert_msg(dir != NULL, "PD_SHARED_DIR is not set");
-    snprintf(out, cap, "%s/%s/%s", dir, sub, name);
-}
-
 static pd_tokenizer_t *load_bin(const char *name, int32_t vocab)
 {
-    char path[4096];
-    shared_path(path, sizeof path, "models", name);
+    const char *path = pd_test_model_path(name);
     pd_tokenizer_t *t = NULL;
     pd_status_t st = pd_tokenizer_load_bin(path, vocab, &t);
-    ck_assert_msg(st == PD_OK, "load %s: %s (%s)", path, pd_status_str(st), last_error);
+    ck_assert_msg(st == PD_OK, "load %s: %s (%s)", path, pd_status_str(st),
+                  pd_test_last_error);
     ck_assert_int_eq(pd_tokenizer_n_vocab(t), vocab);
     return t;
 }
@@ -69,14 +44,14 @@ typedef struct gtok {
 
 static gtok_t load_gguf(const char *name)
 {
-    char path[4096];
-    shared_path(path, sizeof path, "models", name);
+    const char *path = pd_test_model_path(name);
     gtok_t r = {0};
     pd_status_t st = pd_gguf_open(path, &r.g);
-    ck_assert_msg(st == PD_OK, "open %s: %s (%s)", path, pd_status_str(st), last_error);
+    ck_assert_msg(st == PD_OK, "open %s: %s (%s)", path, pd_status_str(st),
+                  pd_test_last_error);
     st = pd_tokenizer_from_gguf(r.g, &r.t);
     ck_assert_msg(st == PD_OK, "tokenizer of %s: %s (%s)", path, pd_status_str(st),
-                  last_error);
+                  pd_test_last_error);
     return r;
 }
 
@@ -189,141 +164,28 @@ static void expect_ids(const pd_tokenizer_t *t, const char *s, size_t len,
         expect_ids((t), (s), strlen(s), want_, sizeof want_ / sizeof want_[0]);          \
     } while (0)
 
-/* ---- a minimal JSON reader for the golden lines ---- */
-
-static const char *json_key(const char *line, const char *key)
-{
-    char pat[64];
-    snprintf(pat, sizeof pat, "\"%s\":", key);
-    const char *p = strstr(line, pat);
-    ck_assert_msg(p != NULL, "golden line has no %s", key);
-    p += strlen(pat);
-    while (*p == ' ')
-        p++;
-    return p;
-}
-
-static void put_utf8(char *out, size_t *n, unsigned cp)
-{
-    if (cp < 0x80) {
-        out[(*n)++] = (char)cp;
-    } else if (cp < 0x800) {
-        out[(*n)++] = (char)(0xC0 | cp >> 6);
-        out[(*n)++] = (char)(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-        out[(*n)++] = (char)(0xE0 | cp >> 12);
-        out[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        out[(*n)++] = (char)(0x80 | (cp & 0x3F));
-    } else {
-        out[(*n)++] = (char)(0xF0 | cp >> 18);
-        out[(*n)++] = (char)(0x80 | ((cp >> 12) & 0x3F));
-        out[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        out[(*n)++] = (char)(0x80 | (cp & 0x3F));
-    }
-}
-
-/* A JSON string value (with \uXXXX and surrogate pairs) into out; returns its length. */
-static size_t json_string(const char *p, char *out, size_t cap)
-{
-    ck_assert_int_eq(*p, '"');
-    size_t n = 0;
-    for (p++; *p != '"'; p++) {
-        ck_assert_msg(*p != '\0' && n + 4 < cap, "bad golden string");
-        if (*p != '\\') {
-            out[n++] = *p;
-            continue;
-        }
-        char e = *++p;
-        const char *simple = strchr("\"\\/bfnrt", e);
-        if (e != 'u') {
-            ck_assert_ptr_nonnull(simple);
-            out[n++] = "\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"];
-            continue;
-        }
-        unsigned cp = (unsigned)strtoul((char[5]){p[1], p[2], p[3], p[4], 0}, NULL, 16);
-        p += 4;
-        if (cp >= 0xD800 && cp < 0xDC00 && p[1] == '\\' && p[2] == 'u') {
-            unsigned lo =
-                (unsigned)strtoul((char[5]){p[3], p[4], p[5], p[6], 0}, NULL, 16);
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-            p += 6;
-        }
-        put_utf8(out, &n, cp);
-    }
-    out[n] = '\0';
-    return n;
-}
-
-static size_t json_ints(const char *p, int32_t *ids, size_t cap)
-{
-    ck_assert_int_eq(*p, '[');
-    size_t n = 0;
-    for (p++; *p != ']';) {
-        char *end;
-        long v = strtol(p, &end, 10);
-        ck_assert_msg(end != p && n < cap, "bad golden id list");
-        ids[n++] = (int32_t)v;
-        p = end;
-        while (*p == ',' || *p == ' ')
-            p++;
-    }
-    return n;
-}
-
 /* ---- golden ---- */
-
-typedef struct golden {
-    char prompt[1024];
-    size_t prompt_len;
-    int32_t ids[MAX_IDS]; /* prompt_ids then greedy_ids */
-    size_t n_prompt, n_ids;
-    char stdout_text[16384];
-} golden_t;
-
-static int read_golden(const char *name, golden_t *out, int max)
-{
-    char path[4096];
-    shared_path(path, sizeof path, "golden", name);
-    FILE *f = fopen(path, "r");
-    ck_assert_msg(f != NULL, "cannot open %s", path);
-    static char line[1 << 16];
-    int n = 0;
-    while (n < max && fgets(line, sizeof line, f)) {
-        if (line[0] != '{')
-            continue;
-        golden_t *g = &out[n++];
-        g->prompt_len =
-            json_string(json_key(line, "prompt"), g->prompt, sizeof g->prompt);
-        g->n_prompt = json_ints(json_key(line, "prompt_ids"), g->ids, MAX_IDS);
-        g->n_ids = g->n_prompt + json_ints(json_key(line, "greedy_ids"),
-                                           g->ids + g->n_prompt, MAX_IDS - g->n_prompt);
-        json_string(json_key(line, "run_c_stdout"), g->stdout_text,
-                    sizeof g->stdout_text);
-    }
-    fclose(f);
-    ck_assert_int_gt(n, 0);
-    return n;
-}
 
 static void check_golden_file(const char *file, const pd_tokenizer_t *const *toks,
                               int n_toks)
 {
-    static golden_t gs[16];
     static char out[1 << 16];
-    int n = read_golden(file, gs, 16);
+    pd_test_golden_t *gs;
+    int n = pd_test_golden_read(file, &gs);
     for (int i = 0; i < n; i++) {
-        const golden_t *g = &gs[i];
+        const pd_test_golden_t *g = &gs[i];
         for (int k = 0; k < n_toks; k++) {
             expect_ids(toks[k], g->prompt, g->prompt_len, g->ids, g->n_prompt);
             /* run.c prints the prompt and generation, stopping at a generated BOS. */
             size_t end = g->n_prompt;
             while (end < g->n_ids && g->ids[end] != 1)
                 end++;
-            detok_all(toks[k], g->ids, end, out, sizeof out);
-            ck_assert_msg(strcmp(out, g->stdout_text) == 0, "%s line %d: decode differs",
-                          file, i);
+            size_t len = detok_all(toks[k], g->ids, end, out, sizeof out);
+            ck_assert_msg(len == g->stdout_len && memcmp(out, g->run_c_stdout, len) == 0,
+                          "%s line %d: decode differs", file, i);
         }
     }
+    pd_test_golden_free(&gs, n);
 }
 
 START_TEST(test_golden_prompts)
@@ -337,7 +199,7 @@ START_TEST(test_golden_prompts)
     ck_assert_ptr_null(bin);
     gtok_free(&a);
     gtok_free(&b);
-    ck_assert_int_eq(n_errors, 0);
+    ck_assert_int_eq(pd_test_n_errors, 0);
 }
 END_TEST
 
@@ -596,27 +458,10 @@ END_TEST
 
 /* ---- corrupt files ---- */
 
-static unsigned char *slurp(const char *name, size_t *n_p)
-{
-    char path[4096];
-    shared_path(path, sizeof path, "models", name);
-    FILE *f = fopen(path, "rb");
-    ck_assert_ptr_nonnull(f);
-    static unsigned char buf[1 << 20];
-    *n_p = fread(buf, 1, sizeof buf, f);
-    fclose(f);
-    return buf;
-}
-
-static char tmp_path[64];
-
 static pd_status_t load_bytes(const unsigned char *d, size_t n, int32_t vocab)
 {
-    snprintf(tmp_path, sizeof tmp_path, "/tmp/pd_tok_test_XXXXXX");
-    int fd = mkstemp(tmp_path);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(write(fd, d, n), (ssize_t)n);
-    close(fd);
+    char tmp_path[4096];
+    pd_test_temp_write("tok_", ".bin", d, n, tmp_path, sizeof tmp_path);
     pd_tokenizer_t *t = NULL;
     pd_status_t st = pd_tokenizer_load_bin(tmp_path, vocab, &t);
     unlink(tmp_path);
@@ -639,8 +484,9 @@ static void put_i32(unsigned char *p, int32_t v)
 START_TEST(test_corrupt_bin)
 {
     size_t n;
-    const unsigned char *orig = slurp("tok512.bin", &n);
+    unsigned char *orig = pd_test_read_file(pd_test_model_path("tok512.bin"), &n);
     static unsigned char d[1 << 20];
+    ck_assert_uint_le(n, sizeof d);
     ck_assert_int_eq(load_bytes(orig, n, 512), PD_OK);
     const size_t cuts[] = {0, 2, 4, 7, 12, 100, n / 2, n - 1};
     for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++)
@@ -670,46 +516,12 @@ START_TEST(test_corrupt_bin)
     pd_tokenizer_t *t = NULL;
     ck_assert_int_eq(pd_tokenizer_load_bin("/nonexistent/tok.bin", 512, &t), PD_ERR_IO);
     ck_assert_ptr_null(t);
-    ck_assert_int_gt(n_errors, 0);
+    ck_assert_int_gt(pd_test_n_errors, 0);
+    free(orig);
 }
 END_TEST
 
 /* ---- crafted GGUF files ---- */
-
-typedef struct gbuf {
-    unsigned char d[8192];
-    size_t n;
-    uint64_t n_kv;
-} gbuf_t;
-
-static void gput(gbuf_t *b, const void *p, size_t n)
-{
-    ck_assert_uint_le(b->n + n, sizeof b->d);
-    memcpy(b->d + b->n, p, n);
-    b->n += n;
-}
-
-static void gput_u32(gbuf_t *b, uint32_t v)
-{
-    gput(b, &v, 4);
-}
-static void gput_u64(gbuf_t *b, uint64_t v)
-{
-    gput(b, &v, 8);
-}
-
-static void gput_str(gbuf_t *b, const char *s)
-{
-    gput_u64(b, strlen(s));
-    gput(b, s, strlen(s));
-}
-
-static void gkey(gbuf_t *b, const char *key, uint32_t type)
-{
-    gput_str(b, key);
-    gput_u32(b, type);
-    b->n_kv++;
-}
 
 #define SP "\xe2\x96\x81"
 /* Besides plain merges: a control piece "ba" and a byte piece "<0x63>" that merges
@@ -736,61 +548,39 @@ static const gopts_t G_DEFAULT = {"llama", G_N, 0, 1, -1, -1};
 
 static pd_status_t gguf_tokenizer(const gopts_t *o, pd_tokenizer_t **t_p)
 {
-    static gbuf_t kv;
-    memset(&kv, 0, sizeof kv);
-    if (o->model) {
-        gkey(&kv, "tokenizer.ggml.model", PD_GGUF_TYPE_STRING);
-        gput_str(&kv, o->model);
-    }
-    gkey(&kv, "tokenizer.ggml.tokens", PD_GGUF_TYPE_ARRAY);
-    gput_u32(&kv, PD_GGUF_TYPE_STRING);
-    gput_u64(&kv, G_N);
+    pd_gb_t kv = {0};
+    if (o->model)
+        pd_gb_kv_str(&kv, "tokenizer.ggml.model", o->model);
+    pd_gb_arr(&kv, "tokenizer.ggml.tokens", PD_GGUF_TYPE_STRING, G_N);
     for (int i = 0; i < G_N; i++)
-        gput_str(&kv, G_TOKENS[i]);
+        pd_gb_str(&kv, G_TOKENS[i]);
     if (o->n_scores) {
-        gkey(&kv, "tokenizer.ggml.scores", PD_GGUF_TYPE_ARRAY);
-        gput_u32(&kv, PD_GGUF_TYPE_F32);
-        gput_u64(&kv, (uint64_t)o->n_scores);
+        pd_gb_arr(&kv, "tokenizer.ggml.scores", PD_GGUF_TYPE_F32, (uint64_t)o->n_scores);
         for (int i = 0; i < o->n_scores; i++)
-            gput(&kv, &G_SCORES[i % G_N], 4);
+            pd_gb_put(&kv, &G_SCORES[i % G_N], 4);
     }
-    gkey(&kv, "tokenizer.ggml.token_type", PD_GGUF_TYPE_ARRAY);
-    gput_u32(&kv, PD_GGUF_TYPE_I32);
-    gput_u64(&kv, G_N);
+    pd_gb_arr(&kv, "tokenizer.ggml.token_type", PD_GGUF_TYPE_I32, G_N);
     for (int i = 0; i < G_N; i++) {
         int32_t ty = i == 4 && o->bad_type ? o->bad_type : G_TYPES[i];
-        gput(&kv, &ty, 4);
+        pd_gb_put(&kv, &ty, 4);
     }
-    gkey(&kv, "tokenizer.ggml.bos_token_id", PD_GGUF_TYPE_U32);
-    gput_u32(&kv, o->bos);
+    pd_gb_kv_u32(&kv, "tokenizer.ggml.bos_token_id", o->bos);
     if (o->add_space >= 0) {
-        gkey(&kv, "tokenizer.ggml.add_space_prefix", PD_GGUF_TYPE_BOOL);
-        gput(&kv, &(uint8_t){(uint8_t)o->add_space}, 1);
+        pd_gb_key(&kv, "tokenizer.ggml.add_space_prefix", PD_GGUF_TYPE_BOOL);
+        pd_gb_put(&kv, &(uint8_t){(uint8_t)o->add_space}, 1);
     }
     if (o->remove_ws >= 0) {
-        gkey(&kv, "tokenizer.ggml.remove_extra_whitespaces", PD_GGUF_TYPE_BOOL);
-        gput(&kv, &(uint8_t){(uint8_t)o->remove_ws}, 1);
+        pd_gb_key(&kv, "tokenizer.ggml.remove_extra_whitespaces", PD_GGUF_TYPE_BOOL);
+        pd_gb_put(&kv, &(uint8_t){(uint8_t)o->remove_ws}, 1);
     }
-    static gbuf_t f;
-    memset(&f, 0, sizeof f);
-    gput(&f, "GGUF", 4);
-    gput_u32(&f, 3);
-    gput_u64(&f, 0);
-    gput_u64(&f, kv.n_kv);
-    gput(&f, kv.d, kv.n);
-    while (f.n % 32)
-        gput(&f, "", 1);
-    snprintf(tmp_path, sizeof tmp_path, "/tmp/pd_tok_gguf_XXXXXX");
-    int fd = mkstemp(tmp_path);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(write(fd, f.d, f.n), (ssize_t)f.n);
-    close(fd);
-    pd_gguf_t *g = NULL;
-    pd_status_t st = pd_gguf_open(tmp_path, &g);
-    unlink(tmp_path);
-    ck_assert_msg(st == PD_OK, "crafted gguf: %s (%s)", pd_status_str(st), last_error);
+    pd_gb_t f = {0};
+    pd_gb_header(&f, 3, 0, kv.n_kv);
+    pd_gb_put(&f, kv.p, kv.n);
+    pd_gb_free(&kv);
+    pd_gb_pad(&f, 32);
+    pd_gguf_t *g = pd_gb_open(&f, "crafted gguf");
     *t_p = NULL;
-    st = pd_tokenizer_from_gguf(g, t_p);
+    pd_status_t st = pd_tokenizer_from_gguf(g, t_p);
     pd_gguf_destroy(&g); /* the tokenizer owns copies */
     return st;
 }
@@ -834,7 +624,7 @@ START_TEST(test_crafted_gguf)
     o.model = "gpt2";
     ck_assert_int_eq(gguf_tokenizer(&o, &t), PD_ERR_UNSUPPORTED);
     ck_assert_ptr_null(t);
-    ck_assert_ptr_nonnull(strstr(last_error, "gpt2"));
+    ck_assert_ptr_nonnull(strstr(pd_test_last_error, "gpt2"));
     o.model = NULL;
     ck_assert_int_eq(gguf_tokenizer(&o, &t), PD_ERR_UNSUPPORTED);
     o = G_DEFAULT;
@@ -909,26 +699,10 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("tokenizer");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, NULL);
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_golden_prompts);
-    tcase_add_test(tc, test_gguf_equals_bin);
-    tcase_add_test(tc, test_round_trip);
-    tcase_add_test(tc, test_specials_are_text);
-    tcase_add_test(tc, test_empty_and_bos);
-    tcase_add_test(tc, test_char_level_unk);
-    tcase_add_test(tc, test_invalid_utf8);
-    tcase_add_test(tc, test_detok_rules);
-    tcase_add_test(tc, test_detok_random_streams);
-    tcase_add_test(tc, test_corrupt_bin);
-    tcase_add_test(tc, test_crafted_gguf);
-    tcase_add_test(tc, test_encode_speed);
-    suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    TCase *tc = pd_test_tcase("core", 120, pd_test_log_setup, NULL);
+    PD_TEST_ADD(tc, test_golden_prompts, test_gguf_equals_bin, test_round_trip,
+                test_specials_are_text, test_empty_and_bos, test_char_level_unk,
+                test_invalid_utf8, test_detok_rules, test_detok_random_streams,
+                test_corrupt_bin, test_crafted_gguf, test_encode_speed);
+    return pd_test_run("tokenizer", tc);
 }
