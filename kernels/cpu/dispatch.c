@@ -27,7 +27,7 @@
 /* Row chunks per thread for the matrix-vector path (load balance vs streaming). */
 #define MV_CHUNKS_PER_THREAD 4
 /* Tokens per gemm task: bounds the activations streamed past one packed panel. */
-#define GEMM_T_CHUNK 256
+#define GEMM_T_CHUNK 512
 /* Elementwise ops split into chunks of this many elements. */
 #define ELEM_CHUNK 16384
 /* Scratch grows in steps of this many bytes (attention scores grow with positions). */

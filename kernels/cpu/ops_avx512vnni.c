@@ -37,45 +37,62 @@ static size_t mm_scratch(int dt, int64_t n_in, int gemm)
     return a > b ? a : b;
 }
 
-/* One weight block of row o as 32 signed bytes and its scale. */
-static inline float block_q(const pd_cpu_mm_t *mm, int64_t o, int64_t b, int8_t q[PD_QK])
+/* Packs one block of 16 rows (those with mask bits set; the rest zero): dword g of
+ * every row, gathered across rows, is group g of the panel; each row's sum comes from
+ * vpdpbusd with ones. */
+static inline void pack_block16(const pd_cpu_mm_t *mm, const uint8_t *base, __m512i idx,
+                                __mmask16 valid, uint8_t *blk, float *scale,
+                                int32_t *ncorr)
 {
-    uint16_t dh;
+    const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
+    __m512i sum = zero;
     if (mm->dt == PD_CPU_DT_Q8_0) {
-        const pd_block_q8_0_t *blk =
-            (const pd_block_q8_0_t *)(mm->w + (size_t)o * mm->row_bytes) + b;
-        memcpy(q, blk->qs, PD_QK);
-        memcpy(&dh, &blk->d, 2);
+        for (int g = 0; g < PD_QK / 4; g++) {
+            __m512i v =
+                _mm512_mask_i32gather_epi32(zero, valid, idx, base + 2 + 4 * g, 1);
+            sum = _mm512_dpbusd_epi32(sum, ones, v);
+            _mm512_store_si512(blk + g * NR * 4, v);
+        }
     } else {
-        const pd_block_q4_0_t *blk =
-            (const pd_block_q4_0_t *)(mm->w + (size_t)o * mm->row_bytes) + b;
-        _mm256_storeu_si256((__m256i *)q, q4_unpack(blk->qs));
-        memcpy(&dh, &blk->d, 2);
+        const __m512i m = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+        for (int g = 0; g < 4; g++) {
+            __m512i v =
+                _mm512_mask_i32gather_epi32(zero, valid, idx, base + 2 + 4 * g, 1);
+            __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, m), eight);
+            __m512i hi =
+                _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m), eight);
+            lo = _mm512_maskz_mov_epi32(valid, lo);
+            hi = _mm512_maskz_mov_epi32(valid, hi);
+            sum = _mm512_dpbusd_epi32(sum, ones, lo);
+            sum = _mm512_dpbusd_epi32(sum, ones, hi);
+            _mm512_store_si512(blk + g * NR * 4, lo);
+            _mm512_store_si512(blk + (g + 4) * NR * 4, hi);
+        }
     }
-    return _cvtsh_ss(dh);
+    __m512i d = _mm512_mask_i32gather_epi32(zero, valid, idx, base, 1);
+    _mm512_storeu_ps(scale, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));
+    _mm512_storeu_si512(ncorr, _mm512_sub_epi32(zero, _mm512_slli_epi32(sum, 7)));
 }
 
+/* Rows [o0, o1) of W as the panel layout of the header, 16 rows per gather. */
 static void pack_panel(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, uint8_t *panel)
 {
     const int64_t nb = mm->n_in / PD_QK;
-    for (int64_t b = 0; b < nb; b++) {
-        uint8_t *blk = panel + (size_t)b * BLOCK_BYTES;
-        float *scale = (float *)(blk + PD_QK * NR);
-        int32_t *ncorr = (int32_t *)(scale + NR);
-        for (int r = 0; r < NR; r++) {
-            int8_t q[PD_QK];
-            float d = 0.0f;
-            if (o0 + r < o1)
-                d = block_q(mm, o0 + r, b, q);
-            else
-                memset(q, 0, sizeof q);
-            int32_t sum = 0;
-            for (int j = 0; j < PD_QK; j++)
-                sum += q[j];
-            scale[r] = d;
-            ncorr[r] = -128 * sum;
-            for (int g = 0; g < PD_QK / 4; g++)
-                memcpy(blk + (g * NR + r) * 4, q + g * 4, 4);
+    const size_t bs =
+        mm->dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)mm->row_bytes));
+    for (int half = 0; half < NR / 16; half++) {
+        int64_t r0 = o0 + half * 16, n = pd_cpu_min64(16, o1 - r0);
+        __mmask16 valid = n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+        const uint8_t *rows = mm->w + (size_t)(n > 0 ? r0 : o0) * mm->row_bytes;
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = panel + (size_t)b * BLOCK_BYTES;
+            float *scale = (float *)(blk + PD_QK * NR);
+            int32_t *ncorr = (int32_t *)(scale + NR);
+            pack_block16(mm, rows + (size_t)b * bs, idx, valid, blk + half * 64,
+                         scale + half * 16, ncorr + half * 16);
         }
     }
 }
