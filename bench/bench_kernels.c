@@ -49,6 +49,16 @@ static double median(double *v, int n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+static void *xmalloc(size_t n)
+{
+    void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+    if (!p) {
+        fprintf(stderr, "bench_kernels: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
 static int use_hugepages;
 
 /* Weights: 2 MiB aligned, and backed by transparent huge pages with --hugepages
@@ -63,16 +73,6 @@ static void *weight_alloc(size_t n)
     }
     if (use_hugepages)
         madvise(p, rounded, MADV_HUGEPAGE);
-    return p;
-}
-
-static void *xmalloc(size_t n)
-{
-    void *p = aligned_alloc(64, (n + 63) / 64 * 64);
-    if (!p) {
-        fprintf(stderr, "bench_kernels: out of memory (%zu bytes)\n", n);
-        exit(1);
-    }
     return p;
 }
 
@@ -126,7 +126,7 @@ static double mem_run(void *(*fn)(void *), const uint64_t *src, uint64_t *dst, s
 static void bench_memory(int reps)
 {
     size_t bytes = (size_t)1 << 30, n = bytes / 8;
-    uint64_t *src = xmalloc(bytes), *dst = xmalloc(bytes);
+    uint64_t *src = weight_alloc(bytes), *dst = weight_alloc(bytes);
     for (size_t i = 0; i < n; i++)
         src[i] = i;
     memset(dst, 1, bytes);
@@ -136,8 +136,9 @@ static void bench_memory(int reps)
             tr[r] = mem_run(read_sum, src, NULL, n, nt);
             tc[r] = mem_run(copy, src, dst, n, nt);
         }
-        printf("memory   threads %d: read %.1f GB/s, memcpy %.1f GB/s (read+write)\n", nt,
-               bytes / median(tr, reps) / 1e9, 2.0 * bytes / median(tc, reps) / 1e9);
+        printf("memory   threads %d: read %.1f GB/s, memcpy %.1f GB/s (read+write)%s\n",
+               nt, bytes / median(tr, reps) / 1e9, 2.0 * bytes / median(tc, reps) / 1e9,
+               use_hugepages ? " [huge pages]" : "");
     }
     free(src);
     free(dst);
