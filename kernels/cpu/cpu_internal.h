@@ -60,6 +60,7 @@ typedef void (*pd_cpu_gemm_fn)(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, in
 
 typedef struct pd_cpu_isa {
     const char *name;
+    int vw; /* f32 lanes of the vector kernels (attn_chunk wants head_dim % vw == 0) */
     pd_cpu_mv_fn mv[PD_CPU_DT_COUNT];
     uint8_t mv_x[PD_CPU_DT_COUNT];        /* PD_CPU_X_* */
     pd_cpu_gemm_fn gemm[PD_CPU_DT_COUNT]; /* NULL: the mv kernel serves every T */
@@ -85,6 +86,12 @@ typedef struct pd_cpu_isa {
     /* Queries t0 .. t0 + nq - 1 (nq <= PD_CPU_ATTN_QB) of head h; scores: scratch of
      * PD_CPU_ATTN_QB * (max pos + 17) floats. */
     void (*attn_block)(const pd_attn_args_t *a, int h, int64_t t0, int nq, float *scores);
+    /* One query (T = 1), positions [p0, p1) of every head, as a partial softmax:
+     * part [n_heads][head_dim + 2] = (sum_p e^(s_p - m) v_p, m, l = sum_p e^(s_p - m));
+     * scores: n_heads * (p1 - p0) floats. Returns 0 (nothing done) for a head_dim it
+     * does not handle. NULL in the scalar table. */
+    int (*attn_chunk)(const pd_attn_args_t *a, int64_t p0, int64_t p1, float *part,
+                      float *scores);
 } pd_cpu_isa_t;
 
 extern const pd_cpu_isa_t pd_cpu_isa_scalar;

@@ -10,7 +10,10 @@
  *              gemm_nr output rows x a chunk of tokens (gemm kernels pack the panel
  *              to f32 or int8 once and reuse it across the chunk). Activations are
  *              quantized to Q8 blocks first when the kernel wants that.
- *   attention  one task per (head, block of 4 queries), head-major for cache reuse.
+ *   attention  one task per (head, block of 4 queries), head-major for cache reuse;
+ *              a single query over many positions (decoding) instead splits the
+ *              positions into chunks, each streamed in row order for all heads, and
+ *              merges the chunks' partial softmax states (flash-decoding).
  *   the rest   rows or element chunks when big enough, else inline.
  * Tiny ops run on the calling thread: waking the pool costs more than they do.
  * Threading: one thread drives a pd_kernels_t (ops.h); the pool runs the tasks. */
@@ -33,6 +36,10 @@
 /* Scratch grows in steps of this many bytes (attention scores grow with positions). */
 #define SCRATCH_STEP (64 * 1024)
 #define MAX_HEAD_DIM 512
+/* One-query attention over at least this many positions is split into position
+ * chunks of at least DECODE_MIN_CHUNK (flash-decoding). */
+#define DECODE_MIN_POSITIONS 64
+#define DECODE_MIN_CHUNK     32
 
 typedef struct pd_cpu_kernels {
     pd_kernels_t base;       /* first: the ops table handed out */
@@ -456,6 +463,68 @@ static void attn_task(void *arg, int64_t task, int thread)
     j->ck->isa->attn_block(j->a, (int)h, t0, nq, j->ck->thread_scratch[thread]);
 }
 
+typedef struct decode_job {
+    pd_cpu_kernels_t *ck;
+    const pd_attn_args_t *a;
+    int64_t n, chunk;
+    float *parts; /* [n_chunks][n_heads][head_dim + 2] */
+} decode_job_t;
+
+static void decode_task(void *arg, int64_t c, int thread)
+{
+    decode_job_t *j = arg;
+    int64_t p0 = c * j->chunk, p1 = pd_cpu_min64(p0 + j->chunk, j->n);
+    size_t part = (size_t)j->a->n_heads * (size_t)(j->a->head_dim + 2);
+    j->ck->isa->attn_chunk(j->a, p0, p1, j->parts + (size_t)c * part,
+                           j->ck->thread_scratch[thread]);
+}
+
+/* out_h = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c, M = max_c m_c. */
+static void decode_combine(const decode_job_t *j, int64_t n_chunks)
+{
+    const pd_attn_args_t *a = j->a;
+    int hd = a->head_dim;
+    size_t part = (size_t)a->n_heads * (size_t)(hd + 2);
+    for (int h = 0; h < a->n_heads; h++) {
+        const float *p = j->parts + (size_t)h * (size_t)(hd + 2);
+        float m = p[hd];
+        for (int64_t c = 1; c < n_chunks; c++)
+            m = fmaxf(m, p[c * part + hd]);
+        float *out = a->out + (size_t)h * (size_t)hd, l = 0.0f;
+        for (int i = 0; i < hd; i++)
+            out[i] = 0.0f;
+        for (int64_t c = 0; c < n_chunks; c++) {
+            const float *pc = p + c * part;
+            float w = expf(pc[hd] - m);
+            l += w * pc[hd + 1];
+            for (int i = 0; i < hd; i++)
+                out[i] += w * pc[i];
+        }
+        for (int i = 0; i < hd; i++)
+            out[i] /= l;
+    }
+}
+
+/* One query over many positions: chunks of positions as tasks, rows read in order. */
+static void attention_decode(pd_cpu_kernels_t *ck, const pd_attn_args_t *a)
+{
+    int64_t n = (int64_t)a->pos[0] + 1;
+    int64_t chunk = (n + ck->n_threads * 4 - 1) / (ck->n_threads * 4);
+    chunk = chunk < DECODE_MIN_CHUNK ? DECODE_MIN_CHUNK : chunk; /* 4 per thread */
+    int64_t n_chunks = (n + chunk - 1) / chunk;
+    size_t part = (size_t)a->n_heads * (size_t)(a->head_dim + 2);
+    ensure_thread_scratch(ck, (size_t)a->n_heads * (size_t)chunk * sizeof(float));
+    decode_job_t j = {.ck = ck,
+                      .a = a,
+                      .n = n,
+                      .chunk = chunk,
+                      .parts =
+                          ensure_shared(ck, (size_t)n_chunks * part * sizeof(float))};
+    double work = (double)n * a->n_heads * a->head_dim * 2;
+    run(ck, n_chunks, work, decode_task, &j);
+    decode_combine(&j, n_chunks);
+}
+
 static void cpu_attention(pd_kernels_t *k, const pd_attn_args_t *a)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
@@ -475,6 +544,11 @@ static void cpu_attention(pd_kernels_t *k, const pd_attn_args_t *a)
         }
         if (a->pos[t] > max_pos)
             max_pos = a->pos[t];
+    }
+    if (a->T == 1 && max_pos + 1 >= DECODE_MIN_POSITIONS && ck->isa->attn_chunk &&
+        a->head_dim % ck->isa->vw == 0 && a->head_dim <= 8 * ck->isa->vw) {
+        attention_decode(ck, a);
+        return;
     }
     ensure_thread_scratch(ck, (size_t)PD_CPU_ATTN_QB * (size_t)(max_pos + 1 + 16) *
                                   sizeof(float));

@@ -13,6 +13,7 @@ static size_t mm_scratch(int dt, int64_t n_in, int gemm)
 
 const pd_cpu_isa_t pd_cpu_isa_avx2 = {
     .name = "avx2",
+    .vw = VW,
     .mv = {simd_mv_f32, simd_mv_f16, simd_mv_bf16, simd_mv_q8_0, simd_mv_q4_0},
     .mv_x = {PD_CPU_X_F32, PD_CPU_X_F32, PD_CPU_X_F32, PD_CPU_X_Q8, PD_CPU_X_Q8},
     .gemm = {pd_cpu_avx2_gemm, pd_cpu_avx2_gemm, pd_cpu_avx2_gemm, pd_cpu_avx2_gemm,
@@ -29,4 +30,5 @@ const pd_cpu_isa_t pd_cpu_isa_avx2 = {
     .rope = simd_rope,
     .f32_to_f16 = simd_f32_to_f16,
     .attn_block = simd_attn_block,
+    .attn_chunk = simd_attn_chunk,
 };

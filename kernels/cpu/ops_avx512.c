@@ -15,6 +15,7 @@ static size_t mm_scratch(int dt, int64_t n_in, int gemm)
 
 const pd_cpu_isa_t pd_cpu_isa_avx512 = {
     .name = "avx512",
+    .vw = VW,
     .mv = {simd_mv_f32, simd_mv_f16, simd_mv_bf16, simd_mv_q8_0, simd_mv_q4_0},
     .mv_x = {PD_CPU_X_F32, PD_CPU_X_F32, PD_CPU_X_F32, PD_CPU_X_Q8, PD_CPU_X_Q8},
     .gemm = {pd_cpu_avx512_gemm, pd_cpu_avx512_gemm, pd_cpu_avx512_gemm,
@@ -31,4 +32,5 @@ const pd_cpu_isa_t pd_cpu_isa_avx512 = {
     .rope = simd_rope,
     .f32_to_f16 = simd_f32_to_f16,
     .attn_block = simd_attn_block,
+    .attn_chunk = simd_attn_chunk,
 };

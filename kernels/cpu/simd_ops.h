@@ -404,6 +404,105 @@ static inline void simd_attn_block(const pd_attn_args_t *a, int h, int64_t t0, i
 #undef PD_ATTN_NV_
 }
 
+/* ---- attention, one query: flash-decoding over position chunks ----------------------
+ */
+
+/* Positions [p0, p1) of query 0 for every head, rows read in order (a sequential
+ * stream through the paged cache). part: [n_heads][head_dim + 2] = the unnormalised
+ * sum_p e^(s_p - m) v_p, then m = max s_p and l = sum_p e^(s_p - m).
+ * scores: n_heads * (p1 - p0) floats. head_dim % VW == 0, <= 8 * VW. */
+static inline __attribute__((always_inline)) void attn_chunk(const pd_attn_args_t *a,
+                                                             int64_t p0, int64_t p1,
+                                                             float *part, float *scores,
+                                                             const int NV, const int f16)
+{
+    const int hd = a->head_dim, group = a->n_heads / a->n_kv_heads;
+    const size_t es = f16 ? 2 : 4;
+    const size_t row_bytes = (size_t)a->n_kv_heads * (size_t)hd * es;
+    const size_t block_bytes = row_bytes * (size_t)a->block_size;
+    const int64_t n = p1 - p0;
+    for (int64_t p = p0; p < p1; p++) {
+        const uint8_t *row = (const uint8_t *)a->k_cache +
+                             (size_t)a->block_table[p / a->block_size] * block_bytes +
+                             (size_t)(p % a->block_size) * row_bytes;
+        for (size_t off = 0; off < row_bytes; off += 64)
+            _mm_prefetch((const char *)row + 4 * row_bytes + off, _MM_HINT_T0);
+        for (int h = 0; h < a->n_heads; h++) {
+            const uint8_t *kr = row + (size_t)(h / group) * (size_t)hd * es;
+            const float *q = a->q + (size_t)h * (size_t)hd;
+            vf s0 = vzero();
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; j++)
+                s0 = vfma(vload(q + j * VW), kvload(kr, j, f16), s0);
+            scores[h * n + (p - p0)] = vhsum(s0) * a->scale;
+        }
+    }
+    for (int h = 0; h < a->n_heads; h++) {
+        float *sc = scores + h * n, *ph = part + (size_t)h * (size_t)(hd + 2);
+        float m = sc[0];
+        for (int64_t i = 1; i < n; i++)
+            m = sc[i] > m ? sc[i] : m;
+        vf mv = vset1(m), sum = vzero();
+        int64_t i = 0;
+        for (; i + VW <= n; i += VW) {
+            vf e = vexp(vsub(vload(sc + i), mv));
+            vstore(sc + i, e);
+            sum = vadd(sum, e);
+        }
+        float l = vhsum(sum);
+        for (; i < n; i++) {
+            sc[i] = expf(sc[i] - m);
+            l += sc[i];
+        }
+        memset(ph, 0, (size_t)hd * sizeof(float));
+        ph[hd] = m;
+        ph[hd + 1] = l;
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        const uint8_t *row = (const uint8_t *)a->v_cache +
+                             (size_t)a->block_table[p / a->block_size] * block_bytes +
+                             (size_t)(p % a->block_size) * row_bytes;
+        for (size_t off = 0; off < row_bytes; off += 64)
+            _mm_prefetch((const char *)row + 4 * row_bytes + off, _MM_HINT_T0);
+        for (int h = 0; h < a->n_heads; h++) {
+            const uint8_t *vr = row + (size_t)(h / group) * (size_t)hd * es;
+            float *o = part + (size_t)h * (size_t)(hd + 2);
+            vf e = vset1(scores[h * n + (p - p0)]);
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; j++)
+                vstore(o + j * VW, vfma(e, kvload(vr, j, f16), vload(o + j * VW)));
+        }
+    }
+}
+
+/* 0 when head_dim does not suit the vector kernels (the caller uses attn_block). */
+static inline int simd_attn_chunk(const pd_attn_args_t *a, int64_t p0, int64_t p1,
+                                  float *part, float *scores)
+{
+    int hd = a->head_dim, f16 = a->kv_dtype == PD_DTYPE_F16;
+    if (hd % VW != 0 || hd > 8 * VW)
+        return 0;
+#define PD_CHUNK_NV_(nv)                                                                 \
+    case nv:                                                                             \
+        if (f16)                                                                         \
+            attn_chunk(a, p0, p1, part, scores, nv, 1);                                  \
+        else                                                                             \
+            attn_chunk(a, p0, p1, part, scores, nv, 0);                                  \
+        return 1;
+    switch (hd / VW) {
+        PD_CHUNK_NV_(1)
+        PD_CHUNK_NV_(2)
+        PD_CHUNK_NV_(3)
+        PD_CHUNK_NV_(4)
+        PD_CHUNK_NV_(5)
+        PD_CHUNK_NV_(6)
+        PD_CHUNK_NV_(7)
+        PD_CHUNK_NV_(8)
+    }
+#undef PD_CHUNK_NV_
+    return 0;
+}
+
 /* ---- matrix-vector: f32, f16, bf16 weights ---------------------------------------- */
 
 /* Weights stream from DRAM once per token. One row at a time keeps the stream
