@@ -293,7 +293,7 @@ static void bench_gemm(const char *isa, int n_threads, pd_dtype_t dt, int64_t T,
  * at T = 512: they come from DRAM, as in real decoding, after the weights streamed
  * through the caches). */
 static void bench_attention(const char *isa, int n_threads, int64_t T, int decode,
-                            int reps)
+                            pd_dtype_t kv, int reps)
 {
     pd_kernels_t *k = NULL;
     if (pd_kernels_cpu_new(n_threads, isa, &k) != PD_OK)
@@ -301,8 +301,9 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
     const int heads = 12, hd = DIM / 12, bs = 16, n_layers = decode ? LAYERS : 1;
     int64_t n_blocks = (T + bs - 1) / bs;
     size_t layer_floats = (size_t)(n_blocks * bs * DIM);
-    float *kc = weight_alloc(layer_floats * 4 * (size_t)n_layers);
-    float *vc = weight_alloc(layer_floats * 4 * (size_t)n_layers);
+    size_t es = kv == PD_DTYPE_F16 ? 2 : 4, layer_bytes = layer_floats * es;
+    uint8_t *kc = weight_alloc(layer_bytes * (size_t)n_layers);
+    uint8_t *vc = weight_alloc(layer_bytes * (size_t)n_layers);
     float *q = xmalloc((size_t)(T * DIM) * 4), *out = xmalloc((size_t)(T * DIM) * 4);
     int32_t *table = xmalloc((size_t)n_blocks * 4), *pos = xmalloc((size_t)T * 4);
     for (int64_t b = 0; b < n_blocks; b++)
@@ -312,8 +313,15 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
     for (int64_t i = 0; i < T * DIM; i++)
         q[i] = frand();
     for (size_t i = 0; i < layer_floats * (size_t)n_layers; i++) {
-        kc[i] = frand();
-        vc[i] = frand();
+        float a = frand(), b = frand();
+        if (kv == PD_DTYPE_F16) {
+            uint16_t ha = pd_f32_to_fp16(a), hb = pd_f32_to_fp16(b);
+            memcpy(kc + 2 * i, &ha, 2);
+            memcpy(vc + 2 * i, &hb, 2);
+        } else {
+            memcpy(kc + 4 * i, &a, 4);
+            memcpy(vc + 4 * i, &b, 4);
+        }
     }
     double times[32];
     for (int r = -1; r < reps; r++) {
@@ -340,9 +348,9 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
     double t = median(times, reps);
     if (decode)
         printf("attn     %-6s decode at pos %lld threads %d: %7.1f us/token (12 layers, "
-               "%.1f GB/s of K/V)\n",
-               k->name, (long long)T - 1, n_threads, t * 1e6,
-               2.0 * (double)T * DIM * 4 * LAYERS / t / 1e9);
+               "%s K/V, %.1f GB/s)\n",
+               k->name, (long long)T - 1, n_threads, t * 1e6, pd_dtype_name(kv),
+               2.0 * (double)T * DIM * (double)es * LAYERS / t / 1e9);
     else
         printf(
             "attn     %-6s prompt T %lld threads %d: %7.2f ms/layer (%.0f ms for 12)\n",
@@ -398,8 +406,9 @@ int main(int argc, char **argv)
                 bench_gemm(isa, nt, gemm_dts[d], 512, reps < 5 ? reps : 5);
     if (!only || strcmp(only, "attn") == 0)
         for (int nt = t_lo; nt <= t_hi; nt++) {
-            bench_attention(isa, nt, 512, 0, reps);
-            bench_attention(isa, nt, 512, 1, reps);
+            bench_attention(isa, nt, 512, 0, PD_DTYPE_F32, reps);
+            bench_attention(isa, nt, 512, 1, PD_DTYPE_F32, reps);
+            bench_attention(isa, nt, 512, 1, PD_DTYPE_F16, reps);
         }
     return 0;
 }

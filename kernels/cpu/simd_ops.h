@@ -439,11 +439,15 @@ static inline __attribute__((always_inline)) void attn_chunk(const pd_attn_args_
     }
     for (int h = 0; h < a->n_heads; h++) {
         float *sc = scores + h * n, *ph = part + (size_t)h * (size_t)(hd + 2);
-        float m = sc[0];
-        for (int64_t i = 1; i < n; i++)
+        vf mx = vset1(sc[0]);
+        int64_t i = 0;
+        for (; i + VW <= n; i += VW)
+            mx = vmax(mx, vload(sc + i));
+        float m = vhmax(mx);
+        for (; i < n; i++)
             m = sc[i] > m ? sc[i] : m;
         vf mv = vset1(m), sum = vzero();
-        int64_t i = 0;
+        i = 0;
         for (; i + VW <= n; i += VW) {
             vf e = vexp(vsub(vload(sc + i), mv));
             vstore(sc + i, e);
