@@ -29,6 +29,7 @@
  * Threading: a tokenizer is immutable after construction; encode and the piece
  * accessors may run concurrently. A pd_detok_t belongs to one stream (one thread). */
 #include "common/tokenizer.h"
+#include "common/utf8.h"
 
 #include <errno.h>
 #include <math.h>
@@ -68,65 +69,6 @@ struct pd_tokenizer {
     int32_t *slots;       /* hash table of matchable piece ids, -1 empty */
     size_t slot_mask;
 };
-
-/* ---- UTF-8 ---------------------------------------------------------------- */
-
-/* Total length of a character starting with lead byte c, 0 if c cannot start one. */
-static int utf8_lead_len(unsigned char c)
-{
-    if (c < 0x80)
-        return 1;
-    if (c < 0xC2)
-        return 0;
-    if (c < 0xE0)
-        return 2;
-    if (c < 0xF0)
-        return 3;
-    if (c < 0xF5)
-        return 4;
-    return 0;
-}
-
-/* Whether b may be byte number pos (1..3) of a character led by lead: excludes
- * overlongs (E0 80.., F0 80..), surrogates (ED A0..) and code points past U+10FFFF. */
-static bool utf8_cont_ok(unsigned char lead, int pos, unsigned char b)
-{
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (pos == 1) {
-        if (lead == 0xE0)
-            lo = 0xA0;
-        else if (lead == 0xED)
-            hi = 0x9F;
-        else if (lead == 0xF0)
-            lo = 0x90;
-        else if (lead == 0xF4)
-            hi = 0x8F;
-    }
-    return b >= lo && b <= hi;
-}
-
-/* Length of the valid character at s (n bytes available), 0 if it is not one. */
-static int utf8_char_len(const unsigned char *s, size_t n)
-{
-    int k = utf8_lead_len(s[0]);
-    if (k == 0 || (size_t)k > n)
-        return 0;
-    for (int i = 1; i < k; i++)
-        if (!utf8_cont_ok(s[0], i, s[i]))
-            return 0;
-    return k;
-}
-
-static bool utf8_valid(const unsigned char *s, size_t n)
-{
-    for (size_t i = 0; i < n;) {
-        int k = utf8_char_len(s + i, n - i);
-        if (k == 0)
-            return false;
-        i += (size_t)k;
-    }
-    return true;
-}
 
 /* ---- vocabulary ------------------------------------------------------------ */
 
@@ -282,7 +224,7 @@ static pd_status_t tok_finish(pd_tokenizer_t *t, const char *what)
             t->has_bytes = true;
         }
         /* A piece that is not valid UTF-8 may decode to U+FFFD for every byte. */
-        size_t dec = utf8_valid((const unsigned char *)s, n) ? n : 3 * n;
+        size_t dec = pd_utf8_valid((const unsigned char *)s, n) ? n : 3 * n;
         if (dec > t->max_piece_len)
             t->max_piece_len = dec;
     }
@@ -788,7 +730,7 @@ static void split_text(enc_t *e, const char *text, size_t len)
             i++;
             continue;
         }
-        int k = utf8_char_len(s + i, end - i);
+        int k = pd_utf8_char_len(s + i, end - i);
         if (k == 0)
             k = 1;
         if (k == 3 && memcmp(s + i, "\xe2\x96\x81", 3) == 0) {
@@ -924,9 +866,9 @@ static const unsigned char REPLACEMENT[3] = {0xEF, 0xBF, 0xBD}; /* U+FFFD */
 static void detok_byte(pd_detok_t *d, out_t *o, unsigned char b)
 {
     if (d->n_pend > 0) {
-        if (utf8_cont_ok(d->pend[0], d->n_pend, b)) {
+        if (pd_utf8_cont_ok(d->pend[0], d->n_pend, b)) {
             d->pend[d->n_pend++] = b;
-            if (d->n_pend == utf8_lead_len(d->pend[0])) {
+            if (d->n_pend == pd_utf8_lead_len(d->pend[0])) {
                 out_put(o, d->pend, (size_t)d->n_pend);
                 d->n_pend = 0;
             }
@@ -935,7 +877,7 @@ static void detok_byte(pd_detok_t *d, out_t *o, unsigned char b)
         out_put(o, REPLACEMENT, 3); /* the held bytes can never complete */
         d->n_pend = 0;
     }
-    int k = utf8_lead_len(b);
+    int k = pd_utf8_lead_len(b);
     if (k == 1) {
         out_put(o, &b, 1);
     } else if (k == 0) {

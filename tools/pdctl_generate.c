@@ -16,6 +16,7 @@
 #include "common/log.h"
 #include "common/model.h"
 #include "common/sampler.h"
+#include "common/utf8.h"
 #include "kernels/ops.h"
 #include "tools/pdctl.h"
 
@@ -172,14 +173,27 @@ static json_object *ids_json(const int32_t *ids, int32_t n)
     return a;
 }
 
+/* JSON strings must be UTF-8: a prompt or path from the command line may not be. */
+static json_object *json_string_utf8(const char *s)
+{
+    size_t n = strlen(s);
+    char *clean = malloc(3 * n + 1);
+    if (!clean)
+        return json_object_new_string("");
+    size_t len = pd_utf8_sanitize(s, n, clean);
+    json_object *j = json_object_new_string_len(clean, (int)len);
+    free(clean);
+    return j;
+}
+
 static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernels_t *k,
                        const int32_t *prompt_ids, const int32_t *ids,
                        const pd_gen_stats_t *st, const stream_t *s, double load_s)
 {
     json_object *o = json_object_new_object(), *t = json_object_new_object();
-    json_object_object_add(o, "model", json_object_new_string(a->model));
+    json_object_object_add(o, "model", json_string_utf8(a->model));
     json_object_object_add(o, "dtype", json_object_new_string(pd_model_dtype_name(m)));
-    json_object_object_add(o, "prompt", json_object_new_string(a->prompt));
+    json_object_object_add(o, "prompt", json_string_utf8(a->prompt));
     json_object_object_add(o, "prompt_ids", ids_json(prompt_ids, st->n_prompt));
     json_object_object_add(o, "ids", ids_json(ids, st->n_gen));
     json_object_object_add(o, "text", json_object_new_string_len(s->text ? s->text : "",
@@ -265,8 +279,12 @@ int pd_cmd_generate(int argc, char **argv)
         fputs(a.prompt, stdout);
         fflush(stdout);
     }
-    for (size_t i = 0; i < n_prompt; i++) /* prime the decoder with the prompt's context */
+    /* Prime the decoder with the prompt (so the first generated piece keeps its
+     * space), then drop what it holds back: an incomplete character at the end of
+     * the prompt belongs to the prompt, not to the generated text. */
+    for (size_t i = 0; i < n_prompt; i++)
         pd_detok_feed(&s.detok, prompt_ids[i], s.piece, s.piece_cap);
+    pd_detok_flush(&s.detok, s.piece, s.piece_cap);
     pd_gen_opts_t go = {.max_tokens = a.max_tokens, .ignore_eos = a.ignore_eos};
     pd_gen_stats_t st;
     pd_status_t gst = pd_generate(llm, smp, prompt_ids, (int32_t)n_prompt, pd_tokenizer_eos(tok),
