@@ -72,11 +72,23 @@ def machine_info():
         info["loadavg_start"] = f.read().split()[:3]
     with open("/proc/meminfo") as f:
         info["mem_total"] = f.readline().split(":")[1].strip()
-    try:
-        info["pdserve_commit"] = sh(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
-    except (OSError, RuntimeError):
-        info["pdserve_commit"] = "unknown"
     return info
+
+
+def build_commit(build_dir):
+    """The commit the pdctl under test was built from: the git HEAD of the build's
+    source tree (from CMakeCache.txt), '+dirty' when it has uncommitted changes."""
+    src = ROOT
+    try:
+        with open(os.path.join(build_dir, "CMakeCache.txt")) as f:
+            for line in f:
+                if line.startswith("CMAKE_HOME_DIRECTORY:"):
+                    src = line.split("=", 1)[1].strip()
+        head = sh(["git", "-C", src, "rev-parse", "--short", "HEAD"]).strip()
+        dirty = sh(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"])
+        return head + ("+dirty" if dirty.strip() else "")
+    except (OSError, RuntimeError):
+        return "unknown (source %s is not a git checkout; use --pdserve-commit)" % src
 
 
 def membw(out_dir, threads):
@@ -332,6 +344,8 @@ def main():
     ap.add_argument("--wait-idle", type=float, default=20,
                     help="before each timed round, wait up to this many seconds for the "
                     "CPUs to be idle (0: don't)")
+    ap.add_argument("--pdserve-commit", help="record this as the commit under test "
+                    "(default: the git HEAD of the build's source tree)")
     ap.add_argument("--report-only", action="store_true",
                     help="re-print the table of <out-dir>/bench_cpu.json, run nothing")
     a = ap.parse_args()
@@ -349,7 +363,10 @@ def main():
     res = {"machine": machine_info(), "threads": threads, "reps": a.reps,
            "n_prompt": a.n_prompt, "n_gen": a.n_gen,
            "contention": {"wait_idle_s": a.wait_idle, "rounds": 0, "rounds_contended": 0}}
-    log("machine:", res["machine"].get("Model name"), res["machine"].get("isa"))
+    res["machine"]["pdserve_commit"] = a.pdserve_commit or build_commit(a.build_dir)
+    log("machine:", res["machine"].get("Model name"), res["machine"].get("isa"),
+        "pdserve", res["machine"]["pdserve_commit"])
+    wait_idle(a, res["contention"])
     res["membw_gb_s"] = membw(a.out_dir, threads)
     text, ids = make_prompt(a.shared_dir, a.n_prompt, a.out_dir)
     res["models"] = [make_model(pdctl, a.out_dir, s, a.shared_dir) for s in a.models.split(",")]
