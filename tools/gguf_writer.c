@@ -17,9 +17,9 @@
 
 #include "common/log.h"
 
-#define GGUF_VERSION 3
+#define GGUF_VERSION           3
 #define GGUF_DEFAULT_ALIGNMENT 32
-#define IO_BUFFER_BYTES (1u << 20)
+#define IO_BUFFER_BYTES        (1u << 20)
 
 enum { T_U32 = 4, T_I32 = 5, T_F32 = 6, T_BOOL = 7, T_STRING = 8, T_ARRAY = 9 };
 
@@ -85,8 +85,14 @@ static pd_status_t buf_put(bytebuf_t *b, const void *p, size_t n)
 }
 
 /* GGUF is little endian; so are the hosts this project targets (x86-64, aarch64). */
-static pd_status_t buf_u32(bytebuf_t *b, uint32_t v) { return buf_put(b, &v, 4); }
-static pd_status_t buf_u64(bytebuf_t *b, uint64_t v) { return buf_put(b, &v, 8); }
+static pd_status_t buf_u32(bytebuf_t *b, uint32_t v)
+{
+    return buf_put(b, &v, 4);
+}
+static pd_status_t buf_u64(bytebuf_t *b, uint64_t v)
+{
+    return buf_put(b, &v, 8);
+}
 
 static pd_status_t buf_str(bytebuf_t *b, const char *s, size_t n)
 {
@@ -306,8 +312,7 @@ static pd_status_t kv_array(pd_gguf_writer_t *w, const char *key, uint32_t elem_
 }
 
 pd_status_t pd_gguf_writer_add_arr_str(pd_gguf_writer_t *w, const char *key,
-                                       const char *const *s, const size_t *len,
-                                       size_t n)
+                                       const char *const *s, const size_t *len, size_t n)
 {
     pd_status_t st = kv_array(w, key, T_STRING, NULL, n, 1);
     for (size_t i = 0; !st && i < n; i++)

@@ -40,8 +40,7 @@ pd_status_t pd_gguf_writer_add_bool(pd_gguf_writer_t *w, const char *key, int v)
 pd_status_t pd_gguf_writer_add_str(pd_gguf_writer_t *w, const char *key, const char *s);
 /* Arrays of n elements. Strings are given with explicit lengths (may hold NULs). */
 pd_status_t pd_gguf_writer_add_arr_str(pd_gguf_writer_t *w, const char *key,
-                                       const char *const *s, const size_t *len,
-                                       size_t n);
+                                       const char *const *s, const size_t *len, size_t n);
 pd_status_t pd_gguf_writer_add_arr_f32(pd_gguf_writer_t *w, const char *key,
                                        const float *v, size_t n);
 pd_status_t pd_gguf_writer_add_arr_i32(pd_gguf_writer_t *w, const char *key,

@@ -25,11 +25,11 @@
 #include "tools/gguf_writer.h"
 #include "tools/pdctl.h"
 
-#define WEIGHT_STD 0.02f
-#define NORM_SPREAD 0.1f         /* norm weights uniform in 1 +- this */
-#define CHUNK_ELEMS (1u << 20)   /* floats generated per write */
-#define MAX_VOCAB 1000000
-#define MAX_PIECE_LEN 4096
+#define WEIGHT_STD        0.02f
+#define NORM_SPREAD       0.1f       /* norm weights uniform in 1 +- this */
+#define CHUNK_ELEMS       (1u << 20) /* floats generated per write */
+#define MAX_VOCAB         1000000
+#define MAX_PIECE_LEN     4096
 #define DEFAULT_TOKENIZER "models/llama2_tokenizer.bin"
 
 typedef struct preset {
@@ -57,9 +57,9 @@ static const dtype_opt_t dtypes[] = {
 };
 
 typedef struct vocab {
-    char **pieces; /* [n] GGUF form: U+2581 for spaces */
-    size_t *lens;  /* [n] */
-    float *scores; /* [n] */
+    char **pieces;  /* [n] GGUF form: U+2581 for spaces */
+    size_t *lens;   /* [n] */
+    float *scores;  /* [n] */
     int32_t *types; /* [n] llama token types */
     size_t n;
 } vocab_t;
@@ -97,7 +97,10 @@ static void rng_seed(rng_t *r, uint64_t seed, const char *name)
         r->s[i] = splitmix64(&x);
 }
 
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
 
 static uint64_t xoshiro256p(rng_t *r)
 {
@@ -341,14 +344,17 @@ static pd_status_t add_metadata(pd_gguf_writer_t *w, const options_t *o, const v
                                      (uint32_t)p->n_heads)) ||
         (st = pd_gguf_writer_add_u32(w, "llama.attention.head_count_kv",
                                      (uint32_t)p->n_kv_heads)) ||
-        (st = pd_gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f)) ||
+        (st = pd_gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon",
+                                     1e-5f)) ||
         (st = pd_gguf_writer_add_f32(w, "llama.rope.freq_base", 10000.0f)) ||
         (st = pd_gguf_writer_add_u32(w, "general.alignment", 32)) ||
         (st = pd_gguf_writer_add_str(w, "tokenizer.ggml.model", "llama")) ||
-        (st = pd_gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens",
-                                         (const char *const *)v->pieces, v->lens, v->n)) ||
+        (st =
+             pd_gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens",
+                                        (const char *const *)v->pieces, v->lens, v->n)) ||
         (st = pd_gguf_writer_add_arr_f32(w, "tokenizer.ggml.scores", v->scores, v->n)) ||
-        (st = pd_gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", v->types, v->n)) ||
+        (st = pd_gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", v->types,
+                                         v->n)) ||
         (st = pd_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1)) ||
         (st = pd_gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 2)) ||
         (st = pd_gguf_writer_add_u32(w, "tokenizer.ggml.unknown_token_id", 0)) ||
@@ -399,8 +405,8 @@ static pd_status_t write_tensor(pd_gguf_writer_t *w, const tensor_spec_t *t,
         int64_t nr = rows - row < rows_per_chunk ? rows - row : rows_per_chunk;
         size_t n = (size_t)(nr * ne0);
         for (size_t i = 0; i < n; i++)
-            xbuf[i] = t->kind == KIND_NORM ? 1.0f + NORM_SPREAD * rng_sym(&r)
-                                           : a * rng_sym(&r);
+            xbuf[i] =
+                t->kind == KIND_NORM ? 1.0f + NORM_SPREAD * rng_sym(&r) : a * rng_sym(&r);
         convert(dtype, xbuf, n, obuf);
         if ((st = pd_gguf_writer_write(w, obuf, (size_t)nr * row_bytes)))
             return st;
@@ -427,7 +433,8 @@ static pd_status_t write_model(const options_t *o, const vocab_t *v, uint64_t *s
         if ((st = pd_gguf_writer_add_tensor(w, specs[i].name, dt, specs[i].n_dims,
                                             specs[i].ne)))
             goto out_destroy_writer;
-        n_params += (size_t)(specs[i].ne[0] * (specs[i].n_dims == 2 ? specs[i].ne[1] : 1));
+        n_params +=
+            (size_t)(specs[i].ne[0] * (specs[i].n_dims == 2 ? specs[i].ne[1] : 1));
     }
     if ((st = pd_gguf_writer_begin_data(w)))
         goto out_destroy_writer;
@@ -484,7 +491,8 @@ static int parse_args(int argc, char **argv, options_t *o)
                 if (!strcasecmp(val, presets[k].name))
                     o->preset = &presets[k];
             if (!o->preset) {
-                fprintf(stderr, "pdctl mkmodel: unknown preset %s (15M, 110M, 1B)\n", val);
+                fprintf(stderr, "pdctl mkmodel: unknown preset %s (15M, 110M, 1B)\n",
+                        val);
                 return 2;
             }
         } else if (!strcmp(a, "--dtype")) {
@@ -534,7 +542,8 @@ int pd_cmd_mkmodel(int argc, char **argv)
     if (o.tokenizer_path) {
         snprintf(tok_path, sizeof tok_path, "%s", o.tokenizer_path);
     } else if (find_tokenizer(tok_path, sizeof tok_path)) {
-        fprintf(stderr, "pdctl mkmodel: cannot find %s (looked in $PD_SHARED_DIR, "
+        fprintf(stderr,
+                "pdctl mkmodel: cannot find %s (looked in $PD_SHARED_DIR, "
                 "../shared and beside the binary); pass --tokenizer PATH\n",
                 DEFAULT_TOKENIZER);
         return 1;
