@@ -58,6 +58,7 @@ typedef struct gguf_index {
 struct pd_gguf {
     const uint8_t *map;
     size_t size;
+    unsigned map_flags; /* PD_MAP_* it was opened with */
     uint32_t version;
     gguf_kv_t *kvs;
     size_t n_kv;
@@ -577,21 +578,27 @@ static pd_status_t parse(pd_gguf_t *g, const char *path)
 
 pd_status_t pd_gguf_open(const char *path, pd_gguf_t **gguf_p)
 {
+    return pd_gguf_open_flags(path, 0, gguf_p);
+}
+
+pd_status_t pd_gguf_open_flags(const char *path, unsigned map_flags, pd_gguf_t **gguf_p)
+{
     if (!path || !gguf_p)
         return PD_ERR_INVALID;
     const void *map;
     size_t size;
-    pd_status_t st = pd_map_file(path, "gguf", GGUF_HEADER_BYTES, &map, &size);
+    pd_status_t st = pd_map_file(path, "gguf", GGUF_HEADER_BYTES, map_flags, &map, &size);
     if (st != PD_OK)
         return st;
     pd_gguf_t *g = calloc(1, sizeof *g);
     if (!g) {
-        pd_unmap_file(map, size);
+        pd_unmap_file(map, size, map_flags);
         PD_LOG_ERROR("gguf %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
     g->map = map;
     g->size = size;
+    g->map_flags = map_flags;
     st = parse(g, path);
     if (st != PD_OK) {
         pd_gguf_destroy(&g);
@@ -613,7 +620,7 @@ void pd_gguf_destroy(pd_gguf_t **gguf_p)
     free(g->names);
     free(g->kv_index.slots);
     free(g->tensor_index.slots);
-    pd_unmap_file(g->map, g->size);
+    pd_unmap_file(g->map, g->size, g->map_flags);
     free(g);
     *gguf_p = NULL;
 }

@@ -38,6 +38,8 @@ typedef enum pd_gguf_type {
 
 /* Maps and validates path. On failure nothing is left mapped or allocated. */
 pd_status_t pd_gguf_open(const char *path, pd_gguf_t **gguf_p);
+/* The same with mapfile.h's PD_MAP_* flags (populate, or copy to huge pages). */
+pd_status_t pd_gguf_open_flags(const char *path, unsigned map_flags, pd_gguf_t **gguf_p);
 void pd_gguf_destroy(pd_gguf_t **gguf_p);
 
 uint32_t pd_gguf_version(const pd_gguf_t *g);

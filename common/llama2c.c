@@ -120,7 +120,7 @@ static void bind_weights(pd_llama2c_t *l)
         take(&l->w.output, &p, dim, c->vocab_size);
 }
 
-pd_status_t pd_llama2c_open(const char *path, pd_llama2c_t **l2c_p)
+pd_status_t pd_llama2c_open(const char *path, unsigned map_flags, pd_llama2c_t **l2c_p)
 {
     if (!path || !l2c_p)
         return PD_ERR_INVALID;
@@ -129,7 +129,9 @@ pd_status_t pd_llama2c_open(const char *path, pd_llama2c_t **l2c_p)
         PD_LOG_ERROR("llama2c %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
-    pd_status_t st = pd_map_file(path, "llama2c", L2C_HEADER_BYTES, &l->map, &l->size);
+    pd_status_t st = pd_map_file(path, "llama2c", L2C_HEADER_BYTES, map_flags, &l->map,
+                                  &l->size);
+    l->map_flags = map_flags;
     if (st != PD_OK)
         goto err_free;
     int32_t h[L2C_HEADER_INTS];
@@ -169,7 +171,7 @@ void pd_llama2c_destroy(pd_llama2c_t **l2c_p)
         return;
     pd_llama2c_t *l = *l2c_p;
     free(l->w.layers);
-    pd_unmap_file(l->map, l->size);
+    pd_unmap_file(l->map, l->size, l->map_flags);
     free(l);
     *l2c_p = NULL;
 }

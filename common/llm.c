@@ -16,8 +16,10 @@ struct pd_llm {
     pd_model_config_t cfg;
     int32_t max_ctx, max_T, max_logits, block_size, n_blocks;
     int64_t kv_dim, q_dim;
-    size_t layer_cache_floats; /* floats of K (or V) of one layer */
-    float *k_cache, *v_cache;  /* [n_layers][n_blocks][block_size][n_kv_heads][head_dim] */
+    pd_dtype_t kv_dtype;       /* F32 or F16 */
+    size_t layer_cache_floats; /* elements of K (or V) of one layer */
+    /* K and V: [n_layers][n_blocks][block_size][n_kv_heads][head_dim] of kv_dtype */
+    float *k_cache, *v_cache;
     int32_t *block_table;      /* [n_blocks], identity for the one sequence */
     float *x;                  /* [max_T][dim] residual stream */
     float *xb;                 /* [max_T][dim] normed input */
@@ -72,6 +74,15 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
     l->block_size = opts && opts->block_size > 0 ? opts->block_size : 16;
     if (l->max_logits > l->max_T)
         l->max_logits = l->max_T;
+    pd_kv_type_t kt = opts ? opts->kv_type : PD_KV_AUTO;
+    if (kt != PD_KV_AUTO && kt != PD_KV_F32 && kt != PD_KV_F16) {
+        PD_LOG_ERROR("unknown kv cache type %d", (int)kt);
+        free(l);
+        return PD_ERR_INVALID;
+    }
+    l->kv_dtype = kt == PD_KV_F32   ? PD_DTYPE_F32
+                  : kt == PD_KV_F16 ? PD_DTYPE_F16
+                                    : pd_llm_auto_kv_dtype(model);
     l->n_blocks = (l->max_ctx + l->block_size - 1) / l->block_size;
     l->kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
     l->q_dim = (int64_t)c->n_heads * c->head_dim;
@@ -85,8 +96,10 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
     if (!fail && pd_mul_size(l->layer_cache_floats, (size_t)c->n_layers, &cache_floats))
         fail = 1;
     if (!fail) {
-        l->k_cache = alloc_floats(cache_floats, 1, &fail);
-        l->v_cache = alloc_floats(cache_floats, 1, &fail);
+        /* an F16 cache takes half the floats' room */
+        size_t n = l->kv_dtype == PD_DTYPE_F16 ? (cache_floats + 1) / 2 : cache_floats;
+        l->k_cache = alloc_floats(n, 1, &fail);
+        l->v_cache = alloc_floats(n, 1, &fail);
         l->x = alloc_floats(T, (size_t)c->dim, &fail);
         l->xb = alloc_floats(T, (size_t)c->dim, &fail);
         l->xb2 = alloc_floats(T, (size_t)c->dim, &fail);
@@ -136,6 +149,26 @@ int32_t pd_llm_max_batch_tokens(const pd_llm_t *llm)
     return llm->max_T;
 }
 
+pd_dtype_t pd_llm_kv_dtype(const pd_llm_t *llm)
+{
+    return llm->kv_dtype;
+}
+
+pd_dtype_t pd_llm_auto_kv_dtype(const pd_model_t *model)
+{
+    const pd_model_weights_t *w = pd_model_weights(model);
+    const pd_model_config_t *c = pd_model_config(model);
+    for (int i = 0; i < c->n_layers; i++) {
+        const pd_layer_weights_t *ly = &w->layers[i];
+        const pd_tensor_t *m[] = {&ly->wq, &ly->wk, &ly->wv, &ly->wo, &ly->w_gate,
+                                  &ly->w_down, &ly->w_up};
+        for (size_t j = 0; j < sizeof m / sizeof m[0]; j++)
+            if (m[j]->dtype != PD_DTYPE_F32)
+                return PD_DTYPE_F16;
+    }
+    return PD_DTYPE_F32;
+}
+
 static pd_status_t check_batch(const pd_llm_t *l, const int32_t *ids, const int32_t *pos,
                                int64_t T, const int32_t *out_rows, int64_t n_out)
 {
@@ -171,8 +204,9 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
     const pd_model_config_t *c = &l->cfg;
     const pd_layer_weights_t *w = &pd_model_weights(l->model)->layers[layer];
     pd_kernels_t *k = l->k;
-    float *kc = l->k_cache + (size_t)layer * l->layer_cache_floats;
-    float *vc = l->v_cache + (size_t)layer * l->layer_cache_floats;
+    size_t off = (size_t)layer * l->layer_cache_floats * (l->kv_dtype == PD_DTYPE_F16 ? 2 : 4);
+    char *kc = (char *)l->k_cache + off;
+    char *vc = (char *)l->v_cache + off;
 
     /* attention */
     k->rmsnorm(k, l->xb, l->x, w->attn_norm.data, T, c->dim, c->norm_eps);
@@ -181,13 +215,11 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
     k->matmul(k, &w->wv, l->xb, T, l->vv);
     k->rope(k, l->q, pos, T, c->n_heads, c->head_dim, c->rope_theta);
     k->rope(k, l->kk, pos, T, c->n_kv_heads, c->head_dim, c->rope_theta);
-    k->kv_write(k, kc, PD_DTYPE_F32, l->block_table, l->block_size, l->kv_dim, pos, T,
-                l->kk);
-    k->kv_write(k, vc, PD_DTYPE_F32, l->block_table, l->block_size, l->kv_dim, pos, T,
-                l->vv);
+    k->kv_write(k, kc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T, l->kk);
+    k->kv_write(k, vc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T, l->vv);
     pd_attn_args_t a = {
         .q = l->q, .out = l->att, .T = T, .pos = pos, .k_cache = kc, .v_cache = vc,
-        .kv_dtype = PD_DTYPE_F32, .block_table = l->block_table,
+        .kv_dtype = l->kv_dtype, .block_table = l->block_table,
         .block_size = l->block_size, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
         .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)c->head_dim),
     };

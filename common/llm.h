@@ -21,12 +21,26 @@
 
 typedef struct pd_llm pd_llm_t;
 
+/* The KV cache element type; AUTO (the zero value) as pd_llm_auto_kv_dtype() says. */
+typedef enum pd_kv_type {
+    PD_KV_AUTO = 0,
+    PD_KV_F32 = 1,
+    PD_KV_F16 = 2,
+} pd_kv_type_t;
+
 typedef struct pd_llm_opts {
     int32_t max_ctx;          /* positions the KV cache holds; <= 0: the model's ctx_len */
     int32_t max_batch_tokens; /* largest T of one forward pass; <= 0: 512 */
     int32_t max_logits;       /* most logit rows one pass returns; <= 0: 1 */
     int32_t block_size;       /* KV positions per block; <= 0: 16 */
+    pd_kv_type_t kv_type;
 } pd_llm_opts_t;
+
+/* The KV cache dtype "auto" picks: F32 for a model whose matrices are F32 (exact
+ * greedy output against an F32 reference), F16 otherwise (the model is already
+ * approximate; F16 halves the cache traffic of every decode step), as vLLM's "auto"
+ * follows the model dtype. */
+pd_dtype_t pd_llm_auto_kv_dtype(const pd_model_t *model);
 
 pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
                        const pd_llm_opts_t *opts, pd_llm_t **llm_p);
@@ -34,6 +48,7 @@ void pd_llm_destroy(pd_llm_t **llm_p);
 
 int32_t pd_llm_max_ctx(const pd_llm_t *llm);
 int32_t pd_llm_max_batch_tokens(const pd_llm_t *llm);
+pd_dtype_t pd_llm_kv_dtype(const pd_llm_t *llm);
 
 /* Runs ids[0..T) at positions pos[0..T) (each < max_ctx; every position below
  * pos[t] must already be in the cache or in this batch before t). Logits of the rows

@@ -21,6 +21,7 @@
 #include "common/gguf.h"
 #include "common/llama2c.h"
 #include "common/log.h"
+#include "common/mapfile.h"
 
 /* Upper bounds well beyond any real Llama, low enough that products cannot overflow. */
 #define MAX_DIM (1 << 16)
@@ -311,9 +312,9 @@ static pd_status_t gguf_weights(const pd_gguf_t *g, const char *path, pd_model_t
     return st;
 }
 
-static pd_status_t open_gguf(const char *path, pd_model_t *m)
+static pd_status_t open_gguf(const char *path, unsigned map_flags, pd_model_t *m)
 {
-    pd_status_t st = pd_gguf_open(path, &m->gguf);
+    pd_status_t st = pd_gguf_open_flags(path, map_flags, &m->gguf);
     if (st != PD_OK)
         return st;
     pd_gguf_data(m->gguf, &m->file_bytes);
@@ -324,9 +325,9 @@ static pd_status_t open_gguf(const char *path, pd_model_t *m)
 
 /* ---- llama2.c ---- */
 
-static pd_status_t open_llama2c(const char *path, pd_model_t *m)
+static pd_status_t open_llama2c(const char *path, unsigned map_flags, pd_model_t *m)
 {
-    pd_status_t st = pd_llama2c_open(path, &m->l2c);
+    pd_status_t st = pd_llama2c_open(path, map_flags, &m->l2c);
     if (st != PD_OK)
         return st;
     m->cfg = m->l2c->cfg;
@@ -390,8 +391,15 @@ static pd_status_t open_tokenizer(const char *path, const char *tokenizer_path,
 pd_status_t pd_model_open(const char *path, const char *tokenizer_path,
                           pd_model_t **model_p)
 {
+    return pd_model_open_ex(path, tokenizer_path, PD_MODEL_LOAD_MMAP, model_p);
+}
+
+pd_status_t pd_model_open_ex(const char *path, const char *tokenizer_path,
+                             pd_model_load_t load, pd_model_t **model_p)
+{
     if (!path || !model_p)
         return PD_ERR_INVALID;
+    unsigned map_flags = load == PD_MODEL_LOAD_COPY ? PD_MAP_COPY : PD_MAP_POPULATE;
     int gguf = is_gguf(path);
     if (gguf < 0)
         return (pd_status_t)gguf;
@@ -400,7 +408,7 @@ pd_status_t pd_model_open(const char *path, const char *tokenizer_path,
         PD_LOG_ERROR("model %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
-    pd_status_t st = gguf ? open_gguf(path, m) : open_llama2c(path, m);
+    pd_status_t st = gguf ? open_gguf(path, map_flags, m) : open_llama2c(path, map_flags, m);
     if (st == PD_OK)
         st = check_weights(path, &m->cfg, &m->w);
     if (st == PD_OK)

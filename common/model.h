@@ -58,6 +58,19 @@ typedef struct pd_model_weights {
  * tokenizer.bin (NULL: "tokenizer.bin" beside the checkpoint). */
 pd_status_t pd_model_open(const char *path, const char *tokenizer_path,
                           pd_model_t **model_p);
+
+/* How the weights get into memory. MMAP (the default of pd_model_open) maps the file
+ * and faults it all in at open, so the first prompt does not pay for page faults;
+ * COPY reads it into anonymous memory on transparent huge pages (fewer TLB misses
+ * while streaming weights; llama.cpp's --no-mmap). Either way resident memory is
+ * about the file size. */
+typedef enum pd_model_load {
+    PD_MODEL_LOAD_MMAP = 0,
+    PD_MODEL_LOAD_COPY = 1,
+} pd_model_load_t;
+
+pd_status_t pd_model_open_ex(const char *path, const char *tokenizer_path,
+                             pd_model_load_t load, pd_model_t **model_p);
 void pd_model_destroy(pd_model_t **model_p);
 
 const pd_model_config_t *pd_model_config(const pd_model_t *m);

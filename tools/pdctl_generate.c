@@ -21,7 +21,7 @@
 #include "tools/pdctl.h"
 
 typedef struct gen_args {
-    const char *model, *tokenizer, *prompt, *format, *isa;
+    const char *model, *tokenizer, *prompt, *format, *isa, *kv_dtype, *load;
     int32_t max_tokens, threads, ctx, batch;
     pd_sampler_params_t sp;
     bool seed_given, ignore_eos;
@@ -34,10 +34,13 @@ static void usage(FILE *f)
             "         [--temperature X] [--top-p X] [--top-k N] [--min-p X] [--seed N]\n"
             "         [--threads N] [--ignore-eos] [--format text|json]\n"
             "         [--ctx N] [--batch N] [--isa auto|scalar|avx2|avx512]\n"
+            "         [--kv-dtype auto|f32|f16] [--load copy|mmap]\n"
             "  M is a .gguf file, or a llama2.c checkpoint with its tokenizer.bin as T.\n"
             "  Defaults: --max-tokens 256, --temperature 0 (greedy), top-p 1, top-k 0 (off),\n"
             "  min-p 0 (off), a random seed (printed in json), one thread per CPU,\n"
-            "  --ctx the model's context, --batch 512 (prompt tokens per forward pass).\n");
+            "  --ctx the model's context, --batch 512 (prompt tokens per forward pass),\n"
+            "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the weights\n"
+            "  into memory on transparent huge pages; mmap maps the file instead).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -83,6 +86,10 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->format = val;
         else if (!strcmp(o, "--isa"))
             a->isa = val;
+        else if (!strcmp(o, "--kv-dtype"))
+            a->kv_dtype = val;
+        else if (!strcmp(o, "--load"))
+            a->load = val;
         else if (!strcmp(o, "--max-tokens") && !parse_num(o, val, 0, 1 << 24, &v))
             a->max_tokens = (int32_t)v;
         else if (!strcmp(o, "--threads") && !parse_num(o, val, 0, 1024, &v))
@@ -104,7 +111,7 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->seed_given = true;
         } else {
             if (strncmp(o, "--", 2) || !strstr(" --model --tokenizer --prompt --format --isa "
-                                               "--max-tokens --threads --ctx --batch "
+                                               "--max-tokens --threads --ctx --batch --kv-dtype --load "
                                                "--temperature --top-p --top-k --min-p --seed ",
                                                o))
                 fprintf(stderr, "pdctl generate: unknown option '%s'\n", o);
@@ -114,6 +121,15 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
     if (!a->model || !a->prompt) {
         fprintf(stderr, "pdctl generate: --model and --prompt are required\n");
         usage(stderr);
+        return -1;
+    }
+    if (a->kv_dtype && strcmp(a->kv_dtype, "auto") && strcmp(a->kv_dtype, "f32") &&
+        strcmp(a->kv_dtype, "f16")) {
+        fprintf(stderr, "pdctl generate: --kv-dtype must be auto, f32 or f16\n");
+        return -1;
+    }
+    if (a->load && strcmp(a->load, "copy") && strcmp(a->load, "mmap")) {
+        fprintf(stderr, "pdctl generate: --load must be copy or mmap\n");
         return -1;
     }
     if (strcmp(a->format, "text") && strcmp(a->format, "json")) {
@@ -126,6 +142,11 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
         a->sp.seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid();
     }
     return 0;
+}
+
+static bool load_mmap(const gen_args_t *a)
+{
+    return a->load && !strcmp(a->load, "mmap");
 }
 
 /* Streams text as tokens arrive, into stdout (text mode) and/or a growing buffer. */
@@ -187,6 +208,7 @@ static json_object *json_string_utf8(const char *s)
 }
 
 static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernels_t *k,
+                       const pd_llm_t *llm,
                        const int32_t *prompt_ids, const int32_t *ids,
                        const pd_gen_stats_t *st, const stream_t *s, double load_s)
 {
@@ -202,6 +224,8 @@ static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernel
     json_object_object_add(o, "seed", json_object_new_uint64(a->sp.seed));
     json_object_object_add(o, "threads", json_object_new_int(k->n_threads));
     json_object_object_add(o, "isa", json_object_new_string(k->name));
+    json_object_object_add(o, "kv_dtype", json_object_new_string(pd_dtype_name(pd_llm_kv_dtype(llm))));
+    json_object_object_add(o, "load", json_object_new_string(load_mmap(a) ? "mmap" : "copy"));
     json_object_object_add(t, "load_ms", json_object_new_double(load_s * 1e3));
     json_object_object_add(t, "prompt_ms", json_object_new_double(st->prompt_s * 1e3));
     json_object_object_add(t, "decode_ms", json_object_new_double(st->decode_s * 1e3));
@@ -245,7 +269,8 @@ int pd_cmd_generate(int argc, char **argv)
     rc = 1;
 
     double t0 = now_s();
-    if (pd_model_open(a.model, a.tokenizer, &m) != PD_OK) {
+    if (pd_model_open_ex(a.model, a.tokenizer, load_mmap(&a) ? PD_MODEL_LOAD_MMAP : PD_MODEL_LOAD_COPY,
+                         &m) != PD_OK) {
         fprintf(stderr, "pdctl generate: cannot load model '%s' (see the error above)\n",
                 a.model);
         goto out;
@@ -256,6 +281,8 @@ int pd_cmd_generate(int argc, char **argv)
         goto out;
     int32_t ctx = a.ctx > 0 ? a.ctx : cfg->ctx_len;
     pd_llm_opts_t lo = {.max_ctx = ctx, .max_batch_tokens = a.batch > 0 ? a.batch : 512};
+    if (a.kv_dtype && strcmp(a.kv_dtype, "auto"))
+        lo.kv_type = strcmp(a.kv_dtype, "f16") ? PD_KV_F32 : PD_KV_F16;
     if (pd_llm_new(m, k, &lo, &llm) != PD_OK || pd_sampler_new(cfg->vocab_size, &a.sp, &smp) != PD_OK)
         goto out;
     double load_s = now_s() - t0;
@@ -297,7 +324,7 @@ int pd_cmd_generate(int argc, char **argv)
         goto out;
     }
     if (json) {
-        print_json(&a, m, k, prompt_ids, ids, &st, &s, load_s);
+        print_json(&a, m, k, llm, prompt_ids, ids, &st, &s, load_s);
     } else {
         printf("\n");
         fprintf(stderr, "[%d prompt tokens %.1f tok/s, %d generated %.1f tok/s, %s, %d threads, %s]\n",

@@ -105,10 +105,10 @@ static const int32_t prompt[] = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376,
 #define NP ((int32_t)(sizeof prompt / sizeof prompt[0]))
 
 /* Logits of the last prompt token with the prompt run in chunks of `chunk`. */
-static void last_logits(int32_t chunk, float *out)
+static void last_logits_kv(int32_t chunk, pd_kv_type_t kv, float *out)
 {
     pd_llm_t *llm = NULL;
-    pd_llm_opts_t o = {.max_ctx = 64, .max_batch_tokens = chunk};
+    pd_llm_opts_t o = {.max_ctx = 64, .max_batch_tokens = chunk, .kv_type = kv};
     ck_assert_int_eq(pd_llm_new(model, kern, &o, &llm), PD_OK);
     int32_t pos[NP];
     const float *logits = NULL;
@@ -119,9 +119,41 @@ static void last_logits(int32_t chunk, float *out)
         ck_assert_int_eq(pd_llm_forward(llm, prompt + s, pos, T, &row, 1, &logits), PD_OK);
     }
     memcpy(out, logits, (size_t)pd_model_config(model)->vocab_size * sizeof(float));
+    ck_assert_int_eq(pd_llm_kv_dtype(llm), kv == PD_KV_F16 ? PD_DTYPE_F16 : PD_DTYPE_F32);
     pd_llm_destroy(&llm);
     ck_assert_ptr_null(llm);
 }
+
+static void last_logits(int32_t chunk, float *out)
+{
+    last_logits_kv(chunk, PD_KV_AUTO, out); /* an F32 model: auto is F32 */
+}
+
+/* An F16 cache rounds K and V to 11 significant bits: logits move by well under 1%
+ * of their range, and the cache must still be read (a zeroed cache would not). */
+START_TEST(f16_cache_close_to_f32)
+{
+    int32_t nv = pd_model_config(model)->vocab_size;
+    float *ref = malloc((size_t)nv * sizeof *ref), *got = malloc((size_t)nv * sizeof *got);
+    last_logits_kv(NP, PD_KV_F32, ref);
+    const int32_t chunks[] = {NP, 1};
+    for (size_t c = 0; c < 2; c++) {
+        last_logits_kv(chunks[c], PD_KV_F16, got);
+        double maxd = 0, lo = ref[0], hi = ref[0], same = 1;
+        for (int32_t i = 0; i < nv; i++) {
+            maxd = fmax(maxd, fabs((double)got[i] - ref[i]));
+            lo = fmin(lo, ref[i]);
+            hi = fmax(hi, ref[i]);
+            same = same && got[i] == ref[i];
+        }
+        ck_assert_msg(maxd <= 5e-3 * (hi - lo), "chunk %d: f16 cache moved logits by %g of "
+                      "a range of %g", chunks[c], maxd, hi - lo);
+        ck_assert_msg(!same, "f16 cache gave bit-identical logits: was it used?");
+    }
+    free(ref);
+    free(got);
+}
+END_TEST
 
 START_TEST(chunking_does_not_change_logits)
 {
@@ -215,7 +247,7 @@ END_TEST
 int main(void)
 {
     TCase *tc = pd_test_tcase("core", 120, setup, teardown);
-    PD_TEST_ADD(tc, chunking_does_not_change_logits, bad_batches_refused,
+    PD_TEST_ADD(tc, chunking_does_not_change_logits, f16_cache_close_to_f32, bad_batches_refused,
                 generation_allocates_nothing_per_token);
     return pd_test_run("llm", tc);
 }

@@ -50,6 +50,18 @@ f.check(a["ids"] != c["ids"], "another seed, other tokens")
 g = gen("--prompt", "Once", "--max-tokens", 40, "--ignore-eos")
 f.check(g["ids"] != a["ids"], "default (greedy) differs from a sampled run")
 
+# how the weights are loaded and the KV cache dtype
+mm = gen("--prompt", "Tom and his dog", "--max-tokens", 60, "--ignore-eos", "--load", "mmap")
+cp = gen("--prompt", "Tom and his dog", "--max-tokens", 60, "--ignore-eos", "--load", "copy")
+f.check(mm["load"] == "mmap" and cp["load"] == "copy", "load mode reported")
+f.check(mm["ids"] == cp["ids"], "mmap and copy loads generate the same tokens")
+f.check(cp["kv_dtype"] == "f32", f"auto KV dtype of an F32 model is f32, got {cp['kv_dtype']}")
+h = gen("--prompt", "Tom and his dog", "--max-tokens", 60, "--ignore-eos", "--kv-dtype", "f16")
+f.check(h["kv_dtype"] == "f16" and len(h["ids"]) == 60, "an F16 KV cache runs")
+tiny = gen("--model", require(os.path.join(MODELS, "llama-2-tiny-random.gguf")), "--prompt",
+           "hello", "--max-tokens", 4)
+f.check(tiny["kv_dtype"] == "f16", f"auto KV dtype of an F16 model is f16, got {tiny['kv_dtype']}")
+
 # max-tokens 0; text mode echoes the prompt then the generation
 z = gen("--prompt", "Once", "--max-tokens", 0)
 f.check(z["ids"] == [] and z["text"] == "", "max-tokens 0 generates nothing")
@@ -65,6 +77,8 @@ for args, want in [(["--prompt", "x"], 2),
                    (["--model", M, "--prompt", "x", "--bogus", "1"], 2),
                    (["--model", M, "--prompt", "x", "--max-tokens"], 2),
                    (["--model", M, "--prompt", "x", "--format", "xml"], 2),
+                   (["--model", M, "--prompt", "x", "--load", "disk"], 2),
+                   (["--model", M, "--prompt", "x", "--kv-dtype", "q8_0"], 2),
                    (["--model", "/nonexistent.gguf", "--prompt", "x"], 1),
                    (["--model", "/tmp", "--prompt", "x"], 1),
                    (["--model", M, "--prompt", "word " * 3000, "--max-tokens", 4], 1),
