@@ -8,9 +8,12 @@
 const char *pd_finish_str(pd_finish_t f)
 {
     switch (f) {
-    case PD_FINISH_STOP: return "stop";
-    case PD_FINISH_LENGTH: return "length";
-    case PD_FINISH_NONE: break;
+    case PD_FINISH_STOP:
+        return "stop";
+    case PD_FINISH_LENGTH:
+        return "length";
+    case PD_FINISH_NONE:
+        break;
     }
     return "none";
 }
@@ -34,8 +37,8 @@ static pd_status_t prefill(pd_llm_t *llm, const int32_t *prompt, int32_t n,
             pos[t] = start + t;
         int32_t last = T - 1;
         int last_chunk = start + T == n;
-        pd_status_t st = pd_llm_forward(llm, prompt + start, pos, T, &last, last_chunk ? 1 : 0,
-                                        logits_p);
+        pd_status_t st = pd_llm_forward(llm, prompt + start, pos, T, &last,
+                                        last_chunk ? 1 : 0, logits_p);
         if (st != PD_OK)
             return st;
     }
@@ -43,14 +46,15 @@ static pd_status_t prefill(pd_llm_t *llm, const int32_t *prompt, int32_t n,
 }
 
 pd_status_t pd_generate(pd_llm_t *llm, pd_sampler_t *sampler, const int32_t *prompt,
-                        int32_t n_prompt, int32_t eos, int32_t bos, const pd_gen_opts_t *opts,
-                        pd_gen_token_fn on_token, void *user, int32_t *out_ids,
-                        pd_gen_stats_t *stats)
+                        int32_t n_prompt, int32_t eos, int32_t bos,
+                        const pd_gen_opts_t *opts, pd_gen_token_fn on_token, void *user,
+                        int32_t *out_ids, pd_gen_stats_t *stats)
 {
     *stats = (pd_gen_stats_t){.n_prompt = n_prompt};
     int32_t max_ctx = pd_llm_max_ctx(llm);
     if (n_prompt < 1 || n_prompt >= max_ctx) {
-        PD_LOG_ERROR("prompt of %d tokens does not fit the context of %d", n_prompt, max_ctx);
+        PD_LOG_ERROR("prompt of %d tokens does not fit the context of %d", n_prompt,
+                     max_ctx);
         return PD_ERR_RANGE;
     }
     if (opts->max_tokens <= 0) {

@@ -45,8 +45,8 @@ typedef int (*pd_gen_token_fn)(void *user, int32_t id);
  * free position (PD_ERR_RANGE otherwise). On error the ids written so far remain in
  * out_ids and stats->n_gen counts them. */
 pd_status_t pd_generate(pd_llm_t *llm, pd_sampler_t *sampler, const int32_t *prompt,
-                        int32_t n_prompt, int32_t eos, int32_t bos, const pd_gen_opts_t *opts,
-                        pd_gen_token_fn on_token, void *user, int32_t *out_ids,
-                        pd_gen_stats_t *stats);
+                        int32_t n_prompt, int32_t eos, int32_t bos,
+                        const pd_gen_opts_t *opts, pd_gen_token_fn on_token, void *user,
+                        int32_t *out_ids, pd_gen_stats_t *stats);
 
 #endif

@@ -25,11 +25,11 @@
 #include "common/log.h"
 #include "common/mapfile.h"
 
-#define GGUF_HEADER_BYTES 24 /* magic, version, n_tensors, n_kv */
+#define GGUF_HEADER_BYTES      24 /* magic, version, n_tensors, n_kv */
 #define GGUF_DEFAULT_ALIGNMENT 32
-#define GGUF_MIN_KV_BYTES 13     /* key length, type, a 1-byte value */
-#define GGUF_MIN_TENSOR_BYTES 33 /* name length + 1 byte, n_dims, ne[0], type, offset */
-#define GGUF_KEY_SHOW 64         /* at most this many key bytes in a log line */
+#define GGUF_MIN_KV_BYTES      13 /* key length, type, a 1-byte value */
+#define GGUF_MIN_TENSOR_BYTES  33 /* name length + 1 byte, n_dims, ne[0], type, offset */
+#define GGUF_KEY_SHOW          64 /* at most this many key bytes in a log line */
 
 typedef struct gguf_kv {
     const char *key; /* into the mapping, not NUL-terminated */
@@ -42,11 +42,11 @@ typedef struct gguf_kv {
 } gguf_kv_t;
 
 typedef struct gguf_tensor {
-    const char *src;   /* name in the mapping while parsing */
+    const char *src; /* name in the mapping while parsing */
     size_t name_len;
-    size_t name_off;   /* into pd_gguf.names */
-    size_t info_off;   /* file offset of the tensor info, for messages */
-    uint64_t offset;   /* relative to the data section */
+    size_t name_off; /* into pd_gguf.names */
+    size_t info_off; /* file offset of the tensor info, for messages */
+    uint64_t offset; /* relative to the data section */
     pd_tensor_t t;
 } gguf_tensor_t;
 
@@ -119,7 +119,8 @@ static pd_status_t read_u64(cursor_t *c, const char *what, uint64_t *v_p)
 }
 
 /* A u64-length-prefixed string; *s_p points into the mapping. */
-static pd_status_t read_str(cursor_t *c, const char *what, const char **s_p, size_t *len_p)
+static pd_status_t read_str(cursor_t *c, const char *what, const char **s_p,
+                            size_t *len_p)
 {
     size_t at = c->pos;
     uint64_t n = 0;
@@ -140,16 +141,21 @@ static size_t scalar_size(uint32_t type)
     switch (type) {
     case PD_GGUF_TYPE_U8:
     case PD_GGUF_TYPE_I8:
-    case PD_GGUF_TYPE_BOOL: return 1;
+    case PD_GGUF_TYPE_BOOL:
+        return 1;
     case PD_GGUF_TYPE_U16:
-    case PD_GGUF_TYPE_I16: return 2;
+    case PD_GGUF_TYPE_I16:
+        return 2;
     case PD_GGUF_TYPE_U32:
     case PD_GGUF_TYPE_I32:
-    case PD_GGUF_TYPE_F32: return 4;
+    case PD_GGUF_TYPE_F32:
+        return 4;
     case PD_GGUF_TYPE_U64:
     case PD_GGUF_TYPE_I64:
-    case PD_GGUF_TYPE_F64: return 8;
-    default: return 0;
+    case PD_GGUF_TYPE_F64:
+        return 8;
+    default:
+        return 0;
     }
 }
 
@@ -165,7 +171,8 @@ static uint64_t hash_bytes(const char *s, size_t n)
     return h;
 }
 
-static void entry_key(const pd_gguf_t *g, int kind, size_t i, const char **k_p, size_t *n_p)
+static void entry_key(const pd_gguf_t *g, int kind, size_t i, const char **k_p,
+                      size_t *n_p)
 {
     if (kind == IX_KV) {
         *k_p = g->kvs[i].key;
@@ -235,7 +242,8 @@ static pd_status_t parse_str_array(cursor_t *c, gguf_kv_t *kv, size_t arr_at)
     if (n > bytes_left(c) / 8)
         return fail_at(c, arr_at, PD_ERR_FORMAT,
                        "key '%.*s': %llu strings cannot fit in the %zu bytes left",
-                       key_show(kv->key_len), kv->key, (unsigned long long)n, bytes_left(c));
+                       key_show(kv->key_len), kv->key, (unsigned long long)n,
+                       bytes_left(c));
     size_t start = c->pos;
     for (uint64_t i = 0; i < n; i++) {
         const char *s;
@@ -270,7 +278,8 @@ static pd_status_t parse_array(cursor_t *c, gguf_kv_t *kv)
         return st;
     kv->val = c->p + c->pos;
     if (kv->arr_type == PD_GGUF_TYPE_ARRAY)
-        return fail_at(c, at, PD_ERR_UNSUPPORTED, "key '%.*s': nested arrays are not supported",
+        return fail_at(c, at, PD_ERR_UNSUPPORTED,
+                       "key '%.*s': nested arrays are not supported",
                        key_show(kv->key_len), kv->key);
     if (kv->arr_type == PD_GGUF_TYPE_STRING)
         return parse_str_array(c, kv, at);
@@ -279,10 +288,11 @@ static pd_status_t parse_array(cursor_t *c, gguf_kv_t *kv)
         return fail_at(c, at, PD_ERR_FORMAT, "key '%.*s': invalid array element type %u",
                        key_show(kv->key_len), kv->key, kv->arr_type);
     if (kv->arr_n > bytes_left(c) / esz)
-        return fail_at(c, at, PD_ERR_FORMAT,
-                       "key '%.*s': array of %llu %zu-byte items exceeds the %zu bytes left",
-                       key_show(kv->key_len), kv->key, (unsigned long long)kv->arr_n, esz,
-                       bytes_left(c));
+        return fail_at(
+            c, at, PD_ERR_FORMAT,
+            "key '%.*s': array of %llu %zu-byte items exceeds the %zu bytes left",
+            key_show(kv->key_len), kv->key, (unsigned long long)kv->arr_n, esz,
+            bytes_left(c));
     c->pos += (size_t)kv->arr_n * esz;
     return PD_OK;
 }
@@ -388,12 +398,13 @@ static pd_status_t parse_alignment(pd_gguf_t *g, const cursor_t *c)
 static const char *ggml_type_name(uint32_t type)
 {
     static const char *const names[] = {
-        "f32",     "f16",    "q4_0",    "q4_1",   "q4_2",   "q4_3",   "q5_0",  "q5_1",
-        "q8_0",    "q8_1",   "q2_k",    "q3_k",   "q4_k",   "q5_k",   "q6_k",  "q8_k",
-        "iq2_xxs", "iq2_xs", "iq3_xxs", "iq1_s",  "iq4_nl", "iq3_s",  "iq2_s", "iq4_xs",
-        "i8",      "i16",    "i32",     "i64",    "f64",    "iq1_m",  "bf16",  "q4_0_4_4",
-        "q4_0_4_8", "q4_0_8_8", "tq1_0", "tq2_0", "iq4_nl_4_4", "iq4_nl_4_8", "iq4_nl_8_8",
-        "mxfp4"};
+        "f32",        "f16",        "q4_0",       "q4_1",     "q4_2",    "q4_3",
+        "q5_0",       "q5_1",       "q8_0",       "q8_1",     "q2_k",    "q3_k",
+        "q4_k",       "q5_k",       "q6_k",       "q8_k",     "iq2_xxs", "iq2_xs",
+        "iq3_xxs",    "iq1_s",      "iq4_nl",     "iq3_s",    "iq2_s",   "iq4_xs",
+        "i8",         "i16",        "i32",        "i64",      "f64",     "iq1_m",
+        "bf16",       "q4_0_4_4",   "q4_0_4_8",   "q4_0_8_8", "tq1_0",   "tq2_0",
+        "iq4_nl_4_4", "iq4_nl_4_8", "iq4_nl_8_8", "mxfp4"};
     return type < sizeof names / sizeof names[0] ? names[type] : NULL;
 }
 
@@ -408,8 +419,8 @@ static pd_status_t parse_tensor_type(const cursor_t *c, gguf_tensor_t *t, size_t
     if (name)
         return fail_at(c, at, PD_ERR_UNSUPPORTED,
                        "tensor '%.*s': unsupported tensor type %s (%u); supported are "
-                       "f32, f16, bf16, q8_0, q4_0", key_show(t->name_len), t->src, name,
-                       type);
+                       "f32, f16, bf16, q8_0, q4_0",
+                       key_show(t->name_len), t->src, name, type);
     return fail_at(c, at, PD_ERR_FORMAT, "tensor '%.*s': invalid tensor type %u",
                    key_show(t->name_len), t->src, type);
 }
@@ -433,7 +444,8 @@ static pd_status_t parse_tensor_shape(cursor_t *c, gguf_tensor_t *t)
         if ((st = read_u64(c, "tensor dimension", &ne)) != PD_OK)
             return st;
         if (ne == 0 || ne > (uint64_t)INT64_MAX)
-            return fail_at(c, at, PD_ERR_FORMAT, "tensor '%.*s': ne[%u] = %llu is invalid",
+            return fail_at(c, at, PD_ERR_FORMAT,
+                           "tensor '%.*s': ne[%u] = %llu is invalid",
                            key_show(t->name_len), t->src, d, (unsigned long long)ne);
         t->t.ne[d] = (int64_t)ne;
     }
@@ -459,10 +471,11 @@ static pd_status_t parse_tensor(cursor_t *c, gguf_tensor_t *t)
         return st;
     st = pd_tensor_size(t->t.dtype, t->t.ne, t->t.n_dims, &t->t.nbytes);
     if (st == PD_ERR_FORMAT)
-        return fail_at(c, t->info_off, st,
-                       "tensor '%.*s': ne[0] = %lld is not a multiple of the %s block (%lld)",
-                       key_show(t->name_len), t->src, (long long)t->t.ne[0],
-                       pd_dtype_name(t->t.dtype), (long long)pd_dtype_block_elems(t->t.dtype));
+        return fail_at(
+            c, t->info_off, st,
+            "tensor '%.*s': ne[0] = %lld is not a multiple of the %s block (%lld)",
+            key_show(t->name_len), t->src, (long long)t->t.ne[0],
+            pd_dtype_name(t->t.dtype), (long long)pd_dtype_block_elems(t->t.dtype));
     if (st != PD_OK)
         return fail_at(c, t->info_off, PD_ERR_FORMAT, "tensor '%.*s': size overflows",
                        key_show(t->name_len), t->src);
@@ -488,10 +501,10 @@ static pd_status_t place_tensors(pd_gguf_t *g, const cursor_t *c)
                            "tensor '%s': data offset %llu is not a multiple of %zu",
                            g->names + t->name_off, (unsigned long long)t->offset, a);
         if (t->offset > room || t->t.nbytes > room - (size_t)t->offset)
-            return fail_at(c, t->info_off, PD_ERR_FORMAT,
-                           "tensor '%s': data [%llu, +%zu) runs past the %zu bytes of data",
-                           g->names + t->name_off, (unsigned long long)t->offset,
-                           t->t.nbytes, room);
+            return fail_at(
+                c, t->info_off, PD_ERR_FORMAT,
+                "tensor '%s': data [%llu, +%zu) runs past the %zu bytes of data",
+                g->names + t->name_off, (unsigned long long)t->offset, t->t.nbytes, room);
         t->t.data = g->map + g->data_off + (size_t)t->offset;
     }
     return PD_OK;
@@ -504,7 +517,8 @@ static pd_status_t name_tensors(pd_gguf_t *g, const cursor_t *c)
         total += g->tensors[i].name_len + 1; /* bounded by the file size */
     g->names = malloc(total ? total : 1);
     if (!g->names) {
-        PD_LOG_ERROR("gguf %s: out of memory for %zu bytes of tensor names", c->path, total);
+        PD_LOG_ERROR("gguf %s: out of memory for %zu bytes of tensor names", c->path,
+                     total);
         return PD_ERR_NOMEM;
     }
     for (size_t i = 0, off = 0; i < g->n_tensors; i++) {
@@ -525,12 +539,13 @@ static pd_status_t name_tensors(pd_gguf_t *g, const cursor_t *c)
 static pd_status_t parse_tensors(pd_gguf_t *g, cursor_t *c, uint64_t n_tensors)
 {
     if (n_tensors > bytes_left(c) / GGUF_MIN_TENSOR_BYTES)
-        return fail_at(c, 8, PD_ERR_FORMAT, "n_tensors %llu cannot fit in the %zu bytes left",
+        return fail_at(c, 8, PD_ERR_FORMAT,
+                       "n_tensors %llu cannot fit in the %zu bytes left",
                        (unsigned long long)n_tensors, bytes_left(c));
     size_t cap = 0;
     for (size_t i = 0; i < (size_t)n_tensors; i++) {
-        pd_status_t st = grow((void **)&g->tensors, &cap, i, (size_t)n_tensors,
-                              sizeof *g->tensors);
+        pd_status_t st =
+            grow((void **)&g->tensors, &cap, i, (size_t)n_tensors, sizeof *g->tensors);
         if (st != PD_OK)
             return st;
         if ((st = parse_tensor(c, &g->tensors[i])) != PD_OK)
@@ -566,7 +581,8 @@ static pd_status_t parse(pd_gguf_t *g, const char *path)
         return fail_at(&c, 4, PD_ERR_UNSUPPORTED,
                        "gguf version 1 is not supported (only versions 2 and 3)");
     if (bswap32(g->version) == 2 || bswap32(g->version) == 3)
-        return fail_at(&c, 4, PD_ERR_UNSUPPORTED, "big-endian gguf files are not supported");
+        return fail_at(&c, 4, PD_ERR_UNSUPPORTED,
+                       "big-endian gguf files are not supported");
     if (g->version != 2 && g->version != 3)
         return fail_at(&c, 4, PD_ERR_FORMAT, "unknown gguf version %u", g->version);
     if ((st = parse_kvs(g, &c, n_kv)) != PD_OK)
@@ -653,29 +669,59 @@ static pd_status_t find_kv(const pd_gguf_t *g, const char *key, const gguf_kv_t 
 static pd_status_t wrong_type(const pd_gguf_t *g, const gguf_kv_t *kv, const char *want)
 {
     PD_LOG_ERROR("gguf: byte %zu: key '%.*s' has type %u, expected %s",
-                 (size_t)(kv->val - g->map), key_show(kv->key_len), kv->key, kv->type, want);
+                 (size_t)(kv->val - g->map), key_show(kv->key_len), kv->key, kv->type,
+                 want);
     return PD_ERR_FORMAT;
 }
 
 /* Reads an integer KV as signed or unsigned 64-bit; -1 if it is not an integer. */
 static int kv_integer(const gguf_kv_t *kv, int *is_signed, uint64_t *u, int64_t *s)
 {
-    uint8_t u8; uint16_t u16; uint32_t u32; int8_t i8; int16_t i16; int32_t i32;
+    uint8_t u8;
+    uint16_t u16;
+    uint32_t u32;
+    int8_t i8;
+    int16_t i16;
+    int32_t i32;
     *is_signed = 0;
     switch (kv->type) {
-    case PD_GGUF_TYPE_U8: memcpy(&u8, kv->val, 1); *u = u8; return 0;
-    case PD_GGUF_TYPE_U16: memcpy(&u16, kv->val, 2); *u = u16; return 0;
-    case PD_GGUF_TYPE_U32: memcpy(&u32, kv->val, 4); *u = u32; return 0;
-    case PD_GGUF_TYPE_U64: memcpy(u, kv->val, 8); return 0;
-    default: break;
+    case PD_GGUF_TYPE_U8:
+        memcpy(&u8, kv->val, 1);
+        *u = u8;
+        return 0;
+    case PD_GGUF_TYPE_U16:
+        memcpy(&u16, kv->val, 2);
+        *u = u16;
+        return 0;
+    case PD_GGUF_TYPE_U32:
+        memcpy(&u32, kv->val, 4);
+        *u = u32;
+        return 0;
+    case PD_GGUF_TYPE_U64:
+        memcpy(u, kv->val, 8);
+        return 0;
+    default:
+        break;
     }
     *is_signed = 1;
     switch (kv->type) {
-    case PD_GGUF_TYPE_I8: memcpy(&i8, kv->val, 1); *s = i8; return 0;
-    case PD_GGUF_TYPE_I16: memcpy(&i16, kv->val, 2); *s = i16; return 0;
-    case PD_GGUF_TYPE_I32: memcpy(&i32, kv->val, 4); *s = i32; return 0;
-    case PD_GGUF_TYPE_I64: memcpy(s, kv->val, 8); return 0;
-    default: return -1;
+    case PD_GGUF_TYPE_I8:
+        memcpy(&i8, kv->val, 1);
+        *s = i8;
+        return 0;
+    case PD_GGUF_TYPE_I16:
+        memcpy(&i16, kv->val, 2);
+        *s = i16;
+        return 0;
+    case PD_GGUF_TYPE_I32:
+        memcpy(&i32, kv->val, 4);
+        *s = i32;
+        return 0;
+    case PD_GGUF_TYPE_I64:
+        memcpy(s, kv->val, 8);
+        return 0;
+    default:
+        return -1;
     }
 }
 

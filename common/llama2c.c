@@ -18,7 +18,7 @@
 #include "common/log.h"
 #include "common/mapfile.h"
 
-#define L2C_HEADER_INTS 7
+#define L2C_HEADER_INTS  7
 #define L2C_HEADER_BYTES (L2C_HEADER_INTS * 4)
 
 /* Header ints -> config; vocab < 0 means an unshared classifier. */
@@ -58,11 +58,12 @@ static int expected_floats(const pd_llama2c_t *l, size_t *n_p)
     /* per layer: 2 norms, wq, wk, wv, wo, w1, w2, w3 */
     size_t ffn;
     if (pd_mul_size((size_t)c->vocab_size, dim, &emb) ||
-        pd_mul_size(3 * dim, (size_t)c->hidden_dim, &ffn) || pd_mul_size(2 * q, dim, &per) ||
-        pd_mul_size(2 * kv, dim, &t) || pd_add_size(per, t, &per) ||
-        pd_add_size(per, ffn, &per) || pd_add_size(per, 2 * dim, &per) ||
-        pd_mul_size(per, L, &total) || pd_add_size(total, emb, &total) ||
-        pd_add_size(total, dim, &total) || pd_mul_size((size_t)c->ctx_len, hd, &t) ||
+        pd_mul_size(3 * dim, (size_t)c->hidden_dim, &ffn) ||
+        pd_mul_size(2 * q, dim, &per) || pd_mul_size(2 * kv, dim, &t) ||
+        pd_add_size(per, t, &per) || pd_add_size(per, ffn, &per) ||
+        pd_add_size(per, 2 * dim, &per) || pd_mul_size(per, L, &total) ||
+        pd_add_size(total, emb, &total) || pd_add_size(total, dim, &total) ||
+        pd_mul_size((size_t)c->ctx_len, hd, &t) ||
         pd_add_size(total, t, &total)) /* real + imag: 2 * seq * hd/2 */
         return -1;
     if (!l->shared_classifier && pd_add_size(total, emb, &total))
@@ -129,8 +130,8 @@ pd_status_t pd_llama2c_open(const char *path, unsigned map_flags, pd_llama2c_t *
         PD_LOG_ERROR("llama2c %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
-    pd_status_t st = pd_map_file(path, "llama2c", L2C_HEADER_BYTES, map_flags, &l->map,
-                                  &l->size);
+    pd_status_t st =
+        pd_map_file(path, "llama2c", L2C_HEADER_BYTES, map_flags, &l->map, &l->size);
     l->map_flags = map_flags;
     if (st != PD_OK)
         goto err_free;
@@ -146,8 +147,8 @@ pd_status_t pd_llama2c_open(const char *path, unsigned map_flags, pd_llama2c_t *
         goto err_free;
     }
     if (l->size != expect) {
-        PD_LOG_ERROR("llama2c %s: byte %zu: file is %zu bytes, the header implies %zu", path,
-                     l->size < expect ? l->size : expect, l->size, expect);
+        PD_LOG_ERROR("llama2c %s: byte %zu: file is %zu bytes, the header implies %zu",
+                     path, l->size < expect ? l->size : expect, l->size, expect);
         st = PD_ERR_FORMAT;
         goto err_free;
     }

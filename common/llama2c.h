@@ -17,10 +17,10 @@
 typedef struct pd_llama2c {
     const void *map;
     size_t size;
-    unsigned map_flags;     /* PD_MAP_* */
-    pd_model_config_t cfg;  /* norm_eps 1e-5, rope_theta 10000, as llama2.c */
-    int shared_classifier;  /* 1: output == tok_embd */
-    pd_model_weights_t w;   /* F32 views into map; w.layers malloc'd [n_layers] */
+    unsigned map_flags;    /* PD_MAP_* */
+    pd_model_config_t cfg; /* norm_eps 1e-5, rope_theta 10000, as llama2.c */
+    int shared_classifier; /* 1: output == tok_embd */
+    pd_model_weights_t w;  /* F32 views into map; w.layers malloc'd [n_layers] */
 } pd_llama2c_t;
 
 /* Maps and validates a checkpoint. On failure nothing stays mapped or allocated. */

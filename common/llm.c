@@ -20,16 +20,16 @@ struct pd_llm {
     size_t layer_cache_floats; /* elements of K (or V) of one layer */
     /* K and V: [n_layers][n_blocks][block_size][n_kv_heads][head_dim] of kv_dtype */
     float *k_cache, *v_cache;
-    int32_t *block_table;      /* [n_blocks], identity for the one sequence */
-    float *x;                  /* [max_T][dim] residual stream */
-    float *xb;                 /* [max_T][dim] normed input */
-    float *xb2;                /* [max_T][dim] projection output */
-    float *q;                  /* [max_T][n_heads*head_dim] */
-    float *kk, *vv;            /* [max_T][kv_dim] */
-    float *att;                /* [max_T][n_heads*head_dim] attention output */
-    float *hb, *hb2;           /* [max_T][hidden_dim] */
-    float *xo;                 /* [max_logits][dim] rows that need logits */
-    float *logits;             /* [max_logits][vocab] */
+    int32_t *block_table; /* [n_blocks], identity for the one sequence */
+    float *x;             /* [max_T][dim] residual stream */
+    float *xb;            /* [max_T][dim] normed input */
+    float *xb2;           /* [max_T][dim] projection output */
+    float *q;             /* [max_T][n_heads*head_dim] */
+    float *kk, *vv;       /* [max_T][kv_dim] */
+    float *att;           /* [max_T][n_heads*head_dim] attention output */
+    float *hb, *hb2;      /* [max_T][hidden_dim] */
+    float *xo;            /* [max_logits][dim] rows that need logits */
+    float *logits;        /* [max_logits][vocab] */
 };
 
 static float *alloc_floats(size_t a, size_t b, int *fail)
@@ -47,9 +47,9 @@ static float *alloc_floats(size_t a, size_t b, int *fail)
 
 static void free_buffers(pd_llm_t *l)
 {
-    float **bufs[] = {&l->k_cache, &l->v_cache, &l->x,   &l->xb,  &l->xb2, &l->q,
-                      &l->kk,      &l->vv,      &l->att, &l->hb,  &l->hb2, &l->xo,
-                      &l->logits};
+    float **bufs[] = {&l->k_cache, &l->v_cache, &l->x,     &l->xb,  &l->xb2,
+                      &l->q,       &l->kk,      &l->vv,    &l->att, &l->hb,
+                      &l->hb2,     &l->xo,      &l->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -160,8 +160,8 @@ pd_dtype_t pd_llm_auto_kv_dtype(const pd_model_t *model)
     const pd_model_config_t *c = pd_model_config(model);
     for (int i = 0; i < c->n_layers; i++) {
         const pd_layer_weights_t *ly = &w->layers[i];
-        const pd_tensor_t *m[] = {&ly->wq, &ly->wk, &ly->wv, &ly->wo, &ly->w_gate,
-                                  &ly->w_down, &ly->w_up};
+        const pd_tensor_t *m[] = {&ly->wq,     &ly->wk,     &ly->wv,  &ly->wo,
+                                  &ly->w_gate, &ly->w_down, &ly->w_up};
         for (size_t j = 0; j < sizeof m / sizeof m[0]; j++)
             if (m[j]->dtype != PD_DTYPE_F32)
                 return PD_DTYPE_F16;
@@ -174,8 +174,8 @@ static pd_status_t check_batch(const pd_llm_t *l, const int32_t *ids, const int3
 {
     if (T < 1 || T > l->max_T || n_out < 0 || n_out > l->max_logits) {
         PD_LOG_ERROR("forward batch of %lld tokens, %lld logits exceeds the limits "
-                     "(%d tokens, %d logits)", (long long)T, (long long)n_out, l->max_T,
-                     l->max_logits);
+                     "(%d tokens, %d logits)",
+                     (long long)T, (long long)n_out, l->max_T, l->max_logits);
         return PD_ERR_RANGE;
     }
     for (int64_t t = 0; t < T; t++) {
@@ -204,7 +204,8 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
     const pd_model_config_t *c = &l->cfg;
     const pd_layer_weights_t *w = &pd_model_weights(l->model)->layers[layer];
     pd_kernels_t *k = l->k;
-    size_t off = (size_t)layer * l->layer_cache_floats * (l->kv_dtype == PD_DTYPE_F16 ? 2 : 4);
+    size_t off =
+        (size_t)layer * l->layer_cache_floats * (l->kv_dtype == PD_DTYPE_F16 ? 2 : 4);
     char *kc = (char *)l->k_cache + off;
     char *vc = (char *)l->v_cache + off;
 
@@ -215,13 +216,24 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
     k->matmul(k, &w->wv, l->xb, T, l->vv);
     k->rope(k, l->q, pos, T, c->n_heads, c->head_dim, c->rope_theta);
     k->rope(k, l->kk, pos, T, c->n_kv_heads, c->head_dim, c->rope_theta);
-    k->kv_write(k, kc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T, l->kk);
-    k->kv_write(k, vc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T, l->vv);
+    k->kv_write(k, kc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T,
+                l->kk);
+    k->kv_write(k, vc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T,
+                l->vv);
     pd_attn_args_t a = {
-        .q = l->q, .out = l->att, .T = T, .pos = pos, .k_cache = kc, .v_cache = vc,
-        .kv_dtype = l->kv_dtype, .block_table = l->block_table,
-        .block_size = l->block_size, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
-        .head_dim = c->head_dim, .scale = 1.0f / sqrtf((float)c->head_dim),
+        .q = l->q,
+        .out = l->att,
+        .T = T,
+        .pos = pos,
+        .k_cache = kc,
+        .v_cache = vc,
+        .kv_dtype = l->kv_dtype,
+        .block_table = l->block_table,
+        .block_size = l->block_size,
+        .n_heads = c->n_heads,
+        .n_kv_heads = c->n_kv_heads,
+        .head_dim = c->head_dim,
+        .scale = 1.0f / sqrtf((float)c->head_dim),
     };
     k->attention(k, &a);
     k->matmul(k, &w->wo, l->att, T, l->xb2);
@@ -236,9 +248,8 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
     k->add(k, l->x, l->xb2, T * c->dim);
 }
 
-pd_status_t pd_llm_forward(pd_llm_t *l, const int32_t *ids, const int32_t *pos,
-                           int64_t T, const int32_t *out_rows, int64_t n_out,
-                           const float **logits_p)
+pd_status_t pd_llm_forward(pd_llm_t *l, const int32_t *ids, const int32_t *pos, int64_t T,
+                           const int32_t *out_rows, int64_t n_out, const float **logits_p)
 {
     pd_status_t st = check_batch(l, ids, pos, T, out_rows, n_out);
     if (st != PD_OK)

@@ -29,7 +29,7 @@ typedef enum pd_kv_type {
 } pd_kv_type_t;
 
 typedef struct pd_llm_opts {
-    int32_t max_ctx;          /* positions the KV cache holds; <= 0: the model's ctx_len */
+    int32_t max_ctx; /* positions the KV cache holds; <= 0: the model's ctx_len */
     int32_t max_batch_tokens; /* largest T of one forward pass; <= 0: 512 */
     int32_t max_logits;       /* most logit rows one pass returns; <= 0: 1 */
     int32_t block_size;       /* KV positions per block; <= 0: 16 */

@@ -42,8 +42,8 @@ void pd_log_write(pd_log_level_t level, const char *file, int line, const char *
         return;
     }
     const char *base = strrchr(file, '/');
-    fprintf(stderr, "pdserve %s: %s (%s:%d)\n", tags[level & 3], msg, base ? base + 1 : file,
-            line);
+    fprintf(stderr, "pdserve %s: %s (%s:%d)\n", tags[level & 3], msg,
+            base ? base + 1 : file, line);
 }
 
 void pd_assert_fail(const char *expr, const char *file, int line)

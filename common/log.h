@@ -47,6 +47,7 @@ void pd_log_write(pd_log_level_t level, const char *file, int line, const char *
         if (!(cond))                                                                     \
             pd_assert_fail(#cond, __FILE__, __LINE__);                                   \
     } while (0)
-void pd_assert_fail(const char *expr, const char *file, int line) __attribute__((noreturn));
+void pd_assert_fail(const char *expr, const char *file, int line)
+    __attribute__((noreturn));
 
 #endif

@@ -25,7 +25,8 @@ static void *copy_file(int fd, const char *path, const char *what, size_t size)
     uint8_t *raw = mmap(NULL, len + HUGE_PAGE, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) {
-        PD_LOG_ERROR("%s %s: cannot allocate %zu bytes: %s", what, path, len, strerror(errno));
+        PD_LOG_ERROR("%s %s: cannot allocate %zu bytes: %s", what, path, len,
+                     strerror(errno));
         return NULL;
     }
     /* trim to a 2 MiB-aligned region of len bytes */
@@ -37,8 +38,8 @@ static void *copy_file(int fd, const char *path, const char *what, size_t size)
     uint8_t *p = raw + head;
     (void)madvise(p, len, MADV_HUGEPAGE); /* advisory: fine if THP is off */
     for (size_t off = 0; off < size;) {
-        ssize_t got = pread(fd, p + off, size - off > (1u << 30) ? (1u << 30) : size - off,
-                            (off_t)off);
+        ssize_t got = pread(
+            fd, p + off, size - off > (1u << 30) ? (1u << 30) : size - off, (off_t)off);
         if (got <= 0) {
             PD_LOG_ERROR("%s %s: read failed at byte %zu: %s", what, path, off,
                          got < 0 ? strerror(errno) : "unexpected end of file");
@@ -51,8 +52,8 @@ static void *copy_file(int fd, const char *path, const char *what, size_t size)
     return p;
 }
 
-pd_status_t pd_map_file(const char *path, const char *what, size_t min_size, unsigned flags,
-                        const void **map_p, size_t *size_p)
+pd_status_t pd_map_file(const char *path, const char *what, size_t min_size,
+                        unsigned flags, const void **map_p, size_t *size_p)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -67,8 +68,8 @@ pd_status_t pd_map_file(const char *path, const char *what, size_t min_size, uns
         goto close_fd;
     }
     if ((size_t)sb.st_size < min_size || sb.st_size == 0) {
-        PD_LOG_ERROR("%s %s: byte 0: file too small (%lld bytes) for the header", what, path,
-                     (long long)sb.st_size);
+        PD_LOG_ERROR("%s %s: byte 0: file too small (%lld bytes) for the header", what,
+                     path, (long long)sb.st_size);
         st = PD_ERR_FORMAT;
         goto close_fd;
     }
@@ -80,8 +81,8 @@ pd_status_t pd_map_file(const char *path, const char *what, size_t min_size, uns
             goto close_fd;
         }
     } else if ((map = mmap(NULL, (size_t)sb.st_size, PROT_READ,
-                           MAP_PRIVATE | ((flags & PD_MAP_POPULATE) ? MAP_POPULATE : 0), fd,
-                           0)) == MAP_FAILED) {
+                           MAP_PRIVATE | ((flags & PD_MAP_POPULATE) ? MAP_POPULATE : 0),
+                           fd, 0)) == MAP_FAILED) {
         PD_LOG_ERROR("%s %s: mmap failed: %s", what, path, strerror(errno));
         st = PD_ERR_IO;
         goto close_fd;

@@ -14,13 +14,13 @@
 #include "common/status.h"
 
 #define PD_MAP_POPULATE 1u /* fault the whole file in at open (MAP_POPULATE) */
-#define PD_MAP_COPY 2u     /* read it into anonymous memory on transparent huge pages */
+#define PD_MAP_COPY     2u /* read it into anonymous memory on transparent huge pages */
 
-/* Maps path (flags: 0 or one PD_MAP_*). what names the format in error messages ("gguf", "llama2c");
- * a file shorter than min_size is PD_ERR_FORMAT, an unreadable one PD_ERR_IO (both
- * logged). *map_p and *size_p are set only on success. */
-pd_status_t pd_map_file(const char *path, const char *what, size_t min_size, unsigned flags,
-                        const void **map_p, size_t *size_p);
+/* Maps path (flags: 0 or one PD_MAP_*). what names the format in error messages ("gguf",
+ * "llama2c"); a file shorter than min_size is PD_ERR_FORMAT, an unreadable one PD_ERR_IO
+ * (both logged). *map_p and *size_p are set only on success. */
+pd_status_t pd_map_file(const char *path, const char *what, size_t min_size,
+                        unsigned flags, const void **map_p, size_t *size_p);
 /* Accepts NULL; flags as given to pd_map_file. */
 void pd_unmap_file(const void *map, size_t size, unsigned flags);
 

@@ -24,19 +24,19 @@
 #include "common/mapfile.h"
 
 /* Upper bounds well beyond any real Llama, low enough that products cannot overflow. */
-#define MAX_DIM (1 << 16)
+#define MAX_DIM    (1 << 16)
 #define MAX_HIDDEN (1 << 20)
 #define MAX_LAYERS 1024
-#define MAX_HEADS 1024
-#define MAX_VOCAB (1 << 22)
-#define MAX_CTX (1 << 24)
+#define MAX_HEADS  1024
+#define MAX_VOCAB  (1 << 22)
+#define MAX_CTX    (1 << 24)
 
 struct pd_model {
     pd_model_config_t cfg;
     pd_model_weights_t w; /* w.layers owned */
     pd_tokenizer_t *tok;
-    pd_gguf_t *gguf;      /* GGUF models */
-    pd_llama2c_t *l2c;    /* llama2.c checkpoints */
+    pd_gguf_t *gguf;   /* GGUF models */
+    pd_llama2c_t *l2c; /* llama2.c checkpoints */
     const char *dtype_name;
     size_t file_bytes;
 };
@@ -71,10 +71,12 @@ pd_status_t pd_model_config_check(const pd_model_config_t *c, const char *path)
         bad = "rope theta";
     if (!bad)
         return PD_OK;
-    PD_LOG_ERROR("model %s: invalid %s in config: dim %d hidden %d layers %d heads %d kv %d "
-                 "head_dim %d vocab %d ctx %d eps %g theta %g", path, bad, c->dim,
-                 c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-                 c->vocab_size, c->ctx_len, (double)c->norm_eps, (double)c->rope_theta);
+    PD_LOG_ERROR(
+        "model %s: invalid %s in config: dim %d hidden %d layers %d heads %d kv %d "
+        "head_dim %d vocab %d ctx %d eps %g theta %g",
+        path, bad, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads,
+        c->head_dim, c->vocab_size, c->ctx_len, (double)c->norm_eps,
+        (double)c->rope_theta);
     return PD_ERR_FORMAT;
 }
 
@@ -87,14 +89,16 @@ static pd_status_t check_tensor(const char *path, const char *name, const pd_ten
     int64_t want1 = ne1 > 0 ? ne1 : 1;
     if (t->ne[0] != ne0 || t->ne[1] != want1 || t->ne[2] != 1 || t->ne[3] != 1) {
         PD_LOG_ERROR("model %s: tensor %s has shape [%lld, %lld, %lld, %lld], expected "
-                     "[%lld, %lld]", path, name, (long long)t->ne[0], (long long)t->ne[1],
+                     "[%lld, %lld]",
+                     path, name, (long long)t->ne[0], (long long)t->ne[1],
                      (long long)t->ne[2], (long long)t->ne[3], (long long)ne0,
                      (long long)want1);
         return PD_ERR_FORMAT;
     }
     if (!pd_dtype_valid((uint32_t)t->dtype) || (ne1 == 0 && t->dtype != PD_DTYPE_F32)) {
         PD_LOG_ERROR("model %s: tensor %s has dtype %s, expected %s", path, name,
-                     pd_dtype_name(t->dtype), ne1 == 0 ? "f32" : "f32/f16/bf16/q8_0/q4_0");
+                     pd_dtype_name(t->dtype),
+                     ne1 == 0 ? "f32" : "f32/f16/bf16/q8_0/q4_0");
         return PD_ERR_FORMAT;
     }
     size_t bytes;
@@ -135,7 +139,8 @@ static pd_status_t check_layer(const char *path, const pd_model_config_t *c, int
 static pd_status_t check_weights(const char *path, const pd_model_config_t *c,
                                  const pd_model_weights_t *w)
 {
-    pd_status_t st = check_tensor(path, "token_embd", &w->tok_embd, c->dim, c->vocab_size);
+    pd_status_t st =
+        check_tensor(path, "token_embd", &w->tok_embd, c->dim, c->vocab_size);
     if (st == PD_OK)
         st = check_tensor(path, "output_norm", &w->output_norm, c->dim, 0);
     if (st == PD_OK)
@@ -150,7 +155,7 @@ static const char *matrices_dtype(const pd_model_t *m)
     pd_dtype_t d = m->w.output.dtype;
     for (int i = 0; i < m->cfg.n_layers; i++) {
         const pd_layer_weights_t *ly = &m->w.layers[i];
-        const pd_tensor_t *mats[] = {&ly->wq, &ly->wk, &ly->wv, &ly->wo,
+        const pd_tensor_t *mats[] = {&ly->wq,     &ly->wk,     &ly->wv,  &ly->wo,
                                      &ly->w_gate, &ly->w_down, &ly->w_up};
         for (size_t k = 0; k < sizeof mats / sizeof mats[0]; k++)
             if (mats[k]->dtype != d)
@@ -251,8 +256,10 @@ static pd_status_t gguf_config(const pd_gguf_t *g, const char *path, pd_model_co
     if ((st = opt_u32(g, path, "llama.rope.dimension_count", &rope_dims)) != PD_OK)
         return st;
     if (rope_dims != c->head_dim) {
-        PD_LOG_ERROR("model %s: llama.rope.dimension_count %d != head_dim %d (partial rope "
-                     "is not supported)", path, rope_dims, c->head_dim);
+        PD_LOG_ERROR(
+            "model %s: llama.rope.dimension_count %d != head_dim %d (partial rope "
+            "is not supported)",
+            path, rope_dims, c->head_dim);
         return PD_ERR_UNSUPPORTED;
     }
     /* the vocabulary size is the embedding's row count */
@@ -281,9 +288,11 @@ static pd_status_t gguf_layer(const pd_gguf_t *g, const char *path, int i,
         const char *suffix;
         pd_tensor_t *t;
     } names[] = {
-        {"attn_norm", &ly->attn_norm}, {"attn_q", &ly->wq},         {"attn_k", &ly->wk},
-        {"attn_v", &ly->wv},           {"attn_output", &ly->wo},    {"ffn_norm", &ly->ffn_norm},
-        {"ffn_gate", &ly->w_gate},     {"ffn_down", &ly->w_down},   {"ffn_up", &ly->w_up},
+        {"attn_norm", &ly->attn_norm}, {"attn_q", &ly->wq},
+        {"attn_k", &ly->wk},           {"attn_v", &ly->wv},
+        {"attn_output", &ly->wo},      {"ffn_norm", &ly->ffn_norm},
+        {"ffn_gate", &ly->w_gate},     {"ffn_down", &ly->w_down},
+        {"ffn_up", &ly->w_up},
     };
     for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
         char name[64];
@@ -408,7 +417,8 @@ pd_status_t pd_model_open_ex(const char *path, const char *tokenizer_path,
         PD_LOG_ERROR("model %s: out of memory", path);
         return PD_ERR_NOMEM;
     }
-    pd_status_t st = gguf ? open_gguf(path, map_flags, m) : open_llama2c(path, map_flags, m);
+    pd_status_t st =
+        gguf ? open_gguf(path, map_flags, m) : open_llama2c(path, map_flags, m);
     if (st == PD_OK)
         st = check_weights(path, &m->cfg, &m->w);
     if (st == PD_OK)

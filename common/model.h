@@ -25,11 +25,11 @@ typedef struct pd_model_config {
     int32_t n_layers;
     int32_t n_heads;
     int32_t n_kv_heads;
-    int32_t head_dim;   /* dim / n_heads */
+    int32_t head_dim; /* dim / n_heads */
     int32_t vocab_size;
-    int32_t ctx_len;    /* the trained/declared context length */
-    float norm_eps;     /* RMSNorm epsilon */
-    float rope_theta;   /* RoPE base; interleaved (adjacent-pair) rotation */
+    int32_t ctx_len;  /* the trained/declared context length */
+    float norm_eps;   /* RMSNorm epsilon */
+    float rope_theta; /* RoPE base; interleaved (adjacent-pair) rotation */
 } pd_model_config_t;
 
 /* Matrices are [ne1 = out][ne0 = in]; norms are F32 vectors [dim]. */
@@ -46,9 +46,9 @@ typedef struct pd_layer_weights {
 } pd_layer_weights_t;
 
 typedef struct pd_model_weights {
-    pd_tensor_t tok_embd;    /* [vocab][dim] */
-    pd_tensor_t output_norm; /* [dim] */
-    pd_tensor_t output;      /* [vocab][dim]; equals tok_embd when shared */
+    pd_tensor_t tok_embd;       /* [vocab][dim] */
+    pd_tensor_t output_norm;    /* [dim] */
+    pd_tensor_t output;         /* [vocab][dim]; equals tok_embd when shared */
     pd_layer_weights_t *layers; /* [n_layers] */
 } pd_model_weights_t;
 

@@ -22,8 +22,8 @@ struct pd_sampler {
 
 pd_sampler_params_t pd_sampler_params_default(void)
 {
-    pd_sampler_params_t p = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f,
-                             .seed = 0};
+    pd_sampler_params_t p = {
+        .temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f, .seed = 0};
     return p;
 }
 

@@ -13,11 +13,16 @@ int pd_dtype_valid(uint32_t dtype)
 const char *pd_dtype_name(pd_dtype_t dtype)
 {
     switch (dtype) {
-    case PD_DTYPE_F32: return "f32";
-    case PD_DTYPE_F16: return "f16";
-    case PD_DTYPE_Q4_0: return "q4_0";
-    case PD_DTYPE_Q8_0: return "q8_0";
-    case PD_DTYPE_BF16: return "bf16";
+    case PD_DTYPE_F32:
+        return "f32";
+    case PD_DTYPE_F16:
+        return "f16";
+    case PD_DTYPE_Q4_0:
+        return "q4_0";
+    case PD_DTYPE_Q8_0:
+        return "q8_0";
+    case PD_DTYPE_BF16:
+        return "bf16";
     }
     return "unknown";
 }
@@ -30,11 +35,16 @@ int64_t pd_dtype_block_elems(pd_dtype_t dtype)
 size_t pd_dtype_block_bytes(pd_dtype_t dtype)
 {
     switch (dtype) {
-    case PD_DTYPE_F32: return 4;
-    case PD_DTYPE_F16: return 2;
-    case PD_DTYPE_BF16: return 2;
-    case PD_DTYPE_Q8_0: return sizeof(pd_block_q8_0_t);
-    case PD_DTYPE_Q4_0: return sizeof(pd_block_q4_0_t);
+    case PD_DTYPE_F32:
+        return 4;
+    case PD_DTYPE_F16:
+        return 2;
+    case PD_DTYPE_BF16:
+        return 2;
+    case PD_DTYPE_Q8_0:
+        return sizeof(pd_block_q8_0_t);
+    case PD_DTYPE_Q4_0:
+        return sizeof(pd_block_q4_0_t);
     }
     return 0;
 }
@@ -51,7 +61,8 @@ pd_status_t pd_dtype_row_bytes(pd_dtype_t dtype, int64_t n, size_t *bytes_p)
     return PD_OK;
 }
 
-pd_status_t pd_tensor_size(pd_dtype_t dtype, const int64_t *ne, int n_dims, size_t *bytes_p)
+pd_status_t pd_tensor_size(pd_dtype_t dtype, const int64_t *ne, int n_dims,
+                           size_t *bytes_p)
 {
     if (n_dims < 1 || n_dims > PD_TENSOR_MAX_DIMS)
         return PD_ERR_FORMAT;

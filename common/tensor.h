@@ -27,9 +27,9 @@ typedef enum pd_dtype {
 
 /* GGUF block layouts (packed, little endian). */
 typedef struct pd_block_q8_0 {
-    uint16_t d;        /* fp16 scale */
-    int8_t qs[PD_QK];  /* value = qs[j] * d */
-} pd_block_q8_0_t;     /* 34 bytes */
+    uint16_t d;       /* fp16 scale */
+    int8_t qs[PD_QK]; /* value = qs[j] * d */
+} pd_block_q8_0_t;    /* 34 bytes */
 
 typedef struct pd_block_q4_0 {
     uint16_t d;            /* fp16 scale */
@@ -57,7 +57,8 @@ size_t pd_dtype_block_bytes(pd_dtype_t dtype);
  * PD_ERR_OVERFLOW on overflow. *bytes_p set only on success. */
 pd_status_t pd_dtype_row_bytes(pd_dtype_t dtype, int64_t n, size_t *bytes_p);
 /* Bytes of a whole tensor of shape ne[0..n_dims-1], every ne >= 1, overflow-checked. */
-pd_status_t pd_tensor_size(pd_dtype_t dtype, const int64_t *ne, int n_dims, size_t *bytes_p);
+pd_status_t pd_tensor_size(pd_dtype_t dtype, const int64_t *ne, int n_dims,
+                           size_t *bytes_p);
 /* Bytes of one row (ne[0] elements) of t. */
 size_t pd_tensor_row_bytes(const pd_tensor_t *t);
 

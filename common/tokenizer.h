@@ -50,8 +50,8 @@ pd_status_t pd_tokenizer_encode(const pd_tokenizer_t *tok, const char *text, siz
  * piece after BOS (the dummy prefix) is dropped, as SentencePiece does. */
 typedef struct pd_detok {
     const pd_tokenizer_t *tok;
-    int32_t prev;            /* previous token id, -1 at start */
-    unsigned char pend[8];   /* bytes of an incomplete UTF-8 character */
+    int32_t prev;          /* previous token id, -1 at start */
+    unsigned char pend[8]; /* bytes of an incomplete UTF-8 character */
     int n_pend;
 } pd_detok_t;
 

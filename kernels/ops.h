@@ -25,17 +25,17 @@ typedef struct pd_kernels pd_kernels_t;
  * and attends causally to positions 0..pos[t] (all already written to the cache).
  * Query head h reads KV head h / (n_heads / n_kv_heads) (grouped-query). */
 typedef struct pd_attn_args {
-    const float *q;             /* [T][n_heads][head_dim] */
-    float *out;                 /* [T][n_heads][head_dim] */
+    const float *q; /* [T][n_heads][head_dim] */
+    float *out;     /* [T][n_heads][head_dim] */
     int64_t T;
-    const int32_t *pos;         /* [T] */
-    const void *k_cache;        /* layer base, blocks as above */
+    const int32_t *pos;  /* [T] */
+    const void *k_cache; /* layer base, blocks as above */
     const void *v_cache;
     pd_dtype_t kv_dtype;        /* F32 (F16 optional per backend) */
     const int32_t *block_table; /* [ceil((max pos + 1) / block_size)] */
     int64_t block_size;
     int n_heads, n_kv_heads, head_dim;
-    float scale;                /* usually 1/sqrt(head_dim) */
+    float scale; /* usually 1/sqrt(head_dim) */
 } pd_attn_args_t;
 
 struct pd_kernels {
@@ -55,7 +55,8 @@ struct pd_kernels {
                     int64_t T, int64_t n, float eps);
     /* In place, interleaved pairs (x[2i], x[2i+1]) of each head rotated by
      * pos[t] * theta^(-2i/head_dim), computed in float as llama2.c does:
-     * freq = 1.0f / powf(theta, (float)(2i) / (float)head_dim). x: [T][n_heads][head_dim]. */
+     * freq = 1.0f / powf(theta, (float)(2i) / (float)head_dim). x:
+     * [T][n_heads][head_dim]. */
     void (*rope)(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T, int n_heads,
                  int head_dim, float theta);
     /* In place softmax of each of T rows of n. */

@@ -29,18 +29,20 @@ typedef struct gen_args {
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: pdctl generate --model M [--tokenizer T] --prompt P [--max-tokens N]\n"
-            "         [--temperature X] [--top-p X] [--top-k N] [--min-p X] [--seed N]\n"
-            "         [--threads N] [--ignore-eos] [--format text|json]\n"
-            "         [--ctx N] [--batch N] [--isa auto|scalar|avx2|avx512]\n"
-            "         [--kv-dtype auto|f32|f16] [--load copy|mmap]\n"
-            "  M is a .gguf file, or a llama2.c checkpoint with its tokenizer.bin as T.\n"
-            "  Defaults: --max-tokens 256, --temperature 0 (greedy), top-p 1, top-k 0 (off),\n"
-            "  min-p 0 (off), a random seed (printed in json), one thread per CPU,\n"
-            "  --ctx the model's context, --batch 512 (prompt tokens per forward pass),\n"
-            "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the weights\n"
-            "  into memory on transparent huge pages; mmap maps the file instead).\n");
+    fprintf(
+        f, "usage: pdctl generate --model M [--tokenizer T] --prompt P [--max-tokens N]\n"
+           "         [--temperature X] [--top-p X] [--top-k N] [--min-p X] [--seed N]\n"
+           "         [--threads N] [--ignore-eos] [--format text|json]\n"
+           "         [--ctx N] [--batch N] [--isa auto|scalar|avx2|avx512]\n"
+           "         [--kv-dtype auto|f32|f16] [--load copy|mmap]\n"
+           "  M is a .gguf file, or a llama2.c checkpoint with its tokenizer.bin as T.\n"
+           "  Defaults: --max-tokens 256, --temperature 0 (greedy), top-p 1, top-k 0 "
+           "(off),\n"
+           "  min-p 0 (off), a random seed (printed in json), one thread per CPU,\n"
+           "  --ctx the model's context, --batch 512 (prompt tokens per forward pass),\n"
+           "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the "
+           "weights\n"
+           "  into memory on transparent huge pages; mmap maps the file instead).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -49,8 +51,8 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
     errno = 0;
     double v = strtod(s, &end);
     if (errno || end == s || *end || !(v >= lo && v <= hi)) {
-        fprintf(stderr, "pdctl generate: bad value '%s' for %s (expected %g..%g)\n", s, opt,
-                lo, hi);
+        fprintf(stderr, "pdctl generate: bad value '%s' for %s (expected %g..%g)\n", s,
+                opt, lo, hi);
         return -1;
     }
     *v_p = v;
@@ -59,7 +61,8 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
 
 static int parse_args(int argc, char **argv, gen_args_t *a)
 {
-    *a = (gen_args_t){.format = "text", .max_tokens = 256, .sp = pd_sampler_params_default()};
+    *a = (gen_args_t){
+        .format = "text", .max_tokens = 256, .sp = pd_sampler_params_default()};
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         double v;
@@ -106,14 +109,16 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->sp.top_k = (int32_t)v;
         else if (!strcmp(o, "--min-p") && !parse_num(o, val, 0, 1, &v))
             a->sp.min_p = (float)v;
-        else if (!strcmp(o, "--seed") && !parse_num(o, val, 0, 18446744073709551615.0, &v)) {
+        else if (!strcmp(o, "--seed") &&
+                 !parse_num(o, val, 0, 18446744073709551615.0, &v)) {
             a->sp.seed = strtoull(val, NULL, 10);
             a->seed_given = true;
         } else {
-            if (strncmp(o, "--", 2) || !strstr(" --model --tokenizer --prompt --format --isa "
-                                               "--max-tokens --threads --ctx --batch --kv-dtype --load "
-                                               "--temperature --top-p --top-k --min-p --seed ",
-                                               o))
+            if (strncmp(o, "--", 2) ||
+                !strstr(" --model --tokenizer --prompt --format --isa "
+                        "--max-tokens --threads --ctx --batch --kv-dtype --load "
+                        "--temperature --top-p --top-k --min-p --seed ",
+                        o))
                 fprintf(stderr, "pdctl generate: unknown option '%s'\n", o);
             return -1;
         }
@@ -139,7 +144,8 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
     if (!a->seed_given) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        a->sp.seed = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid();
+        a->sp.seed =
+            (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ (uint64_t)getpid();
     }
     return 0;
 }
@@ -208,8 +214,7 @@ static json_object *json_string_utf8(const char *s)
 }
 
 static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernels_t *k,
-                       const pd_llm_t *llm,
-                       const int32_t *prompt_ids, const int32_t *ids,
+                       const pd_llm_t *llm, const int32_t *prompt_ids, const int32_t *ids,
                        const pd_gen_stats_t *st, const stream_t *s, double load_s)
 {
     json_object *o = json_object_new_object(), *t = json_object_new_object();
@@ -218,26 +223,32 @@ static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernel
     json_object_object_add(o, "prompt", json_string_utf8(a->prompt));
     json_object_object_add(o, "prompt_ids", ids_json(prompt_ids, st->n_prompt));
     json_object_object_add(o, "ids", ids_json(ids, st->n_gen));
-    json_object_object_add(o, "text", json_object_new_string_len(s->text ? s->text : "",
-                                                                 (int)s->len));
-    json_object_object_add(o, "finish_reason", json_object_new_string(pd_finish_str(st->finish)));
+    json_object_object_add(
+        o, "text", json_object_new_string_len(s->text ? s->text : "", (int)s->len));
+    json_object_object_add(o, "finish_reason",
+                           json_object_new_string(pd_finish_str(st->finish)));
     json_object_object_add(o, "seed", json_object_new_uint64(a->sp.seed));
     json_object_object_add(o, "threads", json_object_new_int(k->n_threads));
     json_object_object_add(o, "isa", json_object_new_string(k->name));
-    json_object_object_add(o, "kv_dtype", json_object_new_string(pd_dtype_name(pd_llm_kv_dtype(llm))));
-    json_object_object_add(o, "load", json_object_new_string(load_mmap(a) ? "mmap" : "copy"));
+    json_object_object_add(o, "kv_dtype",
+                           json_object_new_string(pd_dtype_name(pd_llm_kv_dtype(llm))));
+    json_object_object_add(o, "load",
+                           json_object_new_string(load_mmap(a) ? "mmap" : "copy"));
     json_object_object_add(t, "load_ms", json_object_new_double(load_s * 1e3));
     json_object_object_add(t, "prompt_ms", json_object_new_double(st->prompt_s * 1e3));
     json_object_object_add(t, "decode_ms", json_object_new_double(st->decode_s * 1e3));
-    json_object_object_add(t, "prompt_tokens_per_s",
-                           json_object_new_double(st->prompt_s > 0 ? st->n_prompt / st->prompt_s : 0));
-    json_object_object_add(t, "gen_tokens_per_s",
-                           json_object_new_double(st->decode_s > 0 ? st->n_decode_steps / st->decode_s : 0));
+    json_object_object_add(
+        t, "prompt_tokens_per_s",
+        json_object_new_double(st->prompt_s > 0 ? st->n_prompt / st->prompt_s : 0));
+    json_object_object_add(
+        t, "gen_tokens_per_s",
+        json_object_new_double(st->decode_s > 0 ? st->n_decode_steps / st->decode_s : 0));
     json_object_object_add(o, "timings", t);
     struct rusage ru;
     json_object *mem = json_object_new_object();
     getrusage(RUSAGE_SELF, &ru);
-    json_object_object_add(mem, "max_rss_bytes", json_object_new_int64((int64_t)ru.ru_maxrss * 1024));
+    json_object_object_add(mem, "max_rss_bytes",
+                           json_object_new_int64((int64_t)ru.ru_maxrss * 1024));
     json_object_object_add(mem, "model_file_bytes",
                            json_object_new_int64((int64_t)pd_model_file_bytes(m)));
     json_object_object_add(o, "memory", mem);
@@ -269,7 +280,8 @@ int pd_cmd_generate(int argc, char **argv)
     rc = 1;
 
     double t0 = now_s();
-    if (pd_model_open_ex(a.model, a.tokenizer, load_mmap(&a) ? PD_MODEL_LOAD_MMAP : PD_MODEL_LOAD_COPY,
+    if (pd_model_open_ex(a.model, a.tokenizer,
+                         load_mmap(&a) ? PD_MODEL_LOAD_MMAP : PD_MODEL_LOAD_COPY,
                          &m) != PD_OK) {
         fprintf(stderr, "pdctl generate: cannot load model '%s' (see the error above)\n",
                 a.model);
@@ -283,7 +295,8 @@ int pd_cmd_generate(int argc, char **argv)
     pd_llm_opts_t lo = {.max_ctx = ctx, .max_batch_tokens = a.batch > 0 ? a.batch : 512};
     if (a.kv_dtype && strcmp(a.kv_dtype, "auto"))
         lo.kv_type = strcmp(a.kv_dtype, "f16") ? PD_KV_F32 : PD_KV_F16;
-    if (pd_llm_new(m, k, &lo, &llm) != PD_OK || pd_sampler_new(cfg->vocab_size, &a.sp, &smp) != PD_OK)
+    if (pd_llm_new(m, k, &lo, &llm) != PD_OK ||
+        pd_sampler_new(cfg->vocab_size, &a.sp, &smp) != PD_OK)
         goto out;
     double load_s = now_s() - t0;
 
@@ -294,10 +307,12 @@ int pd_cmd_generate(int argc, char **argv)
     s.piece = malloc(s.piece_cap);
     if (!prompt_ids || !ids || !s.piece)
         goto out;
-    if (pd_tokenizer_encode(tok, a.prompt, plen, true, prompt_ids, cap, &n_prompt) != PD_OK)
+    if (pd_tokenizer_encode(tok, a.prompt, plen, true, prompt_ids, cap, &n_prompt) !=
+        PD_OK)
         goto out;
     if ((int64_t)n_prompt >= ctx) {
-        fprintf(stderr, "pdctl generate: the prompt has %zu tokens; the context holds %d\n",
+        fprintf(stderr,
+                "pdctl generate: the prompt has %zu tokens; the context holds %d\n",
                 n_prompt, ctx);
         goto out;
     }
@@ -314,8 +329,9 @@ int pd_cmd_generate(int argc, char **argv)
     pd_detok_flush(&s.detok, s.piece, s.piece_cap);
     pd_gen_opts_t go = {.max_tokens = a.max_tokens, .ignore_eos = a.ignore_eos};
     pd_gen_stats_t st;
-    pd_status_t gst = pd_generate(llm, smp, prompt_ids, (int32_t)n_prompt, pd_tokenizer_eos(tok),
-                                  pd_tokenizer_bos(tok), &go, on_token, &s, ids, &st);
+    pd_status_t gst =
+        pd_generate(llm, smp, prompt_ids, (int32_t)n_prompt, pd_tokenizer_eos(tok),
+                    pd_tokenizer_bos(tok), &go, on_token, &s, ids, &st);
     size_t n = pd_detok_flush(&s.detok, s.piece, s.piece_cap);
     if (n)
         stream_append(&s, s.piece, n);
@@ -327,10 +343,12 @@ int pd_cmd_generate(int argc, char **argv)
         print_json(&a, m, k, llm, prompt_ids, ids, &st, &s, load_s);
     } else {
         printf("\n");
-        fprintf(stderr, "[%d prompt tokens %.1f tok/s, %d generated %.1f tok/s, %s, %d threads, %s]\n",
+        fprintf(stderr,
+                "[%d prompt tokens %.1f tok/s, %d generated %.1f tok/s, %s, %d threads, "
+                "%s]\n",
                 st.n_prompt, st.prompt_s > 0 ? st.n_prompt / st.prompt_s : 0.0, st.n_gen,
-                st.decode_s > 0 ? st.n_decode_steps / st.decode_s : 0.0, k->name, k->n_threads,
-                pd_finish_str(st.finish));
+                st.decode_s > 0 ? st.n_decode_steps / st.decode_s : 0.0, k->name,
+                k->n_threads, pd_finish_str(st.finish));
     }
     rc = 0;
 out:

@@ -93,7 +93,8 @@ static void check_tok512_vocab(const pd_gguf_t *g)
     expect_arr_str(g, 3, "<0x00>");
     pd_gguf_type_t type;
     const void *data;
-    ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.scores", &type, &n, &data), PD_OK);
+    ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.scores", &type, &n, &data),
+                     PD_OK);
     ck_assert_int_eq(type, PD_GGUF_TYPE_F32);
     ck_assert_uint_eq(n, 512);
     ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.token_type", &type, &n, &data),
@@ -137,9 +138,9 @@ static void expect_llama_tensors(const pd_gguf_t *g, llama_hp_t w, pd_dtype_t ma
         int n_dims;
         int64_t ne0, ne1;
     } layer[] = {
-        {"attn_norm", 1, e, 1}, {"ffn_norm", 1, e, 1},   {"attn_q", 2, e, q},
-        {"attn_k", 2, e, kv},   {"attn_v", 2, e, kv},    {"attn_output", 2, q, e},
-        {"ffn_gate", 2, e, f},  {"ffn_down", 2, f, e},   {"ffn_up", 2, e, f},
+        {"attn_norm", 1, e, 1}, {"ffn_norm", 1, e, 1}, {"attn_q", 2, e, q},
+        {"attn_k", 2, e, kv},   {"attn_v", 2, e, kv},  {"attn_output", 2, q, e},
+        {"ffn_gate", 2, e, f},  {"ffn_down", 2, f, e}, {"ffn_up", 2, e, f},
     };
     for (uint32_t l = 0; l < w.blocks; l++) {
         for (size_t k = 0; k < sizeof layer / sizeof layer[0]; k++) {
@@ -215,7 +216,8 @@ START_TEST(test_tiny_random_f16)
     for (uint64_t i = 0; i < n; i++) {
         const char *s;
         size_t len;
-        ck_assert_int_eq(pd_gguf_get_arr_str(g, "tokenizer.ggml.tokens", i, &s, &len), PD_OK);
+        ck_assert_int_eq(pd_gguf_get_arr_str(g, "tokenizer.ggml.tokens", i, &s, &len),
+                         PD_OK);
         total += len;
     }
     ck_assert_uint_eq(total, 210919);
@@ -228,7 +230,8 @@ START_TEST(test_tiny_random_f16)
                      PD_ERR_RANGE);
     pd_gguf_type_t type;
     const void *data;
-    ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.scores", &type, &n, &data), PD_OK);
+    ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.scores", &type, &n, &data),
+                     PD_OK);
     float score;
     memcpy(&score, (const char *)data + 4 * 1000, 4);
     ck_assert_float_eq(score, -741.0f);
@@ -253,7 +256,8 @@ START_TEST(test_lookup_contract)
     ck_assert_int_eq(pd_gguf_get_bool(g, "no.such.key", &b), PD_ERR_NOT_FOUND);
     ck_assert_int_eq(pd_gguf_get_str(g, "no.such.key", &s, &len), PD_ERR_NOT_FOUND);
     ck_assert_int_eq(pd_gguf_get_arr_len(g, "no.such.key", &n), PD_ERR_NOT_FOUND);
-    ck_assert_int_eq(pd_gguf_get_arr_str(g, "no.such.key", 0, &s, &len), PD_ERR_NOT_FOUND);
+    ck_assert_int_eq(pd_gguf_get_arr_str(g, "no.such.key", 0, &s, &len),
+                     PD_ERR_NOT_FOUND);
     ck_assert_int_eq(pd_gguf_get_arr(g, "", NULL, &n, NULL), PD_ERR_NOT_FOUND);
     pd_tensor_t t;
     ck_assert_int_eq(pd_gguf_find_tensor(g, "nope.weight", &t), PD_ERR_NOT_FOUND);
@@ -263,7 +267,8 @@ START_TEST(test_lookup_contract)
     ck_assert_int_eq(pd_gguf_get_u32(g, "general.architecture", &u), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_test_n_errors, 1);
     ck_assert_int_eq(pd_gguf_get_f32(g, "llama.block_count", &f), PD_ERR_FORMAT);
-    ck_assert_int_eq(pd_gguf_get_str(g, "tokenizer.ggml.tokens", &s, &len), PD_ERR_FORMAT);
+    ck_assert_int_eq(pd_gguf_get_str(g, "tokenizer.ggml.tokens", &s, &len),
+                     PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_arr(g, "tokenizer.ggml.tokens", NULL, &n, NULL),
                      PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_arr_str(g, "tokenizer.ggml.scores", 0, &s, &len),
@@ -299,23 +304,44 @@ static void build_value_types(pd_gb_t *b_p, uint16_t a16[3], double a64[2])
 {
     pd_gb_t b = {0};
     pd_gb_header(&b, 2, 0, 21);
-    uint8_t u8 = 200; int8_t i8 = -5; uint16_t u16 = 60000; int16_t i16 = 1234;
-    int32_t i32 = -7, i32p = 99; float f32 = 1.5f; uint8_t bl = 1;
-    uint64_t u64 = 1ull << 40, u64s = 77; int64_t i64 = -3; double f64 = 0.25;
-    pd_gb_key(&b, "u8", PD_GGUF_TYPE_U8); pd_gb_put(&b, &u8, 1);
-    pd_gb_key(&b, "i8", PD_GGUF_TYPE_I8); pd_gb_put(&b, &i8, 1);
-    pd_gb_key(&b, "u16", PD_GGUF_TYPE_U16); pd_gb_put(&b, &u16, 2);
-    pd_gb_key(&b, "i16", PD_GGUF_TYPE_I16); pd_gb_put(&b, &i16, 2);
-    pd_gb_key(&b, "u32", PD_GGUF_TYPE_U32); pd_gb_u32(&b, 4000000000u);
-    pd_gb_key(&b, "i32", PD_GGUF_TYPE_I32); pd_gb_put(&b, &i32, 4);
-    pd_gb_key(&b, "i32p", PD_GGUF_TYPE_I32); pd_gb_put(&b, &i32p, 4);
-    pd_gb_key(&b, "f32", PD_GGUF_TYPE_F32); pd_gb_put(&b, &f32, 4);
-    pd_gb_key(&b, "bool", PD_GGUF_TYPE_BOOL); pd_gb_put(&b, &bl, 1);
-    pd_gb_key(&b, "str", PD_GGUF_TYPE_STRING); pd_gb_str(&b, "hello");
-    pd_gb_key(&b, "u64", PD_GGUF_TYPE_U64); pd_gb_put(&b, &u64, 8);
-    pd_gb_key(&b, "u64s", PD_GGUF_TYPE_U64); pd_gb_put(&b, &u64s, 8);
-    pd_gb_key(&b, "i64", PD_GGUF_TYPE_I64); pd_gb_put(&b, &i64, 8);
-    pd_gb_key(&b, "f64", PD_GGUF_TYPE_F64); pd_gb_put(&b, &f64, 8);
+    uint8_t u8 = 200;
+    int8_t i8 = -5;
+    uint16_t u16 = 60000;
+    int16_t i16 = 1234;
+    int32_t i32 = -7, i32p = 99;
+    float f32 = 1.5f;
+    uint8_t bl = 1;
+    uint64_t u64 = 1ull << 40, u64s = 77;
+    int64_t i64 = -3;
+    double f64 = 0.25;
+    pd_gb_key(&b, "u8", PD_GGUF_TYPE_U8);
+    pd_gb_put(&b, &u8, 1);
+    pd_gb_key(&b, "i8", PD_GGUF_TYPE_I8);
+    pd_gb_put(&b, &i8, 1);
+    pd_gb_key(&b, "u16", PD_GGUF_TYPE_U16);
+    pd_gb_put(&b, &u16, 2);
+    pd_gb_key(&b, "i16", PD_GGUF_TYPE_I16);
+    pd_gb_put(&b, &i16, 2);
+    pd_gb_key(&b, "u32", PD_GGUF_TYPE_U32);
+    pd_gb_u32(&b, 4000000000u);
+    pd_gb_key(&b, "i32", PD_GGUF_TYPE_I32);
+    pd_gb_put(&b, &i32, 4);
+    pd_gb_key(&b, "i32p", PD_GGUF_TYPE_I32);
+    pd_gb_put(&b, &i32p, 4);
+    pd_gb_key(&b, "f32", PD_GGUF_TYPE_F32);
+    pd_gb_put(&b, &f32, 4);
+    pd_gb_key(&b, "bool", PD_GGUF_TYPE_BOOL);
+    pd_gb_put(&b, &bl, 1);
+    pd_gb_key(&b, "str", PD_GGUF_TYPE_STRING);
+    pd_gb_str(&b, "hello");
+    pd_gb_key(&b, "u64", PD_GGUF_TYPE_U64);
+    pd_gb_put(&b, &u64, 8);
+    pd_gb_key(&b, "u64s", PD_GGUF_TYPE_U64);
+    pd_gb_put(&b, &u64s, 8);
+    pd_gb_key(&b, "i64", PD_GGUF_TYPE_I64);
+    pd_gb_put(&b, &i64, 8);
+    pd_gb_key(&b, "f64", PD_GGUF_TYPE_F64);
+    pd_gb_put(&b, &f64, 8);
     pd_gb_arr(&b, "arr.u16", PD_GGUF_TYPE_U16, 3);
     a16[0] = 1, a16[1] = 2, a16[2] = 65535;
     pd_gb_put(&b, a16, 3 * sizeof *a16);
@@ -324,7 +350,9 @@ static void build_value_types(pd_gb_t *b_p, uint16_t a16[3], double a64[2])
     pd_gb_put(&b, a64, 2 * sizeof *a64);
     pd_gb_arr(&b, "arr.bool", PD_GGUF_TYPE_BOOL, 0);
     pd_gb_arr(&b, "arr.str", PD_GGUF_TYPE_STRING, 3);
-    pd_gb_str(&b, "a"); pd_gb_str(&b, ""); pd_gb_str(&b, "ccc");
+    pd_gb_str(&b, "a");
+    pd_gb_str(&b, "");
+    pd_gb_str(&b, "ccc");
     pd_gb_arr(&b, "arr.i8", PD_GGUF_TYPE_I8, 1);
     pd_gb_put(&b, &i8, 1);
     pd_gb_arr(&b, "arr.str0", PD_GGUF_TYPE_STRING, 0);
@@ -352,7 +380,7 @@ START_TEST(test_value_types)
     ck_assert(pd_gguf_get_u32(g, "i32p", &u) == PD_OK && u == 99);
     ck_assert(pd_gguf_get_u32(g, "u64s", &u) == PD_OK && u == 77);
     ck_assert_int_eq(pd_test_n_errors, 0);
-    ck_assert_int_eq(pd_gguf_get_u32(g, "i8", &u), PD_ERR_FORMAT);  /* negative */
+    ck_assert_int_eq(pd_gguf_get_u32(g, "i8", &u), PD_ERR_FORMAT); /* negative */
     ck_assert_int_eq(pd_gguf_get_u32(g, "i32", &u), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_u32(g, "i64", &u), PD_ERR_FORMAT);
     ck_assert_int_eq(pd_gguf_get_u32(g, "u64", &u), PD_ERR_FORMAT); /* too big */
@@ -405,9 +433,16 @@ START_TEST(test_alignment_and_dtypes)
             pd_gb_key(&b, "general.alignment", PD_GGUF_TYPE_U32);
             pd_gb_u32(&b, (uint32_t)align);
         }
-        const struct { const char *name; uint32_t type; uint64_t ne0, ne1; size_t bytes; } ts[] = {
-            {"a", PD_DTYPE_F32, 3, 1, 12},   {"b", PD_DTYPE_Q8_0, 64, 2, 4 * 34},
-            {"c", PD_DTYPE_Q4_0, 32, 3, 3 * 18}, {"d", PD_DTYPE_BF16, 5, 7, 70},
+        const struct {
+            const char *name;
+            uint32_t type;
+            uint64_t ne0, ne1;
+            size_t bytes;
+        } ts[] = {
+            {"a", PD_DTYPE_F32, 3, 1, 12},
+            {"b", PD_DTYPE_Q8_0, 64, 2, 4 * 34},
+            {"c", PD_DTYPE_Q4_0, 32, 3, 3 * 18},
+            {"d", PD_DTYPE_BF16, 5, 7, 70},
         };
         size_t off = 0, offs[4];
         for (int i = 0; i < 4; i++) {
@@ -435,7 +470,8 @@ START_TEST(test_alignment_and_dtypes)
             ck_assert_str_eq(name, ts[i].name);
             ck_assert_int_eq(t.dtype, ts[i].type);
             ck_assert_uint_eq(t.nbytes, ts[i].bytes);
-            ck_assert_uint_eq((size_t)((const uint8_t *)t.data - base), data_off + offs[i]);
+            ck_assert_uint_eq((size_t)((const uint8_t *)t.data - base),
+                              data_off + offs[i]);
             ck_assert_uint_eq((size_t)((const uint8_t *)t.data - base) % a, 0);
         }
         pd_gguf_destroy(&g);

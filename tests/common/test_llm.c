@@ -78,9 +78,7 @@ int posix_memalign(void **p, size_t a, size_t n)
     *p = __libc_memalign(a, n);
     return *p ? 0 : 12;
 }
-static void install_counter(void)
-{
-}
+static void install_counter(void) {}
 #endif
 
 /* ---- fixtures ---- */
@@ -100,8 +98,9 @@ static void teardown(void)
     pd_model_destroy(&model);
 }
 
-static const int32_t prompt[] = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315,
-                                 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408};
+static const int32_t prompt[] = {1,   403, 407, 261, 378, 432, 383, 286,
+                                 261, 376, 298, 315, 421, 395, 317, 426,
+                                 338, 401, 396, 267, 337, 410, 408};
 #define NP ((int32_t)(sizeof prompt / sizeof prompt[0]))
 
 /* Logits of the last prompt token with the prompt run in chunks of `chunk`. */
@@ -116,7 +115,8 @@ static void last_logits_kv(int32_t chunk, pd_kv_type_t kv, float *out)
         int32_t T = NP - s < chunk ? NP - s : chunk, row = T - 1;
         for (int32_t t = 0; t < T; t++)
             pos[t] = s + t;
-        ck_assert_int_eq(pd_llm_forward(llm, prompt + s, pos, T, &row, 1, &logits), PD_OK);
+        ck_assert_int_eq(pd_llm_forward(llm, prompt + s, pos, T, &row, 1, &logits),
+                         PD_OK);
     }
     memcpy(out, logits, (size_t)pd_model_config(model)->vocab_size * sizeof(float));
     ck_assert_int_eq(pd_llm_kv_dtype(llm), kv == PD_KV_F16 ? PD_DTYPE_F16 : PD_DTYPE_F32);
@@ -134,7 +134,8 @@ static void last_logits(int32_t chunk, float *out)
 START_TEST(f16_cache_close_to_f32)
 {
     int32_t nv = pd_model_config(model)->vocab_size;
-    float *ref = malloc((size_t)nv * sizeof *ref), *got = malloc((size_t)nv * sizeof *got);
+    float *ref = malloc((size_t)nv * sizeof *ref),
+          *got = malloc((size_t)nv * sizeof *got);
     last_logits_kv(NP, PD_KV_F32, ref);
     const int32_t chunks[] = {NP, 1};
     for (size_t c = 0; c < 2; c++) {
@@ -146,8 +147,10 @@ START_TEST(f16_cache_close_to_f32)
             hi = fmax(hi, ref[i]);
             same = same && got[i] == ref[i];
         }
-        ck_assert_msg(maxd <= 5e-3 * (hi - lo), "chunk %d: f16 cache moved logits by %g of "
-                      "a range of %g", chunks[c], maxd, hi - lo);
+        ck_assert_msg(maxd <= 5e-3 * (hi - lo),
+                      "chunk %d: f16 cache moved logits by %g of "
+                      "a range of %g",
+                      chunks[c], maxd, hi - lo);
         ck_assert_msg(!same, "f16 cache gave bit-identical logits: was it used?");
     }
     free(ref);
@@ -158,7 +161,8 @@ END_TEST
 START_TEST(chunking_does_not_change_logits)
 {
     int32_t nv = pd_model_config(model)->vocab_size;
-    float *ref = malloc((size_t)nv * sizeof *ref), *got = malloc((size_t)nv * sizeof *got);
+    float *ref = malloc((size_t)nv * sizeof *ref),
+          *got = malloc((size_t)nv * sizeof *got);
     last_logits(NP, ref);
     const int32_t chunks[] = {1, 2, 5, 16};
     for (size_t c = 0; c < sizeof chunks / sizeof chunks[0]; c++) {
@@ -217,7 +221,8 @@ static long allocs_for(pd_llm_t *llm, pd_sampler_t *s, int32_t n)
     pd_sampler_reseed(s, 1234);
     /* nothing but the generation inside the window: Check's asserts allocate */
     long before = atomic_load(&n_allocs);
-    pd_status_t rc = pd_generate(llm, s, prompt, NP, 2, 1, &go, count_tokens, &seen, out, &st);
+    pd_status_t rc =
+        pd_generate(llm, s, prompt, NP, 2, 1, &go, count_tokens, &seen, out, &st);
     long used = atomic_load(&n_allocs) - before;
     ck_assert_int_eq(rc, PD_OK);
     ck_assert_int_eq(st.n_gen, n);
@@ -231,13 +236,15 @@ START_TEST(generation_allocates_nothing_per_token)
     pd_llm_t *llm = NULL;
     pd_sampler_t *s = NULL;
     pd_llm_opts_t o = {.max_ctx = 512, .max_batch_tokens = 32};
-    pd_sampler_params_t sp = {.temperature = 0.9f, .top_k = 40, .top_p = 0.9f, .min_p = 0.02f};
+    pd_sampler_params_t sp = {
+        .temperature = 0.9f, .top_k = 40, .top_p = 0.9f, .min_p = 0.02f};
     ck_assert_int_eq(pd_llm_new(model, kern, &o, &llm), PD_OK);
     ck_assert_int_eq(pd_sampler_new(pd_model_config(model)->vocab_size, &sp, &s), PD_OK);
     (void)allocs_for(llm, s, 4); /* warm-up: kernels size their scratch on first use */
     long a_short = allocs_for(llm, s, 8), a_long = allocs_for(llm, s, 200);
     ck_assert_msg(a_long == a_short,
-                  "generating 200 tokens made %ld allocations, 8 tokens %ld", a_long, a_short);
+                  "generating 200 tokens made %ld allocations, 8 tokens %ld", a_long,
+                  a_short);
     ck_assert_int_eq(a_long, 0);
     pd_sampler_destroy(&s);
     pd_llm_destroy(&llm);
@@ -247,7 +254,7 @@ END_TEST
 int main(void)
 {
     TCase *tc = pd_test_tcase("core", 120, setup, teardown);
-    PD_TEST_ADD(tc, chunking_does_not_change_logits, f16_cache_close_to_f32, bad_batches_refused,
-                generation_allocates_nothing_per_token);
+    PD_TEST_ADD(tc, chunking_does_not_change_logits, f16_cache_close_to_f32,
+                bad_batches_refused, generation_allocates_nothing_per_token);
     return pd_test_run("llm", tc);
 }

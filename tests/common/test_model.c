@@ -83,11 +83,11 @@ static void expect_config(const pd_model_t *m, want_t w)
     }
 }
 
-static void expect_same_tensor(const pd_tensor_t *a, const pd_tensor_t *b, const char *what,
-                               int layer)
+static void expect_same_tensor(const pd_tensor_t *a, const pd_tensor_t *b,
+                               const char *what, int layer)
 {
-    ck_assert_msg(a->dtype == b->dtype && a->nbytes == b->nbytes && a->ne[0] == b->ne[0] &&
-                      a->ne[1] == b->ne[1],
+    ck_assert_msg(a->dtype == b->dtype && a->nbytes == b->nbytes &&
+                      a->ne[0] == b->ne[0] && a->ne[1] == b->ne[1],
                   "%s (layer %d): shapes differ", what, layer);
     ck_assert_msg(memcmp(a->data, b->data, a->nbytes) == 0, "%s (layer %d): bytes differ",
                   what, layer);

@@ -37,7 +37,7 @@ static const target_t targets[] = {
     {"babyllama_tok105.bin", "tok105.bin"},
     {"aidreams260K.bin", "aidreams_tok512.bin"},
 };
-#define N_TARGETS ((int)(sizeof targets / sizeof targets[0]))
+#define N_TARGETS      ((int)(sizeof targets / sizeof targets[0]))
 #define N_GGUF_TARGETS 3
 
 /* A temp copy with the original's suffix, held open for pwrite/ftruncate. */
@@ -62,8 +62,8 @@ static void work_init(work_t *w, const target_t *t)
     memset(w, 0, sizeof *w);
     w->orig = pd_test_read_file(pd_test_model_path(t->model), &w->size);
     w->is_gguf = strstr(t->model, ".gguf") != NULL;
-    w->fd = pd_test_temp_fd("model_", w->is_gguf ? ".gguf" : ".bin", w->path,
-                            sizeof w->path);
+    w->fd =
+        pd_test_temp_fd("model_", w->is_gguf ? ".gguf" : ".bin", w->path, sizeof w->path);
     if (t->tok)
         snprintf(w->tok, sizeof w->tok, "%s", pd_test_model_path(t->tok));
     work_write(w, w->orig, w->size);
@@ -85,14 +85,19 @@ static void check_consistent(const pd_model_t *m)
     ck_assert(c->dim > 0 && c->n_heads > 0 && c->dim % c->n_heads == 0);
     ck_assert(c->n_kv_heads > 0 && c->n_heads % c->n_kv_heads == 0);
     ck_assert_int_eq(c->head_dim, c->dim / c->n_heads);
-    ck_assert(c->vocab_size > 0 && c->ctx_len > 0 && c->n_layers > 0 && c->hidden_dim > 0);
+    ck_assert(c->vocab_size > 0 && c->ctx_len > 0 && c->n_layers > 0 &&
+              c->hidden_dim > 0);
     ck_assert(c->norm_eps > 0 && isfinite(c->rope_theta) && c->rope_theta > 0);
     ck_assert_int_eq(pd_tokenizer_n_vocab(pd_model_tokenizer(m)), c->vocab_size);
     const pd_model_weights_t *w = pd_model_weights(m);
-    int64_t q = (int64_t)c->n_heads * c->head_dim, kv = (int64_t)c->n_kv_heads * c->head_dim;
-    struct { const pd_tensor_t *t; int64_t ne0, ne1; } want[3 + 9] = {
-        {&w->tok_embd, c->dim, c->vocab_size}, {&w->output, c->dim, c->vocab_size},
-        {&w->output_norm, c->dim, 1}};
+    int64_t q = (int64_t)c->n_heads * c->head_dim,
+            kv = (int64_t)c->n_kv_heads * c->head_dim;
+    struct {
+        const pd_tensor_t *t;
+        int64_t ne0, ne1;
+    } want[3 + 9] = {{&w->tok_embd, c->dim, c->vocab_size},
+                     {&w->output, c->dim, c->vocab_size},
+                     {&w->output_norm, c->dim, 1}};
     unsigned sum = 0;
     for (int i = -1; i < c->n_layers; i++) {
         int n = 3;
@@ -128,8 +133,8 @@ static void check_consistent(const pd_model_t *m)
     int32_t ids[64];
     size_t n_ids = 0;
     static const char text[] = "Once upon a time, \xe2\x96\x81 there was a <s> cat.\xff";
-    pd_status_t st = pd_tokenizer_encode(pd_model_tokenizer(m), text, sizeof text - 1, true,
-                                         ids, 64, &n_ids);
+    pd_status_t st = pd_tokenizer_encode(pd_model_tokenizer(m), text, sizeof text - 1,
+                                         true, ids, 64, &n_ids);
     ck_assert(st == PD_OK || st == PD_ERR_RANGE);
     pd_detok_t d;
     pd_detok_init(&d, pd_model_tokenizer(m));
@@ -338,31 +343,62 @@ static int hostile_values(field_kind_t kind, uint64_t orig, size_t file_size, ui
     switch (kind) {
     case F_COUNT:
     case F_NE:
-        v[n++] = 0; v[n++] = orig + 1; v[n++] = orig - 1; v[n++] = orig * 2;
-        v[n++] = 1ull << 32; v[n++] = 1ull << 62; v[n++] = 1ull << 63; v[n++] = ~0ull;
+        v[n++] = 0;
+        v[n++] = orig + 1;
+        v[n++] = orig - 1;
+        v[n++] = orig * 2;
+        v[n++] = 1ull << 32;
+        v[n++] = 1ull << 62;
+        v[n++] = 1ull << 63;
+        v[n++] = ~0ull;
         v[n++] = file_size;
         break;
     case F_TOFF:
-        v[n++] = orig + 1; v[n++] = orig + 32; v[n++] = orig - 32; v[n++] = file_size;
-        v[n++] = 1ull << 62; v[n++] = ~0ull - 31; v[n++] = 0;
+        v[n++] = orig + 1;
+        v[n++] = orig + 32;
+        v[n++] = orig - 32;
+        v[n++] = file_size;
+        v[n++] = 1ull << 62;
+        v[n++] = ~0ull - 31;
+        v[n++] = 0;
         break;
     case F_TYPE:
-        v[n++] = 0; v[n++] = 1; v[n++] = 2; v[n++] = 5; v[n++] = 8; v[n++] = 9; v[n++] = 12;
-        v[n++] = 13; v[n++] = 30; v[n++] = 0xffffffffu; v[n++] = (orig + 1) & 0xffffffffu;
+        v[n++] = 0;
+        v[n++] = 1;
+        v[n++] = 2;
+        v[n++] = 5;
+        v[n++] = 8;
+        v[n++] = 9;
+        v[n++] = 12;
+        v[n++] = 13;
+        v[n++] = 30;
+        v[n++] = 0xffffffffu;
+        v[n++] = (orig + 1) & 0xffffffffu;
         break;
     case F_VALU32:
-        v[n++] = 0; v[n++] = 1; v[n++] = (orig + 1) & 0xffffffffu;
-        v[n++] = (orig * 2) & 0xffffffffu; v[n++] = 0x7fffffff; v[n++] = 0xffffffffu;
+        v[n++] = 0;
+        v[n++] = 1;
+        v[n++] = (orig + 1) & 0xffffffffu;
+        v[n++] = (orig * 2) & 0xffffffffu;
+        v[n++] = 0x7fffffff;
+        v[n++] = 0xffffffffu;
         break;
     case F_VALF32:
-        v[n++] = 0; v[n++] = 0xbf800000u; v[n++] = 0x7fc00000u; v[n++] = 0x7f800000u;
+        v[n++] = 0;
+        v[n++] = 0xbf800000u;
+        v[n++] = 0x7fc00000u;
+        v[n++] = 0x7f800000u;
         v[n++] = 0x7149f2cau; /* 1e30 */
         break;
     case F_NAME:
-        v[n++] = 'x'; v[n++] = 0; v[n++] = 0xff;
+        v[n++] = 'x';
+        v[n++] = 0;
+        v[n++] = 0xff;
         break;
     case F_ELEM:
-        v[n++] = 0xffffffffu; v[n++] = 7; v[n++] = 0x7fc00000u;
+        v[n++] = 0xffffffffu;
+        v[n++] = 7;
+        v[n++] = 0x7fc00000u;
         break;
     }
     return n;
@@ -373,9 +409,12 @@ static size_t field_width(field_kind_t kind)
     switch (kind) {
     case F_COUNT:
     case F_NE:
-    case F_TOFF: return 8;
-    case F_NAME: return 1;
-    default: return 4;
+    case F_TOFF:
+        return 8;
+    case F_NAME:
+        return 1;
+    default:
+        return 4;
     }
 }
 
@@ -450,8 +489,8 @@ START_TEST(test_llama2c_header)
     int32_t h[7];
     memcpy(h, w.orig, sizeof h);
     for (int f = 0; f < 7; f++) {
-        const int32_t vals[] = {0, -1, 1, 3, INT32_MIN, INT32_MAX, h[f] + 1, h[f] * 2, -h[f],
-                                1 << 20, h[f] - 1, 1 << 16};
+        const int32_t vals[] = {0,        -1,       1,     3,       INT32_MIN, INT32_MAX,
+                                h[f] + 1, h[f] * 2, -h[f], 1 << 20, h[f] - 1,  1 << 16};
         for (size_t j = 0; j < sizeof vals / sizeof vals[0]; j++) {
             if (vals[j] == h[f])
                 continue;
@@ -486,19 +525,63 @@ END_TEST
 /* ---- (c) hand-crafted GGUF files ---- */
 
 typedef enum fault {
-    OK_F32, OK_Q8_0, OK_Q4_0, OK_F16, OK_BF16, OK_MIXED, OK_NO_OUTPUT, OK_V2,
-    BAD_MAGIC, BAD_V1, BAD_V99, BAD_BIG_ENDIAN, BAD_NKV_HUGE, BAD_NT_HUGE, BAD_NKV_PLUS1,
-    BAD_KEYLEN_HUGE, BAD_STRLEN_HUGE, BAD_ARR_HUGE, BAD_NUMARR_HUGE, BAD_NESTED,
-    BAD_VTYPE, BAD_ETYPE, BAD_DUP_KEY, BAD_EMPTY_KEY, BAD_NDIMS5, BAD_NDIMS0, BAD_NE0,
-    BAD_NE_OVERFLOW, BAD_NE_SIGN, BAD_OFF_EOF, BAD_OFF_HUGE, BAD_OFF_MISALIGNED,
-    BAD_ALIGN0, BAD_ALIGN3, BAD_ALIGN_TYPE, BAD_TYPE_Q4_K, BAD_TYPE_INVALID, BAD_Q8_NE0,
-    BAD_DUP_TENSOR, BAD_NAME_NUL, BAD_TRUNC_DATA,
+    OK_F32,
+    OK_Q8_0,
+    OK_Q4_0,
+    OK_F16,
+    OK_BF16,
+    OK_MIXED,
+    OK_NO_OUTPUT,
+    OK_V2,
+    BAD_MAGIC,
+    BAD_V1,
+    BAD_V99,
+    BAD_BIG_ENDIAN,
+    BAD_NKV_HUGE,
+    BAD_NT_HUGE,
+    BAD_NKV_PLUS1,
+    BAD_KEYLEN_HUGE,
+    BAD_STRLEN_HUGE,
+    BAD_ARR_HUGE,
+    BAD_NUMARR_HUGE,
+    BAD_NESTED,
+    BAD_VTYPE,
+    BAD_ETYPE,
+    BAD_DUP_KEY,
+    BAD_EMPTY_KEY,
+    BAD_NDIMS5,
+    BAD_NDIMS0,
+    BAD_NE0,
+    BAD_NE_OVERFLOW,
+    BAD_NE_SIGN,
+    BAD_OFF_EOF,
+    BAD_OFF_HUGE,
+    BAD_OFF_MISALIGNED,
+    BAD_ALIGN0,
+    BAD_ALIGN3,
+    BAD_ALIGN_TYPE,
+    BAD_TYPE_Q4_K,
+    BAD_TYPE_INVALID,
+    BAD_Q8_NE0,
+    BAD_DUP_TENSOR,
+    BAD_NAME_NUL,
+    BAD_TRUNC_DATA,
     /* valid GGUF, invalid model */
-    BAD_ARCH, BAD_MISSING_KEY, BAD_KEY_TYPE, BAD_SHAPE, BAD_NORM_F16, BAD_MISSING_TENSOR,
-    BAD_ROPE_DIMS, BAD_HEADS, BAD_KV_HEADS, BAD_VOCAB, BAD_EPS, BAD_3D,
+    BAD_ARCH,
+    BAD_MISSING_KEY,
+    BAD_KEY_TYPE,
+    BAD_SHAPE,
+    BAD_NORM_F16,
+    BAD_MISSING_TENSOR,
+    BAD_ROPE_DIMS,
+    BAD_HEADS,
+    BAD_KV_HEADS,
+    BAD_VOCAB,
+    BAD_EPS,
+    BAD_3D,
     N_FAULTS
 } fault_t;
-#define FIRST_BAD BAD_MAGIC
+#define FIRST_BAD       BAD_MAGIC
 #define FIRST_MODEL_BAD BAD_ARCH
 
 /* The tiny model: dim 32, 4 heads of 8, 2 kv heads, ffn 64, 1 layer, 6 tokens. */
@@ -512,21 +595,28 @@ typedef struct tspec {
 
 static int tensor_list(fault_t f, tspec_t *ts)
 {
-    uint32_t mat = f == OK_Q8_0 ? PD_DTYPE_Q8_0 : f == OK_Q4_0 ? PD_DTYPE_Q4_0
-                 : f == OK_F16 ? PD_DTYPE_F16 : f == OK_BF16 ? PD_DTYPE_BF16 : PD_DTYPE_F32;
+    uint32_t mat = f == OK_Q8_0   ? PD_DTYPE_Q8_0
+                   : f == OK_Q4_0 ? PD_DTYPE_Q4_0
+                   : f == OK_F16  ? PD_DTYPE_F16
+                   : f == OK_BF16 ? PD_DTYPE_BF16
+                                  : PD_DTYPE_F32;
     uint64_t vocab = f == BAD_VOCAB ? T_VOCAB + 1 : T_VOCAB;
     int n = 0;
     ts[n++] = (tspec_t){"token_embd.weight", mat, 2, {T_DIM, vocab, 1, 1}};
     ts[n++] = (tspec_t){"output_norm.weight", PD_DTYPE_F32, 1, {T_DIM, 1, 1, 1}};
     if (f != OK_NO_OUTPUT)
         ts[n++] = (tspec_t){"output.weight", mat, 2, {T_DIM, vocab, 1, 1}};
-    ts[n++] = (tspec_t){"blk.0.attn_norm.weight", f == BAD_NORM_F16 ? PD_DTYPE_F16
-                        : PD_DTYPE_F32, 1, {T_DIM, 1, 1, 1}};
-    ts[n++] = (tspec_t){"blk.0.attn_q.weight", f == OK_MIXED ? PD_DTYPE_Q8_0 : mat, 2,
+    ts[n++] = (tspec_t){"blk.0.attn_norm.weight",
+                        f == BAD_NORM_F16 ? PD_DTYPE_F16 : PD_DTYPE_F32,
+                        1,
+                        {T_DIM, 1, 1, 1}};
+    ts[n++] = (tspec_t){"blk.0.attn_q.weight",
+                        f == OK_MIXED ? PD_DTYPE_Q8_0 : mat,
+                        2,
                         {T_DIM, f == BAD_SHAPE ? T_DIM / 2 : T_DIM, 1, 1}};
     ts[n++] = (tspec_t){"blk.0.attn_k.weight", mat, 2, {T_DIM, T_KV * T_HD, 1, 1}};
-    ts[n++] = (tspec_t){"blk.0.attn_v.weight", mat, f == BAD_3D ? 3 : 2,
-                        {T_DIM, T_KV * T_HD, 2, 1}};
+    ts[n++] = (tspec_t){
+        "blk.0.attn_v.weight", mat, f == BAD_3D ? 3 : 2, {T_DIM, T_KV * T_HD, 2, 1}};
     ts[n++] = (tspec_t){"blk.0.attn_output.weight", mat, 2, {T_DIM, T_DIM, 1, 1}};
     ts[n++] = (tspec_t){"blk.0.ffn_norm.weight", PD_DTYPE_F32, 1, {T_DIM, 1, 1, 1}};
     ts[n++] = (tspec_t){"blk.0.ffn_gate.weight", mat, 2, {T_DIM, T_HID, 1, 1}};
@@ -544,8 +634,8 @@ static int tensor_list(fault_t f, tspec_t *ts)
 static void build_vocab_kvs(fault_t f, pd_gb_t *b)
 {
     pd_gb_kv_str(b, "tokenizer.ggml.model", "llama");
-    static const char *const toks[T_VOCAB] = {"<unk>", "<s>", "</s>", "a", "b",
-                                              "\xe2\x96\x81\x61"};
+    static const char *const toks[T_VOCAB] = {"<unk>", "<s>", "</s>",
+                                              "a",     "b",   "\xe2\x96\x81\x61"};
     pd_gb_arr(b, "tokenizer.ggml.tokens", f == BAD_ETYPE ? 99 : PD_GGUF_TYPE_STRING,
               f == BAD_ARR_HUGE ? 1ull << 63 : T_VOCAB);
     for (int i = 0; i < T_VOCAB; i++)
@@ -656,14 +746,18 @@ static void build_gguf(fault_t f, pd_gb_t *b)
     for (int i = 0; i < nt; i++) {
         size_t bytes;
         ck_assert_int_eq(pd_tensor_size((pd_dtype_t)ts[i].type, (const int64_t *)ts[i].ne,
-                                        (int)ts[i].n_dims, &bytes), PD_OK);
+                                        (int)ts[i].n_dims, &bytes),
+                         PD_OK);
         sizes[i] = bytes;
         offs[i] = total;
         total = (total + bytes + 31) / 32 * 32;
     }
     pd_gb_put(b, f == BAD_MAGIC ? "GGUG" : "GGUF", 4);
-    uint32_t version = f == BAD_V1 ? 1 : f == BAD_V99 ? 99 : f == BAD_BIG_ENDIAN ? 3u << 24
-                     : f == OK_V2 ? 2 : 3;
+    uint32_t version = f == BAD_V1           ? 1
+                       : f == BAD_V99        ? 99
+                       : f == BAD_BIG_ENDIAN ? 3u << 24
+                       : f == OK_V2          ? 2
+                                             : 3;
     pd_gb_u32(b, version);
     pd_gb_u64(b, f == BAD_NT_HUGE ? 1ull << 62 : (uint64_t)nt);
     pd_gb_u64(b, f == BAD_NKV_HUGE ? 1ull << 62 : f == BAD_NKV_PLUS1 ? n_kv + 1 : n_kv);
@@ -690,12 +784,18 @@ static void build_gguf(fault_t f, pd_gb_t *b)
 static const char *fault_want_dtype(fault_t f)
 {
     switch (f) {
-    case OK_Q8_0: return "q8_0";
-    case OK_Q4_0: return "q4_0";
-    case OK_F16: return "f16";
-    case OK_BF16: return "bf16";
-    case OK_MIXED: return "mixed";
-    default: return "f32";
+    case OK_Q8_0:
+        return "q8_0";
+    case OK_Q4_0:
+        return "q4_0";
+    case OK_F16:
+        return "f16";
+    case OK_BF16:
+        return "bf16";
+    case OK_MIXED:
+        return "mixed";
+    default:
+        return "f32";
     }
 }
 

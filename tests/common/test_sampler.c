@@ -12,8 +12,8 @@
 
 static pd_sampler_t *mk(float temp, int32_t k, float p, float minp, uint64_t seed)
 {
-    pd_sampler_params_t sp = {.temperature = temp, .top_k = k, .top_p = p, .min_p = minp,
-                              .seed = seed};
+    pd_sampler_params_t sp = {
+        .temperature = temp, .top_k = k, .top_p = p, .min_p = minp, .seed = seed};
     pd_sampler_t *s = NULL;
     ck_assert_int_eq(pd_sampler_new(NV, &sp, &s), PD_OK);
     return s;

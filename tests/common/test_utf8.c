@@ -14,12 +14,12 @@ START_TEST(valid_and_invalid)
 {
     ck_assert(valid("plain ascii"));
     ck_assert(valid("caf\xc3\xa9 \xe4\xb8\xad \xf0\x9f\x98\x80")); /* é 中 😀 */
-    ck_assert(!valid("\xc3"));                 /* truncated */
-    ck_assert(!valid("\x80"));                 /* stray continuation */
-    ck_assert(!valid("\xc0\xaf"));             /* overlong '/' */
-    ck_assert(!valid("\xe0\x80\xaf"));         /* overlong, 3 bytes */
-    ck_assert(!valid("\xed\xa0\x80"));         /* surrogate U+D800 */
-    ck_assert(!valid("\xf4\x90\x80\x80"));     /* past U+10FFFF */
+    ck_assert(!valid("\xc3"));                                     /* truncated */
+    ck_assert(!valid("\x80"));             /* stray continuation */
+    ck_assert(!valid("\xc0\xaf"));         /* overlong '/' */
+    ck_assert(!valid("\xe0\x80\xaf"));     /* overlong, 3 bytes */
+    ck_assert(!valid("\xed\xa0\x80"));     /* surrogate U+D800 */
+    ck_assert(!valid("\xf4\x90\x80\x80")); /* past U+10FFFF */
     ck_assert(!valid("\xff"));
     ck_assert_int_eq(pd_utf8_char_len((const unsigned char *)"\xf0\x9f\x98\x80", 4), 4);
     ck_assert_int_eq(pd_utf8_char_len((const unsigned char *)"\xf0\x9f\x98\x80", 3), 0);
