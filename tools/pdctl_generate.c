@@ -343,6 +343,7 @@ int pd_cmd_generate(int argc, char **argv)
         print_json(&a, m, k, llm, prompt_ids, ids, &st, &s, load_s);
     } else {
         printf("\n");
+        fflush(stdout);
         fprintf(stderr,
                 "[%d prompt tokens %.1f tok/s, %d generated %.1f tok/s, %s, %d threads, "
                 "%s]\n",
