@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "common/log.h"
+#include "common/rng.h"
 
 typedef struct cand {
     float p;
@@ -16,7 +17,7 @@ typedef struct cand {
 struct pd_sampler {
     int32_t n_vocab;
     pd_sampler_params_t params;
-    uint64_t rng[4];
+    pd_rng_t rng;
     cand_t *cands; /* [n_vocab] */
 };
 
@@ -44,42 +45,9 @@ pd_status_t pd_sampler_params_check(const pd_sampler_params_t *p)
     return PD_OK;
 }
 
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static inline uint64_t rotl(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-static uint64_t xoshiro_next(uint64_t *s)
-{
-    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-}
-
-/* Uniform in [0, 1) with 24 bits, exactly representable as a float. */
-static float rng_uniform(pd_sampler_t *s)
-{
-    return (float)(xoshiro_next(s->rng) >> 40) * (1.0f / 16777216.0f);
-}
-
 void pd_sampler_reseed(pd_sampler_t *s, uint64_t seed)
 {
-    uint64_t x = seed;
-    for (int i = 0; i < 4; i++)
-        s->rng[i] = splitmix64(&x);
+    pd_rng_seed(&s->rng, seed);
     s->params.seed = seed;
 }
 
@@ -209,7 +177,7 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
         m = keep;
         total = cum < total ? cum : total;
     }
-    float r = rng_uniform(s) * total, cum = 0.0f;
+    float r = pd_rng_float(&s->rng) * total, cum = 0.0f;
     for (int32_t i = 0; i < m; i++) {
         cum += s->cands[i].p;
         if (r < cum)

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/rng.h"
 #include "common/tensor.h"
 #include "tools/gguf_writer.h"
 #include "tools/pdctl.h"
@@ -74,50 +75,19 @@ typedef struct options {
 
 /* ---- deterministic random numbers ---------------------------------------------- */
 
-typedef struct rng {
-    uint64_t s[4];
-} rng_t;
-
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* One independent stream per (seed, tensor name): order of generation is free. */
-static void rng_seed(rng_t *r, uint64_t seed, const char *name)
+static void rng_seed(pd_rng_t *r, uint64_t seed, const char *name)
 {
     uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a of the name */
     for (const unsigned char *p = (const unsigned char *)name; *p; p++)
         h = (h ^ *p) * 0x100000001b3ull;
-    uint64_t x = seed ^ h;
-    for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&x);
-}
-
-static uint64_t rotl(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-static uint64_t xoshiro256p(rng_t *r)
-{
-    uint64_t *s = r->s, out = s[0] + s[3], t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return out;
+    pd_rng_seed(r, seed ^ h);
 }
 
 /* Uniform in [-1, 1). */
-static float rng_sym(rng_t *r)
+static float rng_sym(pd_rng_t *r)
 {
-    return (float)(xoshiro256p(r) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+    return 2.0f * pd_rng_float(r) - 1.0f;
 }
 
 /* ---- vocabulary ---------------------------------------------------------------- */
@@ -389,7 +359,7 @@ static void convert(pd_dtype_t dtype, const float *x, size_t n, void *out)
 static pd_status_t write_tensor(pd_gguf_writer_t *w, const tensor_spec_t *t,
                                 pd_dtype_t dtype, uint64_t seed, float *xbuf, void *obuf)
 {
-    rng_t r;
+    pd_rng_t r;
     size_t row_bytes;
     int64_t ne0 = t->ne[0], rows = t->n_dims == 2 ? t->ne[1] : 1;
     int64_t rows_per_chunk = (int64_t)CHUNK_ELEMS / ne0;
