@@ -290,6 +290,22 @@ err_close:
     return st;
 }
 
+/* Records (score, len, bytes) in a tokenizer.bin image up to the first malformed
+ * one; parse_bin then checks them all. Capped past MAX_VOCAB. */
+static int32_t count_bin_records(const unsigned char *d, size_t size)
+{
+    size_t pos = 4;
+    int32_t n = 0, len;
+    while (size >= pos + 8 && n <= MAX_VOCAB) {
+        memcpy(&len, d + pos + 4, 4);
+        if (len < 0 || (size_t)len > size - pos - 8)
+            break;
+        pos += 8 + (size_t)len;
+        n++;
+    }
+    return n;
+}
+
 /* Parses the pieces of a tokenizer.bin image into a new tokenizer. */
 static pd_status_t parse_bin(const char *path, const unsigned char *d, size_t size,
                              int32_t n, pd_tokenizer_t **tok_p)
@@ -357,16 +373,19 @@ pd_status_t pd_tokenizer_load_bin(const char *path, int32_t vocab_size,
         PD_LOG_ERROR("tokenizer: null argument to load_bin");
         return PD_ERR_INVALID;
     }
-    if (vocab_size < 3 || vocab_size > MAX_VOCAB) {
-        PD_LOG_ERROR("tokenizer %s: vocab_size %d out of range [3, %d]", path,
-                     (int)vocab_size, MAX_VOCAB);
-        return PD_ERR_FORMAT;
-    }
     unsigned char *data = NULL;
     size_t size = 0;
     pd_status_t st = read_file(path, &data, &size);
     if (st != PD_OK)
         return st;
+    if (vocab_size <= 0)
+        vocab_size = count_bin_records(data, size);
+    if (vocab_size < 3 || vocab_size > MAX_VOCAB) {
+        PD_LOG_ERROR("tokenizer %s: vocab_size %d out of range [3, %d]", path,
+                     (int)vocab_size, MAX_VOCAB);
+        free(data);
+        return PD_ERR_FORMAT;
+    }
     st = parse_bin(path, data, size, vocab_size, tok_p);
     free(data);
     return st;
@@ -604,6 +623,16 @@ int32_t pd_tokenizer_eos(const pd_tokenizer_t *tok)
 size_t pd_tokenizer_max_piece_len(const pd_tokenizer_t *tok)
 {
     return tok->max_piece_len;
+}
+
+float pd_tokenizer_score(const pd_tokenizer_t *tok, int32_t id)
+{
+    return id >= 0 && id < tok->n_vocab ? tok->score[id] : 0.0f;
+}
+
+int pd_tokenizer_type(const pd_tokenizer_t *tok, int32_t id)
+{
+    return id >= 0 && id < tok->n_vocab ? tok->type[id] : 0;
 }
 
 const char *pd_tokenizer_piece(const pd_tokenizer_t *tok, int32_t id, size_t *len_p)

@@ -23,7 +23,8 @@ typedef struct pd_tokenizer pd_tokenizer_t;
 
 /* llama2.c tokenizer.bin (int32 max_token_length, then per token: f32 score,
  * int32 len, bytes). vocab_size comes from the model header (the file does not
- * store it). BOS 1, EOS 2, UNK 0. */
+ * store it; the file must hold exactly that many records); vocab_size <= 0 takes
+ * every record the file holds. BOS 1, EOS 2, UNK 0. */
 pd_status_t pd_tokenizer_load_bin(const char *path, int32_t vocab_size,
                                   pd_tokenizer_t **tok_p);
 /* tokenizer.ggml.{model,tokens,scores,token_type,bos_token_id,eos_token_id,
@@ -35,6 +36,10 @@ int32_t pd_tokenizer_n_vocab(const pd_tokenizer_t *tok);
 int32_t pd_tokenizer_bos(const pd_tokenizer_t *tok);
 int32_t pd_tokenizer_eos(const pd_tokenizer_t *tok);
 size_t pd_tokenizer_max_piece_len(const pd_tokenizer_t *tok);
+/* The merge score of id, and its GGUF token type (1 normal, 2 unknown, 3 control,
+ * 4 user-defined, 5 unused, 6 byte); 0 for an id out of range. */
+float pd_tokenizer_score(const pd_tokenizer_t *tok, int32_t id);
+int pd_tokenizer_type(const pd_tokenizer_t *tok, int32_t id);
 /* The piece's bytes as stored (byte tokens as "<0xNN>"); NULL for an id out of range. */
 const char *pd_tokenizer_piece(const pd_tokenizer_t *tok, int32_t id, size_t *len_p);
 

@@ -23,14 +23,13 @@
 #include "common/log.h"
 #include "common/rng.h"
 #include "common/tensor.h"
+#include "common/tokenizer.h"
 #include "tools/gguf_writer.h"
 #include "tools/pdctl.h"
 
 #define WEIGHT_STD        0.02f
 #define NORM_SPREAD       0.1f       /* norm weights uniform in 1 +- this */
 #define CHUNK_ELEMS       (1u << 20) /* floats generated per write */
-#define MAX_VOCAB         1000000
-#define MAX_PIECE_LEN     4096
 #define DEFAULT_TOKENIZER "models/llama2_tokenizer.bin"
 
 typedef struct preset {
@@ -103,17 +102,10 @@ static void vocab_free(vocab_t *v)
     memset(v, 0, sizeof *v);
 }
 
-static int is_byte_piece(const char *s, size_t n)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    return n == 6 && !memcmp(s, "<0x", 3) && strchr(hex, s[3]) && strchr(hex, s[4]) &&
-           s[3] && s[4] && s[5] == '>';
-}
-
 /* Converts one tokenizer.bin piece to its GGUF form and sets its type. llama2.c's
  * export stores BOS/EOS as "\n<s>\n" / "\n</s>\n" and spaces for U+2581. */
 static pd_status_t vocab_set(vocab_t *v, size_t id, const char *raw, size_t n,
-                             float score)
+                             float score, int type)
 {
     if ((id == 1 || id == 2) && n >= 2 && raw[0] == '\n' && raw[n - 1] == '\n') {
         raw++;
@@ -138,80 +130,37 @@ static pd_status_t vocab_set(vocab_t *v, size_t id, const char *raw, size_t n,
     v->pieces[id] = p;
     v->lens[id] = k;
     v->scores[id] = score;
-    v->types[id] = id == 0 ? 2 : (id <= 2 ? 3 : (is_byte_piece(p, k) ? 6 : 1));
+    v->types[id] = type;
     return PD_OK;
 }
 
-static pd_status_t vocab_grow(vocab_t *v, size_t cap)
-{
-    char **p = realloc(v->pieces, cap * sizeof *p);
-    if (p)
-        v->pieces = p;
-    size_t *l = realloc(v->lens, cap * sizeof *l);
-    if (l)
-        v->lens = l;
-    float *s = realloc(v->scores, cap * sizeof *s);
-    if (s)
-        v->scores = s;
-    int32_t *t = realloc(v->types, cap * sizeof *t);
-    if (t)
-        v->types = t;
-    return (p && l && s && t) ? PD_OK : PD_ERR_NOMEM;
-}
-
-/* Reads a llama2.c tokenizer.bin to EOF: int32 max_len, then (f32 score, int32 len,
- * bytes) per token. The token count is whatever the file holds. */
+/* Reads a llama2.c tokenizer.bin (every record it holds) through the tokenizer
+ * module, which validates it, and converts it to GGUF's arrays. */
 static pd_status_t vocab_load(const char *path, vocab_t *v)
 {
-    pd_status_t st = PD_ERR_FORMAT;
-    char buf[MAX_PIECE_LEN];
-    int32_t max_len;
-    size_t cap = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        PD_LOG_ERROR("cannot open tokenizer %s: %s", path, strerror(errno));
-        return PD_ERR_IO;
-    }
+    pd_tokenizer_t *tok = NULL;
+    pd_status_t st = pd_tokenizer_load_bin(path, 0, &tok);
+    if (st != PD_OK)
+        return st;
     memset(v, 0, sizeof *v);
-    if (fread(&max_len, 4, 1, f) != 1 || max_len <= 0 || max_len > MAX_PIECE_LEN) {
-        PD_LOG_ERROR("tokenizer %s: bad header", path);
-        goto err_free_vocab;
+    v->n = (size_t)pd_tokenizer_n_vocab(tok);
+    v->pieces = calloc(v->n, sizeof *v->pieces);
+    v->lens = calloc(v->n, sizeof *v->lens);
+    v->scores = calloc(v->n, sizeof *v->scores);
+    v->types = calloc(v->n, sizeof *v->types);
+    if (!v->pieces || !v->lens || !v->scores || !v->types) {
+        PD_LOG_ERROR("out of memory for a vocabulary of %zu tokens", v->n);
+        st = PD_ERR_NOMEM;
     }
-    for (;;) {
-        float score;
-        int32_t len;
-        if (fread(&score, 4, 1, f) != 1)
-            break; /* clean EOF between tokens */
-        if (fread(&len, 4, 1, f) != 1 || len < 0 || len > MAX_PIECE_LEN ||
-            fread(buf, 1, (size_t)len, f) != (size_t)len) {
-            PD_LOG_ERROR("tokenizer %s: truncated or bad token %zu", path, v->n);
-            goto err_free_vocab;
-        }
-        if (v->n == MAX_VOCAB) {
-            PD_LOG_ERROR("tokenizer %s: more than %d tokens", path, MAX_VOCAB);
-            goto err_free_vocab;
-        }
-        if (v->n == cap) {
-            cap = cap ? 2 * cap : 1024;
-            if ((st = vocab_grow(v, cap)))
-                goto err_free_vocab;
-            st = PD_ERR_FORMAT;
-        }
-        if ((st = vocab_set(v, v->n, buf, (size_t)len, score)))
-            goto err_free_vocab;
-        st = PD_ERR_FORMAT;
-        v->n++;
+    for (int32_t id = 0; st == PD_OK && (size_t)id < v->n; id++) {
+        size_t len;
+        const char *piece = pd_tokenizer_piece(tok, id, &len);
+        st = vocab_set(v, (size_t)id, piece, len, pd_tokenizer_score(tok, id),
+                       pd_tokenizer_type(tok, id));
     }
-    if (ferror(f) || v->n < 3) {
-        PD_LOG_ERROR("tokenizer %s: read error or fewer than 3 tokens", path);
-        goto err_free_vocab;
-    }
-    fclose(f);
-    return PD_OK;
-
-err_free_vocab:
-    vocab_free(v);
-    fclose(f);
+    pd_tokenizer_destroy(&tok);
+    if (st != PD_OK)
+        vocab_free(v);
     return st;
 }
 

@@ -114,25 +114,6 @@ static long checkpoint_vocab(const char *path)
     return v;
 }
 
-/* The number of (score, len, bytes) records in a tokenizer.bin, 0 if malformed. */
-static long count_bin_records(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    long n = 0;
-    int32_t max_len, len;
-    float score;
-    if (!f || fread(&max_len, 4, 1, f) != 1) {
-        n = 0;
-    } else {
-        while (fread(&score, 4, 1, f) == 1 && fread(&len, 4, 1, f) == 1 && len >= 0 &&
-               fseek(f, len, SEEK_CUR) == 0)
-            n++;
-    }
-    if (f)
-        fclose(f);
-    return n;
-}
-
 static int load_tokenizer(const opts_t *o, pd_gguf_t **g_p, pd_tokenizer_t **tok_p)
 {
     pd_status_t st;
@@ -140,8 +121,7 @@ static int load_tokenizer(const opts_t *o, pd_gguf_t **g_p, pd_tokenizer_t **tok
         long n = o->vocab_size;
         if (n == 0 && o->model)
             n = checkpoint_vocab(o->model);
-        if (n == 0)
-            n = count_bin_records(o->tokenizer);
+        /* n == 0: every record of the file */
         st = pd_tokenizer_load_bin(o->tokenizer, (int32_t)n, tok_p);
     } else {
         st = pd_gguf_open(o->model, g_p);

@@ -493,8 +493,33 @@ START_TEST(test_corrupt_bin)
         ck_assert_int_eq(load_bytes(orig, cuts[i], 512), PD_ERR_FORMAT);
     ck_assert_int_eq(load_bytes(orig, n, 513), PD_ERR_FORMAT); /* vocab too large */
     ck_assert_int_eq(load_bytes(orig, n, 511), PD_ERR_FORMAT); /* bytes left over */
-    ck_assert_int_eq(load_bytes(orig, n, 0), PD_ERR_FORMAT);
-    ck_assert_int_eq(load_bytes(orig, n, -7), PD_ERR_FORMAT);
+    /* vocab_size <= 0: every record; a truncated file is still refused */
+    ck_assert_int_eq(load_bytes(orig, n, 0), PD_OK);
+    ck_assert_int_eq(load_bytes(orig, n, -7), PD_OK);
+    ck_assert_int_eq(load_bytes(orig, n - 1, 0), PD_ERR_FORMAT);
+    ck_assert_int_eq(load_bytes(orig, 12, 0), PD_ERR_FORMAT); /* fewer than 3 records */
+    pd_tokenizer_t *all = NULL;
+    char all_path[4096];
+    pd_test_temp_write("tok_", ".bin", orig, n, all_path, sizeof all_path);
+    ck_assert_int_eq(pd_tokenizer_load_bin(all_path, 0, &all), PD_OK);
+    unlink(all_path);
+    ck_assert_int_eq(pd_tokenizer_n_vocab(all), 512);
+    ck_assert_int_eq(pd_tokenizer_type(all, 0), 2);   /* unknown */
+    ck_assert_int_eq(pd_tokenizer_type(all, 1), 3);   /* control */
+    ck_assert_int_eq(pd_tokenizer_type(all, 3), 6);   /* <0x00> byte */
+    ck_assert_int_eq(pd_tokenizer_type(all, 300), 1); /* normal */
+    ck_assert_int_eq(pd_tokenizer_type(all, 512), 0); /* out of range */
+    size_t pos = 4; /* walk the variable-size records to token 300's score */
+    for (int id = 0; id < 300; id++) {
+        int32_t len;
+        memcpy(&len, orig + pos + 4, 4);
+        pos += 8 + (size_t)len;
+    }
+    float want;
+    memcpy(&want, orig + pos, 4);
+    ck_assert_float_eq(pd_tokenizer_score(all, 300), want);
+    ck_assert_float_eq(pd_tokenizer_score(all, -1), 0.0f);
+    pd_tokenizer_destroy(&all);
     memcpy(d, orig, n);
     put_i32(d, -1); /* max_token_length */
     ck_assert_int_eq(load_bytes(d, n, 512), PD_ERR_FORMAT);
