@@ -198,6 +198,22 @@ static pd_status_t check_batch(const pd_llm_t *l, const int32_t *ids, const int3
     return PD_OK;
 }
 
+/* Matrices that read the same input run as one fan-out when the backend can (same
+ * dtype and input width: the usual case), else one by one. */
+static void matmul_shared_x(pd_kernels_t *k, const pd_tensor_t *const *ws,
+                            float *const *ys, int n, const float *x, int64_t T)
+{
+    int same = k->matmul_multi != NULL;
+    for (int m = 1; m < n; m++)
+        same = same && ws[m]->dtype == ws[0]->dtype && ws[m]->ne[0] == ws[0]->ne[0];
+    if (same) {
+        k->matmul_multi(k, ws, ys, n, x, T);
+        return;
+    }
+    for (int m = 0; m < n; m++)
+        k->matmul(k, ws[m], x, T, ys[m]);
+}
+
 /* One transformer block over the T rows of l->x. */
 static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
 {
@@ -211,9 +227,9 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
 
     /* attention */
     k->rmsnorm(k, l->xb, l->x, w->attn_norm.data, T, c->dim, c->norm_eps);
-    k->matmul(k, &w->wq, l->xb, T, l->q);
-    k->matmul(k, &w->wk, l->xb, T, l->kk);
-    k->matmul(k, &w->wv, l->xb, T, l->vv);
+    const pd_tensor_t *qkv[3] = {&w->wq, &w->wk, &w->wv};
+    float *qkv_out[3] = {l->q, l->kk, l->vv};
+    matmul_shared_x(k, qkv, qkv_out, 3, l->xb, T);
     k->rope(k, l->q, pos, T, c->n_heads, c->head_dim, c->rope_theta);
     k->rope(k, l->kk, pos, T, c->n_kv_heads, c->head_dim, c->rope_theta);
     k->kv_write(k, kc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T,
@@ -241,8 +257,9 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
 
     /* feed-forward: w_down(silu(w_gate x) * w_up x) */
     k->rmsnorm(k, l->xb, l->x, w->ffn_norm.data, T, c->dim, c->norm_eps);
-    k->matmul(k, &w->w_gate, l->xb, T, l->hb);
-    k->matmul(k, &w->w_up, l->xb, T, l->hb2);
+    const pd_tensor_t *gate_up[2] = {&w->w_gate, &w->w_up};
+    float *gate_up_out[2] = {l->hb, l->hb2};
+    matmul_shared_x(k, gate_up, gate_up_out, 2, l->xb, T);
     k->silu_mul(k, l->hb, l->hb2, T * c->hidden_dim);
     k->matmul(k, &w->w_down, l->hb, T, l->xb2);
     k->add(k, l->x, l->xb2, T * c->dim);

@@ -47,6 +47,11 @@ struct pd_kernels {
      * matrix-vector path; larger T the matrix-matrix path. */
     void (*matmul)(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int64_t T,
                    float *y);
+    /* ys[m] = x W_m^T for m < n (1 <= n <= 4), as n matmul calls would compute them,
+     * bit for bit, but as one fan-out that prepares x once: the Q/K/V projections and
+     * the FFN gate/up pairs. Every W_m has the same dtype and ne0. */
+    void (*matmul_multi)(pd_kernels_t *k, const pd_tensor_t *const *ws, float *const *ys,
+                         int n, const float *x, int64_t T);
     /* out[i][:] = row ids[i] of w converted to f32; w: [rows][ne0]. */
     void (*get_rows)(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *ids, int64_t n,
                      float *out);

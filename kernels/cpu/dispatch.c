@@ -182,58 +182,111 @@ static int mm_check(const pd_tensor_t *w, const float *x, float *y, int64_t T)
     return 0;
 }
 
-static void cpu_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int64_t T,
-                       float *y)
+/* Fills j for y = x W^T and returns its task count; x quantization is set up by the
+ * caller (shared by every matrix of a multi-matmul). */
+static int64_t mm_plan(pd_cpu_kernels_t *ck, const pd_tensor_t *w, const float *x,
+                       int64_t T, float *y, mm_job_t *j)
+{
+    const pd_cpu_isa_t *isa = ck->isa;
+    int dt = dt_index(w->dtype);
+    *j = (mm_job_t){.ck = ck};
+    j->mm = (pd_cpu_mm_t){.dt = dt,
+                          .dtype = w->dtype,
+                          .w = w->data,
+                          .row_bytes = pd_tensor_row_bytes(w),
+                          .n_in = w->ne[0],
+                          .n_out = w->ne[1],
+                          .T = T,
+                          .x = x,
+                          .y = y};
+    if (isa->gemm[dt] && T >= isa->gemm_min_T[dt]) {
+        j->gemm = isa->gemm[dt];
+        j->nr = isa->gemm_nr;
+        j->n_panels = (j->mm.n_out + j->nr - 1) / j->nr;
+        return (T + GEMM_T_CHUNK - 1) / GEMM_T_CHUNK * j->n_panels;
+    }
+    j->mv = isa->mv[dt];
+    int64_t chunks = (int64_t)ck->n_threads * MV_CHUNKS_PER_THREAD;
+    int64_t rows = (j->mm.n_out + chunks - 1) / chunks;
+    j->rows_per_task = (rows + 15) / 16 * 16;
+    return (j->mm.n_out + j->rows_per_task - 1) / j->rows_per_task;
+}
+
+#define MM_MAX 4 /* matrices in one multi-matmul */
+
+/* Several matrices over the same x as one fan-out: task i belongs to the job whose
+ * [first[m], first[m + 1]) holds it. */
+typedef struct mm_multi {
+    mm_job_t jobs[MM_MAX];
+    int64_t first[MM_MAX + 1];
+    int n;
+} mm_multi_t;
+
+static void multi_task(void *arg, int64_t task, int thread)
+{
+    mm_multi_t *mj = arg;
+    int m = 0;
+    while (task >= mj->first[m + 1])
+        m++;
+    mm_job_t *j = &mj->jobs[m];
+    int64_t local = task - mj->first[m];
+    if (j->gemm)
+        gemm_task(j, local, thread);
+    else
+        mv_task(j, local, thread);
+}
+
+static void cpu_matmul_multi(pd_kernels_t *k, const pd_tensor_t *const *ws,
+                             float *const *ys, int n, const float *x, int64_t T)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
-    if (mm_check(w, x, y, T) != 0) {
-        PD_LOG_ERROR("matmul: bad arguments (dtype %d, shape %lld x %lld, T %lld)",
-                     w ? (int)w->dtype : -1, w ? (long long)w->ne[1] : 0LL,
-                     w ? (long long)w->ne[0] : 0LL, (long long)T);
+    if (n < 1 || n > MM_MAX) {
+        PD_LOG_ERROR("matmul_multi: %d matrices (1..%d)", n, MM_MAX);
         return;
+    }
+    for (int m = 0; m < n; m++) {
+        const pd_tensor_t *w = ws[m];
+        if (mm_check(w, x, ys[m], T) != 0 ||
+            (m > 0 && (w->dtype != ws[0]->dtype || w->ne[0] != ws[0]->ne[0]))) {
+            PD_LOG_ERROR("matmul: bad arguments (dtype %d, shape %lld x %lld, T %lld)",
+                         w ? (int)w->dtype : -1, w ? (long long)w->ne[1] : 0LL,
+                         w ? (long long)w->ne[0] : 0LL, (long long)T);
+            return;
+        }
     }
     if (T == 0)
         return;
     const pd_cpu_isa_t *isa = ck->isa;
-    mm_job_t j = {.ck = ck};
-    int dt = dt_index(w->dtype);
-    j.mm = (pd_cpu_mm_t){.dt = dt,
-                         .dtype = w->dtype,
-                         .w = w->data,
-                         .row_bytes = pd_tensor_row_bytes(w),
-                         .n_in = w->ne[0],
-                         .n_out = w->ne[1],
-                         .T = T,
-                         .x = x,
-                         .y = y};
-    int use_gemm = isa->gemm[dt] && T >= isa->gemm_min_T[dt];
+    mm_multi_t mj = {.n = n};
+    double work = 0;
+    for (int m = 0; m < n; m++) {
+        mj.first[m + 1] = mj.first[m] + mm_plan(ck, ws[m], x, T, ys[m], &mj.jobs[m]);
+        work += (double)T * (double)ws[m]->ne[0] * (double)ws[m]->ne[1];
+    }
+    /* same dtype and n_in: every job takes the same path and x format */
+    mm_job_t *j0 = &mj.jobs[0];
+    int use_gemm = j0->gemm != NULL, dt = j0->mm.dt;
     int xmode = use_gemm ? isa->gemm_x[dt] : isa->mv_x[dt];
-    double work = (double)T * (double)j.mm.n_in * (double)j.mm.n_out;
-
-    ensure_thread_scratch(ck, isa->mm_scratch(dt, j.mm.n_in, use_gemm));
-    if (xmode != PD_CPU_X_F32) {
-        size_t nq = (size_t)T * (size_t)j.mm.n_in;
+    ensure_thread_scratch(ck, isa->mm_scratch(dt, j0->mm.n_in, use_gemm));
+    if (xmode != PD_CPU_X_F32) { /* quantize x once for all the matrices */
+        size_t nq = (size_t)T * (size_t)j0->mm.n_in;
         uint8_t *buf = ensure_shared(ck, nq + nq / PD_QK * sizeof(float) + PD_CPU_ALIGN);
-        j.xq = (int8_t *)buf;
-        j.xd = (float *)(buf + (nq + PD_CPU_ALIGN - 1) / PD_CPU_ALIGN * PD_CPU_ALIGN);
-        j.add128 = xmode == PD_CPU_X_Q8U;
-        run(ck, T, (double)nq * 8, quantize_task, &j);
-        j.mm.xq = j.xq;
-        j.mm.xd = j.xd;
+        j0->xq = (int8_t *)buf;
+        j0->xd = (float *)(buf + (nq + PD_CPU_ALIGN - 1) / PD_CPU_ALIGN * PD_CPU_ALIGN);
+        j0->add128 = xmode == PD_CPU_X_Q8U;
+        run(ck, T, (double)nq * 8, quantize_task, j0);
+        for (int m = 0; m < n; m++) {
+            mj.jobs[m].mm.xq = j0->xq;
+            mj.jobs[m].mm.xd = j0->xd;
+        }
     }
-    if (use_gemm) {
-        j.gemm = isa->gemm[dt];
-        j.nr = isa->gemm_nr;
-        j.n_panels = (j.mm.n_out + j.nr - 1) / j.nr;
-        int64_t n_tc = (T + GEMM_T_CHUNK - 1) / GEMM_T_CHUNK;
-        run(ck, n_tc * j.n_panels, work, gemm_task, &j);
-        return;
-    }
-    j.mv = isa->mv[dt];
-    int64_t chunks = (int64_t)ck->n_threads * MV_CHUNKS_PER_THREAD;
-    int64_t rows = (j.mm.n_out + chunks - 1) / chunks;
-    j.rows_per_task = (rows + 15) / 16 * 16;
-    run(ck, (j.mm.n_out + j.rows_per_task - 1) / j.rows_per_task, work, mv_task, &j);
+    run(ck, mj.first[n], work, multi_task, &mj);
+}
+
+static void cpu_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int64_t T,
+                       float *y)
+{
+    cpu_matmul_multi(k, &w, &y, 1, x, T);
 }
 
 /* ---- get_rows, kv_write ---------------------------------------------------------- */
@@ -671,6 +724,7 @@ pd_status_t pd_kernels_cpu_new(int n_threads, const char *isa, pd_kernels_t **k_
         .name = impl->name,
         .n_threads = n_threads,
         .matmul = cpu_matmul,
+        .matmul_multi = cpu_matmul_multi,
         .get_rows = cpu_get_rows,
         .rmsnorm = cpu_rmsnorm,
         .rope = cpu_rope,

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "common/tensor.h"
 #include "kernels/ops.h"
 
@@ -264,6 +265,62 @@ START_TEST(test_matmul_thread_invariant)
         }
         pd_kernels_destroy(&k1);
         pd_kernels_destroy(&k3);
+    }
+}
+END_TEST
+
+/* matmul_multi is n matmul calls in one fan-out: bit-identical results, every ISA and
+ * dtype, both the matrix-vector and the matrix-matrix paths. */
+START_TEST(test_matmul_multi)
+{
+    const int64_t outs[3] = {333, 64, 96}, n_in = 512;
+    const int64_t multi_Ts[] = {1, 14, 40, 70};
+    for (int ii = 0; ii < n_isas; ii++) {
+        if (!isas[ii].supported)
+            continue;
+        pd_kernels_t *k = kernels(isas[ii].name, 2);
+        for (size_t d = 0; d < sizeof all_dtypes / sizeof all_dtypes[0]; d++) {
+            weight_t w[3];
+            const pd_tensor_t *ws[3];
+            for (int m = 0; m < 3; m++) {
+                weight_make(&w[m], all_dtypes[d], outs[m], n_in);
+                ws[m] = &w[m].t;
+            }
+            for (size_t ti = 0; ti < sizeof multi_Ts / sizeof multi_Ts[0]; ti++) {
+                int64_t T = multi_Ts[ti];
+                float *x = rand_vec(T * n_in, 1.0f), *sep[3], *mul[3];
+                for (int m = 0; m < 3; m++) {
+                    sep[m] = calloc((size_t)(T * outs[m]), 4);
+                    mul[m] = calloc((size_t)(T * outs[m]), 4);
+                    k->matmul(k, ws[m], x, T, sep[m]);
+                }
+                k->matmul_multi(k, ws, mul, 3, x, T);
+                for (int m = 0; m < 3; m++) {
+                    ck_assert_msg(memcmp(sep[m], mul[m], (size_t)(T * outs[m]) * 4) == 0,
+                                  "%s %s T=%lld matrix %d", isas[ii].name,
+                                  pd_dtype_name(all_dtypes[d]), (long long)T, m);
+                    free(sep[m]);
+                    free(mul[m]);
+                }
+                free(x);
+            }
+            for (int m = 0; m < 3; m++)
+                weight_free(&w[m]);
+        }
+        /* matrices of different widths are refused, outputs untouched */
+        weight_t a, b;
+        weight_make(&a, PD_DTYPE_F32, 16, 64);
+        weight_make(&b, PD_DTYPE_F32, 16, 96);
+        const pd_tensor_t *ab[2] = {&a.t, &b.t};
+        float x[96] = {1}, ya[16] = {0}, yb[16] = {0}, *yab[2] = {ya, yb};
+        pd_log_set_level(PD_LOG_LEVEL_OFF);
+        k->matmul_multi(k, ab, yab, 2, x, 1);
+        pd_log_set_level(PD_LOG_LEVEL_WARN);
+        for (int i = 0; i < 16; i++)
+            ck_assert(ya[i] == 0.0f && yb[i] == 0.0f);
+        weight_free(&a);
+        weight_free(&b);
+        pd_kernels_destroy(&k);
     }
 }
 END_TEST
@@ -677,6 +734,7 @@ static Suite *suite(void)
     tcase_set_timeout(tc, 600);
     tcase_add_loop_test(tc, test_matmul, 0, 3 * 4);
     tcase_add_test(tc, test_matmul_thread_invariant);
+    tcase_add_test(tc, test_matmul_multi);
     tcase_add_test(tc, test_get_rows);
     tcase_add_test(tc, test_elementwise);
     tcase_add_test(tc, test_rope);
