@@ -114,6 +114,8 @@ void pd_cpu_avx2_gemm(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0,
                MR);
     const float *x = mm->x + t * K;
     float *y = mm->y + t * mm->n_out + o0;
+    /* one case per remainder: a constant mr lets the inlined kernel drop the unused
+     * rows of its register tile (a loop over mr would keep them all live) */
     switch (t1 - t) {
     case 1:
         kernel(panel, x, K, y, mm->n_out, n_valid, 1);
