@@ -21,15 +21,16 @@
 /* ---- allocation counting ---- */
 static atomic_long n_allocs;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__has_feature)
-#if defined(__SANITIZE_ADDRESS__)
-#define PD_TEST_ASAN 1
-#elif __has_feature(address_sanitizer)
-#define PD_TEST_ASAN 1
+/* Under ASan or TSan the runtime owns malloc: count through its hooks instead. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PD_TEST_SANITIZER_MALLOC 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PD_TEST_SANITIZER_MALLOC 1
 #endif
 #endif
 
-#ifdef PD_TEST_ASAN
+#ifdef PD_TEST_SANITIZER_MALLOC
 /* from the sanitizer runtime (sanitizer/allocator_interface.h, not shipped by gcc) */
 int __sanitizer_install_malloc_and_free_hooks(void (*m)(const volatile void *, size_t),
                                               void (*f)(const volatile void *));
