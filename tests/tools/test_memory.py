@@ -22,8 +22,13 @@ with tempfile.TemporaryDirectory() as tmp:
     limit = size + kv + allowance
     print(f"max rss {mem['max_rss_bytes'] / 2**20:.1f} MiB, file {size / 2**20:.1f} MiB, "
           f"limit {limit / 2**20:.1f} MiB")
-    f.check(mem["max_rss_bytes"] <= limit,
-            f"peak RSS {mem['max_rss_bytes']} exceeds file + KV + {allowance} = {limit}")
+    if os.environ.get("PD_TSAN") == "1":
+        # ThreadSanitizer maps shadow memory several times the program's own: the
+        # upper bound says nothing there (the plain and ASan runs check it)
+        print("tsan build: upper bound not checked")
+    else:
+        f.check(mem["max_rss_bytes"] <= limit,
+                f"peak RSS {mem['max_rss_bytes']} exceeds file + KV + {allowance} = {limit}")
     # every byte but the unused token_embd rows (32000 x 288 f32) is read per token
     touched = size - 32000 * 288 * 4
     f.check(mem["max_rss_bytes"] >= touched * 0.9,
