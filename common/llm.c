@@ -156,17 +156,7 @@ pd_dtype_t pd_llm_kv_dtype(const pd_llm_t *llm)
 
 pd_dtype_t pd_llm_auto_kv_dtype(const pd_model_t *model)
 {
-    const pd_model_weights_t *w = pd_model_weights(model);
-    const pd_model_config_t *c = pd_model_config(model);
-    for (int i = 0; i < c->n_layers; i++) {
-        const pd_layer_weights_t *ly = &w->layers[i];
-        const pd_tensor_t *m[] = {&ly->wq,     &ly->wk,     &ly->wv,  &ly->wo,
-                                  &ly->w_gate, &ly->w_down, &ly->w_up};
-        for (size_t j = 0; j < sizeof m / sizeof m[0]; j++)
-            if (m[j]->dtype != PD_DTYPE_F32)
-                return PD_DTYPE_F16;
-    }
-    return PD_DTYPE_F32;
+    return strcmp(pd_model_dtype_name(model), "f32") == 0 ? PD_DTYPE_F32 : PD_DTYPE_F16;
 }
 
 static pd_status_t check_batch(const pd_llm_t *l, const int32_t *ids, const int32_t *pos,

@@ -389,42 +389,45 @@ static void cpu_softmax(pd_kernels_t *k, float *x, int64_t T, int64_t n)
     run(ck, T, (double)T * (double)n * 8, softmax_task, &j);
 }
 
-static void silu_task(void *arg, int64_t c, int thread)
+/* silu_mul and add: out[i] = f(out[i], x[i]) in chunks of ELEM_CHUNK. */
+typedef struct elem_job {
+    void (*fn)(float *out, const float *x, int64_t n);
+    float *out;
+    const float *x;
+    int64_t n;
+} elem_job_t;
+
+static void elem_task(void *arg, int64_t c, int thread)
 {
     (void)thread;
-    row_job_t *j = arg;
+    elem_job_t *j = arg;
     int64_t i0 = c * ELEM_CHUNK, n = pd_cpu_min64(ELEM_CHUNK, j->n - i0);
-    j->ck->isa->silu_mul(j->out + i0, j->x + i0, n);
+    j->fn(j->out + i0, j->x + i0, n);
+}
+
+static void run_elem(pd_cpu_kernels_t *ck, const char *op, elem_job_t *j,
+                     double work_per_elem)
+{
+    if (!j->out || !j->x || j->n < 0) {
+        PD_LOG_ERROR("%s: bad arguments", op);
+        return;
+    }
+    run(ck, (j->n + ELEM_CHUNK - 1) / ELEM_CHUNK, (double)j->n * work_per_elem, elem_task,
+        j);
 }
 
 static void cpu_silu_mul(pd_kernels_t *k, float *gate, const float *up, int64_t n)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
-    if (!gate || !up || n < 0) {
-        PD_LOG_ERROR("silu_mul: bad arguments");
-        return;
-    }
-    row_job_t j = {.ck = ck, .out = gate, .x = up, .n = n};
-    run(ck, (n + ELEM_CHUNK - 1) / ELEM_CHUNK, (double)n * 8, silu_task, &j);
-}
-
-static void add_task(void *arg, int64_t c, int thread)
-{
-    (void)thread;
-    row_job_t *j = arg;
-    int64_t i0 = c * ELEM_CHUNK, n = pd_cpu_min64(ELEM_CHUNK, j->n - i0);
-    j->ck->isa->add(j->out + i0, j->x + i0, n);
+    elem_job_t j = {.fn = ck->isa->silu_mul, .out = gate, .x = up, .n = n};
+    run_elem(ck, "silu_mul", &j, 8);
 }
 
 static void cpu_add(pd_kernels_t *k, float *y, const float *x, int64_t n)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
-    if (!y || !x || n < 0) {
-        PD_LOG_ERROR("add: bad arguments");
-        return;
-    }
-    row_job_t j = {.ck = ck, .out = y, .x = x, .n = n};
-    run(ck, (n + ELEM_CHUNK - 1) / ELEM_CHUNK, (double)n / 4, add_task, &j);
+    elem_job_t j = {.fn = ck->isa->add, .out = y, .x = x, .n = n};
+    run_elem(ck, "add", &j, 0.25);
 }
 
 /* ---- rope ------------------------------------------------------------------------ */
