@@ -306,6 +306,8 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
     uint8_t *vc = weight_alloc(layer_bytes * (size_t)n_layers);
     float *q = xmalloc((size_t)(T * DIM) * 4), *out = xmalloc((size_t)(T * DIM) * 4);
     int32_t *table = xmalloc((size_t)n_blocks * 4), *pos = xmalloc((size_t)T * 4);
+    int32_t *seq = xmalloc((size_t)T * 4);
+    memset(seq, 0, (size_t)T * 4);
     for (int64_t b = 0; b < n_blocks; b++)
         table[b] = (int32_t)(n_blocks - 1 - b);
     for (int64_t t = 0; t < T; t++)
@@ -331,10 +333,13 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
                                 .out = out,
                                 .T = decode ? 1 : T,
                                 .pos = decode ? pos + T - 1 : pos,
-                                .k_cache = kc + (size_t)l * layer_floats,
-                                .v_cache = vc + (size_t)l * layer_floats,
-                                .kv_dtype = PD_DTYPE_F32,
-                                .block_table = table,
+                                .seq = seq,
+                                .k_cache = kc + (size_t)l * layer_bytes,
+                                .v_cache = vc + (size_t)l * layer_bytes,
+                                .kv_dtype = kv,
+                                .block_tables = table,
+                                .n_seqs = 1,
+                                .bt_stride = n_blocks,
                                 .block_size = bs,
                                 .n_heads = heads,
                                 .n_kv_heads = heads,
@@ -361,6 +366,7 @@ static void bench_attention(const char *isa, int n_threads, int64_t T, int decod
     free(out);
     free(table);
     free(pos);
+    free(seq);
     pd_kernels_destroy(&k);
 }
 

@@ -14,22 +14,22 @@ struct pd_llm {
     const pd_model_t *model;
     pd_kernels_t *k;
     pd_model_config_t cfg;
-    int32_t max_ctx, max_T, max_logits, block_size, n_blocks;
+    int32_t max_ctx, max_T, max_logits;
     int64_t kv_dim, q_dim;
-    pd_dtype_t kv_dtype;       /* F32 or F16 */
-    size_t layer_cache_floats; /* elements of K (or V) of one layer */
-    /* K and V: [n_layers][n_blocks][block_size][n_kv_heads][head_dim] of kv_dtype */
-    float *k_cache, *v_cache;
-    int32_t *block_table; /* [n_blocks], identity for the one sequence */
-    float *x;             /* [max_T][dim] residual stream */
-    float *xb;            /* [max_T][dim] normed input */
-    float *xb2;           /* [max_T][dim] projection output */
-    float *q;             /* [max_T][n_heads*head_dim] */
-    float *kk, *vv;       /* [max_T][kv_dim] */
-    float *att;           /* [max_T][n_heads*head_dim] attention output */
-    float *hb, *hb2;      /* [max_T][hidden_dim] */
-    float *xo;            /* [max_logits][dim] rows that need logits */
-    float *logits;        /* [max_logits][vocab] */
+    pd_dtype_t kv_dtype;   /* of the private pool */
+    pd_kv_pool_t *own_kv;  /* the private pool, or NULL */
+    int32_t *own_table;    /* [own blocks] identity */
+    int32_t *own_seq;      /* [max_T] zeros */
+    int32_t *slots;        /* [max_T] cache row of each token */
+    float *x;              /* [max_T][dim] residual stream */
+    float *xb;             /* [max_T][dim] normed input */
+    float *xb2;            /* [max_T][dim] projection output */
+    float *q;              /* [max_T][n_heads*head_dim] */
+    float *kk, *vv;        /* [max_T][kv_dim] */
+    float *att;            /* [max_T][n_heads*head_dim] attention output */
+    float *hb, *hb2;       /* [max_T][hidden_dim] */
+    float *xo;             /* [max_logits][dim] rows that need logits */
+    float *logits;         /* [max_logits][vocab] */
 };
 
 static float *alloc_floats(size_t a, size_t b, int *fail)
@@ -47,15 +47,16 @@ static float *alloc_floats(size_t a, size_t b, int *fail)
 
 static void free_buffers(pd_llm_t *l)
 {
-    float **bufs[] = {&l->k_cache, &l->v_cache, &l->x,     &l->xb,  &l->xb2,
-                      &l->q,       &l->kk,      &l->vv,    &l->att, &l->hb,
-                      &l->hb2,     &l->xo,      &l->logits};
+    float **bufs[] = {&l->x,   &l->xb,  &l->xb2, &l->q,  &l->kk,    &l->vv,
+                      &l->att, &l->hb,  &l->hb2, &l->xo, &l->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
     }
-    free(l->block_table);
-    l->block_table = NULL;
+    free(l->own_table);
+    free(l->own_seq);
+    free(l->slots);
+    pd_kv_pool_destroy(&l->own_kv);
 }
 
 pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
@@ -71,35 +72,36 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
     l->max_ctx = opts && opts->max_ctx > 0 ? opts->max_ctx : c->ctx_len;
     l->max_T = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 512;
     l->max_logits = opts && opts->max_logits > 0 ? opts->max_logits : 1;
-    l->block_size = opts && opts->block_size > 0 ? opts->block_size : 16;
     if (l->max_logits > l->max_T)
         l->max_logits = l->max_T;
-    pd_kv_type_t kt = opts ? opts->kv_type : PD_KV_AUTO;
-    if (kt != PD_KV_AUTO && kt != PD_KV_F32 && kt != PD_KV_F16) {
-        PD_LOG_ERROR("unknown kv cache type %d", (int)kt);
-        free(l);
-        return PD_ERR_INVALID;
-    }
-    l->kv_dtype = kt == PD_KV_F32   ? PD_DTYPE_F32
-                  : kt == PD_KV_F16 ? PD_DTYPE_F16
-                                    : pd_llm_auto_kv_dtype(model);
-    l->n_blocks = (l->max_ctx + l->block_size - 1) / l->block_size;
     l->kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
     l->q_dim = (int64_t)c->n_heads * c->head_dim;
+    pd_kv_type_t kt = opts ? opts->kv_type : PD_KV_AUTO;
+    l->kv_dtype = kt == PD_KV_F32   ? PD_DTYPE_F32
+                  : kt == PD_KV_F16 ? PD_DTYPE_F16
+                                    : pd_kv_auto_dtype(model);
 
-    int fail = 0;
+    pd_status_t st = PD_OK;
+    if (!(opts && opts->no_private_kv)) {
+        int32_t bs = opts && opts->block_size > 0 ? opts->block_size : 16;
+        int32_t n_blocks = (int32_t)(((int64_t)l->max_ctx + bs - 1) / bs);
+        pd_kv_pool_opts_t po = {.block_size = bs, .n_blocks = n_blocks, .kv_type = kt};
+        st = pd_kv_pool_new(model, &po, &l->own_kv);
+        if (st != PD_OK) {
+            free(l);
+            return st;
+        }
+        l->own_table = malloc((size_t)n_blocks * sizeof *l->own_table);
+        if (l->own_table && pd_kv_pool_alloc(l->own_kv, n_blocks, l->own_table) != PD_OK)
+            st = PD_ERR_NOMEM;
+        if (l->own_table) /* blocks 0..n-1 in order: position p in block p / bs */
+            for (int32_t b = 0; b < n_blocks; b++)
+                l->own_table[b] = b;
+    }
+
+    int fail = st != PD_OK || (l->own_kv && !l->own_table);
     size_t T = (size_t)l->max_T;
-    if (pd_mul_size((size_t)l->n_blocks * (size_t)l->block_size, (size_t)l->kv_dim,
-                    &l->layer_cache_floats))
-        fail = 1;
-    size_t cache_floats = 0;
-    if (!fail && pd_mul_size(l->layer_cache_floats, (size_t)c->n_layers, &cache_floats))
-        fail = 1;
     if (!fail) {
-        /* an F16 cache takes half the floats' room */
-        size_t n = l->kv_dtype == PD_DTYPE_F16 ? (cache_floats + 1) / 2 : cache_floats;
-        l->k_cache = alloc_floats(n, 1, &fail);
-        l->v_cache = alloc_floats(n, 1, &fail);
         l->x = alloc_floats(T, (size_t)c->dim, &fail);
         l->xb = alloc_floats(T, (size_t)c->dim, &fail);
         l->xb2 = alloc_floats(T, (size_t)c->dim, &fail);
@@ -111,23 +113,19 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
         l->hb2 = alloc_floats(T, (size_t)c->hidden_dim, &fail);
         l->xo = alloc_floats((size_t)l->max_logits, (size_t)c->dim, &fail);
         l->logits = alloc_floats((size_t)l->max_logits, (size_t)c->vocab_size, &fail);
-        l->block_table = malloc((size_t)l->n_blocks * sizeof *l->block_table);
-        fail |= !l->block_table;
+        l->own_seq = calloc(T, sizeof *l->own_seq);
+        l->slots = malloc(T * sizeof *l->slots);
+        fail |= !l->own_seq || !l->slots;
     }
     if (fail) {
         PD_LOG_ERROR("cannot allocate the llm buffers (ctx %d, batch %d)", l->max_ctx,
                      l->max_T);
-        goto err_free_buffers;
+        free_buffers(l);
+        free(l);
+        return PD_ERR_NOMEM;
     }
-    for (int32_t b = 0; b < l->n_blocks; b++)
-        l->block_table[b] = b;
     *llm_p = l;
     return PD_OK;
-
-err_free_buffers:
-    free_buffers(l);
-    free(l);
-    return PD_ERR_NOMEM;
 }
 
 void pd_llm_destroy(pd_llm_t **llm_p)
@@ -151,38 +149,59 @@ int32_t pd_llm_max_batch_tokens(const pd_llm_t *llm)
 
 pd_dtype_t pd_llm_kv_dtype(const pd_llm_t *llm)
 {
-    return llm->kv_dtype;
+    return llm->own_kv ? pd_kv_pool_dtype(llm->own_kv) : llm->kv_dtype;
 }
 
-pd_dtype_t pd_llm_auto_kv_dtype(const pd_model_t *model)
+pd_kv_pool_t *pd_llm_private_kv(pd_llm_t *llm)
 {
-    return strcmp(pd_model_dtype_name(model), "f32") == 0 ? PD_DTYPE_F32 : PD_DTYPE_F16;
+    return llm->own_kv;
 }
 
-static pd_status_t check_batch(const pd_llm_t *l, const int32_t *ids, const int32_t *pos,
-                               int64_t T, const int32_t *out_rows, int64_t n_out)
+/* Checks the batch and fills l->slots (the cache row of every token). */
+static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
+                               const pd_llm_batch_t *b)
 {
-    if (T < 1 || T > l->max_T || n_out < 0 || n_out > l->max_logits) {
+    if (b->T < 1 || b->T > l->max_T || b->n_out < 0 || b->n_out > l->max_logits) {
         PD_LOG_ERROR("forward batch of %lld tokens, %lld logits exceeds the limits "
                      "(%d tokens, %d logits)",
-                     (long long)T, (long long)n_out, l->max_T, l->max_logits);
+                     (long long)b->T, (long long)b->n_out, l->max_T, l->max_logits);
         return PD_ERR_RANGE;
     }
-    for (int64_t t = 0; t < T; t++) {
-        if (ids[t] < 0 || ids[t] >= l->cfg.vocab_size) {
-            PD_LOG_ERROR("token id %d outside the vocabulary (%d)", ids[t],
+    if (pd_kv_pool_row_elems(pool) != l->kv_dim || b->n_seqs < 1 || b->bt_stride < 1) {
+        PD_LOG_ERROR("forward batch: kv pool rows of %lld (model: %lld), %lld sequences, "
+                     "block tables of %lld",
+                     (long long)pd_kv_pool_row_elems(pool), (long long)l->kv_dim,
+                     (long long)b->n_seqs, (long long)b->bt_stride);
+        return PD_ERR_RANGE;
+    }
+    int32_t bs = pd_kv_pool_block_size(pool), n_blocks = pd_kv_pool_n_blocks(pool);
+    for (int64_t t = 0; t < b->T; t++) {
+        if (b->ids[t] < 0 || b->ids[t] >= l->cfg.vocab_size) {
+            PD_LOG_ERROR("token id %d outside the vocabulary (%d)", b->ids[t],
                          l->cfg.vocab_size);
             return PD_ERR_RANGE;
         }
-        if (pos[t] < 0 || pos[t] >= l->max_ctx) {
-            PD_LOG_ERROR("position %d outside the context (%d)", pos[t], l->max_ctx);
+        if (b->pos[t] < 0 || b->pos[t] >= l->max_ctx || b->pos[t] / bs >= b->bt_stride) {
+            PD_LOG_ERROR("position %d outside the context (%d)", b->pos[t], l->max_ctx);
             return PD_ERR_RANGE;
         }
+        if (b->seq[t] < 0 || b->seq[t] >= b->n_seqs) {
+            PD_LOG_ERROR("sequence %d outside the batch's %lld", b->seq[t],
+                         (long long)b->n_seqs);
+            return PD_ERR_RANGE;
+        }
+        int32_t blk = b->block_tables[(int64_t)b->seq[t] * b->bt_stride + b->pos[t] / bs];
+        if (blk < 0 || blk >= n_blocks) {
+            PD_LOG_ERROR("block %d of position %d outside the pool (%d blocks)", blk,
+                         b->pos[t], n_blocks);
+            return PD_ERR_RANGE;
+        }
+        l->slots[t] = blk * bs + b->pos[t] % bs;
     }
-    for (int64_t i = 0; i < n_out; i++)
-        if (out_rows[i] < 0 || out_rows[i] >= T) {
-            PD_LOG_ERROR("logit row %d outside the batch of %lld", out_rows[i],
-                         (long long)T);
+    for (int64_t i = 0; i < b->n_out; i++)
+        if (b->out_rows[i] < 0 || b->out_rows[i] >= b->T) {
+            PD_LOG_ERROR("logit row %d outside the batch of %lld", b->out_rows[i],
+                         (long long)b->T);
             return PD_ERR_RANGE;
         }
     return PD_OK;
@@ -205,37 +224,38 @@ static void matmul_shared_x(pd_kernels_t *k, const pd_tensor_t *const *ws,
 }
 
 /* One transformer block over the T rows of l->x. */
-static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
+static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
+                          int layer)
 {
     const pd_model_config_t *c = &l->cfg;
     const pd_layer_weights_t *w = &pd_model_weights(l->model)->layers[layer];
     pd_kernels_t *k = l->k;
-    size_t off =
-        (size_t)layer * l->layer_cache_floats * (l->kv_dtype == PD_DTYPE_F16 ? 2 : 4);
-    char *kc = (char *)l->k_cache + off;
-    char *vc = (char *)l->v_cache + off;
+    int64_t T = b->T;
+    pd_dtype_t kv_dtype = pd_kv_pool_dtype(pool);
+    void *kc = pd_kv_pool_k(pool, layer), *vc = pd_kv_pool_v(pool, layer);
 
     /* attention */
     k->rmsnorm(k, l->xb, l->x, w->attn_norm.data, T, c->dim, c->norm_eps);
     const pd_tensor_t *qkv[3] = {&w->wq, &w->wk, &w->wv};
     float *qkv_out[3] = {l->q, l->kk, l->vv};
     matmul_shared_x(k, qkv, qkv_out, 3, l->xb, T);
-    k->rope(k, l->q, pos, T, c->n_heads, c->head_dim, c->rope_theta);
-    k->rope(k, l->kk, pos, T, c->n_kv_heads, c->head_dim, c->rope_theta);
-    k->kv_write(k, kc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T,
-                l->kk);
-    k->kv_write(k, vc, l->kv_dtype, l->block_table, l->block_size, l->kv_dim, pos, T,
-                l->vv);
+    k->rope(k, l->q, b->pos, T, c->n_heads, c->head_dim, c->rope_theta);
+    k->rope(k, l->kk, b->pos, T, c->n_kv_heads, c->head_dim, c->rope_theta);
+    k->kv_write(k, kc, kv_dtype, l->kv_dim, l->slots, T, l->kk);
+    k->kv_write(k, vc, kv_dtype, l->kv_dim, l->slots, T, l->vv);
     pd_attn_args_t a = {
         .q = l->q,
         .out = l->att,
         .T = T,
-        .pos = pos,
+        .pos = b->pos,
+        .seq = b->seq,
         .k_cache = kc,
         .v_cache = vc,
-        .kv_dtype = l->kv_dtype,
-        .block_table = l->block_table,
-        .block_size = l->block_size,
+        .kv_dtype = kv_dtype,
+        .block_tables = b->block_tables,
+        .n_seqs = b->n_seqs,
+        .bt_stride = b->bt_stride,
+        .block_size = pd_kv_pool_block_size(pool),
         .n_heads = c->n_heads,
         .n_kv_heads = c->n_kv_heads,
         .head_dim = c->head_dim,
@@ -255,28 +275,48 @@ static void layer_forward(pd_llm_t *l, int layer, const int32_t *pos, int64_t T)
     k->add(k, l->x, l->xb2, T * c->dim);
 }
 
-pd_status_t pd_llm_forward(pd_llm_t *l, const int32_t *ids, const int32_t *pos, int64_t T,
-                           const int32_t *out_rows, int64_t n_out, const float **logits_p)
+pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool,
+                                 const pd_llm_batch_t *b, const float **logits_p)
 {
-    pd_status_t st = check_batch(l, ids, pos, T, out_rows, n_out);
+    pd_status_t st = check_batch(l, pool, b);
     if (st != PD_OK)
         return st;
     const pd_model_config_t *c = &l->cfg;
     const pd_model_weights_t *mw = pd_model_weights(l->model);
     pd_kernels_t *k = l->k;
 
-    k->get_rows(k, &mw->tok_embd, ids, T, l->x);
+    k->get_rows(k, &mw->tok_embd, b->ids, b->T, l->x);
     for (int layer = 0; layer < c->n_layers; layer++)
-        layer_forward(l, layer, pos, T);
+        layer_forward(l, pool, b, layer);
 
-    if (n_out > 0) {
-        for (int64_t i = 0; i < n_out; i++)
-            memcpy(l->xo + i * c->dim, l->x + (int64_t)out_rows[i] * c->dim,
+    if (b->n_out > 0) {
+        for (int64_t i = 0; i < b->n_out; i++)
+            memcpy(l->xo + i * c->dim, l->x + (int64_t)b->out_rows[i] * c->dim,
                    (size_t)c->dim * sizeof(float));
-        k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, n_out, c->dim, c->norm_eps);
-        k->matmul(k, &mw->output, l->xo, n_out, l->logits);
+        k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim,
+                   c->norm_eps);
+        k->matmul(k, &mw->output, l->xo, b->n_out, l->logits);
     }
     if (logits_p)
         *logits_p = l->logits;
     return PD_OK;
+}
+
+pd_status_t pd_llm_forward(pd_llm_t *l, const int32_t *ids, const int32_t *pos, int64_t T,
+                           const int32_t *out_rows, int64_t n_out, const float **logits_p)
+{
+    if (!l->own_kv) {
+        PD_LOG_ERROR("pd_llm_forward: this llm has no private kv cache");
+        return PD_ERR_INVALID;
+    }
+    pd_llm_batch_t b = {.T = T,
+                        .ids = ids,
+                        .pos = pos,
+                        .seq = l->own_seq,
+                        .n_seqs = 1,
+                        .bt_stride = pd_kv_pool_n_blocks(l->own_kv),
+                        .block_tables = l->own_table,
+                        .out_rows = out_rows,
+                        .n_out = n_out};
+    return pd_llm_forward_batch(l, l->own_kv, &b, logits_p);
 }

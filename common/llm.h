@@ -1,46 +1,56 @@
-/* llm.h - the forward pass: T tokens of one sequence through a Llama model, writing
- * their K/V into a paged KV cache and returning logits only for the rows asked for.
+/* llm.h - the forward pass: a varlen batch of T tokens from any number of sequences
+ * through a Llama model, writing their K/V into a paged KV pool and returning logits
+ * only for the rows asked for.
  *
- * A prompt runs as one pass of T tokens (matrix-matrix work); a decode step is T = 1.
- * The KV cache is already paged (blocks of block_size positions per layer, read
- * through a block table), so the batching engine can hand it a pool and per-sequence
- * tables without changing the kernels; here one sequence owns blocks 0..n-1 in order.
+ * One call runs prompt chunks, single decode tokens (and later speculative tokens)
+ * mixed: every token is tagged with its sequence (a row of the block tables) and its
+ * position; the matrix products run once over all T rows, attention reads each
+ * sequence's blocks in place (kernels/ops.h). Because every kernel is batch invariant,
+ * a token's logits are the same bits whatever else shares its batch.
+ * For one sequence alone (pd_generate, tests) the llm can own a private pool holding
+ * max_ctx positions in blocks 0..n-1 (pd_llm_forward); the batching engine instead
+ * passes its shared pool and block tables (pd_llm_forward_batch).
  * Every buffer is sized at creation for max_batch_tokens rows, so a forward pass
  * allocates nothing.
  * Ownership: the llm borrows the model and the kernels (both must outlive it) and owns
- * its activations, KV cache and logits. Threading: one thread drives an llm; the
+ * its activations, logits and private pool. Threading: one thread drives an llm; the
  * kernels fan out over their own pool. */
 #ifndef PD_LLM_H
 #define PD_LLM_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
+#include "common/kvpool.h"
 #include "common/model.h"
 #include "common/status.h"
 #include "kernels/ops.h"
 
 typedef struct pd_llm pd_llm_t;
 
-/* The KV cache element type; AUTO (the zero value) as pd_llm_auto_kv_dtype() says. */
-typedef enum pd_kv_type {
-    PD_KV_AUTO = 0,
-    PD_KV_F32 = 1,
-    PD_KV_F16 = 2,
-} pd_kv_type_t;
-
 typedef struct pd_llm_opts {
-    int32_t max_ctx; /* positions the KV cache holds; <= 0: the model's ctx_len */
+    int32_t max_ctx; /* positions of one sequence; <= 0: the model's ctx_len */
     int32_t max_batch_tokens; /* largest T of one forward pass; <= 0: 512 */
     int32_t max_logits;       /* most logit rows one pass returns; <= 0: 1 */
+    /* The private pool (pd_llm_forward): */
+    bool no_private_kv;       /* true: none (only pd_llm_forward_batch is used) */
     int32_t block_size;       /* KV positions per block; <= 0: 16 */
     pd_kv_type_t kv_type;
 } pd_llm_opts_t;
 
-/* The KV cache dtype "auto" picks: F32 for a model whose matrices are F32 (exact
- * greedy output against an F32 reference), F16 otherwise (the model is already
- * approximate; F16 halves the cache traffic of every decode step), as vLLM's "auto"
- * follows the model dtype. */
-pd_dtype_t pd_llm_auto_kv_dtype(const pd_model_t *model);
+/* A varlen batch. Token t (id ids[t]) sits at position pos[t] of sequence seq[t],
+ * whose block table is row seq[t] of block_tables ([n_seqs][bt_stride]); the blocks
+ * for positions up to pos[t] must be in the table, and every position below pos[t]
+ * must be in the cache already or come earlier in this batch. Logits are returned for
+ * rows out_rows[0..n_out) (indices into the batch), in that order. */
+typedef struct pd_llm_batch {
+    int64_t T;
+    const int32_t *ids, *pos, *seq;
+    int64_t n_seqs, bt_stride;
+    const int32_t *block_tables;
+    const int32_t *out_rows;
+    int64_t n_out;
+} pd_llm_batch_t;
 
 pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
                        const pd_llm_opts_t *opts, pd_llm_t **llm_p);
@@ -48,14 +58,23 @@ void pd_llm_destroy(pd_llm_t **llm_p);
 
 int32_t pd_llm_max_ctx(const pd_llm_t *llm);
 int32_t pd_llm_max_batch_tokens(const pd_llm_t *llm);
+/* The private pool's dtype (or the kv_type it would have). */
 pd_dtype_t pd_llm_kv_dtype(const pd_llm_t *llm);
+/* The private pool; NULL with no_private_kv. */
+pd_kv_pool_t *pd_llm_private_kv(pd_llm_t *llm);
 
-/* Runs ids[0..T) at positions pos[0..T) (each < max_ctx; every position below
- * pos[t] must already be in the cache or in this batch before t). Logits of the rows
- * out_rows[0..n_out) (indices into the batch) are written to *logits_p as
- * [n_out][vocab], valid until the next call. PD_ERR_RANGE for T outside
- * [1, max_batch_tokens], n_out > max_logits, a position outside the cache or a token
- * id outside the vocabulary; nothing is written to the cache then. */
+/* Runs a varlen batch over pool (whose model must be the llm's). Logits as
+ * [n_out][vocab] in *logits_p, valid until the next call. PD_ERR_RANGE for T outside
+ * [1, max_batch_tokens], n_out > max_logits, a position outside max_ctx or the block
+ * tables, a bad sequence index or block id, or a token id outside the vocabulary;
+ * nothing is written to the cache then. */
+pd_status_t pd_llm_forward_batch(pd_llm_t *llm, pd_kv_pool_t *pool,
+                                 const pd_llm_batch_t *batch, const float **logits_p);
+
+/* One sequence in the private pool: ids[0..T) at positions pos[0..T) (each <
+ * max_ctx; every position below pos[t] must already be in the cache or in this batch
+ * before t), logits of rows out_rows[0..n_out) as pd_llm_forward_batch gives them.
+ * PD_ERR_INVALID without a private pool. */
 pd_status_t pd_llm_forward(pd_llm_t *llm, const int32_t *ids, const int32_t *pos,
                            int64_t T, const int32_t *out_rows, int64_t n_out,
                            const float **logits_p);

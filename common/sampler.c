@@ -90,17 +90,42 @@ int32_t pd_argmax(const float *x, int32_t n)
 }
 
 /* Descending by probability, ties by id, so the order is total and portable. */
-static int cand_cmp(const void *a, const void *b)
-{
-    const cand_t *x = a, *y = b;
-    if (x->p != y->p)
-        return x->p < y->p ? 1 : -1;
-    return (x->id > y->id) - (x->id < y->id);
-}
-
 static int cand_before(const cand_t *x, const cand_t *y)
 {
     return x->p > y->p || (x->p == y->p && x->id < y->id);
+}
+
+/* Sorts c[0..n) by cand_before in place: a heap sort, because glibc's qsort may
+ * allocate its merge buffer (and the sampler must not allocate per token); the
+ * order is total, so any correct sort gives the same result. */
+static void sift_down(cand_t *c, int32_t i, int32_t n)
+{
+    for (;;) {
+        int32_t l = 2 * i + 1, last = i;
+        /* a heap with the LAST candidate in order at the root */
+        if (l < n && cand_before(&c[last], &c[l]))
+            last = l;
+        if (l + 1 < n && cand_before(&c[last], &c[l + 1]))
+            last = l + 1;
+        if (last == i)
+            return;
+        cand_t t = c[i];
+        c[i] = c[last];
+        c[last] = t;
+        i = last;
+    }
+}
+
+static void sort_cands(cand_t *c, int32_t n)
+{
+    for (int32_t i = n / 2 - 1; i >= 0; i--)
+        sift_down(c, i, n);
+    for (int32_t end = n - 1; end > 0; end--) {
+        cand_t t = c[0];
+        c[0] = c[end];
+        c[end] = t;
+        sift_down(c, 0, end);
+    }
 }
 
 /* Moves the k best candidates of c[0..n) to the front (unordered): quickselect. */
@@ -160,7 +185,7 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
                 s->cands[w++] = s->cands[i];
         m = w; /* the argmax has p == 1 and always survives */
     }
-    qsort(s->cands, (size_t)m, sizeof *s->cands, cand_cmp);
+    sort_cands(s->cands, m);
     float total = 0.0f;
     for (int32_t i = 0; i < m; i++)
         total += s->cands[i].p;

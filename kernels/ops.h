@@ -17,22 +17,34 @@
 
 typedef struct pd_kernels pd_kernels_t;
 
-/* Attention of T query tokens of ONE sequence over its paged KV cache.
- * The cache of one layer is an array of blocks; block b holds
+/* Positions per attention chunk: every query's softmax runs over the position chunks
+ * [c * PD_ATTN_CHUNK, (c + 1) * PD_ATTN_CHUNK) of its sequence, each reduced to a
+ * partial (max, sum, weighted values) and folded in chunk order. The split is fixed,
+ * never chosen from the batch or the thread count, so a query's output is the same
+ * bits alone, in a prompt chunk or beside 63 other sequences (batch invariance). */
+#define PD_ATTN_CHUNK 64
+
+/* Attention of a varlen batch of T query tokens from any number of sequences over
+ * the paged KV cache. The cache of one layer is an array of blocks; block b holds
  * [block_size][n_kv_heads][head_dim] elements of kv_dtype for K (k_cache) and the
- * same for V (v_cache). Logical position p of the sequence lives in physical block
- * block_table[p / block_size], row p % block_size. Query t sits at position pos[t]
- * and attends causally to positions 0..pos[t] (all already written to the cache).
- * Query head h reads KV head h / (n_heads / n_kv_heads) (grouped-query). */
+ * same for V (v_cache). Query t belongs to sequence seq[t], whose block table is row
+ * seq[t] of block_tables ([n_seqs][bt_stride]): its logical position p lives in
+ * physical block block_tables[seq[t] * bt_stride + p / block_size], row
+ * p % block_size. Query t sits at position pos[t] and attends causally to positions
+ * 0..pos[t] of its sequence (all already written to the cache). Query head h reads KV
+ * head h / (n_heads / n_kv_heads) (grouped-query). The cache is read in place: no
+ * gather into a contiguous copy. */
 typedef struct pd_attn_args {
     const float *q; /* [T][n_heads][head_dim] */
     float *out;     /* [T][n_heads][head_dim] */
     int64_t T;
     const int32_t *pos;  /* [T] */
+    const int32_t *seq;  /* [T] row of block_tables */
     const void *k_cache; /* layer base, blocks as above */
     const void *v_cache;
-    pd_dtype_t kv_dtype;        /* F32 (F16 optional per backend) */
-    const int32_t *block_table; /* [ceil((max pos + 1) / block_size)] */
+    pd_dtype_t kv_dtype;         /* F32 (F16 optional per backend) */
+    const int32_t *block_tables; /* [n_seqs][bt_stride] */
+    int64_t n_seqs, bt_stride;
     int64_t block_size;
     int n_heads, n_kv_heads, head_dim;
     float scale; /* usually 1/sqrt(head_dim) */
@@ -44,7 +56,9 @@ struct pd_kernels {
 
     /* y[t][o] = sum_i W[o][i] * x[t][i] for t < T; W: [ne1 = n_out][ne0 = n_in] of any
      * pd_dtype_t. x: [T][n_in], y: [T][n_out] (y must not alias x). T = 1 is the
-     * matrix-vector path; larger T the matrix-matrix path. */
+     * matrix-vector path; larger T the matrix-matrix path. Batch invariance: row y[t]
+     * is a function of W and x[t] alone, the same bits for every T, every place of the
+     * row in the batch and every thread count, so batching never changes a result. */
     void (*matmul)(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int64_t T,
                    float *y);
     /* ys[m] = x W_m^T for m < n (1 <= n <= 4), as n matmul calls would compute them,
@@ -70,11 +84,12 @@ struct pd_kernels {
     void (*silu_mul)(pd_kernels_t *k, float *gate, const float *up, int64_t n);
     /* y[i] += x[i], i < n (the residual). */
     void (*add)(pd_kernels_t *k, float *y, const float *x, int64_t n);
-    /* Writes src[t] (one row of row_elems = n_kv_heads*head_dim floats) to the cache
-     * slot of position pos[t], converting to kv_dtype. */
-    void (*kv_write)(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
-                     const int32_t *block_table, int64_t block_size, int64_t row_elems,
-                     const int32_t *pos, int64_t T, const float *src);
+    /* Writes src[t] (one row of row_elems = n_kv_heads*head_dim floats) to cache row
+     * slots[t] (physical block * block_size + offset in the block: the slot mapping),
+     * converting to kv_dtype; a negative slot skips the row. */
+    void (*kv_write)(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype, int64_t row_elems,
+                     const int32_t *slots, int64_t T, const float *src);
+    /* out[t] depends only on q[t], pos[t] and its sequence's cache (PD_ATTN_CHUNK). */
     void (*attention)(pd_kernels_t *k, const pd_attn_args_t *a);
 
     /* Releases everything; called through pd_kernels_destroy(). */

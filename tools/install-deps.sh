@@ -2,7 +2,7 @@
 # Installs the Debian packages pdserve needs to build and test, only those missing.
 # Runs as root (or with sudo available). Debian 12.
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config check libjson-c-dev python3 python3-numpy
+pkgs=(build-essential cmake pkg-config check libjson-c-dev libxxhash-dev python3 python3-numpy
       python3-sentencepiece)
 missing=()
 for p in "${pkgs[@]}"; do

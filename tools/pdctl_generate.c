@@ -19,13 +19,7 @@
 #include "common/utf8.h"
 #include "kernels/ops.h"
 #include "tools/pdctl.h"
-
-typedef struct gen_args {
-    const char *model, *tokenizer, *prompt, *format, *isa, *kv_dtype, *load;
-    int32_t max_tokens, threads, ctx, batch;
-    pd_sampler_params_t sp;
-    bool seed_given, ignore_eos;
-} gen_args_t;
+#include "tools/pdctl_generate.h"
 
 static void usage(FILE *f)
 {
@@ -42,7 +36,24 @@ static void usage(FILE *f)
            "  --ctx the model's context, --batch 512 (prompt tokens per forward pass),\n"
            "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the "
            "weights\n"
-           "  into memory on transparent huge pages; mmap maps the file instead).\n");
+           "  into memory on transparent huge pages; mmap maps the file instead).\n"
+           "\n"
+           "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
+           "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
+           "         [--no-prefix-cache] [and the options above]\n"
+           "  Runs every prompt of FILE (one JSON object a line: \"prompt\" or "
+           "\"prompt_ids\",\n"
+           "  optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", "
+           "\"min_p\", \"seed\",\n"
+           "  \"ignore_eos\", \"arrival_step\") through one batching engine with up "
+           "to N\n"
+           "  sequences in flight (default 16), request i arriving at step i*K (default "
+           "1),\n"
+           "  and prints one JSON line per prompt in input order, then a summary line.\n"
+           "  --kv-memory: the KV cache budget, e.g. 64MiB or 2GiB (default: room for N "
+           "full\n"
+           "  contexts, at most 1GiB); --block-size: positions per KV block (16);\n"
+           "  --batch: the token budget of one step (512).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -61,8 +72,11 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
 
 static int parse_args(int argc, char **argv, gen_args_t *a)
 {
-    *a = (gen_args_t){
-        .format = "text", .max_tokens = 256, .sp = pd_sampler_params_default()};
+    *a = (gen_args_t){.format = "text",
+                      .max_tokens = 256,
+                      .sp = pd_sampler_params_default(),
+                      .parallel = 16,
+                      .arrival_steps = 1};
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         double v;
@@ -72,6 +86,10 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
         }
         if (!strcmp(o, "--ignore-eos")) {
             a->ignore_eos = true;
+            continue;
+        }
+        if (!strcmp(o, "--no-prefix-cache")) {
+            a->no_prefix_cache = true;
             continue;
         }
         if (i + 1 >= argc) {
@@ -85,6 +103,22 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->tokenizer = val;
         else if (!strcmp(o, "--prompt"))
             a->prompt = val;
+        else if (!strcmp(o, "--prompts"))
+            a->prompts = val;
+        else if (!strcmp(o, "--kv-memory")) {
+            if (pd_parse_size(val, &a->kv_memory) != 0) {
+                fprintf(stderr,
+                        "pdctl generate: bad size '%s' for --kv-memory (e.g. 64MiB, "
+                        "2GiB)\n",
+                        val);
+                return -1;
+            }
+        } else if (!strcmp(o, "--parallel") && !parse_num(o, val, 1, 4096, &v))
+            a->parallel = (int32_t)v;
+        else if (!strcmp(o, "--block-size") && !parse_num(o, val, 1, 4096, &v))
+            a->block_size = (int32_t)v;
+        else if (!strcmp(o, "--arrival-steps") && !parse_num(o, val, 0, 1 << 20, &v))
+            a->arrival_steps = (int32_t)v;
         else if (!strcmp(o, "--format"))
             a->format = val;
         else if (!strcmp(o, "--isa"))
@@ -117,14 +151,16 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             if (strncmp(o, "--", 2) ||
                 !strstr(" --model --tokenizer --prompt --format --isa "
                         "--max-tokens --threads --ctx --batch --kv-dtype --load "
-                        "--temperature --top-p --top-k --min-p --seed ",
+                        "--temperature --top-p --top-k --min-p --seed --prompts "
+                        "--parallel --block-size --arrival-steps --kv-memory ",
                         o))
                 fprintf(stderr, "pdctl generate: unknown option '%s'\n", o);
             return -1;
         }
     }
-    if (!a->model || !a->prompt) {
-        fprintf(stderr, "pdctl generate: --model and --prompt are required\n");
+    if (!a->model || (!a->prompt == !a->prompts)) {
+        fprintf(stderr, "pdctl generate: --model and one of --prompt and --prompts are "
+                        "required\n");
         usage(stderr);
         return -1;
     }
@@ -150,7 +186,7 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
     return 0;
 }
 
-static bool load_mmap(const gen_args_t *a)
+bool pd_gen_load_mmap(const gen_args_t *a)
 {
     return a->load && !strcmp(a->load, "mmap");
 }
@@ -192,7 +228,7 @@ static int on_token(void *user, int32_t id)
     return n ? stream_append(s, s->piece, n) : 0;
 }
 
-static json_object *ids_json(const int32_t *ids, int32_t n)
+json_object *pd_json_ids(const int32_t *ids, int32_t n)
 {
     json_object *a = json_object_new_array_ext(n);
     for (int32_t i = 0; i < n; i++)
@@ -201,7 +237,7 @@ static json_object *ids_json(const int32_t *ids, int32_t n)
 }
 
 /* JSON strings must be UTF-8: a prompt or path from the command line may not be. */
-static json_object *json_string_utf8(const char *s)
+json_object *pd_json_string_utf8(const char *s)
 {
     size_t n = strlen(s);
     char *clean = malloc(3 * n + 1);
@@ -218,11 +254,11 @@ static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernel
                        const pd_gen_stats_t *st, const stream_t *s, double load_s)
 {
     json_object *o = json_object_new_object(), *t = json_object_new_object();
-    json_object_object_add(o, "model", json_string_utf8(a->model));
+    json_object_object_add(o, "model", pd_json_string_utf8(a->model));
     json_object_object_add(o, "dtype", json_object_new_string(pd_model_dtype_name(m)));
-    json_object_object_add(o, "prompt", json_string_utf8(a->prompt));
-    json_object_object_add(o, "prompt_ids", ids_json(prompt_ids, st->n_prompt));
-    json_object_object_add(o, "ids", ids_json(ids, st->n_gen));
+    json_object_object_add(o, "prompt", pd_json_string_utf8(a->prompt));
+    json_object_object_add(o, "prompt_ids", pd_json_ids(prompt_ids, st->n_prompt));
+    json_object_object_add(o, "ids", pd_json_ids(ids, st->n_gen));
     json_object_object_add(
         o, "text", json_object_new_string_len(s->text ? s->text : "", (int)s->len));
     json_object_object_add(o, "finish_reason",
@@ -233,7 +269,7 @@ static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernel
     json_object_object_add(o, "kv_dtype",
                            json_object_new_string(pd_dtype_name(pd_llm_kv_dtype(llm))));
     json_object_object_add(o, "load",
-                           json_object_new_string(load_mmap(a) ? "mmap" : "copy"));
+                           json_object_new_string(pd_gen_load_mmap(a) ? "mmap" : "copy"));
     json_object_object_add(t, "load_ms", json_object_new_double(load_s * 1e3));
     json_object_object_add(t, "prompt_ms", json_object_new_double(st->prompt_s * 1e3));
     json_object_object_add(t, "decode_ms", json_object_new_double(st->decode_s * 1e3));
@@ -257,7 +293,7 @@ static void print_json(const gen_args_t *a, const pd_model_t *m, const pd_kernel
     json_object_put(o);
 }
 
-static double now_s(void)
+double pd_now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -279,9 +315,9 @@ int pd_cmd_generate(int argc, char **argv)
     stream_t s = {.to_stdout = !json};
     rc = 1;
 
-    double t0 = now_s();
+    double t0 = pd_now_s();
     if (pd_model_open_ex(a.model, a.tokenizer,
-                         load_mmap(&a) ? PD_MODEL_LOAD_MMAP : PD_MODEL_LOAD_COPY,
+                         pd_gen_load_mmap(&a) ? PD_MODEL_LOAD_MMAP : PD_MODEL_LOAD_COPY,
                          &m) != PD_OK) {
         fprintf(stderr, "pdctl generate: cannot load model '%s' (see the error above)\n",
                 a.model);
@@ -291,6 +327,10 @@ int pd_cmd_generate(int argc, char **argv)
     const pd_tokenizer_t *tok = pd_model_tokenizer(m);
     if (pd_kernels_cpu_new(a.threads, a.isa, &k) != PD_OK)
         goto out;
+    if (a.prompts) {
+        rc = pd_generate_batch(&a, m, k, pd_now_s() - t0);
+        goto out;
+    }
     int32_t ctx = a.ctx > 0 ? a.ctx : cfg->ctx_len;
     pd_llm_opts_t lo = {.max_ctx = ctx, .max_batch_tokens = a.batch > 0 ? a.batch : 512};
     if (a.kv_dtype && strcmp(a.kv_dtype, "auto"))
@@ -298,7 +338,7 @@ int pd_cmd_generate(int argc, char **argv)
     if (pd_llm_new(m, k, &lo, &llm) != PD_OK ||
         pd_sampler_new(cfg->vocab_size, &a.sp, &smp) != PD_OK)
         goto out;
-    double load_s = now_s() - t0;
+    double load_s = pd_now_s() - t0;
 
     size_t n_prompt = 0, plen = strlen(a.prompt), cap = plen + 2;
     prompt_ids = malloc(cap * sizeof *prompt_ids);

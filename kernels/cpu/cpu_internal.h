@@ -16,8 +16,6 @@
 #include "kernels/ops.h"
 
 #define PD_CPU_ALIGN 64
-/* Queries of one head per attention task: each K/V row loaded serves all of them. */
-#define PD_CPU_ATTN_QB 4
 
 /* Dense dtype index for the per-dtype kernel arrays. */
 enum {
@@ -83,18 +81,20 @@ typedef struct pd_cpu_isa {
                  float theta);
     /* out[:] = f16(src[:]) for F16 KV. */
     void (*f32_to_f16)(const float *src, uint16_t *dst, int64_t n);
-    /* Queries t0 .. t0 + nq - 1 (nq <= PD_CPU_ATTN_QB) of head h; scores: scratch of
-     * PD_CPU_ATTN_QB * (max pos + 17) floats. */
-    void (*attn_block)(const pd_attn_args_t *a, int h, int64_t t0, int nq, float *scores);
-    /* One query (T = 1), positions [p0, p1) of every head, as a partial softmax:
-     * part [n_heads][head_dim + 2] = (sum_p e^(s_p - m) v_p, m, l = sum_p e^(s_p - m));
-     * scores: n_heads * (p1 - p0) floats. Returns 0 (nothing done) for a head_dim it
-     * does not handle. NULL in the scalar table. */
-    int (*attn_chunk)(const pd_attn_args_t *a, int64_t p0, int64_t p1, float *part,
-                      float *scores);
+    /* Query t, positions [p0, p1) (p1 - p0 <= PD_ATTN_CHUNK, within one chunk) of
+     * every head, as a partial softmax: part [n_heads][head_dim + 2] = (sum_p
+     * e^(s_p - m) v_p, m = max_p s_p, l = sum_p e^(s_p - m)); scores: n_heads *
+     * PD_ATTN_CHUNK floats. Returns 0 (nothing done) for a head_dim it does not handle;
+     * dispatch.c then uses pd_cpu_attn_chunk_any. */
+    int (*attn_chunk)(const pd_attn_args_t *a, int64_t t, int64_t p0, int64_t p1,
+                      float *part, float *scores);
 } pd_cpu_isa_t;
 
 extern const pd_cpu_isa_t pd_cpu_isa_scalar;
+/* attn_chunk for any head_dim, in plain C (scalar.c): the scalar ISA's, and every
+ * ISA's fallback for head sizes its vector kernel does not take. */
+int pd_cpu_attn_chunk_any(const pd_attn_args_t *a, int64_t t, int64_t p0, int64_t p1,
+                          float *part, float *scores);
 #if defined(PD_KERNELS_X86)
 extern const pd_cpu_isa_t pd_cpu_isa_avx2;
 extern const pd_cpu_isa_t pd_cpu_isa_avx512;
@@ -102,15 +102,6 @@ extern const pd_cpu_isa_t pd_cpu_isa_avx512;
  * when cpuid reports VNNI). */
 void pd_cpu_avx512_vnni_patch(pd_cpu_isa_t *isa);
 
-/* The f32-panel GEMMs (any weight dtype, converted while packing). */
-#define PD_CPU_AVX512_NR 32
-#define PD_CPU_AVX2_NR   16
-void pd_cpu_avx512_gemm(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0,
-                        int64_t t1, void *scratch);
-size_t pd_cpu_avx512_gemm_scratch(int dt, int64_t n_in);
-void pd_cpu_avx2_gemm(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, int64_t t0,
-                      int64_t t1, void *scratch);
-size_t pd_cpu_avx2_gemm_scratch(int dt, int64_t n_in);
 #endif
 
 /* Helpers shared by the ISA files. */
@@ -119,14 +110,10 @@ static inline int64_t pd_cpu_min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
-/* The KV row of position p (kv head 0) in a paged cache of elem_size elements. */
-static inline const void *pd_cpu_kv_row(const void *cache, const int32_t *block_table,
-                                        int64_t block_size, int64_t row_elems,
-                                        size_t elem_size, int64_t p)
+/* The block table of query t's sequence. */
+static inline const int32_t *pd_cpu_attn_table(const pd_attn_args_t *a, int64_t t)
 {
-    int64_t blk = block_table[p / block_size];
-    int64_t row = blk * block_size + p % block_size;
-    return (const uint8_t *)cache + (size_t)row * (size_t)row_elems * elem_size;
+    return a->block_tables + (int64_t)a->seq[t] * a->bt_stride;
 }
 
 #endif

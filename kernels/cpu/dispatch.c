@@ -10,10 +10,9 @@
  *              gemm_nr output rows x a chunk of tokens (gemm kernels pack the panel
  *              to f32 or int8 once and reuse it across the chunk). Activations are
  *              quantized to Q8 blocks first when the kernel wants that.
- *   attention  one task per (head, block of 4 queries), head-major for cache reuse;
- *              a single query over many positions (decoding) instead splits the
- *              positions into chunks, each streamed in row order for all heads, and
- *              merges the chunks' partial softmax states (flash-decoding).
+ *   attention  per query, chunks of PD_ATTN_CHUNK positions reduced to partial
+ *              softmax states and folded in order; one task per query for many
+ *              queries, one per (query, chunk) for few (flash-decoding).
  *   the rest   rows or element chunks when big enough, else inline.
  * Tiny ops run on the calling thread: waking the pool costs more than they do.
  * Threading: one thread drives a pd_kernels_t (ops.h); the pool runs the tasks. */
@@ -36,10 +35,6 @@
 /* Scratch grows in steps of this many bytes (attention scores grow with positions). */
 #define SCRATCH_STEP (64 * 1024)
 #define MAX_HEAD_DIM 512
-/* One-query attention over at least this many positions is split into position
- * chunks of at least DECODE_MIN_CHUNK (flash-decoding). */
-#define DECODE_MIN_POSITIONS 64
-#define DECODE_MIN_CHUNK     32
 
 typedef struct pd_cpu_kernels {
     pd_kernels_t base;       /* first: the ops table handed out */
@@ -314,24 +309,20 @@ static void cpu_get_rows(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *i
 }
 
 static void cpu_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
-                         const int32_t *block_table, int64_t block_size,
-                         int64_t row_elems, const int32_t *pos, int64_t T,
+                         int64_t row_elems, const int32_t *slots, int64_t T,
                          const float *src)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
-    if (!cache || !block_table || !pos || !src || block_size < 1 || row_elems < 1 ||
+    if (!cache || !slots || !src || row_elems < 1 ||
         (kv_dtype != PD_DTYPE_F32 && kv_dtype != PD_DTYPE_F16)) {
         PD_LOG_ERROR("kv_write: bad arguments (kv dtype %d)", (int)kv_dtype);
         return;
     }
     size_t es = kv_dtype == PD_DTYPE_F16 ? 2 : 4;
     for (int64_t t = 0; t < T; t++) {
-        if (pos[t] < 0) {
-            PD_LOG_ERROR("kv_write: negative position %d", (int)pos[t]);
+        if (slots[t] < 0)
             continue;
-        }
-        void *dst =
-            (void *)pd_cpu_kv_row(cache, block_table, block_size, row_elems, es, pos[t]);
+        void *dst = (uint8_t *)cache + (size_t)slots[t] * (size_t)row_elems * es;
         if (kv_dtype == PD_DTYPE_F32)
             memcpy(dst, src + t * row_elems, (size_t)row_elems * 4);
         else
@@ -503,115 +494,155 @@ static void cpu_rope(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T,
 
 /* ---- attention ------------------------------------------------------------------- */
 
+/* Every query runs over its chunks of PD_ATTN_CHUNK positions (ops.h): each chunk is
+ * reduced to a partial by the ISA's attn_chunk, and the partials are folded in chunk
+ * order by attn_fold. Many queries (a prompt chunk, a large decode batch): one task
+ * per query, folding as it goes. Few queries (decoding a handful of sequences): one
+ * task per (query, chunk), partials kept, then one fold per query: flash-decoding, so
+ * two threads share one long context. Both do the same arithmetic in the same order,
+ * so a query's output does not depend on which way it ran. */
+
+typedef int (*attn_chunk_fn)(const pd_attn_args_t *a, int64_t t, int64_t p0, int64_t p1,
+                             float *part, float *scores);
+
 typedef struct attn_job {
     pd_cpu_kernels_t *ck;
     const pd_attn_args_t *a;
-    int64_t n_qblocks;
+    attn_chunk_fn chunk;
+    size_t part;     /* floats of one partial: n_heads * (head_dim + 2) */
+    int64_t *first;  /* split: [T + 1] index of each query's first chunk */
+    float *parts;    /* split: [first[T]][part] */
 } attn_job_t;
 
-/* Head-major: consecutive tasks are query blocks of one head, which read the same
- * K/V slices, so those stay in L2 across a prompt's queries. */
-static void attn_task(void *arg, int64_t task, int thread)
+static void attn_run_chunk(const attn_job_t *j, int64_t t, int64_t c, float *part,
+                           float *scores)
 {
-    attn_job_t *j = arg;
-    int64_t h = task / j->n_qblocks, t0 = task % j->n_qblocks * PD_CPU_ATTN_QB;
-    int nq = (int)pd_cpu_min64(PD_CPU_ATTN_QB, j->a->T - t0);
-    j->ck->isa->attn_block(j->a, (int)h, t0, nq, j->ck->thread_scratch[thread]);
+    int64_t p0 = c * PD_ATTN_CHUNK;
+    int64_t p1 = pd_cpu_min64(p0 + PD_ATTN_CHUNK, (int64_t)j->a->pos[t] + 1);
+    if (!j->chunk(j->a, t, p0, p1, part, scores))
+        pd_cpu_attn_chunk_any(j->a, t, p0, p1, part, scores);
 }
 
-typedef struct decode_job {
-    pd_cpu_kernels_t *ck;
-    const pd_attn_args_t *a;
-    int64_t n, chunk;
-    float *parts; /* [n_chunks][n_heads][head_dim + 2] */
-} decode_job_t;
-
-static void decode_task(void *arg, int64_t c, int thread)
+/* st <- st (+) part, head by head: the running max, rescaled sums and values. */
+static void attn_fold(float *st, const float *part, int n_heads, int hd)
 {
-    decode_job_t *j = arg;
-    int64_t p0 = c * j->chunk, p1 = pd_cpu_min64(p0 + j->chunk, j->n);
-    size_t part = (size_t)j->a->n_heads * (size_t)(j->a->head_dim + 2);
-    j->ck->isa->attn_chunk(j->a, p0, p1, j->parts + (size_t)c * part,
-                           j->ck->thread_scratch[thread]);
-}
-
-/* out_h = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c, M = max_c m_c. */
-static void decode_combine(const decode_job_t *j, int64_t n_chunks)
-{
-    const pd_attn_args_t *a = j->a;
-    int hd = a->head_dim;
-    size_t part = (size_t)a->n_heads * (size_t)(hd + 2);
-    for (int h = 0; h < a->n_heads; h++) {
-        const float *p = j->parts + (size_t)h * (size_t)(hd + 2);
-        float m = p[hd];
-        for (int64_t c = 1; c < n_chunks; c++)
-            m = fmaxf(m, p[c * part + hd]);
-        float *out = a->out + (size_t)h * (size_t)hd, l = 0.0f;
+    for (int h = 0; h < n_heads; h++) {
+        float *s = st + (size_t)h * (size_t)(hd + 2);
+        const float *p = part + (size_t)h * (size_t)(hd + 2);
+        float m = fmaxf(s[hd], p[hd]);
+        float ws = expf(s[hd] - m), wp = expf(p[hd] - m);
         for (int i = 0; i < hd; i++)
-            out[i] = 0.0f;
-        for (int64_t c = 0; c < n_chunks; c++) {
-            const float *pc = p + c * part;
-            float w = expf(pc[hd] - m);
-            l += w * pc[hd + 1];
-            for (int i = 0; i < hd; i++)
-                out[i] += w * pc[i];
-        }
-        for (int i = 0; i < hd; i++)
-            out[i] /= l;
+            s[i] = s[i] * ws + p[i] * wp;
+        s[hd + 1] = s[hd + 1] * ws + p[hd + 1] * wp;
+        s[hd] = m;
     }
 }
 
-/* One query over many positions: chunks of positions as tasks, rows read in order. */
-static void attention_decode(pd_cpu_kernels_t *ck, const pd_attn_args_t *a)
+static void attn_finish(const pd_attn_args_t *a, int64_t t, const float *st)
 {
-    int64_t n = (int64_t)a->pos[0] + 1;
-    int64_t chunk = (n + ck->n_threads * 4 - 1) / (ck->n_threads * 4);
-    chunk = chunk < DECODE_MIN_CHUNK ? DECODE_MIN_CHUNK : chunk; /* 4 per thread */
-    int64_t n_chunks = (n + chunk - 1) / chunk;
-    size_t part = (size_t)a->n_heads * (size_t)(a->head_dim + 2);
-    ensure_thread_scratch(ck, (size_t)a->n_heads * (size_t)chunk * sizeof(float));
-    decode_job_t j = {.ck = ck,
-                      .a = a,
-                      .n = n,
-                      .chunk = chunk,
-                      .parts =
-                          ensure_shared(ck, (size_t)n_chunks * part * sizeof(float))};
-    double work = (double)n * a->n_heads * a->head_dim * 2;
-    run(ck, n_chunks, work, decode_task, &j);
-    decode_combine(&j, n_chunks);
+    int hd = a->head_dim;
+    for (int h = 0; h < a->n_heads; h++) {
+        const float *s = st + (size_t)h * (size_t)(hd + 2);
+        float *out = a->out + (t * a->n_heads + h) * hd;
+        for (int i = 0; i < hd; i++)
+            out[i] = s[i] / s[hd + 1];
+    }
+}
+
+static int64_t attn_n_chunks(const pd_attn_args_t *a, int64_t t)
+{
+    return ((int64_t)a->pos[t] + PD_ATTN_CHUNK) / PD_ATTN_CHUNK;
+}
+
+/* One query, all its chunks. Thread scratch: scores, then the partial, then the
+ * running state. */
+static void attn_query_task(void *arg, int64_t t, int thread)
+{
+    attn_job_t *j = arg;
+    float *scores = j->ck->thread_scratch[thread];
+    float *part = scores + (size_t)j->a->n_heads * PD_ATTN_CHUNK;
+    float *st = part + j->part;
+    attn_run_chunk(j, t, 0, st, scores);
+    for (int64_t c = 1, n = attn_n_chunks(j->a, t); c < n; c++) {
+        attn_run_chunk(j, t, c, part, scores);
+        attn_fold(st, part, j->a->n_heads, j->a->head_dim);
+    }
+    attn_finish(j->a, t, st);
+}
+
+/* Global chunk g of the split form: the query that owns it by bisection. */
+static void attn_split_task(void *arg, int64_t g, int thread)
+{
+    attn_job_t *j = arg;
+    int64_t lo = 0, hi = j->a->T - 1;
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (j->first[mid] <= g)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    attn_run_chunk(j, lo, g - j->first[lo], j->parts + (size_t)g * j->part,
+                   j->ck->thread_scratch[thread]);
+}
+
+static void attn_fold_task(void *arg, int64_t t, int thread)
+{
+    attn_job_t *j = arg;
+    float *st = j->ck->thread_scratch[thread];
+    memcpy(st, j->parts + (size_t)j->first[t] * j->part, j->part * sizeof(float));
+    for (int64_t g = j->first[t] + 1; g < j->first[t + 1]; g++)
+        attn_fold(st, j->parts + (size_t)g * j->part, j->a->n_heads, j->a->head_dim);
+    attn_finish(j->a, t, st);
 }
 
 static void cpu_attention(pd_kernels_t *k, const pd_attn_args_t *a)
 {
     pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
-    if (!a || !a->q || !a->out || !a->pos || !a->k_cache || !a->v_cache ||
-        !a->block_table || a->T < 0 || a->block_size < 1 || a->n_heads < 1 ||
-        a->n_kv_heads < 1 || a->n_heads % a->n_kv_heads != 0 || a->head_dim < 1 ||
+    if (!a || !a->q || !a->out || !a->pos || !a->seq || !a->k_cache || !a->v_cache ||
+        !a->block_tables || a->T < 0 || a->n_seqs < 1 || a->bt_stride < 1 ||
+        a->block_size < 1 || a->n_heads < 1 || a->n_kv_heads < 1 ||
+        a->n_heads % a->n_kv_heads != 0 || a->head_dim < 1 ||
         a->head_dim > MAX_HEAD_DIM ||
         (a->kv_dtype != PD_DTYPE_F32 && a->kv_dtype != PD_DTYPE_F16)) {
         PD_LOG_ERROR("attention: bad arguments");
         return;
     }
-    int64_t max_pos = 0;
+    double work = 0.0;
     for (int64_t t = 0; t < a->T; t++) {
-        if (a->pos[t] < 0) {
-            PD_LOG_ERROR("attention: negative position %d", (int)a->pos[t]);
+        if (a->pos[t] < 0 || a->seq[t] < 0 || a->seq[t] >= a->n_seqs ||
+            a->pos[t] / a->block_size >= a->bt_stride) {
+            PD_LOG_ERROR("attention: query %lld at position %d of sequence %d is out of "
+                         "range",
+                         (long long)t, (int)a->pos[t], (int)a->seq[t]);
             return;
         }
-        if (a->pos[t] > max_pos)
-            max_pos = a->pos[t];
+        work += ((double)a->pos[t] + 1.0) * a->n_heads * a->head_dim * 2;
     }
-    if (a->T == 1 && max_pos + 1 >= DECODE_MIN_POSITIONS && ck->isa->attn_chunk &&
-        a->head_dim % ck->isa->vw == 0 && a->head_dim <= 8 * ck->isa->vw) {
-        attention_decode(ck, a);
+    attn_job_t j = {.ck = ck,
+                    .a = a,
+                    .chunk = ck->isa->attn_chunk ? ck->isa->attn_chunk
+                                                 : pd_cpu_attn_chunk_any,
+                    .part = (size_t)a->n_heads * (size_t)(a->head_dim + 2)};
+    ensure_thread_scratch(ck, ((size_t)a->n_heads * PD_ATTN_CHUNK + 2 * j.part) *
+                                  sizeof(float));
+    if (a->T >= 4 * ck->n_threads) {
+        run(ck, a->T, work, attn_query_task, &j);
         return;
     }
-    ensure_thread_scratch(ck, (size_t)PD_CPU_ATTN_QB * (size_t)(max_pos + 1 + 16) *
-                                  sizeof(float));
-    attn_job_t j = {
-        .ck = ck, .a = a, .n_qblocks = (a->T + PD_CPU_ATTN_QB - 1) / PD_CPU_ATTN_QB};
-    double work = (double)a->T * (double)(max_pos + 1) * a->n_heads * a->head_dim * 2;
-    run(ck, j.n_qblocks * a->n_heads, work, attn_task, &j);
+    size_t first_bytes = ((size_t)a->T + 1) * sizeof(int64_t);
+    first_bytes = (first_bytes + PD_CPU_ALIGN - 1) / PD_CPU_ALIGN * PD_CPU_ALIGN;
+    int64_t n_chunks = 0;
+    for (int64_t t = 0; t < a->T; t++)
+        n_chunks += attn_n_chunks(a, t);
+    uint8_t *mem = ensure_shared(ck, first_bytes + (size_t)n_chunks * j.part * sizeof(float));
+    j.first = (int64_t *)mem;
+    j.parts = (float *)(mem + first_bytes);
+    j.first[0] = 0;
+    for (int64_t t = 0; t < a->T; t++)
+        j.first[t + 1] = j.first[t] + attn_n_chunks(a, t);
+    run(ck, n_chunks, work, attn_split_task, &j);
+    run(ck, a->T, (double)n_chunks * (double)j.part * 4, attn_fold_task, &j);
 }
 
 /* ---- construction ---------------------------------------------------------------- */

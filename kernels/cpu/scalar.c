@@ -1,8 +1,9 @@
 /* scalar.c - the scalar reference kernels: plain C, the numerics of llama2.c.
  *
  * Design: every op is written the obvious way, with float accumulation in the natural
- * order (matmul: sum over i of w[i] * x[i] in order; rmsnorm, softmax, rope, silu and
- * attention exactly as llama2.c's run.c writes them). Weights of any dtype are
+ * order (matmul: sum over i of w[i] * x[i] in order; rmsnorm, softmax, rope and silu
+ * exactly as llama2.c's run.c writes them; attention as run.c's within each chunk of
+ * PD_ATTN_CHUNK positions, whose partials dispatch.c folds). Weights of any dtype are
  * converted to f32 one row at a time with pd_dequantize_row(). The SIMD variants are
  * tested against these functions; they also run on any CPU, x86 or not.
  * Threading: pure functions over the rows they are given; scratch is per thread. */
@@ -126,45 +127,50 @@ static void f32_to_f16(const float *src, uint16_t *dst, int64_t n)
         dst[i] = pd_f32_to_fp16(src[i]);
 }
 
-/* One KV vector (kv head kvh of position p) as f32 into buf, or in place for F32. */
-static const float *kv_vec(const pd_attn_args_t *a, const void *cache, int64_t p, int kvh,
-                           float *buf)
+/* One KV vector (kv head kvh of position p of query t's sequence) as f32 into buf, or
+ * in place for F32. */
+static const float *kv_vec(const pd_attn_args_t *a, const void *cache, int64_t t,
+                           int64_t p, int kvh, float *buf)
 {
-    int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
     size_t es = a->kv_dtype == PD_DTYPE_F16 ? 2 : 4;
-    const uint8_t *r =
-        pd_cpu_kv_row(cache, a->block_table, a->block_size, row_elems, es, p);
-    r += (size_t)kvh * (size_t)a->head_dim * es;
+    int64_t row_elems = (int64_t)a->n_kv_heads * a->head_dim;
+    int64_t row = (int64_t)pd_cpu_attn_table(a, t)[p / a->block_size] * a->block_size +
+                  p % a->block_size;
+    const uint8_t *r = (const uint8_t *)cache + (size_t)row * (size_t)row_elems * es +
+                       (size_t)kvh * (size_t)a->head_dim * es;
     if (a->kv_dtype == PD_DTYPE_F32)
         return (const float *)r;
     pd_dequantize_row(PD_DTYPE_F16, r, a->head_dim, buf);
     return buf;
 }
 
-static void attn_head(const pd_attn_args_t *a, int64_t t, int h, float *scores)
+int pd_cpu_attn_chunk_any(const pd_attn_args_t *a, int64_t t, int64_t p0, int64_t p1,
+                          float *part, float *scores)
 {
-    int hd = a->head_dim;
-    int kvh = h / (a->n_heads / a->n_kv_heads);
-    const float *q = a->q + (t * a->n_heads + h) * hd;
-    float *out = a->out + (t * a->n_heads + h) * hd;
+    int hd = a->head_dim, group = a->n_heads / a->n_kv_heads;
+    int64_t n = p1 - p0;
     float buf[512]; /* head_dim <= 512, checked by dispatch.c */
-    int64_t n = (int64_t)a->pos[t] + 1;
-    for (int64_t p = 0; p < n; p++)
-        scores[p] = dot_f32(q, kv_vec(a, a->k_cache, p, kvh, buf), hd) * a->scale;
-    softmax(scores, n);
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int64_t p = 0; p < n; p++) {
-        const float *v = kv_vec(a, a->v_cache, p, kvh, buf);
-        float s = scores[p];
-        for (int i = 0; i < hd; i++)
-            out[i] += s * v[i];
+    for (int h = 0; h < a->n_heads; h++) {
+        const float *q = a->q + (t * a->n_heads + h) * hd;
+        float *sc = scores + h * n, *ph = part + (size_t)h * (size_t)(hd + 2);
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t p = p0; p < p1; p++) {
+            sc[p - p0] = dot_f32(q, kv_vec(a, a->k_cache, t, p, h / group, buf), hd) *
+                         a->scale;
+            m = sc[p - p0] > m ? sc[p - p0] : m;
+        }
+        memset(ph, 0, (size_t)hd * sizeof(float));
+        for (int64_t p = p0; p < p1; p++) {
+            float e = expf(sc[p - p0] - m);
+            const float *v = kv_vec(a, a->v_cache, t, p, h / group, buf);
+            for (int i = 0; i < hd; i++)
+                ph[i] += e * v[i];
+            l += e;
+        }
+        ph[hd] = m;
+        ph[hd + 1] = l;
     }
-}
-
-static void attn_block(const pd_attn_args_t *a, int h, int64_t t0, int nq, float *scores)
-{
-    for (int i = 0; i < nq; i++)
-        attn_head(a, t0 + i, h, scores);
+    return 1;
 }
 
 const pd_cpu_isa_t pd_cpu_isa_scalar = {
@@ -178,5 +184,5 @@ const pd_cpu_isa_t pd_cpu_isa_scalar = {
     .add = add,
     .rope = rope,
     .f32_to_f16 = f32_to_f16,
-    .attn_block = attn_block,
+    .attn_chunk = pd_cpu_attn_chunk_any,
 };

@@ -110,6 +110,16 @@ PD_SIMD_INLINE __m128 vhsum4(vf a, vf b, vf c, vf d)
     vf z = _mm256_hadd_ps(x, y); /* a0-3 b0-3 c0-3 d0-3 | a4-7 ... */
     return _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
 }
+/* Lane 0 of vhsum4(v, ...): the same addition tree for one vector (adjacent pairs,
+ * then pairs of pairs, then the two 128-bit halves), so a sum does not depend on
+ * which of the two reduced it. */
+PD_SIMD_INLINE float vhsum1(vf v)
+{
+    v = _mm256_add_ps(v, _mm256_permute_ps(v, 0xb1));
+    v = _mm256_add_ps(v, _mm256_permute_ps(v, 0x4e));
+    __m128 s = _mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    return _mm_cvtss_f32(s);
+}
 PD_SIMD_INLINE vf vswap_pairs(vf v)
 {
     return _mm256_permute_ps(v, 0xb1);

@@ -100,6 +100,17 @@ PD_SIMD_INLINE __m128 vhsum4(vf a, vf b, vf c, vf d)
     z = _mm512_add_ps(z, _mm512_shuffle_f32x4(z, z, 0xb1));
     return _mm512_castps512_ps128(z);
 }
+/* Lane 0 of vhsum4(v, ...): the same addition tree for one vector (pairs 2 apart,
+ * then 1 apart within 128-bit lanes, then the lanes 2 apart, then 1 apart), so a sum
+ * does not depend on which of the two reduced it. */
+PD_SIMD_INLINE float vhsum1(vf v)
+{
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4e));
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xb1));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
+    return _mm512_cvtss_f32(v);
+}
 /* (v0, v1, v2, v3, ...) -> (v1, v0, v3, v2, ...) */
 PD_SIMD_INLINE vf vswap_pairs(vf v)
 {

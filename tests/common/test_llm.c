@@ -18,69 +18,7 @@
 #include "kernels/ops.h"
 #include "support/pdcheck.h"
 
-/* ---- allocation counting ---- */
-static atomic_long n_allocs;
-
-/* Under ASan or TSan the runtime owns malloc: count through its hooks instead. */
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define PD_TEST_SANITIZER_MALLOC 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define PD_TEST_SANITIZER_MALLOC 1
-#endif
-#endif
-
-#ifdef PD_TEST_SANITIZER_MALLOC
-/* from the sanitizer runtime (sanitizer/allocator_interface.h, not shipped by gcc) */
-int __sanitizer_install_malloc_and_free_hooks(void (*m)(const volatile void *, size_t),
-                                              void (*f)(const volatile void *));
-static void on_malloc(const volatile void *p, size_t n)
-{
-    (void)p;
-    (void)n;
-    atomic_fetch_add(&n_allocs, 1);
-}
-static void on_free(const volatile void *p)
-{
-    (void)p;
-}
-static void install_counter(void)
-{
-    __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
-}
-#else
-extern void *__libc_malloc(size_t);
-extern void *__libc_calloc(size_t, size_t);
-extern void *__libc_realloc(void *, size_t);
-extern void *__libc_memalign(size_t, size_t);
-void *malloc(size_t n)
-{
-    atomic_fetch_add(&n_allocs, 1);
-    return __libc_malloc(n);
-}
-void *calloc(size_t a, size_t b)
-{
-    atomic_fetch_add(&n_allocs, 1);
-    return __libc_calloc(a, b);
-}
-void *realloc(void *p, size_t n)
-{
-    atomic_fetch_add(&n_allocs, 1);
-    return __libc_realloc(p, n);
-}
-void *aligned_alloc(size_t a, size_t n)
-{
-    atomic_fetch_add(&n_allocs, 1);
-    return __libc_memalign(a, n);
-}
-int posix_memalign(void **p, size_t a, size_t n)
-{
-    atomic_fetch_add(&n_allocs, 1);
-    *p = __libc_memalign(a, n);
-    return *p ? 0 : 12;
-}
-static void install_counter(void) {}
-#endif
+#include "support/alloc_count.h"
 
 /* ---- fixtures ---- */
 static pd_model_t *model;
@@ -221,10 +159,10 @@ static long allocs_for(pd_llm_t *llm, pd_sampler_t *s, int32_t n)
     pd_gen_stats_t st;
     pd_sampler_reseed(s, 1234);
     /* nothing but the generation inside the window: Check's asserts allocate */
-    long before = atomic_load(&n_allocs);
+    long before = pd_test_allocs();
     pd_status_t rc =
         pd_generate(llm, s, prompt, NP, 2, 1, &go, count_tokens, &seen, out, &st);
-    long used = atomic_load(&n_allocs) - before;
+    long used = pd_test_allocs() - before;
     ck_assert_int_eq(rc, PD_OK);
     ck_assert_int_eq(st.n_gen, n);
     ck_assert_int_eq(seen, n);
@@ -233,7 +171,7 @@ static long allocs_for(pd_llm_t *llm, pd_sampler_t *s, int32_t n)
 
 START_TEST(generation_allocates_nothing_per_token)
 {
-    install_counter();
+    pd_test_alloc_count_install();
     pd_llm_t *llm = NULL;
     pd_sampler_t *s = NULL;
     pd_llm_opts_t o = {.max_ctx = 512, .max_batch_tokens = 32};

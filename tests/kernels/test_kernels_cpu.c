@@ -4,7 +4,9 @@
  * Every ISA this CPU supports is forced in turn (scalar, avx2, avx512, and avx512
  * without VNNI), with 1, 2 and 3 threads, over every weight dtype, odd sizes, T in
  * {1,2,3,5,7,16,33} (both the matrix-vector and the matrix-matrix paths), head_dim
- * 8/64/128, grouped-query heads and a permuted block table.
+ * 8/16/32/48/64/128, grouped-query heads, varlen batches of several sequences with
+ * permuted block tables, and contexts that span several attention chunks; each
+ * query's attention alone must give the same bits as in its batch.
  * Tolerances (relative errors, stated once here):
  *   matmul, float activations: 1e-5 of sum_i |w_i x_i| (f32 sums in another order);
  *   matmul, Q8_0/Q4_0 on SIMD ISAs, whose activations may be quantized to Q8 blocks:
@@ -491,6 +493,8 @@ static const attn_case_t attn_cases[] = {
     {2, 1, 48, 2, 20, 3, PD_DTYPE_F32, 0},   {4, 2, 64, 7, 40, 8, PD_DTYPE_F16, 0},
     {4, 1, 8, 4, 10, 4, PD_DTYPE_F16, 0},    {12, 12, 64, 1, 300, 16, PD_DTYPE_F32, 0},
     {4, 2, 64, 9, 5, 16, PD_DTYPE_F32, 1},   {2, 2, 128, 7, 3, 4, PD_DTYPE_F16, 1},
+    {4, 2, 32, 3, 125, 16, PD_DTYPE_F16, 0}, {2, 1, 8, 70, 60, 16, PD_DTYPE_F32, 0},
+    {8, 8, 16, 1, 639, 32, PD_DTYPE_F32, 0},
 };
 
 static int64_t gcd64(int64_t a, int64_t b)
@@ -503,64 +507,127 @@ static int64_t gcd64(int64_t a, int64_t b)
     return a;
 }
 
-static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_t *c)
+/* A varlen batch of N_SEQS sequences of the case's shape, each with its own K/V and
+ * its own block table into one shared pool of blocks (permuted), and the queries of
+ * the sequences interleaved (query t belongs to sequence t % N_SEQS). */
+#define N_SEQS 3
+
+typedef struct attn_batch {
+    int64_t n_pos, row, n_blocks, T; /* n_blocks per sequence; T all queries */
+    size_t es;
+    int32_t *tables;       /* [N_SEQS][n_blocks] */
+    void *kc, *vc;         /* the pool: N_SEQS * n_blocks blocks */
+    float *ks, *vs;        /* [N_SEQS][n_pos][row] what the cache holds, as f32 */
+    int32_t *qpos, *qseq;  /* [T] */
+    float *q;              /* [T][n_heads][head_dim] */
+} attn_batch_t;
+
+static void attn_batch_make(pd_kernels_t *k, const attn_case_t *c, attn_batch_t *b)
 {
-    int64_t n_pos = c->p0 + c->T, hd = c->head_dim;
-    int64_t row = (int64_t)c->n_kv_heads * hd;
-    int64_t n_blocks = (n_pos + c->block_size - 1) / c->block_size + 1;
-    int32_t *table = malloc((size_t)n_blocks * 4);
-    int64_t m = 5; /* b -> (b * m + 3) mod n is a permutation when gcd(m, n) = 1 */
-    while (gcd64(m, n_blocks) != 1)
+    b->n_pos = c->p0 + c->T;
+    b->row = (int64_t)c->n_kv_heads * c->head_dim;
+    b->n_blocks = (b->n_pos + c->block_size - 1) / c->block_size + 1;
+    b->T = c->T * N_SEQS;
+    b->es = c->kv == PD_DTYPE_F16 ? 2 : 4;
+    int64_t pool = b->n_blocks * N_SEQS;
+    b->tables = malloc((size_t)pool * 4);
+    int64_t m = 5; /* i -> (i * m + 3) mod n is a permutation when gcd(m, n) = 1 */
+    while (gcd64(m, pool) != 1)
         m++;
-    for (int64_t b = 0; b < n_blocks; b++)
-        table[b] = (int32_t)((b * m + 3) % n_blocks);
-    size_t es = c->kv == PD_DTYPE_F16 ? 2 : 4;
-    size_t cache_bytes = (size_t)(n_blocks * c->block_size * row) * es;
-    void *kc = calloc(1, cache_bytes), *vc = calloc(1, cache_bytes);
-    float *ks = rand_vec(n_pos * row, 1.0f), *vs = rand_vec(n_pos * row, 1.0f);
-    int32_t *pos_all = malloc((size_t)n_pos * 4);
-    for (int64_t p = 0; p < n_pos; p++)
-        pos_all[p] = (int32_t)p;
-    /* the context first, then the new tokens, as the engine writes them */
-    k->kv_write(k, kc, c->kv, table, c->block_size, row, pos_all, c->p0, ks);
-    k->kv_write(k, kc, c->kv, table, c->block_size, row, pos_all + c->p0, c->T,
-                ks + c->p0 * row);
-    k->kv_write(k, vc, c->kv, table, c->block_size, row, pos_all, n_pos, vs);
+    for (int64_t i = 0; i < pool; i++)
+        b->tables[i] = (int32_t)((i * m + 3) % pool);
+    size_t cache_bytes = (size_t)(pool * c->block_size * b->row) * b->es;
+    b->kc = calloc(1, cache_bytes);
+    b->vc = calloc(1, cache_bytes);
+    int64_t n_rows = N_SEQS * b->n_pos;
+    b->ks = rand_vec(n_rows * b->row, 1.0f);
+    b->vs = rand_vec(n_rows * b->row, 1.0f);
+    int32_t *slots = malloc((size_t)n_rows * 4);
+    for (int64_t s = 0; s < N_SEQS; s++)
+        for (int64_t p = 0; p < b->n_pos; p++)
+            slots[s * b->n_pos + p] =
+                (int32_t)(b->tables[s * b->n_blocks + p / c->block_size] * c->block_size +
+                          p % c->block_size);
+    /* the contexts first, then the new tokens, as the engine writes them */
+    for (int64_t s = 0; s < N_SEQS; s++) {
+        int64_t r0 = s * b->n_pos;
+        k->kv_write(k, b->kc, c->kv, b->row, slots + r0, c->p0, b->ks + r0 * b->row);
+        k->kv_write(k, b->kc, c->kv, b->row, slots + r0 + c->p0, c->T,
+                    b->ks + (r0 + c->p0) * b->row);
+    }
+    k->kv_write(k, b->vc, c->kv, b->row, slots, n_rows, b->vs);
+    free(slots);
     if (c->kv == PD_DTYPE_F16) { /* what the cache holds */
-        for (int64_t i = 0; i < n_pos * row; i++) {
-            ks[i] = pd_fp16_to_f32(pd_f32_to_fp16(ks[i]));
-            vs[i] = pd_fp16_to_f32(pd_f32_to_fp16(vs[i]));
+        for (int64_t i = 0; i < n_rows * b->row; i++) {
+            b->ks[i] = pd_fp16_to_f32(pd_f32_to_fp16(b->ks[i]));
+            b->vs[i] = pd_fp16_to_f32(pd_f32_to_fp16(b->vs[i]));
         }
     }
-    int32_t *qpos = malloc((size_t)c->T * 4); /* position of query t */
-    for (int64_t t = 0; t < c->T; t++)
-        qpos[t] = (int32_t)(c->p0 + (c->shuffled ? (t * 5 + 2) % c->T : t));
-    if (c->shuffled) /* (t * 5 + 2) mod T must be a permutation */
+    b->qpos = malloc((size_t)b->T * 4);
+    b->qseq = malloc((size_t)b->T * 4);
+    for (int64_t t = 0; t < b->T; t++) {
+        int64_t i = t / N_SEQS;
+        b->qseq[t] = (int32_t)(t % N_SEQS);
+        b->qpos[t] = (int32_t)(c->p0 + (c->shuffled ? (i * 5 + 2) % c->T : i));
+    }
+    if (c->shuffled) /* (i * 5 + 2) mod T must be a permutation */
         ck_assert_int_eq(gcd64(5, c->T), 1);
-    int64_t nq = c->T * c->n_heads * hd;
-    float *q = rand_vec(nq, 1.0f), *out = rand_vec(nq, 1.0f), *rout = rand_vec(nq, 1.0f);
-    pd_attn_args_t a = {.q = q,
-                        .out = out,
-                        .T = c->T,
-                        .pos = qpos,
-                        .k_cache = kc,
-                        .v_cache = vc,
-                        .kv_dtype = c->kv,
-                        .block_table = table,
-                        .block_size = c->block_size,
-                        .n_heads = c->n_heads,
-                        .n_kv_heads = c->n_kv_heads,
-                        .head_dim = c->head_dim,
-                        .scale = 1.0f / sqrtf((float)hd)};
+    b->q = rand_vec(b->T * c->n_heads * c->head_dim, 1.0f);
+}
+
+static void attn_batch_free(attn_batch_t *b)
+{
+    free(b->tables);
+    free(b->kc);
+    free(b->vc);
+    free(b->ks);
+    free(b->vs);
+    free(b->qpos);
+    free(b->qseq);
+    free(b->q);
+}
+
+static pd_attn_args_t attn_args(const attn_case_t *c, const attn_batch_t *b, float *out)
+{
+    return (pd_attn_args_t){.q = b->q,
+                            .out = out,
+                            .T = b->T,
+                            .pos = b->qpos,
+                            .seq = b->qseq,
+                            .k_cache = b->kc,
+                            .v_cache = b->vc,
+                            .kv_dtype = c->kv,
+                            .block_tables = b->tables,
+                            .n_seqs = N_SEQS,
+                            .bt_stride = b->n_blocks,
+                            .block_size = c->block_size,
+                            .n_heads = c->n_heads,
+                            .n_kv_heads = c->n_kv_heads,
+                            .head_dim = c->head_dim,
+                            .scale = 1.0f / sqrtf((float)c->head_dim)};
+}
+
+/* Against a double-precision softmax(q K^T) V, the scalar reference, and itself: each
+ * query run alone (T = 1) gives the same bits as inside the batch. */
+static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_t *c)
+{
+    attn_batch_t b;
+    attn_batch_make(k, c, &b);
+    int64_t hd = c->head_dim, row = b.row, qrow = c->n_heads * hd;
+    float *out = rand_vec(b.T * qrow, 1.0f), *rout = rand_vec(b.T * qrow, 1.0f);
+    float *one = rand_vec(qrow, 1.0f);
+    pd_attn_args_t a = attn_args(c, &b, out);
     k->attention(k, &a);
     a.out = rout;
     ref->attention(ref, &a);
-    double *sc = malloc((size_t)n_pos * sizeof(double));
-    for (int64_t t = 0; t < c->T; t++) {
+    double *sc = malloc((size_t)b.n_pos * sizeof(double));
+    for (int64_t t = 0; t < b.T; t++) {
+        const float *ks = b.ks + b.qseq[t] * b.n_pos * row;
+        const float *vs = b.vs + b.qseq[t] * b.n_pos * row;
         for (int h = 0; h < c->n_heads; h++) {
             int kvh = h / (c->n_heads / c->n_kv_heads);
-            int64_t np = (int64_t)qpos[t] + 1;
-            const float *qv = q + (t * c->n_heads + h) * hd;
+            int64_t np = (int64_t)b.qpos[t] + 1;
+            const float *qv = b.q + (t * c->n_heads + h) * hd;
             double max = -1e300, sum = 0;
             for (int64_t p = 0; p < np; p++) {
                 double s = 0;
@@ -584,18 +651,24 @@ static void check_attention(pd_kernels_t *k, pd_kernels_t *ref, const attn_case_
                               out[at], rout[at]);
             }
         }
+        /* query t alone: the same bits */
+        pd_attn_args_t a1 = attn_args(c, &b, one);
+        a1.q = b.q + t * qrow;
+        a1.T = 1;
+        a1.pos = b.qpos + t;
+        a1.seq = b.qseq + t;
+        k->attention(k, &a1);
+        ck_assert_msg(memcmp(one, out + t * qrow, (size_t)qrow * sizeof(float)) == 0,
+                      "%s/%d attention of query %lld (pos %d) alone differs from in the "
+                      "batch of %lld",
+                      k->name, k->n_threads, (long long)t, (int)b.qpos[t],
+                      (long long)b.T);
     }
     free(sc);
-    free(qpos);
-    free(q);
     free(out);
     free(rout);
-    free(pos_all);
-    free(ks);
-    free(vs);
-    free(kc);
-    free(vc);
-    free(table);
+    free(one);
+    attn_batch_free(&b);
 }
 
 START_TEST(test_attention)
@@ -615,20 +688,25 @@ START_TEST(test_attention)
 }
 END_TEST
 
-/* kv_write lands rows in the slots the block table names, converting exactly. */
+/* kv_write lands rows in the slots named, converting exactly, and skips negative
+ * ones. */
 START_TEST(test_kv_write_layout)
 {
     pd_kernels_t *k = kernels("auto", 2);
-    int32_t table[3] = {2, 0, 1};
     float cache[3 * 4 * 6]; /* 3 blocks x 4 rows x 6 elements */
     uint16_t hcache[3 * 4 * 6];
     memset(cache, 0, sizeof cache);
-    float src[2 * 6];
-    for (int i = 0; i < 12; i++)
+    memset(hcache, 0, sizeof hcache);
+    float src[3 * 6];
+    for (int i = 0; i < 18; i++)
         src[i] = (float)i + 0.1f;
-    int32_t pos[2] = {5, 8}; /* block 1 row 1 -> physical 0; block 2 row 0 -> phys 1 */
-    k->kv_write(k, cache, PD_DTYPE_F32, table, 4, 6, pos, 2, src);
-    k->kv_write(k, hcache, PD_DTYPE_F16, table, 4, 6, pos, 2, src);
+    int32_t slots[3] = {1, 4, -1}; /* block 0 row 1; block 1 row 0; skipped */
+    k->kv_write(k, cache, PD_DTYPE_F32, 6, slots, 3, src);
+    k->kv_write(k, hcache, PD_DTYPE_F16, 6, slots, 3, src);
+    int written = 0;
+    for (int i = 0; i < 3 * 4 * 6; i++)
+        written += cache[i] != 0.0f;
+    ck_assert_int_eq(written, 12);
     for (int i = 0; i < 6; i++) {
         ck_assert(cache[(0 * 4 + 1) * 6 + i] == src[i]);
         ck_assert(cache[(1 * 4 + 0) * 6 + i] == src[6 + i]);
@@ -677,7 +755,7 @@ START_TEST(test_no_alloc_steady_state)
     weight_make(&w32, PD_DTYPE_F32, 256, 256);
     float *x = rand_vec(64 * 256, 1.0f), *y = rand_vec(64 * 256, 1.0f);
     float *wn = rand_vec(256, 1.0f);
-    int32_t table[8] = {3, 1, 0, 2, 7, 6, 5, 4};
+    int32_t table[8] = {3, 1, 0, 2, 7, 6, 5, 4}, zero = 0;
     float *kc = calloc(8 * 16 * 64, 4), *vc = calloc(8 * 16 * 64, 4);
     float *q = rand_vec(4 * 64, 1.0f), *o = rand_vec(4 * 64, 1.0f);
     size_t before = 0;
@@ -691,8 +769,13 @@ START_TEST(test_no_alloc_steady_state)
         k->matmul(k, &w8.t, x, T, y);
         k->matmul(k, &w32.t, x, T, y);
         k->rope(k, y, T == 1 ? &pos : ps, T, 4, 64, 10000.0f);
-        k->kv_write(k, kc, PD_DTYPE_F32, table, 16, 64, T == 1 ? &pos : ps, T, x);
-        k->kv_write(k, vc, PD_DTYPE_F32, table, 16, 64, T == 1 ? &pos : ps, T, x);
+        int32_t slots[64];
+        for (int64_t t = 0; t < T; t++) {
+            int32_t p = T == 1 ? pos : ps[t];
+            slots[t] = table[p / 16] * 16 + p % 16;
+        }
+        k->kv_write(k, kc, PD_DTYPE_F32, 64, slots, T, x);
+        k->kv_write(k, vc, PD_DTYPE_F32, 64, slots, T, x);
         pd_attn_args_t a = {.q = q,
                             .out = o,
                             .T = 1,
@@ -700,7 +783,10 @@ START_TEST(test_no_alloc_steady_state)
                             .k_cache = kc,
                             .v_cache = vc,
                             .kv_dtype = PD_DTYPE_F32,
-                            .block_table = table,
+                            .seq = &zero,
+                            .block_tables = table,
+                            .n_seqs = 1,
+                            .bt_stride = 8,
                             .block_size = 16,
                             .n_heads = 4,
                             .n_kv_heads = 1,

@@ -1,0 +1,631 @@
+/* engine.c - see engine.h. Requests live on two intrusive lists (waiting: a queue with
+ * preempted requests at its front; running: in the order they started, newest last).
+ * A running request owns one row of the engine's block-table matrix (its slot), which
+ * is also its sequence index in the varlen batch. */
+#include "common/engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/log.h"
+
+typedef struct req req_t;
+struct req {
+    uint64_t id;
+    req_t *prev, *next;
+    bool running, cancelled, started;
+    int32_t *tokens; /* [cap]: the prompt, then the generated tokens */
+    int32_t n_prompt, n_tokens, cap;
+    int32_t max_tokens;
+    bool ignore_eos;
+    int32_t *stop;
+    int32_t n_stop;
+    pd_sampler_t *sampler;
+    pd_engine_token_fn on_token;
+    pd_engine_finish_fn on_finish;
+    void *user;
+
+    int32_t n_computed;  /* tokens whose KV is in the cache */
+    int32_t slot;        /* row of the block tables while running, else -1 */
+    int32_t n_blocks;    /* blocks held: the first n_blocks of the slot's row */
+    pd_kv_hash_t *hashes; /* [max_blocks] chained hashes of full blocks */
+    int32_t n_hashed;     /* ... computed so far */
+    int32_t n_committed;  /* leading blocks committed (or found) in the prefix cache */
+    int32_t cached_tokens, preemptions;
+    double arrival_s, first_token_s;
+    /* this step */
+    int32_t sched; /* tokens scheduled */
+    int32_t logit; /* its row of logits, or -1 */
+};
+
+typedef struct req_list {
+    req_t *head, *tail;
+    int32_t n;
+} req_list_t;
+
+struct pd_engine {
+    const pd_model_t *model;
+    pd_model_config_t cfg;
+    pd_llm_t *llm;
+    pd_kv_pool_t *kv;
+    int32_t max_seqs, max_T, max_len, bs, max_blocks;
+    int32_t eos, bos;
+    bool prefix_cache;
+    uint64_t next_id;
+    struct timespec t0;
+
+    req_list_t waiting, running;
+    int32_t *tables;     /* [max_seqs][max_blocks] */
+    int32_t *free_slots; /* stack */
+    int32_t n_free_slots;
+    /* the batch of a step */
+    int32_t *ids, *pos, *seq, *out_rows; /* [max_T], out_rows [max_seqs] */
+    req_t **sched;                      /* [max_seqs] scheduled this step */
+    int32_t n_sched;
+    bool in_step;
+    pd_engine_stats_t stats;
+};
+
+const char *pd_engine_finish_str(pd_engine_finish_t f)
+{
+    switch (f) {
+    case PD_ENGINE_FINISH_STOP:
+        return "stop";
+    case PD_ENGINE_FINISH_LENGTH:
+        return "length";
+    case PD_ENGINE_FINISH_CANCELLED:
+        return "cancelled";
+    case PD_ENGINE_FINISH_ERROR:
+        return "error";
+    }
+    return "none";
+}
+
+double pd_engine_now(const pd_engine_t *e)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)(ts.tv_sec - e->t0.tv_sec) + (double)(ts.tv_nsec - e->t0.tv_nsec) * 1e-9;
+}
+
+/* ---- lists ------------------------------------------------------------------------- */
+
+static void list_remove(req_list_t *l, req_t *r)
+{
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        l->head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        l->tail = r->prev;
+    r->prev = r->next = NULL;
+    l->n--;
+}
+
+static void list_push(req_list_t *l, req_t *r, bool front)
+{
+    if (front) {
+        r->prev = NULL;
+        r->next = l->head;
+        if (l->head)
+            l->head->prev = r;
+        else
+            l->tail = r;
+        l->head = r;
+    } else {
+        r->next = NULL;
+        r->prev = l->tail;
+        if (l->tail)
+            l->tail->next = r;
+        else
+            l->head = r;
+        l->tail = r;
+    }
+    l->n++;
+}
+
+/* ---- creation ---------------------------------------------------------------------- */
+
+pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
+                          const pd_engine_opts_t *opts, pd_engine_t **engine_p)
+{
+    pd_engine_opts_t o = opts ? *opts : (pd_engine_opts_t){0};
+    pd_engine_t *e = calloc(1, sizeof *e);
+    if (!e)
+        return PD_ERR_NOMEM;
+    clock_gettime(CLOCK_MONOTONIC, &e->t0);
+    e->model = model;
+    e->cfg = *pd_model_config(model);
+    e->max_seqs = o.max_num_seqs > 0 ? o.max_num_seqs : 64;
+    e->max_T = o.max_batch_tokens > 0 ? o.max_batch_tokens : 512;
+    if (e->max_T < e->max_seqs) /* every running sequence must fit one step */
+        e->max_T = e->max_seqs;
+    int32_t max_ctx = o.max_ctx > 0 && o.max_ctx < e->cfg.ctx_len ? o.max_ctx
+                                                                   : e->cfg.ctx_len;
+    e->bs = o.block_size > 0 ? o.block_size : 16;
+    e->eos = o.eos;
+    e->bos = o.bos;
+    e->prefix_cache = !o.no_prefix_cache;
+
+    pd_kv_pool_opts_t po = {.block_size = e->bs, .kv_type = o.kv_type};
+    if (o.kv_blocks > 0) {
+        po.n_blocks = o.kv_blocks;
+    } else if (o.kv_memory > 0) {
+        po.memory_bytes = o.kv_memory;
+    } else {
+        pd_kv_pool_opts_t one = po;
+        one.n_blocks = 1;
+        pd_kv_pool_t *probe = NULL; /* the bytes of one block, from the pool itself */
+        pd_status_t st = pd_kv_pool_new(model, &one, &probe);
+        if (st != PD_OK) {
+            free(e);
+            return st;
+        }
+        int64_t per_seq = (max_ctx + e->bs - 1) / e->bs;
+        int64_t want = per_seq * e->max_seqs * (int64_t)pd_kv_pool_block_bytes(probe);
+        pd_kv_pool_destroy(&probe);
+        po.memory_bytes = want < (1LL << 30) ? want : (1LL << 30);
+    }
+    pd_status_t st = pd_kv_pool_new(model, &po, &e->kv);
+    if (st != PD_OK) {
+        free(e);
+        return st;
+    }
+    int64_t pool_tokens = (int64_t)pd_kv_pool_n_blocks(e->kv) * e->bs;
+    e->max_len = pool_tokens < max_ctx ? (int32_t)pool_tokens : max_ctx;
+    e->max_blocks = (e->max_len + e->bs - 1) / e->bs;
+
+    pd_llm_opts_t lo = {.max_ctx = e->max_len,
+                        .max_batch_tokens = e->max_T,
+                        .max_logits = e->max_seqs,
+                        .no_private_kv = true};
+    st = pd_llm_new(model, kernels, &lo, &e->llm);
+    size_t T = (size_t)e->max_T, S = (size_t)e->max_seqs;
+    if (st == PD_OK) {
+        e->tables = malloc(S * (size_t)e->max_blocks * sizeof *e->tables);
+        e->free_slots = malloc(S * sizeof *e->free_slots);
+        e->ids = malloc(T * sizeof *e->ids);
+        e->pos = malloc(T * sizeof *e->pos);
+        e->seq = malloc(T * sizeof *e->seq);
+        e->out_rows = malloc(S * sizeof *e->out_rows);
+        e->sched = malloc(S * sizeof *e->sched);
+        if (!e->tables || !e->free_slots || !e->ids || !e->pos || !e->seq ||
+            !e->out_rows || !e->sched)
+            st = PD_ERR_NOMEM;
+    }
+    if (st != PD_OK) {
+        PD_LOG_ERROR("cannot create the engine: %s", pd_status_str(st));
+        pd_engine_destroy(&e);
+        return st;
+    }
+    for (size_t i = 0; i < S * (size_t)e->max_blocks; i++)
+        e->tables[i] = 0; /* unused entries still name a valid block */
+    for (int32_t s = 0; s < e->max_seqs; s++)
+        e->free_slots[s] = e->max_seqs - 1 - s;
+    e->n_free_slots = e->max_seqs;
+    *engine_p = e;
+    return PD_OK;
+}
+
+static void req_free(req_t *r)
+{
+    pd_sampler_destroy(&r->sampler);
+    free(r->tokens);
+    free(r->stop);
+    free(r->hashes);
+    free(r);
+}
+
+void pd_engine_destroy(pd_engine_t **engine_p)
+{
+    if (!engine_p || !*engine_p)
+        return;
+    pd_engine_t *e = *engine_p;
+    req_list_t *lists[2] = {&e->waiting, &e->running};
+    for (int i = 0; i < 2; i++)
+        while (lists[i]->head) {
+            req_t *r = lists[i]->head;
+            list_remove(lists[i], r);
+            req_free(r);
+        }
+    pd_llm_destroy(&e->llm);
+    pd_kv_pool_destroy(&e->kv);
+    free(e->tables);
+    free(e->free_slots);
+    free(e->ids);
+    free(e->pos);
+    free(e->seq);
+    free(e->out_rows);
+    free(e->sched);
+    free(e);
+    *engine_p = NULL;
+}
+
+/* ---- requests ---------------------------------------------------------------------- */
+
+pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t *id_p)
+{
+    if (!q || !q->prompt || q->n_prompt < 1 || q->n_stop < 0 || (q->n_stop && !q->stop_ids)) {
+        PD_LOG_ERROR("request refused: an empty prompt or bad stop ids");
+        return PD_ERR_INVALID;
+    }
+    if (q->n_prompt >= e->max_len) {
+        PD_LOG_ERROR("request refused: a prompt of %d tokens leaves no room for output "
+                     "in the longest sequence of %d tokens (context %d, kv pool %lld)",
+                     q->n_prompt, e->max_len, e->cfg.ctx_len,
+                     (long long)pd_kv_pool_n_blocks(e->kv) * e->bs);
+        return PD_ERR_RANGE;
+    }
+    for (int32_t i = 0; i < q->n_prompt; i++)
+        if (q->prompt[i] < 0 || q->prompt[i] >= e->cfg.vocab_size) {
+            PD_LOG_ERROR("request refused: token %d at %d outside the vocabulary (%d)",
+                         q->prompt[i], i, e->cfg.vocab_size);
+            return PD_ERR_RANGE;
+        }
+    pd_status_t st = pd_sampler_params_check(&q->sampling);
+    if (st != PD_OK)
+        return st;
+    req_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return PD_ERR_NOMEM;
+    int64_t cap = (int64_t)e->max_len + 1; /* the last token is never computed */
+    if (q->max_tokens > 0 && (int64_t)q->n_prompt + q->max_tokens < cap)
+        cap = (int64_t)q->n_prompt + q->max_tokens;
+    r->cap = (int32_t)cap;
+    r->tokens = malloc((size_t)cap * sizeof *r->tokens);
+    r->hashes = malloc((size_t)e->max_blocks * sizeof *r->hashes);
+    r->stop = q->n_stop ? malloc((size_t)q->n_stop * sizeof *r->stop) : NULL;
+    st = pd_sampler_new(e->cfg.vocab_size, &q->sampling, &r->sampler);
+    if (st != PD_OK || !r->tokens || !r->hashes || (q->n_stop && !r->stop)) {
+        req_free(r);
+        return st != PD_OK ? st : PD_ERR_NOMEM;
+    }
+    memcpy(r->tokens, q->prompt, (size_t)q->n_prompt * sizeof *r->tokens);
+    if (q->n_stop)
+        memcpy(r->stop, q->stop_ids, (size_t)q->n_stop * sizeof *r->stop);
+    r->n_stop = q->n_stop;
+    r->n_prompt = r->n_tokens = q->n_prompt;
+    r->max_tokens = q->max_tokens;
+    r->ignore_eos = q->ignore_eos;
+    r->on_token = q->on_token;
+    r->on_finish = q->on_finish;
+    r->user = q->user;
+    r->slot = -1;
+    r->logit = -1;
+    r->id = ++e->next_id;
+    r->arrival_s = pd_engine_now(e);
+    list_push(&e->waiting, r, false);
+    if (id_p)
+        *id_p = r->id;
+    return PD_OK;
+}
+
+/* Releases the request's blocks and slot; it stays on the running list. */
+static void drop_blocks(pd_engine_t *e, req_t *r)
+{
+    if (r->slot < 0)
+        return;
+    pd_kv_pool_release(e->kv, e->tables + (size_t)r->slot * (size_t)e->max_blocks,
+                       r->n_blocks);
+    r->n_blocks = 0;
+    r->n_committed = 0;
+    r->n_computed = 0;
+    e->free_slots[e->n_free_slots++] = r->slot;
+    r->slot = -1;
+}
+
+static void finish(pd_engine_t *e, req_t *r, pd_engine_finish_t why, pd_status_t st)
+{
+    drop_blocks(e, r);
+    list_remove(r->running ? &e->running : &e->waiting, r);
+    pd_engine_result_t res = {.id = r->id,
+                              .finish = why,
+                              .status = st,
+                              .ids = r->tokens + r->n_prompt,
+                              .n_gen = r->n_tokens - r->n_prompt,
+                              .n_prompt = r->n_prompt,
+                              .cached_tokens = r->cached_tokens,
+                              .preemptions = r->preemptions,
+                              .arrival_s = r->arrival_s,
+                              .first_token_s = r->first_token_s,
+                              .finish_s = pd_engine_now(e)};
+    if (r->on_finish)
+        r->on_finish(r->user, &res);
+    req_free(r);
+}
+
+static req_t *find_req(pd_engine_t *e, uint64_t id)
+{
+    req_list_t *lists[2] = {&e->running, &e->waiting};
+    for (int i = 0; i < 2; i++)
+        for (req_t *r = lists[i]->head; r; r = r->next)
+            if (r->id == id)
+                return r;
+    return NULL;
+}
+
+pd_status_t pd_engine_cancel(pd_engine_t *e, uint64_t id)
+{
+    req_t *r = find_req(e, id);
+    if (!r || r->cancelled)
+        return PD_ERR_NOT_FOUND;
+    if (e->in_step) {
+        r->cancelled = true; /* finished once the step's batch is done */
+        return PD_OK;
+    }
+    finish(e, r, PD_ENGINE_FINISH_CANCELLED, PD_OK);
+    return PD_OK;
+}
+
+int32_t pd_engine_n_pending(const pd_engine_t *e)
+{
+    return e->waiting.n + e->running.n;
+}
+
+int32_t pd_engine_n_running(const pd_engine_t *e)
+{
+    return e->running.n;
+}
+
+pd_engine_stats_t pd_engine_stats(const pd_engine_t *e)
+{
+    return e->stats;
+}
+
+pd_kv_pool_t *pd_engine_kv(pd_engine_t *e)
+{
+    return e->kv;
+}
+
+int32_t pd_engine_max_seq_len(const pd_engine_t *e)
+{
+    return e->max_len;
+}
+
+/* ---- scheduling -------------------------------------------------------------------- */
+
+static int32_t *row_of(pd_engine_t *e, const req_t *r)
+{
+    return e->tables + (size_t)r->slot * (size_t)e->max_blocks;
+}
+
+/* The chained hash of full block b of r's tokens (computing the chain up to it). */
+static const pd_kv_hash_t *block_hash(pd_engine_t *e, req_t *r, int32_t b)
+{
+    for (; r->n_hashed <= b; r->n_hashed++) {
+        int32_t i = r->n_hashed;
+        r->hashes[i] = pd_kv_hash_block(e->kv, i ? &r->hashes[i - 1] : NULL,
+                                        r->tokens + (size_t)i * (size_t)e->bs);
+    }
+    return &r->hashes[b];
+}
+
+/* Blocks so that r holds positions below upto; false (nothing taken) if the pool is
+ * short. */
+static bool grow(pd_engine_t *e, req_t *r, int32_t upto)
+{
+    int32_t need = (upto + e->bs - 1) / e->bs - r->n_blocks;
+    if (need <= 0)
+        return true;
+    if (pd_kv_pool_alloc(e->kv, need, row_of(e, r) + r->n_blocks) != PD_OK)
+        return false;
+    r->n_blocks += need;
+    return true;
+}
+
+static void preempt(pd_engine_t *e, req_t *r)
+{
+    drop_blocks(e, r);
+    list_remove(&e->running, r);
+    r->running = false;
+    r->preemptions++;
+    e->stats.preemptions++;
+    list_push(&e->waiting, r, true);
+}
+
+/* Takes the longest cached prefix of r's tokens (leaving at least one to compute). */
+static void take_prefix(pd_engine_t *e, req_t *r)
+{
+    int32_t *row = row_of(e, r);
+    int32_t n_full = (r->n_tokens - 1) / e->bs;
+    int32_t b = 0;
+    for (; b < n_full; b++) {
+        const pd_kv_hash_t *h = block_hash(e, r, b);
+        int32_t id = pd_kv_pool_lookup(e->kv, *h, b ? &r->hashes[b - 1] : NULL,
+                                       r->tokens + (size_t)b * (size_t)e->bs);
+        if (id < 0)
+            break;
+        row[b] = id;
+    }
+    r->n_blocks = r->n_committed = b;
+    r->n_computed = b * e->bs;
+}
+
+static void schedule(pd_engine_t *e, req_t *r, int32_t n, int32_t *budget)
+{
+    r->sched = n;
+    r->logit = -1;
+    e->sched[e->n_sched++] = r;
+    *budget -= n;
+}
+
+/* Fills e->sched; returns the tokens scheduled. */
+static int32_t schedule_step(pd_engine_t *e)
+{
+    int32_t budget = e->max_T;
+    bool preempted = false;
+    e->n_sched = 0;
+    for (req_t *r = e->running.head, *next; r && budget > 0; r = next) {
+        next = r->next;
+        int32_t n = r->n_tokens - r->n_computed;
+        n = n < budget ? n : budget;
+        bool self = false;
+        while (!grow(e, r, r->n_computed + n)) {
+            req_t *victim = e->running.tail;
+            preempted = true;
+            if (victim == r) {
+                self = true;
+                break;
+            }
+            if (victim == next)
+                next = NULL; /* it was the last one after r */
+            preempt(e, victim);
+        }
+        if (self) {
+            preempt(e, r);
+            break;
+        }
+        schedule(e, r, n, &budget);
+    }
+    while (!preempted && e->waiting.head && e->running.n < e->max_seqs && budget > 0) {
+        req_t *r = e->waiting.head;
+        r->slot = e->free_slots[--e->n_free_slots];
+        if (e->prefix_cache)
+            take_prefix(e, r);
+        int32_t n = r->n_tokens - r->n_computed;
+        n = n < budget ? n : budget;
+        if (!grow(e, r, r->n_computed + n)) {
+            drop_blocks(e, r); /* the prefix it took, and its slot */
+            break;
+        }
+        if (!r->started) {
+            r->started = true;
+            r->cached_tokens = r->n_computed;
+            e->stats.cached_tokens += r->n_computed;
+            e->stats.query_tokens += r->n_prompt;
+        }
+        list_remove(&e->waiting, r);
+        list_push(&e->running, r, false);
+        r->running = true;
+        schedule(e, r, n, &budget);
+    }
+    return e->max_T - budget;
+}
+
+/* ---- a step ------------------------------------------------------------------------ */
+
+static bool is_stop(const pd_engine_t *e, const req_t *r, int32_t tok)
+{
+    if (!r->ignore_eos && tok >= 0 && (tok == e->eos || tok == e->bos))
+        return true;
+    for (int32_t i = 0; i < r->n_stop; i++)
+        if (r->stop[i] == tok)
+            return true;
+    return false;
+}
+
+/* After the forward pass: commits full blocks, samples, finishes. */
+static void advance(pd_engine_t *e, req_t *r, const float *logits)
+{
+    int32_t prompt_part = r->n_prompt - r->n_computed;
+    e->stats.prompt_tokens += prompt_part < 0 ? 0 : prompt_part < r->sched ? prompt_part
+                                                                            : r->sched;
+    r->n_computed += r->sched;
+    if (e->prefix_cache) {
+        int32_t *row = row_of(e, r);
+        for (int32_t b = r->n_committed; b < r->n_computed / e->bs; b++) {
+            const pd_kv_hash_t *h = block_hash(e, r, b);
+            pd_kv_pool_commit(e->kv, row[b], *h, b ? &r->hashes[b - 1] : NULL,
+                              r->tokens + (size_t)b * (size_t)e->bs);
+            r->n_committed = b + 1;
+        }
+    }
+    if (r->logit < 0 || r->cancelled)
+        return;
+    int32_t tok = pd_sampler_sample(r->sampler, logits + (size_t)r->logit *
+                                                             (size_t)e->cfg.vocab_size);
+    r->tokens[r->n_tokens++] = tok;
+    e->stats.gen_tokens++;
+    if (r->n_tokens == r->n_prompt + 1 && !r->first_token_s)
+        r->first_token_s = pd_engine_now(e);
+    if (r->on_token)
+        r->on_token(r->user, r->id, tok);
+    if (is_stop(e, r, tok))
+        finish(e, r, PD_ENGINE_FINISH_STOP, PD_OK);
+    else if (r->n_tokens >= r->cap)
+        finish(e, r, PD_ENGINE_FINISH_LENGTH, PD_OK);
+}
+
+pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
+{
+    if (n_seqs_p)
+        *n_seqs_p = 0;
+    if (e->in_step) {
+        PD_LOG_ERROR("pd_engine_step called from an engine callback");
+        return PD_ERR_INVALID;
+    }
+    if (!e->waiting.head && !e->running.head)
+        return PD_OK;
+    e->in_step = true;
+    int32_t T = schedule_step(e);
+    if (e->n_sched == 0) {
+        /* cannot happen: an idle pool fits any accepted request */
+        req_t *r = e->waiting.head;
+        PD_LOG_ERROR("engine: nothing schedulable (request %llu needs more than the "
+                     "pool)",
+                     (unsigned long long)(r ? r->id : 0));
+        e->in_step = false;
+        if (r)
+            finish(e, r, PD_ENGINE_FINISH_ERROR, PD_ERR_INTERNAL);
+        return PD_ERR_INTERNAL;
+    }
+    int32_t t = 0, n_out = 0;
+    for (int32_t i = 0; i < e->n_sched; i++) {
+        req_t *r = e->sched[i];
+        for (int32_t j = 0; j < r->sched; j++, t++) {
+            e->ids[t] = r->tokens[r->n_computed + j];
+            e->pos[t] = r->n_computed + j;
+            e->seq[t] = r->slot;
+        }
+        if (r->n_computed + r->sched == r->n_tokens) {
+            r->logit = n_out;
+            e->out_rows[n_out++] = t - 1;
+        }
+    }
+    pd_llm_batch_t b = {.T = T,
+                        .ids = e->ids,
+                        .pos = e->pos,
+                        .seq = e->seq,
+                        .n_seqs = e->max_seqs,
+                        .bt_stride = e->max_blocks,
+                        .block_tables = e->tables,
+                        .out_rows = e->out_rows,
+                        .n_out = n_out};
+    double t0 = pd_engine_now(e);
+    const float *logits = NULL;
+    pd_status_t st = pd_llm_forward_batch(e->llm, e->kv, &b, &logits);
+    double t1 = pd_engine_now(e);
+    e->stats.forward_s += t1 - t0;
+    e->stats.steps++;
+    e->stats.seqs_in_steps += e->n_sched;
+    if (e->n_sched > e->stats.max_batch_seqs)
+        e->stats.max_batch_seqs = e->n_sched;
+    int h = 0;
+    while (h < 7 && (2 << h) <= e->n_sched)
+        h++;
+    e->stats.hist[h]++;
+    int32_t n_sched = e->n_sched;
+    for (int32_t i = 0; i < n_sched; i++) {
+        req_t *r = e->sched[i];
+        if (st != PD_OK)
+            finish(e, r, PD_ENGINE_FINISH_ERROR, st);
+        else
+            advance(e, r, logits);
+    }
+    e->stats.sample_s += pd_engine_now(e) - t1;
+    e->in_step = false;
+    /* cancellations from callbacks */
+    req_list_t *lists[2] = {&e->running, &e->waiting};
+    for (int i = 0; i < 2; i++)
+        for (req_t *r = lists[i]->head, *next; r; r = next) {
+            next = r->next;
+            if (r->cancelled)
+                finish(e, r, PD_ENGINE_FINISH_CANCELLED, PD_OK);
+        }
+    if (n_seqs_p)
+        *n_seqs_p = n_sched;
+    return st;
+}

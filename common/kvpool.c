@@ -1,0 +1,339 @@
+/* kvpool.c - see kvpool.h. The free list is doubly linked through two index arrays;
+ * the prefix cache is a chained hash table through a third, with buckets sized for
+ * every block, so nothing is allocated after pd_kv_pool_new. */
+#include "common/kvpool.h"
+
+#include <stdlib.h>
+#include <string.h>
+#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack, not allocated */
+#include <xxhash.h>
+
+#include "common/log.h"
+
+struct pd_kv_pool {
+    int32_t n_blocks, block_size, n_layers;
+    int64_t row_elems;
+    pd_dtype_t dtype;
+    size_t es, layer_bytes;
+    uint8_t *k, *v; /* [n_layers][n_blocks][block_size][row_elems] */
+
+    int32_t *ref;
+    /* free list: unreferenced blocks, reused from the head */
+    int32_t *prev, *next, head, tail, n_free;
+    /* prefix cache */
+    uint8_t *committed, *has_parent;
+    pd_kv_hash_t *hash, *parent;
+    int32_t *tokens; /* [n_blocks][block_size] */
+    int32_t *bucket, *chain;
+    uint32_t bucket_mask;
+    pd_kv_pool_stats_t stats;
+};
+
+pd_dtype_t pd_kv_auto_dtype(const pd_model_t *model)
+{
+    return strcmp(pd_model_dtype_name(model), "f32") == 0 ? PD_DTYPE_F32 : PD_DTYPE_F16;
+}
+
+static void list_unlink(pd_kv_pool_t *p, int32_t b)
+{
+    if (p->prev[b] >= 0)
+        p->next[p->prev[b]] = p->next[b];
+    else
+        p->head = p->next[b];
+    if (p->next[b] >= 0)
+        p->prev[p->next[b]] = p->prev[b];
+    else
+        p->tail = p->prev[b];
+    p->prev[b] = p->next[b] = -1;
+    p->n_free--;
+}
+
+static void list_push(pd_kv_pool_t *p, int32_t b, bool front)
+{
+    if (front) {
+        p->prev[b] = -1;
+        p->next[b] = p->head;
+        if (p->head >= 0)
+            p->prev[p->head] = b;
+        else
+            p->tail = b;
+        p->head = b;
+    } else {
+        p->next[b] = -1;
+        p->prev[b] = p->tail;
+        if (p->tail >= 0)
+            p->next[p->tail] = b;
+        else
+            p->head = b;
+        p->tail = b;
+    }
+    p->n_free++;
+}
+
+static void free_all(pd_kv_pool_t *p)
+{
+    void *bufs[] = {p->k,         p->v,    p->ref,    p->prev,  p->next,
+                    p->committed, p->hash, p->parent, p->tokens, p->bucket,
+                    p->chain,     p->has_parent};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        free(bufs[i]);
+    free(p);
+}
+
+pd_status_t pd_kv_pool_new(const pd_model_t *model, const pd_kv_pool_opts_t *opts,
+                           pd_kv_pool_t **pool_p)
+{
+    const pd_model_config_t *c = pd_model_config(model);
+    pd_kv_type_t kt = opts ? opts->kv_type : PD_KV_AUTO;
+    if (kt != PD_KV_AUTO && kt != PD_KV_F32 && kt != PD_KV_F16) {
+        PD_LOG_ERROR("unknown kv cache type %d", (int)kt);
+        return PD_ERR_INVALID;
+    }
+    pd_kv_pool_t *p = calloc(1, sizeof *p);
+    if (!p)
+        return PD_ERR_NOMEM;
+    p->block_size = opts && opts->block_size > 0 ? opts->block_size : 16;
+    p->n_layers = c->n_layers;
+    p->row_elems = (int64_t)c->n_kv_heads * c->head_dim;
+    p->dtype = kt == PD_KV_F32   ? PD_DTYPE_F32
+               : kt == PD_KV_F16 ? PD_DTYPE_F16
+                                 : pd_kv_auto_dtype(model);
+    p->es = p->dtype == PD_DTYPE_F16 ? 2 : 4;
+    size_t block_bytes = 2 * (size_t)p->n_layers * (size_t)p->block_size *
+                         (size_t)p->row_elems * p->es;
+    int64_t n = opts && opts->n_blocks > 0 ? opts->n_blocks
+                : opts && opts->memory_bytes > 0
+                    ? opts->memory_bytes / (int64_t)block_bytes
+                    : 0;
+    if (n < 1 || n > INT32_MAX / 2 || (int64_t)p->block_size * n > INT32_MAX) {
+        PD_LOG_ERROR("kv cache budget of %lld bytes holds %lld blocks: one block of %d "
+                     "positions needs %zu bytes (at most %d blocks)",
+                     (long long)(opts ? opts->memory_bytes : 0), (long long)n,
+                     p->block_size, block_bytes, INT32_MAX / 2);
+        free(p);
+        return PD_ERR_INVALID;
+    }
+    p->n_blocks = (int32_t)n;
+    size_t nb = (size_t)n;
+    p->layer_bytes = nb * block_bytes / 2 / (size_t)p->n_layers;
+    size_t cache = p->layer_bytes * (size_t)p->n_layers;
+    uint32_t buckets = 16;
+    while (buckets < 2 * nb)
+        buckets *= 2;
+    p->bucket_mask = buckets - 1;
+    p->k = aligned_alloc(64, (cache + 63) / 64 * 64);
+    p->v = aligned_alloc(64, (cache + 63) / 64 * 64);
+    p->ref = calloc(nb, sizeof *p->ref);
+    p->prev = malloc(nb * sizeof *p->prev);
+    p->next = malloc(nb * sizeof *p->next);
+    p->committed = calloc(nb, 1);
+    p->has_parent = calloc(nb, 1);
+    p->hash = calloc(nb, sizeof *p->hash);
+    p->parent = calloc(nb, sizeof *p->parent);
+    p->tokens = calloc(nb * (size_t)p->block_size, sizeof *p->tokens);
+    p->bucket = malloc(buckets * sizeof *p->bucket);
+    p->chain = malloc(nb * sizeof *p->chain);
+    if (!p->k || !p->v || !p->ref || !p->prev || !p->next || !p->committed ||
+        !p->has_parent || !p->hash || !p->parent || !p->tokens || !p->bucket ||
+        !p->chain) {
+        PD_LOG_ERROR("cannot allocate a kv cache of %d blocks (%zu bytes)", p->n_blocks,
+                     2 * cache);
+        free_all(p);
+        return PD_ERR_NOMEM;
+    }
+    p->head = p->tail = -1;
+    for (int32_t b = 0; b < p->n_blocks; b++)
+        list_push(p, b, false);
+    for (uint32_t i = 0; i < buckets; i++)
+        p->bucket[i] = -1;
+    *pool_p = p;
+    return PD_OK;
+}
+
+void pd_kv_pool_destroy(pd_kv_pool_t **pool_p)
+{
+    if (!pool_p || !*pool_p)
+        return;
+    free_all(*pool_p);
+    *pool_p = NULL;
+}
+
+int32_t pd_kv_pool_n_blocks(const pd_kv_pool_t *p)
+{
+    return p->n_blocks;
+}
+
+int32_t pd_kv_pool_block_size(const pd_kv_pool_t *p)
+{
+    return p->block_size;
+}
+
+int32_t pd_kv_pool_n_free(const pd_kv_pool_t *p)
+{
+    return p->n_free;
+}
+
+pd_dtype_t pd_kv_pool_dtype(const pd_kv_pool_t *p)
+{
+    return p->dtype;
+}
+
+size_t pd_kv_pool_block_bytes(const pd_kv_pool_t *p)
+{
+    return 2 * (size_t)p->n_layers * (size_t)p->block_size * (size_t)p->row_elems * p->es;
+}
+
+void *pd_kv_pool_k(pd_kv_pool_t *p, int layer)
+{
+    return p->k + (size_t)layer * p->layer_bytes;
+}
+
+void *pd_kv_pool_v(pd_kv_pool_t *p, int layer)
+{
+    return p->v + (size_t)layer * p->layer_bytes;
+}
+
+int64_t pd_kv_pool_row_elems(const pd_kv_pool_t *p)
+{
+    return p->row_elems;
+}
+
+pd_kv_pool_stats_t pd_kv_pool_stats(const pd_kv_pool_t *p)
+{
+    return p->stats;
+}
+
+/* ---- prefix cache ------------------------------------------------------------------ */
+
+static uint32_t bucket_of(const pd_kv_pool_t *p, pd_kv_hash_t h)
+{
+    return (uint32_t)h.lo & p->bucket_mask;
+}
+
+static void uncommit(pd_kv_pool_t *p, int32_t b)
+{
+    int32_t *link = &p->bucket[bucket_of(p, p->hash[b])];
+    while (*link >= 0 && *link != b)
+        link = &p->chain[*link];
+    if (*link == b)
+        *link = p->chain[b];
+    p->committed[b] = 0;
+}
+
+static bool same_hash(pd_kv_hash_t a, pd_kv_hash_t b)
+{
+    return a.lo == b.lo && a.hi == b.hi;
+}
+
+static int32_t find(const pd_kv_pool_t *p, pd_kv_hash_t hash, const pd_kv_hash_t *parent,
+                    const int32_t *tokens)
+{
+    for (int32_t b = p->bucket[bucket_of(p, hash)]; b >= 0; b = p->chain[b]) {
+        if (!same_hash(p->hash[b], hash) || p->has_parent[b] != (parent != NULL))
+            continue;
+        if (parent && !same_hash(p->parent[b], *parent))
+            continue;
+        if (memcmp(p->tokens + (size_t)b * (size_t)p->block_size, tokens,
+                   (size_t)p->block_size * sizeof *tokens) == 0)
+            return b;
+    }
+    return -1;
+}
+
+pd_kv_hash_t pd_kv_hash_block(const pd_kv_pool_t *p, const pd_kv_hash_t *parent,
+                              const int32_t *tokens)
+{
+    XXH3_state_t st;
+    XXH3_INITSTATE(&st);
+    XXH3_128bits_reset(&st);
+    uint64_t pre[2] = {parent ? parent->lo : 0, parent ? parent->hi : 0};
+    uint8_t tag = parent != NULL;
+    XXH3_128bits_update(&st, &tag, 1);
+    XXH3_128bits_update(&st, pre, sizeof pre);
+    XXH3_128bits_update(&st, tokens, (size_t)p->block_size * sizeof *tokens);
+    XXH128_hash_t h = XXH3_128bits_digest(&st);
+    return (pd_kv_hash_t){h.low64, h.high64};
+}
+
+int32_t pd_kv_pool_lookup(pd_kv_pool_t *p, pd_kv_hash_t hash, const pd_kv_hash_t *parent,
+                          const int32_t *tokens)
+{
+    p->stats.lookups++;
+    int32_t b = find(p, hash, parent, tokens);
+    if (b < 0)
+        return -1;
+    p->stats.hits++;
+    if (p->ref[b] == 0)
+        list_unlink(p, b);
+    p->ref[b]++;
+    return b;
+}
+
+void pd_kv_pool_commit(pd_kv_pool_t *p, int32_t id, pd_kv_hash_t hash,
+                       const pd_kv_hash_t *parent, const int32_t *tokens)
+{
+    if (id < 0 || id >= p->n_blocks || p->ref[id] < 1) {
+        PD_LOG_ERROR("kv pool: commit of block %d, which is not held", id);
+        return;
+    }
+    if (p->committed[id] || find(p, hash, parent, tokens) >= 0)
+        return;
+    p->committed[id] = 1;
+    p->hash[id] = hash;
+    p->has_parent[id] = parent != NULL;
+    p->parent[id] = parent ? *parent : (pd_kv_hash_t){0, 0};
+    memcpy(p->tokens + (size_t)id * (size_t)p->block_size, tokens,
+           (size_t)p->block_size * sizeof *tokens);
+    uint32_t bk = bucket_of(p, hash);
+    p->chain[id] = p->bucket[bk];
+    p->bucket[bk] = id;
+}
+
+void pd_kv_pool_clear_cache(pd_kv_pool_t *p)
+{
+    for (int32_t b = 0; b < p->n_blocks; b++)
+        if (p->committed[b] && p->ref[b] == 0)
+            uncommit(p, b);
+}
+
+/* ---- allocation -------------------------------------------------------------------- */
+
+pd_status_t pd_kv_pool_alloc(pd_kv_pool_t *p, int32_t n, int32_t *out)
+{
+    if (n < 0 || n > p->n_free)
+        return PD_ERR_NOMEM;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t b = p->head;
+        list_unlink(p, b);
+        if (p->committed[b]) {
+            uncommit(p, b);
+            p->stats.evictions++;
+        }
+        p->ref[b] = 1;
+        out[i] = b;
+    }
+    return PD_OK;
+}
+
+void pd_kv_pool_retain(pd_kv_pool_t *p, int32_t id)
+{
+    if (id < 0 || id >= p->n_blocks || p->ref[id] < 1) {
+        PD_LOG_ERROR("kv pool: retain of block %d, which is not held", id);
+        return;
+    }
+    p->ref[id]++;
+}
+
+void pd_kv_pool_release(pd_kv_pool_t *p, const int32_t *ids, int32_t n)
+{
+    /* from the tail: committed blocks queue tail first, so heads are evicted last */
+    for (int32_t i = n - 1; i >= 0; i--) {
+        int32_t b = ids[i];
+        if (b < 0 || b >= p->n_blocks || p->ref[b] < 1) {
+            PD_LOG_ERROR("kv pool: release of block %d, which is not held", b);
+            continue;
+        }
+        if (--p->ref[b] == 0)
+            list_push(p, b, !p->committed[b]);
+    }
+}

@@ -1,0 +1,439 @@
+/* test_engine.c - the batching engine on a real model (stories260K): outputs equal
+ * the single-sequence loop's (pd_generate) whatever the batch, the arrivals, the
+ * preemptions and the prefix-cache hits, greedy and sampled; chunked prefill keeps
+ * decodes going; cancellation releases blocks at once (also from a callback); bad
+ * requests are refused at add; the pool ends every test with all blocks free; and a
+ * step allocates nothing. */
+#include <check.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/engine.h"
+#include "common/generate.h"
+#include "common/log.h"
+#include "common/model.h"
+#include "common/rng.h"
+#include "support/alloc_count.h"
+#include "support/pdcheck.h"
+
+static pd_model_t *model;
+static pd_kernels_t *kern;
+
+static void setup(void)
+{
+    pd_test_log_setup();
+    ck_assert_int_eq(pd_model_open(pd_test_model_path("stories260K.gguf"), NULL, &model),
+                     PD_OK);
+    ck_assert_int_eq(pd_kernels_cpu_new(2, NULL, &kern), PD_OK);
+}
+
+static void teardown(void)
+{
+    pd_kernels_destroy(&kern);
+    pd_model_destroy(&model);
+}
+
+#define MAX_REQ 80
+#define MAX_GEN 160
+
+typedef struct out {
+    int32_t ids[MAX_GEN + 1];
+    int32_t n, n_tokens_cb;
+    bool done;
+    pd_engine_result_t res;
+} out_t;
+
+static void on_token(void *user, uint64_t id, int32_t tok)
+{
+    (void)id;
+    out_t *o = user;
+    o->n_tokens_cb += tok >= 0;
+}
+
+static void on_finish(void *user, const pd_engine_result_t *r)
+{
+    out_t *o = user;
+    ck_assert(!o->done); /* exactly once */
+    o->done = true;
+    o->res = *r;
+    o->n = r->n_gen;
+    memcpy(o->ids, r->ids, (size_t)r->n_gen * sizeof *o->ids);
+}
+
+typedef struct req_spec {
+    int32_t prompt[64];
+    int32_t n_prompt, max_tokens;
+    pd_sampler_params_t sp;
+    int arrival; /* step */
+} req_spec_t;
+
+/* The reference: pd_generate alone. */
+static int32_t reference(const req_spec_t *q, int32_t *ids)
+{
+    pd_llm_t *llm = NULL;
+    pd_sampler_t *s = NULL;
+    pd_llm_opts_t lo = {.max_ctx = 512, .max_batch_tokens = 64};
+    ck_assert_int_eq(pd_llm_new(model, kern, &lo, &llm), PD_OK);
+    ck_assert_int_eq(pd_sampler_new(pd_model_config(model)->vocab_size, &q->sp, &s),
+                     PD_OK);
+    pd_gen_opts_t go = {.max_tokens = q->max_tokens, .ignore_eos = true};
+    pd_gen_stats_t st;
+    ck_assert_int_eq(
+        pd_generate(llm, s, q->prompt, q->n_prompt, 2, 1, &go, NULL, NULL, ids, &st),
+        PD_OK);
+    pd_sampler_destroy(&s);
+    pd_llm_destroy(&llm);
+    return st.n_gen;
+}
+
+/* Random requests: prompts from a few shared stems (so prefixes repeat) plus random
+ * tails; every third one sampled. */
+static void make_specs(pd_rng_t *rng, req_spec_t *q, int n, int max_arrival)
+{
+    int32_t stem[48];
+    for (int i = 0; i < 48; i++)
+        stem[i] = 3 + (int32_t)(pd_rng_next(rng) % 500);
+    for (int r = 0; r < n; r++) {
+        req_spec_t *x = &q[r];
+        memset(x, 0, sizeof *x);
+        x->prompt[0] = 1;
+        int shared = (int)(pd_rng_next(rng) % 48);
+        int tail = 1 + (int)(pd_rng_next(rng) % 12);
+        memcpy(x->prompt + 1, stem, (size_t)shared * sizeof(int32_t));
+        for (int i = 0; i < tail; i++)
+            x->prompt[1 + shared + i] = 3 + (int32_t)(pd_rng_next(rng) % 500);
+        x->n_prompt = 1 + shared + tail;
+        x->max_tokens = 8 + (int32_t)(pd_rng_next(rng) % 64);
+        x->sp = pd_sampler_params_default();
+        if (r % 3 == 2) {
+            x->sp.temperature = 0.9f;
+            x->sp.top_p = 0.95f;
+        }
+        x->sp.seed = 1000 + (uint64_t)r;
+        x->arrival = (int)(pd_rng_next(rng) % ((uint64_t)max_arrival + 1));
+    }
+}
+
+/* Runs the specs through one engine; returns the preemptions seen. */
+static int64_t run_engine(const pd_engine_opts_t *eo, const req_spec_t *q, int n,
+                          out_t *outs)
+{
+    pd_engine_t *e = NULL;
+    ck_assert_int_eq(pd_engine_new(model, kern, eo, &e), PD_OK);
+    int32_t free0 = pd_kv_pool_n_free(pd_engine_kv(e));
+    int added = 0;
+    for (int step = 0; step < 100000 && (added < n || pd_engine_n_pending(e)); step++) {
+        for (int r = 0; r < n; r++)
+            if (q[r].arrival == step || (step == 0 && q[r].arrival < 0)) {
+                pd_engine_request_t rq = {.prompt = q[r].prompt,
+                                          .n_prompt = q[r].n_prompt,
+                                          .max_tokens = q[r].max_tokens,
+                                          .ignore_eos = true,
+                                          .sampling = q[r].sp,
+                                          .on_token = on_token,
+                                          .on_finish = on_finish,
+                                          .user = &outs[r]};
+                ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
+                added++;
+            }
+        ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+    }
+    ck_assert_int_eq(added, n);
+    ck_assert_int_eq(pd_engine_n_pending(e), 0);
+    ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), free0);
+    int64_t pre = pd_engine_stats(e).preemptions;
+    pd_engine_destroy(&e);
+    return pre;
+}
+
+static void check_against_reference(const req_spec_t *q, int n, const out_t *outs)
+{
+    int32_t ref[MAX_GEN + 1];
+    for (int r = 0; r < n; r++) {
+        ck_assert_msg(outs[r].done, "request %d never finished", r);
+        int32_t nr = reference(&q[r], ref);
+        ck_assert_int_eq(outs[r].n, nr);
+        ck_assert_int_eq(outs[r].n_tokens_cb, nr);
+        for (int32_t i = 0; i < nr; i++)
+            ck_assert_msg(outs[r].ids[i] == ref[i],
+                          "request %d (%s) token %d: %d batched, %d alone", r,
+                          q[r].sp.temperature > 0 ? "sampled" : "greedy", i,
+                          outs[r].ids[i], ref[i]);
+        ck_assert_int_eq(outs[r].res.finish, PD_ENGINE_FINISH_LENGTH);
+    }
+}
+
+START_TEST(batched_equals_alone)
+{
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 7);
+    static req_spec_t q[MAX_REQ];
+    static out_t outs[MAX_REQ];
+    int sizes[3] = {2, 16, 64};
+    for (int k = 0; k < 3; k++) {
+        make_specs(&rng, q, sizes[k], 40);
+        memset(outs, 0, sizeof outs);
+        pd_engine_opts_t eo = {.max_num_seqs = 64, .max_batch_tokens = 96, .eos = 2,
+                               .bos = 1};
+        run_engine(&eo, q, sizes[k], outs);
+        check_against_reference(q, sizes[k], outs);
+    }
+}
+END_TEST
+
+START_TEST(preemption_keeps_outputs)
+{
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 11);
+    static req_spec_t q[24];
+    static out_t outs[24];
+    make_specs(&rng, q, 24, 10);
+    /* 12 blocks of 8: 96 positions for 24 requests of up to 60 + 72 */
+    pd_engine_opts_t eo = {.max_num_seqs = 16,
+                           .max_batch_tokens = 32,
+                           .kv_blocks = 18,
+                           .block_size = 8,
+                           .eos = 2,
+                           .bos = 1};
+    int64_t pre = run_engine(&eo, q, 24, outs);
+    ck_assert_int_gt(pre, 0);
+    int with = 0;
+    for (int r = 0; r < 24; r++)
+        with += outs[r].res.preemptions > 0;
+    ck_assert_int_gt(with, 0);
+    check_against_reference(q, 24, outs);
+    /* and with the prefix cache off */
+    memset(outs, 0, sizeof outs);
+    eo.no_prefix_cache = true;
+    ck_assert_int_gt(run_engine(&eo, q, 24, outs), 0);
+    check_against_reference(q, 24, outs);
+}
+END_TEST
+
+START_TEST(prefix_cache_hit_and_stats)
+{
+    static req_spec_t q[2];
+    static out_t outs[2];
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 3);
+    make_specs(&rng, q, 1, 0);
+    q[0].n_prompt = 40; /* 2 full blocks of 16 */
+    for (int i = 1; i < 40; i++)
+        q[0].prompt[i] = 3 + i;
+    q[0].max_tokens = 5;
+    q[0].arrival = 0;
+    q[1] = q[0];
+    q[1].arrival = 20; /* after the first finished */
+    pd_engine_opts_t eo = {.max_num_seqs = 4, .eos = 2, .bos = 1};
+    run_engine(&eo, q, 2, outs);
+    ck_assert_int_eq(outs[0].res.cached_tokens, 0);
+    ck_assert_int_eq(outs[1].res.cached_tokens, 32);
+    check_against_reference(q, 2, outs);
+}
+END_TEST
+
+/* A long prompt arriving while another request decodes is prefilled in chunks of
+ * the budget, and the decode gets its token every step meanwhile. */
+START_TEST(chunked_prefill_does_not_stall_decodes)
+{
+    pd_engine_t *e = NULL;
+    pd_engine_opts_t eo = {.max_num_seqs = 4, .max_batch_tokens = 8, .eos = 2, .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
+    static out_t a, b;
+    memset(&a, 0, sizeof a);
+    memset(&b, 0, sizeof b);
+    int32_t p1[3] = {1, 10, 20}, p2[60];
+    p2[0] = 1;
+    for (int i = 1; i < 60; i++)
+        p2[i] = 3 + i * 7 % 400;
+    pd_engine_request_t ra = {.prompt = p1, .n_prompt = 3, .max_tokens = 30,
+                              .ignore_eos = true, .sampling = pd_sampler_params_default(),
+                              .on_token = on_token, .on_finish = on_finish, .user = &a};
+    pd_engine_request_t rb = ra;
+    rb.prompt = p2;
+    rb.n_prompt = 60;
+    rb.user = &b;
+    ck_assert_int_eq(pd_engine_add(e, &ra, NULL), PD_OK);
+    ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK); /* a's prompt: first token */
+    ck_assert_int_eq(pd_engine_add(e, &rb, NULL), PD_OK);
+    for (int s = 0; s < 8; s++) { /* b needs 60 / 7 steps of prefill */
+        int32_t before = a.n_tokens_cb, n_seqs = 0;
+        ck_assert_int_eq(pd_engine_step(e, &n_seqs), PD_OK);
+        ck_assert_int_eq(a.n_tokens_cb, before + 1);
+        ck_assert_int_eq(n_seqs, 2);
+    }
+    ck_assert_int_eq(b.n_tokens_cb, 0); /* still prefilling: 8 steps x 7 tokens < 60 */
+    for (int s = 0; s < 200 && pd_engine_n_pending(e); s++)
+        ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+    ck_assert(a.done && b.done);
+    ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)),
+                     pd_kv_pool_n_blocks(pd_engine_kv(e)));
+    pd_engine_destroy(&e);
+}
+END_TEST
+
+typedef struct cancel_ctx {
+    pd_engine_t *e;
+    uint64_t victim;
+    int after;
+    out_t out;
+} cancel_ctx_t;
+
+static void cancel_on_token(void *user, uint64_t id, int32_t tok)
+{
+    cancel_ctx_t *c = user;
+    on_token(&c->out, id, tok);
+    if (c->out.n_tokens_cb == c->after)
+        ck_assert_int_eq(pd_engine_cancel(c->e, c->victim), PD_OK);
+}
+
+static void cancel_on_finish(void *user, const pd_engine_result_t *r)
+{
+    on_finish(&((cancel_ctx_t *)user)->out, r);
+}
+
+START_TEST(cancel_releases_blocks)
+{
+    pd_engine_t *e = NULL;
+    pd_engine_opts_t eo = {.max_num_seqs = 8, .eos = 2, .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
+    pd_kv_pool_t *kv = pd_engine_kv(e);
+    int32_t all = pd_kv_pool_n_blocks(kv);
+    int32_t p[40];
+    p[0] = 1;
+    for (int i = 1; i < 40; i++)
+        p[i] = 5 + i;
+    static cancel_ctx_t c1, c2;
+    memset(&c1, 0, sizeof c1);
+    memset(&c2, 0, sizeof c2);
+    pd_engine_request_t r = {.prompt = p, .n_prompt = 40, .max_tokens = 100,
+                             .ignore_eos = true, .sampling = pd_sampler_params_default(),
+                             .on_token = cancel_on_token, .on_finish = cancel_on_finish,
+                             .user = &c1};
+    uint64_t id1, id2, id3;
+    ck_assert_int_eq(pd_engine_add(e, &r, &id1), PD_OK);
+    r.user = &c2;
+    ck_assert_int_eq(pd_engine_add(e, &r, &id2), PD_OK);
+    /* c2 cancels itself from its own token callback after 5 tokens */
+    c1.e = c2.e = e;
+    c1.after = -1;
+    c2.victim = id2;
+    c2.after = 5;
+    for (int s = 0; s < 3; s++)
+        ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+    ck_assert_int_lt(pd_kv_pool_n_free(kv), all);
+    /* cancel outside a step: released at once, reported at once */
+    ck_assert_int_eq(pd_engine_cancel(e, id1), PD_OK);
+    ck_assert(c1.out.done);
+    ck_assert_int_eq(c1.out.res.finish, PD_ENGINE_FINISH_CANCELLED);
+    ck_assert_int_eq(pd_engine_cancel(e, id1), PD_ERR_NOT_FOUND);
+    for (int s = 0; s < 10 && pd_engine_n_pending(e); s++)
+        ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+    ck_assert(c2.out.done);
+    ck_assert_int_eq(c2.out.res.finish, PD_ENGINE_FINISH_CANCELLED);
+    ck_assert_int_eq(c2.out.n, 5);
+    ck_assert_int_eq(pd_kv_pool_n_free(kv), all);
+    /* a waiting request can be cancelled too */
+    r.on_token = on_token;
+    r.on_finish = on_finish;
+    static out_t o3;
+    memset(&o3, 0, sizeof o3);
+    r.user = &o3;
+    ck_assert_int_eq(pd_engine_add(e, &r, &id3), PD_OK);
+    ck_assert_int_eq(pd_engine_cancel(e, id3), PD_OK);
+    ck_assert(o3.done && o3.n == 0);
+    ck_assert_int_eq(pd_engine_n_pending(e), 0);
+    ck_assert_int_eq(pd_kv_pool_n_free(kv), all);
+    pd_engine_destroy(&e);
+}
+END_TEST
+
+START_TEST(bad_requests_refused)
+{
+    pd_engine_t *e = NULL;
+    /* 4 blocks of 16: the longest sequence is 64 tokens */
+    pd_engine_opts_t eo = {.max_num_seqs = 4, .kv_blocks = 4, .eos = 2, .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
+    ck_assert_int_eq(pd_engine_max_seq_len(e), 64);
+    int32_t p[70];
+    for (int i = 0; i < 70; i++)
+        p[i] = 1 + i;
+    static out_t o;
+    pd_engine_request_t r = {.prompt = p, .n_prompt = 64, .max_tokens = 4,
+                             .sampling = pd_sampler_params_default(),
+                             .on_finish = on_finish, .user = &o};
+    pd_test_n_errors = 0;
+    ck_assert_int_eq(pd_engine_add(e, &r, NULL), PD_ERR_RANGE); /* no room */
+    ck_assert_int_eq(pd_test_n_errors, 1);
+    ck_assert_ptr_nonnull(strstr(pd_test_last_error, "no room"));
+    r.n_prompt = 0;
+    ck_assert_int_eq(pd_engine_add(e, &r, NULL), PD_ERR_INVALID);
+    r.n_prompt = 3;
+    p[1] = 100000;
+    ck_assert_int_eq(pd_engine_add(e, &r, NULL), PD_ERR_RANGE);
+    p[1] = 2;
+    r.sampling.top_p = 2.0f;
+    ck_assert_int_eq(pd_engine_add(e, &r, NULL), PD_ERR_INVALID);
+    ck_assert_int_eq(pd_engine_n_pending(e), 0);
+    ck_assert(!o.done);
+    /* the longest allowed prompt runs, and stops at the pool's end */
+    r.sampling = pd_sampler_params_default();
+    r.n_prompt = 63;
+    r.max_tokens = 0;
+    r.ignore_eos = true;
+    ck_assert_int_eq(pd_engine_add(e, &r, NULL), PD_OK);
+    for (int s = 0; s < 20 && pd_engine_n_pending(e); s++)
+        ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+    ck_assert(o.done);
+    ck_assert_int_eq(o.res.finish, PD_ENGINE_FINISH_LENGTH);
+    ck_assert_int_eq(o.n, 2); /* positions 63 and (never computed) 64 */
+    ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), 4);
+    pd_engine_destroy(&e);
+}
+END_TEST
+
+/* ---- a step allocates nothing ---- */
+
+START_TEST(steps_allocate_nothing)
+{
+    pd_test_alloc_count_install();
+    pd_engine_t *e = NULL;
+    pd_engine_opts_t eo = {.max_num_seqs = 8, .max_batch_tokens = 32, .eos = 2,
+                           .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
+    int32_t p[20];
+    for (int i = 0; i < 20; i++)
+        p[i] = 1 + i * 3;
+    static out_t o[8];
+    memset(o, 0, sizeof o);
+    for (int r = 0; r < 8; r++) {
+        pd_engine_request_t rq = {.prompt = p, .n_prompt = 10 + r, .max_tokens = 120,
+                                  .ignore_eos = true,
+                                  .sampling = pd_sampler_params_default(),
+                                  .on_finish = on_finish, .user = &o[r]};
+        rq.sampling.temperature = 0.7f;
+        ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
+    }
+    for (int s = 0; s < 5; s++) /* warm-up: kernel scratch grows on first use */
+        ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+    long before = pd_test_allocs();
+    pd_status_t st = PD_OK;
+    for (int s = 0; s < 100 && st == PD_OK; s++)
+        st = pd_engine_step(e, NULL);
+    long used = pd_test_allocs() - before;
+    ck_assert_int_eq(st, PD_OK);
+    ck_assert_int_eq(pd_engine_n_running(e), 8);
+    ck_assert_int_eq(used, 0);
+    pd_engine_destroy(&e);
+}
+END_TEST
+
+int main(void)
+{
+    TCase *tc = pd_test_tcase("core", 600, setup, teardown);
+    PD_TEST_ADD(tc, batched_equals_alone, preemption_keeps_outputs,
+                prefix_cache_hit_and_stats, chunked_prefill_does_not_stall_decodes,
+                cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing);
+    return pd_test_run("engine", tc);
+}
