@@ -451,6 +451,12 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
             item_t *it = order[next];
             if (it->error[0])
                 continue;
+            if (it->max_tokens == 0) { /* as the one-prompt path: nothing to generate */
+                it->done = true;
+                it->res.finish = PD_ENGINE_FINISH_LENGTH;
+                it->res.n_prompt = it->n_prompt;
+                continue;
+            }
             pd_engine_request_t q = {.prompt = it->prompt_ids,
                                      .n_prompt = it->n_prompt,
                                      .max_tokens = it->max_tokens,
