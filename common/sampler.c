@@ -1,6 +1,7 @@
 /* sampler.c - see sampler.h. Candidates are (id, prob) pairs in scratch sized at
- * creation; top-k uses a partial selection so k << vocab costs O(vocab), and a full
- * sort happens only over the survivors of the cheap filters. One thread per sampler. */
+ * creation; top-k uses a partial selection so k << vocab costs O(vocab), and the
+ * survivors of the cheap filters are ordered only as far as top-p and the draw reach
+ * (a heap). One thread per sampler. */
 #include "common/sampler.h"
 
 #include <math.h>
@@ -95,37 +96,41 @@ static int cand_before(const cand_t *x, const cand_t *y)
     return x->p > y->p || (x->p == y->p && x->id < y->id);
 }
 
-/* Sorts c[0..n) by cand_before in place: a heap sort, because glibc's qsort may
- * allocate its merge buffer (and the sampler must not allocate per token); the
- * order is total, so any correct sort gives the same result. */
+/* A binary heap over c[0..n) with the candidate first in order (most likely, lowest
+ * id on ties) at the root. The draw below needs the candidates in that order only as
+ * far as the drawn mass reaches (usually a few), so it pops them one at a time:
+ * O(n + k log n) instead of sorting the whole vocabulary. No allocation (glibc's
+ * qsort may allocate a merge buffer). */
 static void sift_down(cand_t *c, int32_t i, int32_t n)
 {
     for (;;) {
-        int32_t l = 2 * i + 1, last = i;
-        /* a heap with the LAST candidate in order at the root */
-        if (l < n && cand_before(&c[last], &c[l]))
-            last = l;
-        if (l + 1 < n && cand_before(&c[last], &c[l + 1]))
-            last = l + 1;
-        if (last == i)
+        int32_t l = 2 * i + 1, first = i;
+        if (l < n && cand_before(&c[l], &c[first]))
+            first = l;
+        if (l + 1 < n && cand_before(&c[l + 1], &c[first]))
+            first = l + 1;
+        if (first == i)
             return;
         cand_t t = c[i];
-        c[i] = c[last];
-        c[last] = t;
-        i = last;
+        c[i] = c[first];
+        c[first] = t;
+        i = first;
     }
 }
 
-static void sort_cands(cand_t *c, int32_t n)
+static void heapify(cand_t *c, int32_t n)
 {
     for (int32_t i = n / 2 - 1; i >= 0; i--)
         sift_down(c, i, n);
-    for (int32_t end = n - 1; end > 0; end--) {
-        cand_t t = c[0];
-        c[0] = c[end];
-        c[end] = t;
-        sift_down(c, 0, end);
-    }
+}
+
+/* Moves the root of the heap c[0..n) to c[n - 1]; the heap is then c[0..n - 1). */
+static void heap_pop(cand_t *c, int32_t n)
+{
+    cand_t t = c[0];
+    c[0] = c[n - 1];
+    c[n - 1] = t;
+    sift_down(c, 0, n - 1);
 }
 
 /* Moves the k best candidates of c[0..n) to the front (unordered): quickselect. */
@@ -185,28 +190,34 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
                 s->cands[w++] = s->cands[i];
         m = w; /* the argmax has p == 1 and always survives */
     }
-    sort_cands(s->cands, m);
+    /* The total mass in candidate order; then the candidates in descending order,
+     * popped from a heap as far as the nucleus (top-p) and the draw need them: the
+     * i-th in order lands in c[m - 1 - i]. */
+    cand_t *c = s->cands;
     float total = 0.0f;
     for (int32_t i = 0; i < m; i++)
-        total += s->cands[i].p;
+        total += c[i].p;
+    heapify(c, m);
+    int32_t popped = 0, n_draw = m;
     if (p->top_p < 1.0f) {
         float cum = 0.0f, limit = p->top_p * total;
-        int32_t keep = m;
-        for (int32_t i = 0; i < m; i++) {
-            cum += s->cands[i].p;
-            if (cum >= limit) {
-                keep = i + 1;
-                break;
-            }
+        while (popped < m && cum < limit) {
+            heap_pop(c, m - popped);
+            cum += c[m - 1 - popped].p;
+            popped++;
         }
-        m = keep;
+        n_draw = popped; /* the nucleus */
         total = cum < total ? cum : total;
     }
-    float r = pd_rng_float(&s->rng) * total, cum = 0.0f;
-    for (int32_t i = 0; i < m; i++) {
-        cum += s->cands[i].p;
-        if (r < cum)
-            return s->cands[i].id;
+    float r = pd_rng_float(&s->rng) * total, acc = 0.0f;
+    for (int32_t i = 0; i < n_draw; i++) {
+        if (i == popped) {
+            heap_pop(c, m - popped);
+            popped++;
+        }
+        acc += c[m - 1 - i].p;
+        if (r < acc)
+            return c[m - 1 - i].id;
     }
-    return s->cands[m - 1].id; /* rounding left r at the very top */
+    return c[m - n_draw].id; /* rounding left r at the very top: the last one */
 }

@@ -389,6 +389,25 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     json_object_put(o);
 }
 
+/* What pd_engine_add checks, for a request that never reaches it (max_tokens 0). */
+static bool prompt_fits(const pd_engine_t *e, const pd_model_t *m, item_t *it)
+{
+    if (it->n_prompt < 1 || it->n_prompt >= pd_engine_max_seq_len(e)) {
+        snprintf(it->error, sizeof it->error,
+                 "request refused: a prompt of %d tokens leaves no room for output in "
+                 "the longest sequence of %d tokens",
+                 it->n_prompt, pd_engine_max_seq_len(e));
+        return false;
+    }
+    for (int32_t i = 0; i < it->n_prompt; i++)
+        if (it->prompt_ids[i] < 0 || it->prompt_ids[i] >= pd_model_config(m)->vocab_size) {
+            snprintf(it->error, sizeof it->error,
+                     "request refused: token %d outside the vocabulary", it->prompt_ids[i]);
+            return false;
+        }
+    return true;
+}
+
 static int cmp_arrival(const void *pa, const void *pb)
 {
     const item_t *a = *(const item_t *const *)pa, *b = *(const item_t *const *)pb;
@@ -452,9 +471,11 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
             if (it->error[0])
                 continue;
             if (it->max_tokens == 0) { /* as the one-prompt path: nothing to generate */
-                it->done = true;
-                it->res.finish = PD_ENGINE_FINISH_LENGTH;
-                it->res.n_prompt = it->n_prompt;
+                if (prompt_fits(e, m, it)) {
+                    it->done = true;
+                    it->res.finish = PD_ENGINE_FINISH_LENGTH;
+                    it->res.n_prompt = it->n_prompt;
+                }
                 continue;
             }
             pd_engine_request_t q = {.prompt = it->prompt_ids,
