@@ -17,7 +17,7 @@ const pd_cpu_isa_t pd_cpu_isa_avx512 = {
     .gemm = {simd_gemm_f32, simd_gemm_f16, simd_gemm_bf16, simd_gemm_q8_0,
              simd_gemm_q4_0},
     .gemm_x = {PD_CPU_X_F32, PD_CPU_X_F32, PD_CPU_X_F32, PD_CPU_X_Q8, PD_CPU_X_Q8},
-    .gemm_min_T = {8, 8, 8, 8, 8},
+    .gemm_min_T = {8, 32, 32, 8, 8}, /* F16/BF16: mv to T = 31 (no conversion pass) */
     .gemm_nr = MQ_NR,
     .mm_scratch = simd_mm_scratch,
     .quantize_x = simd_quantize_x,

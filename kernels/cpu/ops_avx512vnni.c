@@ -23,7 +23,7 @@ void pd_cpu_avx512_vnni_patch(pd_cpu_isa_t *isa)
     isa->gemm[PD_CPU_DT_Q8_0] = simd_gemm_q8_0;
     isa->gemm[PD_CPU_DT_Q4_0] = simd_gemm_q4_0;
     for (int dt = PD_CPU_DT_Q8_0; dt <= PD_CPU_DT_Q4_0; dt++) {
-        isa->mv_x[dt] = PD_CPU_X_Q8U;
+        isa->mv_x[dt] = PD_CPU_X_Q8; /* simd_matmul.h's mq1 wants x signed */
         isa->gemm_x[dt] = PD_CPU_X_Q8U;
         isa->gemm_min_T[dt] = 8;
     }

@@ -31,13 +31,10 @@
 
 #include "kernels/cpu/simd_ops.h"
 
-#define MM_R 4 /* weight rows per float tile */
 #if VW == 16
-#define MM_TT 6 /* tokens per float tile: 24 zmm accumulators */
 #define MQ_M  6 /* tokens per int8 tile: 24 zmm of accumulators */
 typedef __m512i vi;
 #else
-#define MM_TT 3 /* 12 ymm accumulators */
 #define MQ_M  2
 typedef __m256i vi;
 #endif
@@ -47,8 +44,19 @@ typedef __m256i vi;
 /* ---- float weights ------------------------------------------------------------------
  */
 
-/* Weights stream from DRAM once per token on the mv path; the kernels prefetch
- * PD_MV_PREFETCH bytes ahead of each row. */
+/* Tile shapes: MF_TT tokens per tile (MF_TT x 4 rows of accumulators fill most of the
+ * vector registers), MF_RS rows when a few tokens leave room for more rows (more
+ * independent chains, one weight load per row feeding all the tokens). */
+#if VW == 16
+#define MF_TT 6 /* 4 x 6 = 24 zmm accumulators */
+#define MF_RS 8 /* T <= 3: 8 x 3 */
+#else
+#define MF_TT 3 /* 4 x 3 = 12 ymm accumulators */
+#define MF_RS 4
+#endif
+#define MF_RMAX 8
+
+/* The int8 kernels below prefetch PD_MV_PREFETCH bytes ahead of each row. */
 #ifndef PD_MV_PREFETCH
 #define PD_MV_PREFETCH 512
 #endif
@@ -74,15 +82,20 @@ static inline __attribute__((always_inline)) vf wloadn(const uint8_t *w, int64_t
 }
 
 /* y[t..t+TT)[o..o+R) from R weight rows (w: row o, stride bytes apart, elements of
- * dt) and TT tokens: the canonical reduction of the header for each (o, t). */
+ * dt) and TT tokens: the canonical reduction of the header for each (o, t).
+ * Prefetch: with pf, the lines pf bytes past those read (into L2), and with pf2 also
+ * those pf2 bytes past. Streaming overlaps the arithmetic only when the weights are
+ * requested blocks of rows ahead, and more than once (measured on Zen 4: one request
+ * per line leaves much of the stream to demand misses; presumably prefetches are
+ * dropped while the miss queues are full). */
 static inline __attribute__((always_inline)) void
 mm_tile(const pd_cpu_mm_t *mm, const uint8_t *w, size_t stride, int64_t o, int64_t t,
-        const int R, const int TT, const int dt, const int prefetch)
+        const int R, const int TT, const int dt, size_t pf, size_t pf2)
 {
     const int64_t K = mm->n_in;
-    const uint8_t *wr[MM_R];
-    const float *x[MM_TT];
-    vf acc[MM_R][MM_TT];
+    const uint8_t *wr[MF_RMAX];
+    const float *x[MF_TT];
+    vf acc[MF_RMAX][MF_TT];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
         wr[r] = w + (size_t)r * stride;
@@ -96,11 +109,13 @@ mm_tile(const pd_cpu_mm_t *mm, const uint8_t *w, size_t stride, int64_t o, int64
     const size_t es = dt == PD_CPU_DT_F32 ? 4 : 2;
     int64_t k = 0;
     for (; k + VW <= K; k += VW) {
-        if (prefetch && (k * (int64_t)es) % 64 == 0)
+        if (pf && (k * (int64_t)es) % 64 == 0)
 #pragma GCC unroll 8
-            for (int r = 0; r < R; r++)
-                _mm_prefetch((const char *)wr[r] + PD_MV_PREFETCH + (size_t)k * es,
-                             _MM_HINT_T0);
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch((const char *)wr[r] + pf + (size_t)k * es, _MM_HINT_T1);
+                if (pf2)
+                    _mm_prefetch((const char *)wr[r] + pf2 + (size_t)k * es, _MM_HINT_T1);
+            }
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             vf wv = wload(wr[r], k, dt);
@@ -121,9 +136,12 @@ mm_tile(const pd_cpu_mm_t *mm, const uint8_t *w, size_t stride, int64_t o, int64
     float *y = mm->y + t * mm->n_out + o;
 #pragma GCC unroll 8
     for (int j = 0; j < TT; j++) {
-        if (R == 4)
-            _mm_storeu_ps(y + j * mm->n_out,
-                          vhsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        if (R % 4 == 0)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r += 4)
+                _mm_storeu_ps(
+                    y + j * mm->n_out + r,
+                    vhsum4(acc[r][j], acc[r + 1][j], acc[r + 2][j], acc[r + 3][j]));
         else
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++)
@@ -131,59 +149,86 @@ mm_tile(const pd_cpu_mm_t *mm, const uint8_t *w, size_t stride, int64_t o, int64
     }
 }
 
-/* Tokens [t0, t1) of R rows, MM_TT at a time; one case per remainder so that the
- * inlined tile keeps only the accumulators it uses. */
+/* Tokens [t0, t1) of R rows in tiles of at most TT, as even as possible (a ragged
+ * last tile would have few chains); one case per tile size up to TT (the others fold
+ * away) so that the inlined tile keeps only the accumulators it uses. Every tile
+ * prefetches pf bytes ahead (the repeats are cheap: the lines are in flight or in
+ * L2), and a lone tile also pf / 2 ahead (measured on Zen 4: better than either
+ * distance alone). */
 static inline __attribute__((always_inline)) void
 mm_tokens(const pd_cpu_mm_t *mm, const uint8_t *w, size_t stride, int64_t o, int64_t t0,
-          int64_t t1, const int R, const int dt, const int prefetch)
+          int64_t t1, const int R, const int TT, const int dt, size_t pf)
 {
-    int64_t t = t0;
-    for (; t + MM_TT <= t1; t += MM_TT)
-        mm_tile(mm, w, stride, o, t, R, MM_TT, dt, prefetch);
-    switch (t1 - t) {
-    case 1:
-        mm_tile(mm, w, stride, o, t, R, 1, dt, prefetch);
-        break;
-    case 2:
-        mm_tile(mm, w, stride, o, t, R, 2, dt, prefetch);
-        break;
-#if MM_TT > 3
-    case 3:
-        mm_tile(mm, w, stride, o, t, R, 3, dt, prefetch);
-        break;
-    case 4:
-        mm_tile(mm, w, stride, o, t, R, 4, dt, prefetch);
-        break;
-    case 5:
-        mm_tile(mm, w, stride, o, t, R, 5, dt, prefetch);
-        break;
+    int64_t n = t1 - t0, tiles = (n + TT - 1) / TT, t = t0;
+    size_t pf2 = tiles == 1 ? pf / 2 : 0;
+    for (int64_t i = 0; i < tiles; i++) {
+        int64_t tt = n / tiles + (i < n % tiles);
+        switch (tt) {
+        case 1:
+            mm_tile(mm, w, stride, o, t, R, 1, dt, pf, pf2);
+            break;
+        case 2:
+            if (TT >= 2)
+                mm_tile(mm, w, stride, o, t, R, 2, dt, pf, pf2);
+            break;
+        case 3:
+            if (TT >= 3)
+                mm_tile(mm, w, stride, o, t, R, 3, dt, pf, pf2);
+            break;
+#if MF_TT > 3
+        case 4:
+            if (TT >= 4)
+                mm_tile(mm, w, stride, o, t, R, 4, dt, pf, pf2);
+            break;
+        case 5:
+            if (TT >= 5)
+                mm_tile(mm, w, stride, o, t, R, 5, dt, pf, pf2);
+            break;
+        case 6:
+            if (TT >= 6)
+                mm_tile(mm, w, stride, o, t, R, 6, dt, pf, pf2);
+            break;
 #endif
-    default:
-        break;
+        default:
+            break;
+        }
+        t += tt;
     }
 }
 
-/* mv: rows outermost, MM_R at a time (their weights are read from DRAM once and from
- * L1 for further groups of tokens), then single rows. For one token, one row at a
- * time: a strictly sequential stream, which the hardware prefetcher follows far
- * better than interleaved rows, and one chain of fused multiply-adds (16 bytes a cycle
- * of f32 weights on AVX-512: more than a core's share of DRAM bandwidth). */
+/* Rows [o0, o1), R at a time (read from DRAM once, from L1 for the further tiles of
+ * tokens) while the rows two blocks on are prefetched; then single rows. */
+static inline __attribute__((always_inline)) void mv_rows(const pd_cpu_mm_t *mm,
+                                                          int64_t o0, int64_t o1,
+                                                          const int R, const int TT,
+                                                          const int dt)
+{
+    const size_t rb = mm->row_bytes;
+    int64_t o = o0;
+    for (; o + R <= o1; o += R)
+        mm_tokens(mm, mm->w + (size_t)o * rb, rb, o, 0, mm->T, R, TT, dt, 2 * R * rb);
+    for (; o < o1; o++)
+        mm_tokens(mm, mm->w + (size_t)o * rb, rb, o, 0, mm->T, 1, TT, dt, 2 * rb);
+}
+
+/* mv: every weight row is streamed from DRAM once for all T tokens, whose activations
+ * stay in L1 / L2; one token or a few: MF_RS rows at a time (the chains), more: 4
+ * rows x MF_TT tokens per tile. */
 static inline __attribute__((always_inline)) void
 mv_float(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, const int dt)
 {
-    int64_t o = o0;
-    if (mm->T > 1)
-        for (; o + MM_R <= o1; o += MM_R)
-            mm_tokens(mm, mm->w + (size_t)o * mm->row_bytes, mm->row_bytes, o, 0, mm->T,
-                      MM_R, dt, 1);
-    for (; o < o1; o++)
-        mm_tokens(mm, mm->w + (size_t)o * mm->row_bytes, mm->row_bytes, o, 0, mm->T, 1,
-                  dt, 1);
+    if (mm->T == 1)
+        mv_rows(mm, o0, o1, MF_RS, 1, dt);
+    else if (mm->T <= 3)
+        mv_rows(mm, o0, o1, MF_RS, 3, dt);
+    else
+        mv_rows(mm, o0, o1, 4, MF_TT, dt);
 }
 
 /* gemm: rows [o0, o1) (at most MQ_NR) as f32 rows (F16/BF16 converted into scratch),
- * then tokens outermost: a tile's MM_TT activation rows stay in L1 while it sweeps
- * the panel, which stays in L2 for the whole chunk of tokens. */
+ * then tokens outermost: a tile's activation rows stay in L1 while it sweeps the
+ * panel, which stays in L2 for the whole chunk of tokens. The first sweep (or the
+ * conversion) reads the panel from DRAM, prefetching ahead. */
 static inline __attribute__((always_inline)) void gemm_float(const pd_cpu_mm_t *mm,
                                                              int64_t o0, int64_t o1,
                                                              int64_t t0, int64_t t1,
@@ -191,29 +236,36 @@ static inline __attribute__((always_inline)) void gemm_float(const pd_cpu_mm_t *
 {
     const int64_t K = mm->n_in;
     const uint8_t *w = mm->w + (size_t)o0 * mm->row_bytes;
-    size_t stride = mm->row_bytes;
+    size_t stride = mm->row_bytes, pf = 8 * stride;
     if (dt != PD_CPU_DT_F32) {
         float *conv = scratch; /* [o1 - o0][K] */
         for (int64_t o = o0; o < o1; o++) {
             const uint8_t *src = mm->w + (size_t)o * mm->row_bytes;
             float *dst = conv + (o - o0) * K;
             int64_t k = 0;
-            for (; k + VW <= K; k += VW)
+            for (; k + VW <= K; k += VW) {
+                if ((k * 2) % 64 == 0)
+                    _mm_prefetch((const char *)src + pf + 2 * k, _MM_HINT_T1);
                 vstore(dst + k, wload(src, k, dt));
+            }
             if (k < K)
                 vstoren(dst + k, wloadn(src, k, K - k, dt), K - k);
         }
         w = scratch;
         stride = (size_t)K * sizeof(float);
+        pf = 0;
     }
-    for (int64_t t = t0; t < t1; t += MM_TT) {
-        int64_t te = pd_cpu_min64(t + MM_TT, t1), o = o0;
-        for (; o + MM_R <= o1; o += MM_R)
-            mm_tokens(mm, w + (size_t)(o - o0) * stride, stride, o, t, te, MM_R,
-                      PD_CPU_DT_F32, 0);
+    int64_t n = t1 - t0, tiles = (n + MF_TT - 1) / MF_TT;
+    for (int64_t i = 0, t = t0; i < tiles; i++) { /* even tiles, as mm_tokens */
+        int64_t te = t + n / tiles + (i < n % tiles), o = o0;
+        for (; o + 4 <= o1; o += 4)
+            mm_tokens(mm, w + (size_t)(o - o0) * stride, stride, o, t, te, 4, MF_TT,
+                      PD_CPU_DT_F32, pf);
         for (; o < o1; o++)
-            mm_tokens(mm, w + (size_t)(o - o0) * stride, stride, o, t, te, 1,
-                      PD_CPU_DT_F32, 0);
+            mm_tokens(mm, w + (size_t)(o - o0) * stride, stride, o, t, te, 1, MF_TT,
+                      PD_CPU_DT_F32, pf);
+        pf = 0;
+        t = te;
     }
 }
 
@@ -317,6 +369,15 @@ static inline __attribute__((always_inline)) vi vi_load(const void *p)
     vi v;
     memcpy(&v, p, sizeof v);
     return v;
+}
+
+static inline __attribute__((always_inline)) vi vi_add(vi a, vi b)
+{
+#if VW == 16
+    return _mm512_add_epi32(a, b);
+#else
+    return _mm256_add_epi32(a, b);
+#endif
 }
 
 static inline __attribute__((always_inline)) vf vi_cvt(vi v)
@@ -716,14 +777,292 @@ mq_chunk_scales(const uint8_t *row, size_t bs, int64_t b0, int64_t n, const int 
 #endif
 }
 
-/* Row o for T (<= MQ_MV_MAX_T) tokens, or one token when T1. */
-static inline __attribute__((always_inline)) void mq_mv_row(const pd_cpu_mm_t *mm,
-                                                            int64_t o, const vi *xt,
-                                                            const int dt, const int clamp,
-                                                            const int T1)
+/* mv of one token (decode): the same blocks-in-lanes reduction, but the integer dots
+ * are reduced after the multiply instead of transposing the weights: a vector holds
+ * whole blocks in their natural byte order (VW = 16: blocks e and e + 4 of the chunk
+ * in its halves, e = 0..3, then 8 + e and 12 + e; VW = 8: one block), its dot with
+ * x (arranged alike, once per call) gives 8 int32 partials per block, and a fixed
+ * tree of unpacks and adds (mq1_tree) turns the chunk's 8 vectors into one vector of
+ * P_b with lane j = block j. The sums are exact integers, so P_b equals the one of
+ * the transposing kernels bit for bit. The weights go in as bytes that vpdpbusd (or
+ * vpmaddubsw) takes unsigned where that is exact: Q8_0 with VNNI as w + 128 (xor
+ * 0x80), Q4_0 as its nibbles; the offset (128 resp. 8 times sum x_b) is subtracted
+ * once per block after the tree (mq1_corr, per call). Q8_0 without VNNI goes through
+ * |w| and sign(x, w). */
+#if defined(PD_SIMD_VNNI)
+#define MQ1_Q8_OFFSET 128
+#else
+#define MQ1_Q8_OFFSET 0
+#endif
+
+/* Block of vector i (first half) of a chunk; the second half is 4 blocks further. */
+static inline __attribute__((always_inline)) int mq1_block(int i)
+{
+#if VW == 16
+    return i < 4 ? i : i + 4;
+#else
+    return i;
+#endif
+}
+
+/* Vector i of the chunk at blocks b0.. of a weight row (row points at the first
+ * block's scale); clamp: block indices past n - 1 read block n - 1. */
+static inline __attribute__((always_inline)) vi mq1_wload(const uint8_t *row, size_t bs,
+                                                          int64_t b0, int64_t n, int i,
+                                                          const int dt, const int clamp)
+{
+    int64_t b = b0 + mq1_block(i);
+#if VW == 16
+    int64_t b2 = b + 4;
+    if (clamp) {
+        b = pd_cpu_min64(b, n - 1);
+        b2 = pd_cpu_min64(b2, n - 1);
+    }
+    const uint8_t *p = row + (size_t)b * bs + 2, *p2 = row + (size_t)b2 * bs + 2;
+    if (dt == PD_CPU_DT_Q8_0) {
+        __m512i w = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+            _mm256_loadu_si256((const __m256i *)p2), 1);
+#if defined(PD_SIMD_VNNI)
+        w = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+#endif
+        return w;
+    }
+    __m256i q = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+        _mm_loadu_si128((const __m128i *)p2), 1);
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1);
+    return _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+#else
+    if (clamp)
+        b = pd_cpu_min64(b, n - 1);
+    const uint8_t *p = row + (size_t)b * bs + 2;
+    if (dt == PD_CPU_DT_Q8_0)
+        return _mm256_loadu_si256((const __m256i *)p);
+    __m128i q = _mm_loadu_si128((const __m128i *)p);
+    __m256i z = _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
+    return _mm256_and_si256(z, _mm256_set1_epi8(0x0f));
+#endif
+}
+
+/* The int32 partial dots of w (as mq1_wload gives it) and x (signed bytes). */
+static inline __attribute__((always_inline)) vi mq1_dot(vi w, vi x, const int dt)
+{
+#if VW == 16
+    if (dt == PD_CPU_DT_Q4_0 || MQ1_Q8_OFFSET) { /* w unsigned */
+#if defined(PD_SIMD_VNNI)
+        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+#else
+        return _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1));
+#endif
+    }
+    __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), sx),
+                             _mm512_set1_epi16(1));
+#else
+    if (dt == PD_CPU_DT_Q4_0)
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                             _mm256_set1_epi16(1));
+#endif
+}
+
+/* d[0..8) (d[0..4) when half) -> lane j = the sum of block j's partials. Written
+ * out: arrays indexed in loops would stay in memory. */
+#if VW == 16
+#define MQ1_UNPACK(a, b, w)                                                              \
+    _mm512_add_epi32(_mm512_unpacklo_epi##w(a, b), _mm512_unpackhi_epi##w(a, b))
+#else
+#define MQ1_UNPACK(a, b, w)                                                              \
+    _mm256_add_epi32(_mm256_unpacklo_epi##w(a, b), _mm256_unpackhi_epi##w(a, b))
+#endif
+static inline __attribute__((always_inline)) vi mq1_tree(const vi d[8], const int dt,
+                                                         const int half)
+{
+    vi a0 = MQ1_UNPACK(d[0], d[1], 32), a1 = MQ1_UNPACK(d[2], d[3], 32);
+    vi b0 = MQ1_UNPACK(a0, a1, 64), b1 = b0;
+    if (!half) {
+        vi a2 = MQ1_UNPACK(d[4], d[5], 32), a3 = MQ1_UNPACK(d[6], d[7], 32);
+        b1 = MQ1_UNPACK(a2, a3, 64);
+    }
+#if VW == 16
+    /* 128-bit lane L of b0 (b1): the sums of lane L of d[0..4) (d[4..8)). Q8_0 has a
+     * vector's first block in lanes 0-1, Q4_0 (low nibbles, then high) in 0 and 2. */
+    if (dt == PD_CPU_DT_Q8_0)
+        return _mm512_add_epi32(_mm512_shuffle_i32x4(b0, b1, 0x88),
+                                _mm512_shuffle_i32x4(b0, b1, 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(b0, b1, 0x44),
+                            _mm512_shuffle_i32x4(b0, b1, 0xee));
+#else
+    (void)dt;
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20),
+                            _mm256_permute2x128_si256(b0, b1, 0x31));
+#endif
+}
+#undef MQ1_UNPACK
+
+/* d_w of blocks b0.. as f32 (lane j: block b0 + j, or min(b0 + j, n - 1) when clamp),
+ * lanes from m on zero; m <= 8 when half. Four scales a 64-bit word in general
+ * registers, then one vector insert per word: the vector ports are the bottleneck. */
+static inline __attribute__((always_inline)) vf mq1_scales(const uint8_t *row, size_t bs,
+                                                           int64_t b0, int64_t n,
+                                                           int64_t m, const int clamp,
+                                                           const int half)
+{
+    uint64_t q[VW / 4] = {0};
+#pragma GCC unroll 4
+    for (int k = 0; k < VW / 4; k++) {
+        if (half && k >= VW / 8)
+            break;
+        uint64_t v = 0;
+#pragma GCC unroll 4
+        for (int e = 0; e < 4; e++) {
+            int64_t b = b0 + 4 * k + e;
+            if (clamp)
+                b = pd_cpu_min64(b, n - 1);
+            uint16_t h;
+            memcpy(&h, row + (size_t)b * bs, 2);
+            v |= (uint64_t)h << (16 * e);
+        }
+        q[k] = v;
+    }
+#if VW == 16
+    __m128i lo = _mm_set_epi64x((long long)q[1], (long long)q[0]);
+    if (half)
+        return _mm512_maskz_mov_ps(tail_mask(m), _mm512_cvtph_ps(_mm256_castsi128_si256(lo)));
+    __m128i hi = _mm_set_epi64x((long long)q[3], (long long)q[2]);
+    vf d = _mm512_cvtph_ps(_mm256_set_m128i(hi, lo));
+    return clamp ? _mm512_maskz_mov_ps(tail_mask(m), d) : d;
+#else
+    __m128i lo = half ? _mm_cvtsi64_si128((long long)q[0])
+                      : _mm_set_epi64x((long long)q[1], (long long)q[0]);
+    vf d = _mm256_cvtph_ps(lo);
+    return clamp ? _mm256_and_ps(d, _mm256_castsi256_ps(tail_mask(m))) : d;
+#endif
+}
+
+/* Per call: x of the token as mq1 vectors (xs: [chunks][8] vi, the bytes of each
+ * vector's blocks in the order mq1_wload gives the weights) and the per-block offset
+ * correction (corr: [chunks] vi, lane j = -offset * sum x of block j). */
+static inline __attribute__((always_inline)) void
+mq1_prep_x(const pd_cpu_mm_t *mm, vi *xs, vi *corr, const int dt)
 {
     const int64_t nb = mm->n_in / PD_QK, nc = (nb + VW - 1) / VW;
-    const int64_t T = T1 ? 1 : mm->T;
+    const int8_t *xq = mm->xq;
+    const int off = dt == PD_CPU_DT_Q4_0 ? 8 : MQ1_Q8_OFFSET;
+    for (int64_t c = 0; c < nc; c++) {
+        int32_t cr[VW] = {0};
+        for (int j = 0; off && j < VW; j++) { /* sum x_b: psadbw of x + 128 */
+            int64_t b = pd_cpu_min64(c * VW + j, nb - 1);
+            __m256i v = _mm256_xor_si256(
+                _mm256_loadu_si256((const __m256i *)(xq + b * PD_QK)),
+                _mm256_set1_epi8((char)0x80));
+            __m256i sd = _mm256_sad_epu8(v, _mm256_setzero_si256());
+            __m128i h = _mm_add_epi64(_mm256_castsi256_si128(sd),
+                                      _mm256_extracti128_si256(sd, 1));
+            h = _mm_add_epi64(h, _mm_unpackhi_epi64(h, h));
+            cr[j] = -off * (_mm_cvtsi128_si32(h) - 128 * PD_QK);
+        }
+        memcpy(&corr[c], cr, sizeof cr);
+        for (int i = 0; i < 8; i++) {
+            int64_t b = pd_cpu_min64(c * VW + mq1_block(i), nb - 1);
+            uint8_t *dst = (uint8_t *)&xs[c * 8 + i];
+#if VW == 16
+            int64_t b2 = pd_cpu_min64(c * VW + mq1_block(i) + 4, nb - 1);
+            if (dt == PD_CPU_DT_Q8_0) {
+                memcpy(dst, xq + b * PD_QK, 32);
+                memcpy(dst + 32, xq + b2 * PD_QK, 32);
+            } else {
+                memcpy(dst, xq + b * PD_QK, 16);
+                memcpy(dst + 16, xq + b2 * PD_QK, 16);
+                memcpy(dst + 32, xq + b * PD_QK + 16, 16);
+                memcpy(dst + 48, xq + b2 * PD_QK + 16, 16);
+            }
+#else
+            memcpy(dst, xq + b * PD_QK, 32);
+#endif
+        }
+    }
+}
+
+/* sum_b P_b d_w[b] d_x[b] of row o as the VW canonical partials. */
+static inline __attribute__((always_inline)) vf mq1_row(const pd_cpu_mm_t *mm, int64_t o,
+                                                        const vi *xs, const vi *corr,
+                                                        const int dt)
+{
+    const int64_t nb = mm->n_in / PD_QK;
+    const size_t bs =
+        dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    const int corrected = dt == PD_CPU_DT_Q4_0 || MQ1_Q8_OFFSET;
+    const uint8_t *row = mm->w + (size_t)o * mm->row_bytes;
+    vf acc = vzero();
+    int64_t c = 0, b0 = 0;
+    for (; b0 + VW <= nb; b0 += VW, c++) {
+        vi d[8];
+        /* every line of the chunk, PD_MV_PREFETCH bytes ahead */
+#pragma GCC unroll 16
+        for (size_t l = 0; l < VW * bs; l += 64)
+            _mm_prefetch((const char *)row + (size_t)b0 * bs + PD_MV_PREFETCH + l,
+                         _MM_HINT_T0);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            d[i] = mq1_dot(mq1_wload(row, bs, b0, nb, i, dt, 0), xs[c * 8 + i], dt);
+        vi p = mq1_tree(d, dt, 0);
+        if (corrected)
+            p = vi_add(p, corr[c]);
+        vf dw = mq1_scales(row, bs, b0, nb, VW, 0, 0);
+        acc = vfma(vi_cvt(p), vmul(dw, vload(mm->xd + b0)), acc);
+    }
+    if (b0 < nb) { /* the last, partial chunk: clamped loads, lanes past nb zero */
+        int64_t m = nb - b0;
+        vi d[8], p;
+        vf dw;
+        if (m <= VW / 2) {
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                d[i] = mq1_dot(mq1_wload(row, bs, b0, nb, i, dt, 1), xs[c * 8 + i], dt);
+            p = mq1_tree(d, dt, 1);
+            dw = mq1_scales(row, bs, b0, nb, m, 1, 1);
+        } else {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                d[i] = mq1_dot(mq1_wload(row, bs, b0, nb, i, dt, 1), xs[c * 8 + i], dt);
+            p = mq1_tree(d, dt, 0);
+            dw = mq1_scales(row, bs, b0, nb, m, 1, 0);
+        }
+        if (corrected)
+            p = vi_add(p, corr[c]);
+        acc = vfma(vi_cvt(p), vmul(dw, vloadn(mm->xd + b0, m)), acc);
+    }
+    return acc;
+}
+
+/* Rows [o0, o1) for one token, four at a time through vhsum4 (each row still read
+ * as one sequential stream). */
+static inline __attribute__((always_inline)) void
+mq1_mv(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch, const int dt)
+{
+    const int64_t nc = (mm->n_in / PD_QK + VW - 1) / VW;
+    vi *xs = scratch, *corr = xs + nc * 8;
+    mq1_prep_x(mm, xs, corr, dt);
+    float *y = mm->y;
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        vf r0 = mq1_row(mm, o, xs, corr, dt), r1 = mq1_row(mm, o + 1, xs, corr, dt);
+        vf r2 = mq1_row(mm, o + 2, xs, corr, dt), r3 = mq1_row(mm, o + 3, xs, corr, dt);
+        _mm_storeu_ps(y + o, vhsum4(r0, r1, r2, r3));
+    }
+    for (; o < o1; o++)
+        y[o] = vhsum1(mq1_row(mm, o, xs, corr, dt));
+}
+
+/* Row o for T (2 <= T <= MQ_MV_MAX_T) tokens. */
+static inline __attribute__((always_inline)) void mq_mv_row(const pd_cpu_mm_t *mm,
+                                                            int64_t o, const vi *xt,
+                                                            const int dt, const int clamp)
+{
+    const int64_t nb = mm->n_in / PD_QK, nc = (nb + VW - 1) / VW;
+    const int64_t T = mm->T;
     const size_t bs =
         dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
     const uint8_t *row = mm->w + (size_t)o * mm->row_bytes;
@@ -764,27 +1103,30 @@ mq_mv(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1, void *scratch, const int dt
     const int64_t K = mm->n_in, nb = K / PD_QK, nc = (nb + VW - 1) / VW, T = mm->T;
     const size_t bs =
         dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
+    if (T == 1) {
+        mq1_mv(mm, o0, o1, scratch, dt);
+        return;
+    }
     vi *xt = scratch;
     for (int64_t t = 0; t < T; t++)
-        for (int64_t c = 0; c < nc; c++)
-            mq_chunk((const uint8_t *)mm->xq + t * K, PD_QK, c * VW, nb,
-                     xt + (t * nc + c) * 8, PD_CPU_DT_Q8_0, 1);
+        for (int64_t c = 0; c < nc; c++) {
+            vi *g = xt + (t * nc + c) * 8;
+            mq_chunk((const uint8_t *)mm->xq + t * K, PD_QK, c * VW, nb, g,
+                     PD_CPU_DT_Q8_0, 1);
+#if defined(PD_SIMD_VNNI) /* x comes signed (mq1's format): vpdpbusd wants x + 128 */
+            for (int i = 0; i < 8; i++)
+                g[i] = _mm512_xor_si512(g[i], _mm512_set1_epi8((char)0x80));
+#endif
+        }
     /* Rows followed by a whole chunk's bytes of the matrix may read past their end
      * (constant offsets); the last few clamp. */
     int64_t slack = (int64_t)((VW * bs + mm->row_bytes - 1) / mm->row_bytes);
     int64_t o_fast = pd_cpu_min64(o1, mm->n_out - slack);
     int64_t o = o0;
-    if (T == 1) {
-        for (; o < o_fast; o++)
-            mq_mv_row(mm, o, xt, dt, 0, 1);
-        for (; o < o1; o++)
-            mq_mv_row(mm, o, xt, dt, 1, 1);
-    } else {
-        for (; o < o_fast; o++)
-            mq_mv_row(mm, o, xt, dt, 0, 0);
-        for (; o < o1; o++)
-            mq_mv_row(mm, o, xt, dt, 1, 0);
-    }
+    for (; o < o_fast; o++)
+        mq_mv_row(mm, o, xt, dt, 0);
+    for (; o < o1; o++)
+        mq_mv_row(mm, o, xt, dt, 1);
 }
 
 static inline void simd_gemm_q8_0(const pd_cpu_mm_t *mm, int64_t o0, int64_t o1,
