@@ -156,17 +156,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     } else if (o.kv_memory > 0) {
         po.memory_bytes = o.kv_memory;
     } else {
-        pd_kv_pool_opts_t one = po;
-        one.n_blocks = 1;
-        pd_kv_pool_t *probe = NULL; /* the bytes of one block, from the pool itself */
-        pd_status_t st = pd_kv_pool_new(model, &one, &probe);
-        if (st != PD_OK) {
-            free(e);
-            return st;
-        }
         int64_t per_seq = (max_ctx + e->bs - 1) / e->bs;
-        int64_t want = per_seq * e->max_seqs * (int64_t)pd_kv_pool_block_bytes(probe);
-        pd_kv_pool_destroy(&probe);
+        int64_t want = per_seq * e->max_seqs * (int64_t)pd_kv_block_bytes(model, &po);
         po.memory_bytes = want < (1LL << 30) ? want : (1LL << 30);
     }
     pd_status_t st = pd_kv_pool_new(model, &po, &e->kv);

@@ -80,6 +80,21 @@ static void free_all(pd_kv_pool_t *p)
     free(p);
 }
 
+static pd_dtype_t kv_dtype_of(const pd_model_t *model, pd_kv_type_t kt)
+{
+    return kt == PD_KV_F32   ? PD_DTYPE_F32
+           : kt == PD_KV_F16 ? PD_DTYPE_F16
+                             : pd_kv_auto_dtype(model);
+}
+
+size_t pd_kv_block_bytes(const pd_model_t *model, const pd_kv_pool_opts_t *opts)
+{
+    const pd_model_config_t *c = pd_model_config(model);
+    size_t bs = opts && opts->block_size > 0 ? (size_t)opts->block_size : 16;
+    size_t es = kv_dtype_of(model, opts ? opts->kv_type : PD_KV_AUTO) == PD_DTYPE_F16 ? 2 : 4;
+    return 2 * (size_t)c->n_layers * bs * (size_t)c->n_kv_heads * (size_t)c->head_dim * es;
+}
+
 pd_status_t pd_kv_pool_new(const pd_model_t *model, const pd_kv_pool_opts_t *opts,
                            pd_kv_pool_t **pool_p)
 {
@@ -95,12 +110,9 @@ pd_status_t pd_kv_pool_new(const pd_model_t *model, const pd_kv_pool_opts_t *opt
     p->block_size = opts && opts->block_size > 0 ? opts->block_size : 16;
     p->n_layers = c->n_layers;
     p->row_elems = (int64_t)c->n_kv_heads * c->head_dim;
-    p->dtype = kt == PD_KV_F32   ? PD_DTYPE_F32
-               : kt == PD_KV_F16 ? PD_DTYPE_F16
-                                 : pd_kv_auto_dtype(model);
+    p->dtype = kv_dtype_of(model, kt);
     p->es = p->dtype == PD_DTYPE_F16 ? 2 : 4;
-    size_t block_bytes = 2 * (size_t)p->n_layers * (size_t)p->block_size *
-                         (size_t)p->row_elems * p->es;
+    size_t block_bytes = pd_kv_block_bytes(model, opts);
     int64_t n = opts && opts->n_blocks > 0 ? opts->n_blocks
                 : opts && opts->memory_bytes > 0
                     ? opts->memory_bytes / (int64_t)block_bytes

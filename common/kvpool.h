@@ -58,6 +58,10 @@ typedef struct pd_kv_pool_stats {
 
 typedef struct pd_kv_pool pd_kv_pool_t;
 
+/* Bytes of K plus V of one block over all layers for this model and these options
+ * (block_size and kv_type), what a pool would take per block. */
+size_t pd_kv_block_bytes(const pd_model_t *model, const pd_kv_pool_opts_t *opts);
+
 /* PD_ERR_INVALID for a budget below one block (with the size one block needs) or a
  * bad kv_type; PD_ERR_NOMEM when the storage cannot be had. */
 pd_status_t pd_kv_pool_new(const pd_model_t *model, const pd_kv_pool_opts_t *opts,

@@ -45,6 +45,7 @@ START_TEST(sized_from_budget)
     ck_assert_int_eq(pd_kv_pool_n_blocks(p), 10);
     ck_assert_int_eq(pd_kv_pool_n_free(p), 10);
     ck_assert_uint_eq(pd_kv_pool_block_bytes(p), f32_block);
+    ck_assert_uint_eq(pd_kv_block_bytes(model, &o), f32_block);
     ck_assert_int_eq(pd_kv_pool_dtype(p), PD_DTYPE_F32);
     ck_assert_int_eq((char *)pd_kv_pool_k(p, 1) - (char *)pd_kv_pool_k(p, 0),
                      (ptrdiff_t)(10 * 16 * row * 4));
