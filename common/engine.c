@@ -26,9 +26,9 @@ struct req {
     pd_engine_finish_fn on_finish;
     void *user;
 
-    int32_t n_computed;  /* tokens whose KV is in the cache */
-    int32_t slot;        /* row of the block tables while running, else -1 */
-    int32_t n_blocks;    /* blocks held: the first n_blocks of the slot's row */
+    int32_t n_computed;   /* tokens whose KV is in the cache */
+    int32_t slot;         /* row of the block tables while running, else -1 */
+    int32_t n_blocks;     /* blocks held: the first n_blocks of the slot's row */
     pd_kv_hash_t *hashes; /* [max_blocks] chained hashes of full blocks */
     int32_t n_hashed;     /* ... computed so far */
     int32_t n_committed;  /* leading blocks committed (or found) in the prefix cache */
@@ -61,7 +61,7 @@ struct pd_engine {
     int32_t n_free_slots;
     /* the batch of a step */
     int32_t *ids, *pos, *seq, *out_rows; /* [max_T], out_rows [max_seqs] */
-    req_t **sched;                      /* [max_seqs] scheduled this step */
+    req_t **sched;                       /* [max_seqs] scheduled this step */
     int32_t n_sched;
     bool in_step;
     pd_engine_stats_t stats;
@@ -86,7 +86,8 @@ double pd_engine_now(const pd_engine_t *e)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)(ts.tv_sec - e->t0.tv_sec) + (double)(ts.tv_nsec - e->t0.tv_nsec) * 1e-9;
+    return (double)(ts.tv_sec - e->t0.tv_sec) +
+           (double)(ts.tv_nsec - e->t0.tv_nsec) * 1e-9;
 }
 
 /* ---- lists ------------------------------------------------------------------------- */
@@ -143,8 +144,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     e->max_T = o.max_batch_tokens > 0 ? o.max_batch_tokens : 512;
     if (e->max_T < e->max_seqs) /* every running sequence must fit one step */
         e->max_T = e->max_seqs;
-    int32_t max_ctx = o.max_ctx > 0 && o.max_ctx < e->cfg.ctx_len ? o.max_ctx
-                                                                   : e->cfg.ctx_len;
+    int32_t max_ctx =
+        o.max_ctx > 0 && o.max_ctx < e->cfg.ctx_len ? o.max_ctx : e->cfg.ctx_len;
     e->bs = o.block_size > 0 ? o.block_size : 16;
     e->eos = o.eos;
     e->bos = o.bos;
@@ -239,7 +240,8 @@ void pd_engine_destroy(pd_engine_t **engine_p)
 
 pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t *id_p)
 {
-    if (!q || !q->prompt || q->n_prompt < 1 || q->n_stop < 0 || (q->n_stop && !q->stop_ids)) {
+    if (!q || !q->prompt || q->n_prompt < 1 || q->n_stop < 0 ||
+        (q->n_stop && !q->stop_ids)) {
         PD_LOG_ERROR("request refused: an empty prompt or bad stop ids");
         return PD_ERR_INVALID;
     }
@@ -512,8 +514,9 @@ static bool is_stop(const pd_engine_t *e, const req_t *r, int32_t tok)
 static void advance(pd_engine_t *e, req_t *r, const float *logits)
 {
     int32_t prompt_part = r->n_prompt - r->n_computed;
-    e->stats.prompt_tokens += prompt_part < 0 ? 0 : prompt_part < r->sched ? prompt_part
-                                                                            : r->sched;
+    e->stats.prompt_tokens += prompt_part < 0          ? 0
+                              : prompt_part < r->sched ? prompt_part
+                                                       : r->sched;
     r->n_computed += r->sched;
     if (e->prefix_cache) {
         int32_t *row = row_of(e, r);

@@ -94,13 +94,13 @@ typedef struct pd_engine_request {
 
 typedef struct pd_engine_stats {
     int64_t steps;
-    int64_t prompt_tokens;     /* computed in forward passes (recomputation included) */
-    int64_t cached_tokens;     /* prompt tokens taken from the prefix cache */
-    int64_t query_tokens;      /* prompt tokens of starting requests (the hit rate's base) */
+    int64_t prompt_tokens; /* computed in forward passes (recomputation included) */
+    int64_t cached_tokens; /* prompt tokens taken from the prefix cache */
+    int64_t query_tokens;  /* prompt tokens of starting requests (the hit rate's base) */
     int64_t gen_tokens;
     int64_t preemptions;
-    int64_t max_batch_seqs;    /* most sequences in one step */
-    int64_t seqs_in_steps;     /* sum over steps of sequences in the step */
+    int64_t max_batch_seqs; /* most sequences in one step */
+    int64_t seqs_in_steps;  /* sum over steps of sequences in the step */
     int64_t hist[8]; /* steps by sequences in them: 1, 2-3, 4-7, ..., 64-127, 128+ */
     double forward_s, sample_s;
 } pd_engine_stats_t;

@@ -72,9 +72,8 @@ static void list_push(pd_kv_pool_t *p, int32_t b, bool front)
 
 static void free_all(pd_kv_pool_t *p)
 {
-    void *bufs[] = {p->k,         p->v,    p->ref,    p->prev,  p->next,
-                    p->committed, p->hash, p->parent, p->tokens, p->bucket,
-                    p->chain,     p->has_parent};
+    void *bufs[] = {p->k,    p->v,      p->ref,    p->prev,   p->next,  p->committed,
+                    p->hash, p->parent, p->tokens, p->bucket, p->chain, p->has_parent};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         free(bufs[i]);
     free(p);
@@ -91,8 +90,10 @@ size_t pd_kv_block_bytes(const pd_model_t *model, const pd_kv_pool_opts_t *opts)
 {
     const pd_model_config_t *c = pd_model_config(model);
     size_t bs = opts && opts->block_size > 0 ? (size_t)opts->block_size : 16;
-    size_t es = kv_dtype_of(model, opts ? opts->kv_type : PD_KV_AUTO) == PD_DTYPE_F16 ? 2 : 4;
-    return 2 * (size_t)c->n_layers * bs * (size_t)c->n_kv_heads * (size_t)c->head_dim * es;
+    size_t es =
+        kv_dtype_of(model, opts ? opts->kv_type : PD_KV_AUTO) == PD_DTYPE_F16 ? 2 : 4;
+    return 2 * (size_t)c->n_layers * bs * (size_t)c->n_kv_heads * (size_t)c->head_dim *
+           es;
 }
 
 pd_status_t pd_kv_pool_new(const pd_model_t *model, const pd_kv_pool_opts_t *opts,

@@ -51,9 +51,9 @@ typedef struct pd_kv_pool_opts {
 } pd_kv_pool_opts_t;
 
 typedef struct pd_kv_pool_stats {
-    int64_t lookups;     /* blocks looked up */
-    int64_t hits;        /* ... and found */
-    int64_t evictions;   /* committed blocks reused for other content */
+    int64_t lookups;   /* blocks looked up */
+    int64_t hits;      /* ... and found */
+    int64_t evictions; /* committed blocks reused for other content */
 } pd_kv_pool_stats_t;
 
 typedef struct pd_kv_pool pd_kv_pool_t;

@@ -16,20 +16,20 @@ struct pd_llm {
     pd_model_config_t cfg;
     int32_t max_ctx, max_T, max_logits;
     int64_t kv_dim, q_dim;
-    pd_dtype_t kv_dtype;   /* of the private pool */
-    pd_kv_pool_t *own_kv;  /* the private pool, or NULL */
-    int32_t *own_table;    /* [own blocks] identity */
-    int32_t *own_seq;      /* [max_T] zeros */
-    int32_t *slots;        /* [max_T] cache row of each token */
-    float *x;              /* [max_T][dim] residual stream */
-    float *xb;             /* [max_T][dim] normed input */
-    float *xb2;            /* [max_T][dim] projection output */
-    float *q;              /* [max_T][n_heads*head_dim] */
-    float *kk, *vv;        /* [max_T][kv_dim] */
-    float *att;            /* [max_T][n_heads*head_dim] attention output */
-    float *hb, *hb2;       /* [max_T][hidden_dim] */
-    float *xo;             /* [max_logits][dim] rows that need logits */
-    float *logits;         /* [max_logits][vocab] */
+    pd_dtype_t kv_dtype;  /* of the private pool */
+    pd_kv_pool_t *own_kv; /* the private pool, or NULL */
+    int32_t *own_table;   /* [own blocks] identity */
+    int32_t *own_seq;     /* [max_T] zeros */
+    int32_t *slots;       /* [max_T] cache row of each token */
+    float *x;             /* [max_T][dim] residual stream */
+    float *xb;            /* [max_T][dim] normed input */
+    float *xb2;           /* [max_T][dim] projection output */
+    float *q;             /* [max_T][n_heads*head_dim] */
+    float *kk, *vv;       /* [max_T][kv_dim] */
+    float *att;           /* [max_T][n_heads*head_dim] attention output */
+    float *hb, *hb2;      /* [max_T][hidden_dim] */
+    float *xo;            /* [max_logits][dim] rows that need logits */
+    float *logits;        /* [max_logits][vocab] */
 };
 
 static float *alloc_floats(size_t a, size_t b, int *fail)
@@ -47,8 +47,8 @@ static float *alloc_floats(size_t a, size_t b, int *fail)
 
 static void free_buffers(pd_llm_t *l)
 {
-    float **bufs[] = {&l->x,   &l->xb,  &l->xb2, &l->q,  &l->kk,    &l->vv,
-                      &l->att, &l->hb,  &l->hb2, &l->xo, &l->logits};
+    float **bufs[] = {&l->x,   &l->xb, &l->xb2, &l->q,  &l->kk,    &l->vv,
+                      &l->att, &l->hb, &l->hb2, &l->xo, &l->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -275,8 +275,8 @@ static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t 
     k->add(k, l->x, l->xb2, T * c->dim);
 }
 
-pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool,
-                                 const pd_llm_batch_t *b, const float **logits_p)
+pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
+                                 const float **logits_p)
 {
     pd_status_t st = check_batch(l, pool, b);
     if (st != PD_OK)
@@ -293,8 +293,7 @@ pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool,
         for (int64_t i = 0; i < b->n_out; i++)
             memcpy(l->xo + i * c->dim, l->x + (int64_t)b->out_rows[i] * c->dim,
                    (size_t)c->dim * sizeof(float));
-        k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim,
-                   c->norm_eps);
+        k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim, c->norm_eps);
         k->matmul(k, &mw->output, l->xo, b->n_out, l->logits);
     }
     if (logits_p)

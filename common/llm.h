@@ -29,12 +29,12 @@
 typedef struct pd_llm pd_llm_t;
 
 typedef struct pd_llm_opts {
-    int32_t max_ctx; /* positions of one sequence; <= 0: the model's ctx_len */
+    int32_t max_ctx;          /* positions of one sequence; <= 0: the model's ctx_len */
     int32_t max_batch_tokens; /* largest T of one forward pass; <= 0: 512 */
     int32_t max_logits;       /* most logit rows one pass returns; <= 0: 1 */
     /* The private pool (pd_llm_forward): */
-    bool no_private_kv;       /* true: none (only pd_llm_forward_batch is used) */
-    int32_t block_size;       /* KV positions per block; <= 0: 16 */
+    bool no_private_kv; /* true: none (only pd_llm_forward_batch is used) */
+    int32_t block_size; /* KV positions per block; <= 0: 16 */
     pd_kv_type_t kv_type;
 } pd_llm_opts_t;
 

@@ -28,11 +28,20 @@ int pd_parse_size(const char *s, int64_t *bytes_p)
     struct {
         const char *suffix;
         double mul;
-    } units[] = {{"", 1},          {"b", 1},           {"k", 1024.0},
-                 {"kib", 1024.0},  {"kb", 1e3},        {"m", 1048576.0},
-                 {"mib", 1048576.0}, {"mb", 1e6},      {"g", 1073741824.0},
-                 {"gib", 1073741824.0}, {"gb", 1e9},   {"t", 1099511627776.0},
-                 {"tib", 1099511627776.0}, {"tb", 1e12}};
+    } units[] = {{"", 1},
+                 {"b", 1},
+                 {"k", 1024.0},
+                 {"kib", 1024.0},
+                 {"kb", 1e3},
+                 {"m", 1048576.0},
+                 {"mib", 1048576.0},
+                 {"mb", 1e6},
+                 {"g", 1073741824.0},
+                 {"gib", 1073741824.0},
+                 {"gb", 1e9},
+                 {"t", 1099511627776.0},
+                 {"tib", 1099511627776.0},
+                 {"tb", 1e12}};
     for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
         if (!strcasecmp(end, units[i].suffix)) {
             double b = v * units[i].mul;
@@ -76,7 +85,8 @@ static int get_num(json_object *o, const char *key, double lo, double hi, double
     json_object *j;
     if (!json_object_object_get_ex(o, key, &j))
         return 0;
-    if (!json_object_is_type(j, json_type_int) && !json_object_is_type(j, json_type_double))
+    if (!json_object_is_type(j, json_type_int) &&
+        !json_object_is_type(j, json_type_double))
         return -1;
     double x = json_object_get_double(j);
     if (!(x >= lo && x <= hi))
@@ -285,22 +295,24 @@ static void print_item(const pd_tokenizer_t *tok, const item_t *it, bool json)
             json_object_object_add(o, "error", json_object_new_string(it->error));
         json_object_object_add(o, "ids", pd_json_ids(it->ids, it->res.n_gen));
         json_object_object_add(o, "text", text_json(tok, it));
-        json_object_object_add(o, "finish_reason",
-                               json_object_new_string(pd_engine_finish_str(it->res.finish)));
+        json_object_object_add(
+            o, "finish_reason",
+            json_object_new_string(pd_engine_finish_str(it->res.finish)));
         json_object_object_add(o, "seed", json_object_new_uint64(it->sp.seed));
         json_object_object_add(o, "cached_tokens",
                                json_object_new_int(it->res.cached_tokens));
-        json_object_object_add(o, "preemptions", json_object_new_int(it->res.preemptions));
+        json_object_object_add(o, "preemptions",
+                               json_object_new_int(it->res.preemptions));
         json_object *t = json_object_new_object();
         const pd_engine_result_t *r = &it->res;
-        json_object_object_add(t, "arrival_ms", json_object_new_double(r->arrival_s * 1e3));
+        json_object_object_add(t, "arrival_ms",
+                               json_object_new_double(r->arrival_s * 1e3));
         json_object_object_add(
             t, "first_token_ms",
-            json_object_new_double(r->first_token_s > 0
-                                       ? (r->first_token_s - r->arrival_s) * 1e3
-                                       : 0));
-        json_object_object_add(t, "finish_ms",
-                               json_object_new_double((r->finish_s - r->arrival_s) * 1e3));
+            json_object_new_double(
+                r->first_token_s > 0 ? (r->first_token_s - r->arrival_s) * 1e3 : 0));
+        json_object_object_add(
+            t, "finish_ms", json_object_new_double((r->finish_s - r->arrival_s) * 1e3));
         json_object_object_add(o, "timings", t);
     }
     printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
@@ -327,13 +339,14 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     double hit_rate = st.query_tokens ? (double)st.cached_tokens / st.query_tokens : 0;
     double mean_batch = st.steps ? (double)st.seqs_in_steps / st.steps : 0;
     if (!json) {
-        fprintf(stderr,
-                "[%d requests (%d errors), %lld prompt + %lld generated tokens in %.2f s: "
-                "%.1f gen tok/s; batch mean %.1f max %lld; %lld preemptions; prefix hit "
-                "rate %.1f%%]\n",
-                run->n, errors, (long long)prompt_tokens, (long long)gen_tokens, wall_s,
-                wall_s > 0 ? gen_tokens / wall_s : 0, mean_batch,
-                (long long)st.max_batch_seqs, (long long)st.preemptions, 100 * hit_rate);
+        fprintf(
+            stderr,
+            "[%d requests (%d errors), %lld prompt + %lld generated tokens in %.2f s: "
+            "%.1f gen tok/s; batch mean %.1f max %lld; %lld preemptions; prefix hit "
+            "rate %.1f%%]\n",
+            run->n, errors, (long long)prompt_tokens, (long long)gen_tokens, wall_s,
+            wall_s > 0 ? gen_tokens / wall_s : 0, mean_batch,
+            (long long)st.max_batch_seqs, (long long)st.preemptions, 100 * hit_rate);
         return;
     }
     json_object *o = json_object_new_object(), *s = json_object_new_object();
@@ -347,8 +360,9 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     json_object_object_add(s, "load_s", json_object_new_double(load_s));
     json_object_object_add(s, "gen_tokens_per_s",
                            json_object_new_double(wall_s > 0 ? gen_tokens / wall_s : 0));
-    json_object_object_add(s, "prompt_tokens_per_s",
-                           json_object_new_double(wall_s > 0 ? prompt_tokens / wall_s : 0));
+    json_object_object_add(
+        s, "prompt_tokens_per_s",
+        json_object_new_double(wall_s > 0 ? prompt_tokens / wall_s : 0));
     json_object_object_add(s, "decode_steps", json_object_new_int64(st.steps));
     json_object_object_add(s, "forward_s", json_object_new_double(st.forward_s));
     json_object *b = json_object_new_object(), *h = json_object_new_object();
@@ -400,9 +414,11 @@ static bool prompt_fits(const pd_engine_t *e, const pd_model_t *m, item_t *it)
         return false;
     }
     for (int32_t i = 0; i < it->n_prompt; i++)
-        if (it->prompt_ids[i] < 0 || it->prompt_ids[i] >= pd_model_config(m)->vocab_size) {
+        if (it->prompt_ids[i] < 0 ||
+            it->prompt_ids[i] >= pd_model_config(m)->vocab_size) {
             snprintf(it->error, sizeof it->error,
-                     "request refused: token %d outside the vocabulary", it->prompt_ids[i]);
+                     "request refused: token %d outside the vocabulary",
+                     it->prompt_ids[i]);
             return false;
         }
     return true;

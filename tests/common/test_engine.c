@@ -174,8 +174,8 @@ START_TEST(batched_equals_alone)
     for (int k = 0; k < 3; k++) {
         make_specs(&rng, q, sizes[k], 40);
         memset(outs, 0, sizeof outs);
-        pd_engine_opts_t eo = {.max_num_seqs = 64, .max_batch_tokens = 96, .eos = 2,
-                               .bos = 1};
+        pd_engine_opts_t eo = {
+            .max_num_seqs = 64, .max_batch_tokens = 96, .eos = 2, .bos = 1};
         run_engine(&eo, q, sizes[k], outs);
         check_against_reference(q, sizes[k], outs);
     }
@@ -247,9 +247,14 @@ START_TEST(chunked_prefill_does_not_stall_decodes)
     p2[0] = 1;
     for (int i = 1; i < 60; i++)
         p2[i] = 3 + i * 7 % 400;
-    pd_engine_request_t ra = {.prompt = p1, .n_prompt = 3, .max_tokens = 30,
-                              .ignore_eos = true, .sampling = pd_sampler_params_default(),
-                              .on_token = on_token, .on_finish = on_finish, .user = &a};
+    pd_engine_request_t ra = {.prompt = p1,
+                              .n_prompt = 3,
+                              .max_tokens = 30,
+                              .ignore_eos = true,
+                              .sampling = pd_sampler_params_default(),
+                              .on_token = on_token,
+                              .on_finish = on_finish,
+                              .user = &a};
     pd_engine_request_t rb = ra;
     rb.prompt = p2;
     rb.n_prompt = 60;
@@ -307,9 +312,13 @@ START_TEST(cancel_releases_blocks)
     static cancel_ctx_t c1, c2;
     memset(&c1, 0, sizeof c1);
     memset(&c2, 0, sizeof c2);
-    pd_engine_request_t r = {.prompt = p, .n_prompt = 40, .max_tokens = 100,
-                             .ignore_eos = true, .sampling = pd_sampler_params_default(),
-                             .on_token = cancel_on_token, .on_finish = cancel_on_finish,
+    pd_engine_request_t r = {.prompt = p,
+                             .n_prompt = 40,
+                             .max_tokens = 100,
+                             .ignore_eos = true,
+                             .sampling = pd_sampler_params_default(),
+                             .on_token = cancel_on_token,
+                             .on_finish = cancel_on_finish,
                              .user = &c1};
     uint64_t id1, id2, id3;
     ck_assert_int_eq(pd_engine_add(e, &r, &id1), PD_OK);
@@ -360,9 +369,12 @@ START_TEST(bad_requests_refused)
     for (int i = 0; i < 70; i++)
         p[i] = 1 + i;
     static out_t o;
-    pd_engine_request_t r = {.prompt = p, .n_prompt = 64, .max_tokens = 4,
+    pd_engine_request_t r = {.prompt = p,
+                             .n_prompt = 64,
+                             .max_tokens = 4,
                              .sampling = pd_sampler_params_default(),
-                             .on_finish = on_finish, .user = &o};
+                             .on_finish = on_finish,
+                             .user = &o};
     pd_test_n_errors = 0;
     ck_assert_int_eq(pd_engine_add(e, &r, NULL), PD_ERR_RANGE); /* no room */
     ck_assert_int_eq(pd_test_n_errors, 1);
@@ -399,8 +411,7 @@ START_TEST(steps_allocate_nothing)
 {
     pd_test_alloc_count_install();
     pd_engine_t *e = NULL;
-    pd_engine_opts_t eo = {.max_num_seqs = 8, .max_batch_tokens = 32, .eos = 2,
-                           .bos = 1};
+    pd_engine_opts_t eo = {.max_num_seqs = 8, .max_batch_tokens = 32, .eos = 2, .bos = 1};
     ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
     int32_t p[20];
     for (int i = 0; i < 20; i++)
@@ -408,10 +419,13 @@ START_TEST(steps_allocate_nothing)
     static out_t o[8];
     memset(o, 0, sizeof o);
     for (int r = 0; r < 8; r++) {
-        pd_engine_request_t rq = {.prompt = p, .n_prompt = 10 + r, .max_tokens = 120,
+        pd_engine_request_t rq = {.prompt = p,
+                                  .n_prompt = 10 + r,
+                                  .max_tokens = 120,
                                   .ignore_eos = true,
                                   .sampling = pd_sampler_params_default(),
-                                  .on_finish = on_finish, .user = &o[r]};
+                                  .on_finish = on_finish,
+                                  .user = &o[r]};
         rq.sampling.temperature = 0.7f;
         ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
     }
