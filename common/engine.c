@@ -34,6 +34,10 @@ struct req {
     int32_t n_committed;  /* leading blocks committed (or found) in the prefix cache */
     int32_t cached_tokens, preemptions;
     double arrival_s, first_token_s;
+    bool prefill_only;
+    int32_t *pre_blocks; /* a prefilled request's blocks until it starts */
+    int32_t n_pre;
+    int finish_now; /* 0, or 1 + the finish of a prefilled request done at add */
     /* this step */
     int32_t sched; /* tokens scheduled */
     int32_t logit; /* its row of logits, or -1 */
@@ -65,6 +69,8 @@ struct pd_engine {
     int32_t n_sched;
     bool in_step;
     pd_engine_stats_t stats;
+    struct pd_engine_layer_hook on_layer;
+    pd_engine_progress_t *progress; /* [max_seqs] */
 };
 
 const char *pd_engine_finish_str(pd_engine_finish_t f)
@@ -130,6 +136,14 @@ static void list_push(req_list_t *l, req_t *r, bool front)
 
 /* ---- creation ---------------------------------------------------------------------- */
 
+/* The llm's layer hook: hands the step's progress table (filled before the forward
+ * pass) to the engine's layer hook. */
+static void layer_done(void *user, int layer)
+{
+    pd_engine_t *e = user;
+    e->on_layer.fn(e->on_layer.user, layer, e->progress, e->n_sched);
+}
+
 pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
                           const pd_engine_opts_t *opts, pd_engine_t **engine_p)
 {
@@ -184,8 +198,9 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
         e->seq = malloc(T * sizeof *e->seq);
         e->out_rows = malloc(S * sizeof *e->out_rows);
         e->sched = malloc(S * sizeof *e->sched);
+        e->progress = malloc(S * sizeof *e->progress);
         if (!e->tables || !e->free_slots || !e->ids || !e->pos || !e->seq ||
-            !e->out_rows || !e->sched)
+            !e->out_rows || !e->sched || !e->progress)
             st = PD_ERR_NOMEM;
     }
     if (st != PD_OK) {
@@ -198,12 +213,16 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     for (int32_t s = 0; s < e->max_seqs; s++)
         e->free_slots[s] = e->max_seqs - 1 - s;
     e->n_free_slots = e->max_seqs;
+    e->on_layer = o.on_layer;
+    if (e->on_layer.fn)
+        pd_llm_set_layer_hook(e->llm, layer_done, e);
     *engine_p = e;
     return PD_OK;
 }
 
 static void req_free(req_t *r)
 {
+    free(r->pre_blocks);
     pd_sampler_destroy(&r->sampler);
     free(r->tokens);
     free(r->stop);
@@ -232,11 +251,15 @@ void pd_engine_destroy(pd_engine_t **engine_p)
     free(e->seq);
     free(e->out_rows);
     free(e->sched);
+    free(e->progress);
     free(e);
     *engine_p = NULL;
 }
 
 /* ---- requests ---------------------------------------------------------------------- */
+
+static bool is_stop(const pd_engine_t *e, const req_t *r, int32_t tok);
+static int32_t *row_of(pd_engine_t *e, const req_t *r);
 
 pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t *id_p)
 {
@@ -261,18 +284,37 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     pd_status_t st = pd_sampler_params_check(&q->sampling);
     if (st != PD_OK)
         return st;
+    int32_t n_pre = q->kv_blocks ? (q->n_prompt + e->bs - 1) / e->bs : 0;
+    if (q->kv_blocks) {
+        if (q->prefill_only || q->first_token < 0 || q->first_token >= e->cfg.vocab_size) {
+            PD_LOG_ERROR("request refused: a prefilled request with first token %d "
+                         "(vocabulary %d)%s",
+                         q->first_token, e->cfg.vocab_size,
+                         q->prefill_only ? " cannot also be prefill-only" : "");
+            return PD_ERR_INVALID;
+        }
+        for (int32_t i = 0; i < n_pre; i++)
+            if (q->kv_blocks[i] < 0 || q->kv_blocks[i] >= pd_kv_pool_n_blocks(e->kv)) {
+                PD_LOG_ERROR("request refused: KV block %d outside the pool",
+                             q->kv_blocks[i]);
+                return PD_ERR_RANGE;
+            }
+    }
     req_t *r = calloc(1, sizeof *r);
     if (!r)
         return PD_ERR_NOMEM;
     int64_t cap = (int64_t)e->max_len + 1; /* the last token is never computed */
-    if (q->max_tokens > 0 && (int64_t)q->n_prompt + q->max_tokens < cap)
-        cap = (int64_t)q->n_prompt + q->max_tokens;
+    int32_t max_tokens = q->prefill_only ? 1 : q->max_tokens;
+    if (max_tokens > 0 && (int64_t)q->n_prompt + max_tokens < cap)
+        cap = (int64_t)q->n_prompt + max_tokens;
     r->cap = (int32_t)cap;
     r->tokens = malloc((size_t)cap * sizeof *r->tokens);
     r->hashes = malloc((size_t)e->max_blocks * sizeof *r->hashes);
     r->stop = q->n_stop ? malloc((size_t)q->n_stop * sizeof *r->stop) : NULL;
+    r->pre_blocks = n_pre ? malloc((size_t)n_pre * sizeof *r->pre_blocks) : NULL;
     st = pd_sampler_new(e->cfg.vocab_size, &q->sampling, &r->sampler);
-    if (st != PD_OK || !r->tokens || !r->hashes || (q->n_stop && !r->stop)) {
+    if (st != PD_OK || !r->tokens || !r->hashes || (q->n_stop && !r->stop) ||
+        (n_pre && !r->pre_blocks)) {
         req_free(r);
         return st != PD_OK ? st : PD_ERR_NOMEM;
     }
@@ -281,7 +323,10 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
         memcpy(r->stop, q->stop_ids, (size_t)q->n_stop * sizeof *r->stop);
     r->n_stop = q->n_stop;
     r->n_prompt = r->n_tokens = q->n_prompt;
-    r->max_tokens = q->max_tokens;
+    r->max_tokens = max_tokens;
+    r->prefill_only = q->prefill_only;
+    if (q->rng_state)
+        pd_sampler_set_state(r->sampler, q->rng_state);
     r->ignore_eos = q->ignore_eos;
     r->on_token = q->on_token;
     r->on_finish = q->on_finish;
@@ -290,6 +335,16 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     r->logit = -1;
     r->id = ++e->next_id;
     r->arrival_s = pd_engine_now(e);
+    if (n_pre) {
+        memcpy(r->pre_blocks, q->kv_blocks, (size_t)n_pre * sizeof *r->pre_blocks);
+        r->n_pre = n_pre;
+        r->tokens[r->n_tokens++] = q->first_token;
+        r->first_token_s = r->arrival_s;
+        if (is_stop(e, r, q->first_token))
+            r->finish_now = 1 + PD_ENGINE_FINISH_STOP;
+        else if (r->n_tokens >= r->cap)
+            r->finish_now = 1 + PD_ENGINE_FINISH_LENGTH;
+    }
     list_push(&e->waiting, r, false);
     if (id_p)
         *id_p = r->id;
@@ -299,6 +354,12 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
 /* Releases the request's blocks and slot; it stays on the running list. */
 static void drop_blocks(pd_engine_t *e, req_t *r)
 {
+    if (r->pre_blocks) {
+        pd_kv_pool_release(e->kv, r->pre_blocks, r->n_pre);
+        free(r->pre_blocks);
+        r->pre_blocks = NULL;
+        r->n_pre = 0;
+    }
     if (r->slot < 0)
         return;
     pd_kv_pool_release(e->kv, e->tables + (size_t)r->slot * (size_t)e->max_blocks,
@@ -312,6 +373,17 @@ static void drop_blocks(pd_engine_t *e, req_t *r)
 
 static void finish(pd_engine_t *e, req_t *r, pd_engine_finish_t why, pd_status_t st)
 {
+    /* a finished prefill-only request hands its prompt's blocks over */
+    bool hand_over = r->prefill_only && r->slot >= 0 && r->n_tokens > r->n_prompt &&
+                     (why == PD_ENGINE_FINISH_LENGTH || why == PD_ENGINE_FINISH_STOP);
+    int32_t n_kv = hand_over ? (r->n_prompt + e->bs - 1) / e->bs : 0;
+    if (hand_over) {
+        int32_t *row = row_of(e, r);
+        if (r->n_blocks > n_kv) /* cannot happen: prefill never grows past the prompt */
+            pd_kv_pool_release(e->kv, row + n_kv, r->n_blocks - n_kv);
+        r->n_blocks = 0; /* the references move to the callee */
+    }
+    int32_t *kv_row = hand_over ? row_of(e, r) : NULL;
     drop_blocks(e, r);
     list_remove(r->running ? &e->running : &e->waiting, r);
     pd_engine_result_t res = {.id = r->id,
@@ -324,7 +396,10 @@ static void finish(pd_engine_t *e, req_t *r, pd_engine_finish_t why, pd_status_t
                               .preemptions = r->preemptions,
                               .arrival_s = r->arrival_s,
                               .first_token_s = r->first_token_s,
-                              .finish_s = pd_engine_now(e)};
+                              .finish_s = pd_engine_now(e),
+                              .kv_blocks = kv_row,
+                              .n_kv_blocks = n_kv};
+    pd_sampler_get_state(r->sampler, res.rng_state);
     if (r->on_finish)
         r->on_finish(r->user, &res);
     req_free(r);
@@ -361,6 +436,15 @@ int32_t pd_engine_n_pending(const pd_engine_t *e)
 int32_t pd_engine_n_running(const pd_engine_t *e)
 {
     return e->running.n;
+}
+
+pd_status_t pd_engine_rng_state(const pd_engine_t *e, uint64_t id, uint64_t out[4])
+{
+    req_t *r = find_req((pd_engine_t *)e, id);
+    if (!r)
+        return PD_ERR_NOT_FOUND;
+    pd_sampler_get_state(r->sampler, out);
+    return PD_OK;
 }
 
 pd_engine_stats_t pd_engine_stats(const pd_engine_t *e)
@@ -476,8 +560,18 @@ static int32_t schedule_step(pd_engine_t *e)
     while (!preempted && e->waiting.head && e->running.n < e->max_seqs && budget > 0) {
         req_t *r = e->waiting.head;
         r->slot = e->free_slots[--e->n_free_slots];
-        if (e->prefix_cache)
+        bool prefilled = r->pre_blocks != NULL;
+        if (prefilled) {
+            /* prefilled: its prompt's KV is in hand; only the first token to compute */
+            memcpy(row_of(e, r), r->pre_blocks, (size_t)r->n_pre * sizeof *r->pre_blocks);
+            r->n_blocks = r->n_pre;
+            r->n_computed = r->n_prompt;
+            free(r->pre_blocks);
+            r->pre_blocks = NULL;
+            r->n_pre = 0;
+        } else if (e->prefix_cache) {
             take_prefix(e, r);
+        }
         int32_t n = r->n_tokens - r->n_computed;
         n = n < budget ? n : budget;
         if (!grow(e, r, r->n_computed + n)) {
@@ -486,8 +580,8 @@ static int32_t schedule_step(pd_engine_t *e)
         }
         if (!r->started) {
             r->started = true;
-            r->cached_tokens = r->n_computed;
-            e->stats.cached_tokens += r->n_computed;
+            r->cached_tokens = prefilled ? 0 : r->n_computed;
+            e->stats.cached_tokens += r->cached_tokens;
             e->stats.query_tokens += r->n_prompt;
         }
         list_remove(&e->waiting, r);
@@ -551,6 +645,12 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         PD_LOG_ERROR("pd_engine_step called from an engine callback");
         return PD_ERR_INVALID;
     }
+    /* prefilled requests whose first token already finished them */
+    for (req_t *r = e->waiting.head, *next; r; r = next) {
+        next = r->next;
+        if (r->finish_now)
+            finish(e, r, (pd_engine_finish_t)(r->finish_now - 1), PD_OK);
+    }
     if (!e->waiting.head && !e->running.head)
         return PD_OK;
     e->in_step = true;
@@ -578,6 +678,12 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
             r->logit = n_out;
             e->out_rows[n_out++] = t - 1;
         }
+        e->progress[i] = (pd_engine_progress_t){.id = r->id,
+                                                .user = r->user,
+                                                .pos_end = r->n_computed + r->sched,
+                                                .n_prompt = r->n_prompt,
+                                                .blocks = row_of(e, r),
+                                                .n_blocks = r->n_blocks};
     }
     pd_llm_batch_t b = {.T = T,
                         .ids = e->ids,

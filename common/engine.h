@@ -39,6 +39,17 @@
 
 typedef struct pd_engine pd_engine_t;
 
+/* One sequence of the forward pass in progress, as the layer hook sees it: after layer
+ * `layer`, that layer's K/V of positions [0, pos_end) are in blocks[0..n_blocks) of the
+ * pool (valid during the call). */
+typedef struct pd_engine_progress {
+    uint64_t id;
+    void *user; /* the request's */
+    int32_t pos_end, n_prompt;
+    const int32_t *blocks;
+    int32_t n_blocks;
+} pd_engine_progress_t;
+
 typedef struct pd_engine_opts {
     int32_t max_num_seqs;     /* sequences in flight; <= 0: 64 */
     int32_t max_batch_tokens; /* tokens per step (the budget); <= 0: 512 */
@@ -53,7 +64,15 @@ typedef struct pd_engine_opts {
     /* The tokenizer's EOS and BOS ids (pd_tokenizer_eos/bos), which end a request
      * unless it ignores EOS; negative: none. */
     int32_t eos, bos;
+    /* Called after each layer of each forward pass (a prefill worker streams the KV of
+     * finished layers while later ones compute); see pd_engine_layer_fn. */
+    struct pd_engine_layer_hook {
+        void (*fn)(void *user, int32_t layer, const struct pd_engine_progress *seqs,
+                   int32_t n_seqs);
+        void *user;
+    } on_layer;
 } pd_engine_opts_t;
+
 
 typedef enum pd_engine_finish {
     PD_ENGINE_FINISH_STOP = PD_FINISH_STOP,     /* EOS, BOS or a stop id */
@@ -74,6 +93,12 @@ typedef struct pd_engine_result {
     int32_t cached_tokens; /* prompt tokens served by the prefix cache (first start) */
     int32_t preemptions;
     double arrival_s, first_token_s, finish_s; /* engine clock, seconds */
+    /* A prefill_only request that finished with its first token: the blocks holding
+     * its prompt's KV (ceil(n_prompt / block_size)), one reference each now owned by
+     * the callee, which must pd_kv_pool_release them. NULL otherwise. */
+    const int32_t *kv_blocks;
+    int32_t n_kv_blocks;
+    uint64_t rng_state[4]; /* the sampler's state at the finish */
 } pd_engine_result_t;
 
 typedef void (*pd_engine_token_fn)(void *user, uint64_t id, int32_t token);
@@ -90,6 +115,19 @@ typedef struct pd_engine_request {
     pd_engine_token_fn on_token; /* may be NULL */
     pd_engine_finish_fn on_finish;
     void *user;
+    /* The sampler's random state to start from (4 words; NULL: from sampling.seed). */
+    const uint64_t *rng_state;
+    /* Prefill only (a prefill worker): compute the prompt, sample the first token and
+     * finish (LENGTH) keeping the prompt's blocks for the caller (result.kv_blocks). */
+    bool prefill_only;
+    /* Prefilled (a decode worker): kv_blocks (ceil(n_prompt / block_size) ids of this
+     * engine's pool) already hold the KV of positions [0, n_prompt), and first_token
+     * is the first generated token (already delivered by the caller: no on_token for
+     * it; it counts toward max_tokens and may finish the request at the next step).
+     * On PD_OK the engine owns one reference to each block; on error the caller keeps
+     * them. Full prompt blocks are committed to the prefix cache. */
+    const int32_t *kv_blocks;
+    int32_t first_token;
 } pd_engine_request_t;
 
 typedef struct pd_engine_stats {
@@ -126,6 +164,10 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p);
 /* Requests waiting or running. */
 int32_t pd_engine_n_pending(const pd_engine_t *e);
 int32_t pd_engine_n_running(const pd_engine_t *e);
+
+/* The sampler state of request id after its latest token (from on_token: the state
+ * after that token). PD_ERR_NOT_FOUND if it is not in flight. */
+pd_status_t pd_engine_rng_state(const pd_engine_t *e, uint64_t id, uint64_t out[4]);
 
 pd_engine_stats_t pd_engine_stats(const pd_engine_t *e);
 pd_kv_pool_t *pd_engine_kv(pd_engine_t *e);

@@ -350,3 +350,36 @@ void pd_kv_pool_release(pd_kv_pool_t *p, const int32_t *ids, int32_t n)
             list_push(p, b, !p->committed[b]);
     }
 }
+
+size_t pd_kv_pool_row_bytes(const pd_kv_pool_t *p)
+{
+    return (size_t)p->row_elems * p->es;
+}
+
+size_t pd_kv_pool_layer_bytes(const pd_kv_pool_t *p)
+{
+    return p->layer_bytes;
+}
+
+int32_t pd_kv_pool_n_layers(const pd_kv_pool_t *p)
+{
+    return p->n_layers;
+}
+
+uint64_t pd_kv_checksum(const pd_kv_pool_t *p, const int32_t *blocks, int32_t n_tokens)
+{
+    XXH3_state_t st;
+    XXH3_64bits_reset(&st);
+    size_t row = pd_kv_pool_row_bytes(p), bbytes = row * (size_t)p->block_size;
+    for (int32_t l = 0; l < p->n_layers; l++) {
+        for (int kv = 0; kv < 2; kv++) {
+            const uint8_t *base = (kv ? p->v : p->k) + (size_t)l * p->layer_bytes;
+            for (int32_t pos = 0; pos < n_tokens; pos += p->block_size) {
+                int32_t n = n_tokens - pos < p->block_size ? n_tokens - pos : p->block_size;
+                int32_t b = blocks[pos / p->block_size];
+                XXH3_64bits_update(&st, base + (size_t)b * bbytes, (size_t)n * row);
+            }
+        }
+    }
+    return XXH3_64bits_digest(&st);
+}

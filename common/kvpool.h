@@ -108,4 +108,16 @@ void pd_kv_pool_commit(pd_kv_pool_t *p, int32_t id, pd_kv_hash_t hash,
 /* Forgets every committed block that nobody references (tests, a model swap). */
 void pd_kv_pool_clear_cache(pd_kv_pool_t *p);
 
+/* The KV transfer checksum: XXH3-64 over, for each layer in order, the K rows then
+ * the V rows of positions [0, n_tokens) of the sequence whose block table is blocks
+ * (ceil(n_tokens / block_size) ids), in position order. Both ends of a transfer
+ * compute it from their own blocks. */
+uint64_t pd_kv_checksum(const pd_kv_pool_t *p, const int32_t *blocks, int32_t n_tokens);
+/* Bytes of one position's row (n_kv_heads * head_dim elements) and one layer's K (or
+ * V) region of the pool: block b of layer l starts at l * layer_bytes + b *
+ * block_bytes_per_layer from pd_kv_pool_k/v(p, 0). */
+size_t pd_kv_pool_row_bytes(const pd_kv_pool_t *p);
+size_t pd_kv_pool_layer_bytes(const pd_kv_pool_t *p);
+int32_t pd_kv_pool_n_layers(const pd_kv_pool_t *p);
+
 #endif

@@ -30,6 +30,8 @@ struct pd_llm {
     float *hb, *hb2;      /* [max_T][hidden_dim] */
     float *xo;            /* [max_logits][dim] rows that need logits */
     float *logits;        /* [max_logits][vocab] */
+    pd_llm_layer_fn on_layer;
+    void *layer_user;
 };
 
 static float *alloc_floats(size_t a, size_t b, int *fail)
@@ -286,8 +288,11 @@ pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_b
     pd_kernels_t *k = l->k;
 
     k->get_rows(k, &mw->tok_embd, b->ids, b->T, l->x);
-    for (int layer = 0; layer < c->n_layers; layer++)
+    for (int layer = 0; layer < c->n_layers; layer++) {
         layer_forward(l, pool, b, layer);
+        if (l->on_layer)
+            l->on_layer(l->layer_user, layer);
+    }
 
     if (b->n_out > 0) {
         for (int64_t i = 0; i < b->n_out; i++)
@@ -318,4 +323,10 @@ pd_status_t pd_llm_forward(pd_llm_t *l, const int32_t *ids, const int32_t *pos, 
                         .out_rows = out_rows,
                         .n_out = n_out};
     return pd_llm_forward_batch(l, l->own_kv, &b, logits_p);
+}
+
+void pd_llm_set_layer_hook(pd_llm_t *llm, pd_llm_layer_fn fn, void *user)
+{
+    llm->on_layer = fn;
+    llm->layer_user = user;
 }

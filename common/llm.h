@@ -71,6 +71,12 @@ pd_kv_pool_t *pd_llm_private_kv(pd_llm_t *llm);
 pd_status_t pd_llm_forward_batch(pd_llm_t *llm, pd_kv_pool_t *pool,
                                  const pd_llm_batch_t *batch, const float **logits_p);
 
+/* Called by pd_llm_forward_batch after layer `layer` of the batch is done: its K/V
+ * rows for every token of the batch are in the pool from then on (the KV transfer
+ * streams them while later layers compute). NULL fn: none. */
+typedef void (*pd_llm_layer_fn)(void *user, int layer);
+void pd_llm_set_layer_hook(pd_llm_t *llm, pd_llm_layer_fn fn, void *user);
+
 /* One sequence in the private pool: ids[0..T) at positions pos[0..T) (each <
  * max_ctx; every position below pos[t] must already be in the cache or in this batch
  * before t), logits of rows out_rows[0..n_out) as pd_llm_forward_batch gives them.

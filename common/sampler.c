@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/log.h"
 #include "common/rng.h"
@@ -220,4 +221,14 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
             return c[m - 1 - i].id;
     }
     return c[m - n_draw].id; /* rounding left r at the very top: the last one */
+}
+
+void pd_sampler_get_state(const pd_sampler_t *s, uint64_t out[4])
+{
+    memcpy(out, s->rng.s, sizeof s->rng.s);
+}
+
+void pd_sampler_set_state(pd_sampler_t *s, const uint64_t in[4])
+{
+    memcpy(s->rng.s, in, sizeof s->rng.s);
 }

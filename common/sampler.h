@@ -38,6 +38,11 @@ void pd_sampler_destroy(pd_sampler_t **sampler_p);
 /* Restarts the random stream from a new seed (params otherwise unchanged). */
 void pd_sampler_reseed(pd_sampler_t *s, uint64_t seed);
 
+/* The random stream's state (xoshiro256**, 4 words): a sampler restored with it draws
+ * what the saved one would have drawn next (a request moved between workers). */
+void pd_sampler_get_state(const pd_sampler_t *s, uint64_t out[4]);
+void pd_sampler_set_state(pd_sampler_t *s, const uint64_t in[4]);
+
 /* Picks the next token from logits[n_vocab] (read only). */
 int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits);
 /* The index of the largest value (first on ties). */

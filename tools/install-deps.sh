@@ -3,6 +3,8 @@
 # Runs as root (or with sudo available). Debian 12.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config check libjson-c-dev libxxhash-dev python3 python3-numpy
+      libzmq3-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libuv1-dev libucx-dev
+      ucx-utils python3-zmq python3-protobuf iproute2
       python3-sentencepiece)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -6,6 +6,7 @@
  * step allocates nothing. */
 #include <check.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -405,6 +406,202 @@ START_TEST(bad_requests_refused)
 }
 END_TEST
 
+/* ---- the disaggregated handoff: prefill-only on one engine, prefilled on another ---- */
+
+typedef struct handoff {
+    int32_t n_layers, calls, last_layer;
+    int32_t pos_end[MAX_REQ];
+    bool order_ok;
+    /* the prefill side's result */
+    bool done;
+    int32_t first, kv[64], n_kv;
+    uint64_t rng[4];
+} handoff_t;
+
+static void handoff_layer(void *user, int32_t layer, const pd_engine_progress_t *seqs,
+                          int32_t n)
+{
+    handoff_t *h = user;
+    /* layers come in order 0..n_layers-1 within each step */
+    if (layer != (h->last_layer + 1) % h->n_layers)
+        h->order_ok = false;
+    h->last_layer = layer;
+    h->calls++;
+    for (int32_t i = 0; i < n; i++) {
+        if (seqs[i].pos_end > seqs[i].n_prompt || seqs[i].n_blocks * 16 < seqs[i].pos_end)
+            h->order_ok = false;
+        int r = (int)(intptr_t)seqs[i].user;
+        if (layer == 0 && seqs[i].pos_end <= h->pos_end[r])
+            h->order_ok = false; /* every step moves a prefill forward */
+        h->pos_end[r] = seqs[i].pos_end;
+    }
+}
+
+static handoff_t *handoff_cur;
+static void handoff_finish(void *user, const pd_engine_result_t *r)
+{
+    handoff_t *h = &handoff_cur[(intptr_t)user];
+    ck_assert(!h->done);
+    h->done = true;
+    ck_assert_int_eq(r->finish, PD_ENGINE_FINISH_LENGTH);
+    ck_assert_int_eq(r->n_gen, 1);
+    ck_assert_ptr_nonnull(r->kv_blocks);
+    ck_assert_int_eq(r->n_kv_blocks, (r->n_prompt + 15) / 16);
+    h->first = r->ids[0];
+    h->n_kv = r->n_kv_blocks;
+    memcpy(h->kv, r->kv_blocks, (size_t)r->n_kv_blocks * sizeof *h->kv);
+    memcpy(h->rng, r->rng_state, sizeof h->rng);
+}
+
+START_TEST(prefill_handoff_equals_alone)
+{
+    enum { N = 12 };
+    static req_spec_t q[N];
+    static out_t outs[N];
+    static handoff_t hs[N];
+    memset(outs, 0, sizeof outs);
+    memset(hs, 0, sizeof hs);
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 77);
+    make_specs(&rng, q, N, 0);
+    handoff_t layer_log = {.n_layers = pd_model_config(model)->n_layers,
+                           .last_layer = -1,
+                           .order_ok = true};
+    handoff_cur = hs;
+    /* the prefill side: small steps so prompts arrive in chunks */
+    pd_engine_opts_t po = {.max_num_seqs = 4,
+                           .max_batch_tokens = 16,
+                           .kv_blocks = 64,
+                           .eos = 2,
+                           .bos = 1,
+                           .on_layer = {handoff_layer, &layer_log}};
+    pd_engine_t *P = NULL, *D = NULL;
+    ck_assert_int_eq(pd_engine_new(model, kern, &po, &P), PD_OK);
+    pd_engine_opts_t dopt = {.max_num_seqs = 8, .kv_blocks = 96, .eos = 2, .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &dopt, &D), PD_OK);
+    pd_kv_pool_t *pk = pd_engine_kv(P), *dk = pd_engine_kv(D);
+    int32_t pfree0 = pd_kv_pool_n_free(pk), dfree0 = pd_kv_pool_n_free(dk);
+    for (int r = 0; r < N; r++) {
+        pd_engine_request_t rq = {.prompt = q[r].prompt,
+                                  .n_prompt = q[r].n_prompt,
+                                  .sampling = q[r].sp,
+                                  .prefill_only = true,
+                                  .on_finish = handoff_finish,
+                                  .user = (void *)(intptr_t)r};
+        ck_assert_int_eq(pd_engine_add(P, &rq, NULL), PD_OK);
+    }
+    for (int s = 0; s < 1000 && pd_engine_n_pending(P); s++)
+        ck_assert_int_eq(pd_engine_step(P, NULL), PD_OK);
+    ck_assert_int_eq(pd_engine_n_pending(P), 0);
+    ck_assert(layer_log.order_ok);
+    ck_assert_int_gt(layer_log.calls, layer_log.n_layers * 2);
+    /* the transfer: copy every layer's K/V rows into blocks reserved on D */
+    size_t row = pd_kv_pool_row_bytes(pk), lb = pd_kv_pool_layer_bytes(pk);
+    size_t dlb = pd_kv_pool_layer_bytes(dk); /* the pools differ in size */
+    size_t bb = row * 16;
+    int32_t nl = pd_kv_pool_n_layers(pk);
+    for (int r = 0; r < N; r++) {
+        handoff_t *h = &hs[r];
+        ck_assert(h->done);
+        int32_t dst[64];
+        ck_assert_int_eq(pd_kv_pool_alloc(dk, h->n_kv, dst), PD_OK);
+        for (int32_t l = 0; l < nl; l++)
+            for (int32_t b = 0; b < h->n_kv; b++) {
+                memcpy((uint8_t *)pd_kv_pool_k(dk, 0) + l * dlb + (size_t)dst[b] * bb,
+                       (uint8_t *)pd_kv_pool_k(pk, 0) + l * lb + (size_t)h->kv[b] * bb, bb);
+                memcpy((uint8_t *)pd_kv_pool_v(dk, 0) + l * dlb + (size_t)dst[b] * bb,
+                       (uint8_t *)pd_kv_pool_v(pk, 0) + l * lb + (size_t)h->kv[b] * bb, bb);
+            }
+        ck_assert_uint_eq(pd_kv_checksum(pk, h->kv, q[r].n_prompt),
+                          pd_kv_checksum(dk, dst, q[r].n_prompt));
+        pd_kv_pool_release(pk, h->kv, h->n_kv);
+        pd_engine_request_t rq = {.prompt = q[r].prompt,
+                                  .n_prompt = q[r].n_prompt,
+                                  .max_tokens = q[r].max_tokens,
+                                  .ignore_eos = true,
+                                  .sampling = q[r].sp,
+                                  .rng_state = h->rng,
+                                  .kv_blocks = dst,
+                                  .first_token = h->first,
+                                  .on_token = on_token,
+                                  .on_finish = on_finish,
+                                  .user = &outs[r]};
+        outs[r].n_tokens_cb = 1; /* the first token came from the prefill side */
+        ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_OK);
+    }
+    ck_assert_int_eq(pd_kv_pool_n_free(pk), pfree0);
+    for (int s = 0; s < 5000 && pd_engine_n_pending(D); s++)
+        ck_assert_int_eq(pd_engine_step(D, NULL), PD_OK);
+    ck_assert_int_eq(pd_engine_n_pending(D), 0);
+    check_against_reference(q, N, outs);
+    ck_assert_int_eq(pd_engine_stats(D).prompt_tokens, 0); /* nothing recomputed */
+    ck_assert_int_eq(pd_kv_pool_n_free(dk), dfree0);
+    pd_engine_destroy(&P);
+    pd_engine_destroy(&D);
+}
+END_TEST
+
+/* A prefilled request whose first token already ends it finishes at the next step;
+ * cancelling a prefilled request that never started releases its blocks. */
+START_TEST(prefilled_edge_cases)
+{
+    pd_engine_t *D = NULL;
+    pd_engine_opts_t dopt = {.max_num_seqs = 4, .kv_blocks = 16, .eos = 2, .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &dopt, &D), PD_OK);
+    pd_kv_pool_t *dk = pd_engine_kv(D);
+    int32_t free0 = pd_kv_pool_n_free(dk);
+    int32_t prompt[20];
+    for (int i = 0; i < 20; i++)
+        prompt[i] = 5 + i;
+    int32_t blocks[2];
+    static out_t o[3];
+    memset(o, 0, sizeof o);
+    /* EOS as the first token */
+    ck_assert_int_eq(pd_kv_pool_alloc(dk, 2, blocks), PD_OK);
+    pd_engine_request_t rq = {.prompt = prompt,
+                              .n_prompt = 20,
+                              .max_tokens = 10,
+                              .sampling = pd_sampler_params_default(),
+                              .kv_blocks = blocks,
+                              .first_token = 2,
+                              .on_finish = on_finish,
+                              .user = &o[0]};
+    ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_OK);
+    /* max_tokens 1 */
+    ck_assert_int_eq(pd_kv_pool_alloc(dk, 2, blocks), PD_OK);
+    rq.first_token = 7;
+    rq.max_tokens = 1;
+    rq.user = &o[1];
+    ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_OK);
+    /* cancelled before it starts */
+    ck_assert_int_eq(pd_kv_pool_alloc(dk, 2, blocks), PD_OK);
+    rq.max_tokens = 10;
+    rq.user = &o[2];
+    uint64_t id = 0;
+    ck_assert_int_eq(pd_engine_add(D, &rq, &id), PD_OK);
+    ck_assert_int_eq(pd_kv_pool_n_free(dk), free0 - 6);
+    ck_assert_int_eq(pd_engine_cancel(D, id), PD_OK);
+    ck_assert_int_eq(o[2].res.finish, PD_ENGINE_FINISH_CANCELLED);
+    ck_assert_int_eq(pd_kv_pool_n_free(dk), free0 - 4);
+    /* bad first token or block: refused, blocks stay the caller's */
+    rq.first_token = 1 << 20;
+    ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_ERR_INVALID);
+    int32_t bad[2] = {0, 1 << 20};
+    rq.first_token = 7;
+    rq.kv_blocks = bad;
+    ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_ERR_RANGE);
+    ck_assert_int_eq(pd_engine_step(D, NULL), PD_OK);
+    ck_assert(o[0].done && o[1].done);
+    ck_assert_int_eq(o[0].res.finish, PD_ENGINE_FINISH_STOP);
+    ck_assert_int_eq(o[0].n, 1);
+    ck_assert_int_eq(o[0].ids[0], 2);
+    ck_assert_int_eq(o[1].res.finish, PD_ENGINE_FINISH_LENGTH);
+    ck_assert_int_eq(o[1].n, 1);
+    ck_assert_int_eq(pd_kv_pool_n_free(dk), free0);
+    pd_engine_destroy(&D);
+}
+END_TEST
+
 /* ---- a step allocates nothing ---- */
 
 START_TEST(steps_allocate_nothing)
@@ -448,6 +645,7 @@ int main(void)
     TCase *tc = pd_test_tcase("core", 600, setup, teardown);
     PD_TEST_ADD(tc, batched_equals_alone, preemption_keeps_outputs,
                 prefix_cache_hit_and_stats, chunked_prefill_does_not_stall_decodes,
-                cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing);
+                cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing,
+                prefill_handoff_equals_alone, prefilled_edge_cases);
     return pd_test_run("engine", tc);
 }
