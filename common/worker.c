@@ -157,6 +157,8 @@ typedef struct worker {
     pd_ucx_region_t *reg_k, *reg_v;
     bool registered, draining;
     uint64_t worker_id;
+    uint64_t reg_seq; /* this registration's number: the request id of REGISTER and of
+                         every heartbeat, so replies to an older one are told apart */
     uint32_t heartbeat_ms;
     uint64_t next_heartbeat, next_register, drain_deadline;
     dtask_t *dtasks;
@@ -1386,7 +1388,7 @@ static void fill_load(worker_t *w, Pd__WorkerLoad *l)
 static void send_register(worker_t *w)
 {
     Pd__Envelope env;
-    pd_rpc_envelope_init(&env, PD__METHOD__REGISTER, 0);
+    pd_rpc_envelope_init(&env, PD__METHOD__REGISTER, w->reg_seq);
     Pd__Register r = PD__REGISTER__INIT;
     r.role = w->o.role == PD_WORKER_PREFILL ? PD__ROLE__PREFILL : PD__ROLE__DECODE;
     r.name = (char *)w->o.name;
@@ -1435,7 +1437,7 @@ static void send_register(worker_t *w)
 static void send_heartbeat(worker_t *w)
 {
     Pd__Envelope env;
-    pd_rpc_envelope_init(&env, PD__METHOD__HEARTBEAT, 0);
+    pd_rpc_envelope_init(&env, PD__METHOD__HEARTBEAT, w->reg_seq);
     Pd__Heartbeat hb = PD__HEARTBEAT__INIT;
     Pd__WorkerLoad l = PD__WORKER_LOAD__INIT;
     fill_load(w, &l);
@@ -1456,8 +1458,11 @@ static void drop_all(worker_t *w)
         ptask_drop(w, w->ptasks, true);
 }
 
-static void on_register_reply(worker_t *w, const Pd__RegisterReply *r, int *exit_code)
+static void on_register_reply(worker_t *w, uint64_t rid, const Pd__RegisterReply *r,
+                              int *exit_code)
 {
+    if (rid != w->reg_seq)
+        return; /* about an earlier registration (e.g. heartbeats queued while stopped) */
     if (r->accepted) {
         if (!w->registered)
             PD_LOG_INFO("worker %s: registered as %llu", w->o.name,
@@ -1474,6 +1479,7 @@ static void on_register_reply(worker_t *w, const Pd__RegisterReply *r, int *exit
                     w->o.name, r->reason ? r->reason : "");
         w->registered = false;
         drop_all(w);
+        w->reg_seq++;
         send_register(w);
         return;
     }
@@ -1508,7 +1514,7 @@ static void handle(worker_t *w, pd_rpc_msg_t *m, int *exit_code)
     const Pd__Envelope *env = m->env;
     switch (env->method) {
     case PD__METHOD__REGISTER_REPLY:
-        on_register_reply(w, env->register_reply, exit_code);
+        on_register_reply(w, env->request_id, env->register_reply, exit_code);
         break;
     case PD__METHOD__PREFILL_TASK:
         on_prefill_task(w, env);
@@ -1900,6 +1906,7 @@ static void teardown(worker_t *w)
 static int run(worker_t *w)
 {
     int exit_code = -1;
+    w->reg_seq = 1;
     send_register(w);
     while (exit_code < 0) {
         bool ucx_busy = false;

@@ -258,6 +258,7 @@ class Client:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.results = {}
+        self.inbox = []  # every message that is not a Generate's chunk or error
 
     def close(self):
         self.sock.close(0)
@@ -296,7 +297,7 @@ class Client:
 
     def _handle(self, env):
         r = self.results.get(env.request_id)
-        if r is None:
+        if r is None or env.method not in (pb.CHUNK, pb.ERROR):
             return env
         if env.method == pb.CHUNK:
             c = env.chunk
@@ -328,6 +329,7 @@ class Client:
                 x = self._handle(env)
                 if x is not None:
                     other.append(x)
+                    self.inbox.append(x)
         return other
 
     def wait_all(self, rids, timeout=120):
