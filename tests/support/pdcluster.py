@@ -231,10 +231,36 @@ class Cluster:
     def __enter__(self):
         return self
 
+    def shutdown(self, timeout=30):
+        """SIGTERM to every live process (workers first, then the router): each must
+        drain and exit 0 (under ASan that includes its leak check). Returns the
+        processes that did not, with their exit status."""
+        bad = []
+        workers = [p for p in self.procs if p is not self.router and p.alive()]
+        for p in workers:
+            p.signal(signal.SIGTERM)
+        for p in workers:
+            rc = p.wait(timeout)
+            if rc != 0:
+                bad.append((p.name, rc))
+        if self.router.alive():
+            self.router.signal(signal.SIGTERM)
+            rc = self.router.wait(timeout)
+            if rc != 0:
+                bad.append((self.router.name, rc))
+        return bad
+
     def __exit__(self, *exc):
         if exc[0] is not None:
             print(self.dump(), flush=True)
+            self.stop()
+            return
+        bad = self.shutdown()
+        if bad:
+            print(self.dump(), flush=True)
         self.stop()
+        if bad:
+            raise RuntimeError(f"processes did not exit cleanly: {bad}")
 
 
 class Result:
