@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "support"))
 from pdcluster import (Cluster, Failures, free_blocks, golden_lines, model_args,  # noqa
-                       wait_blocks_back)
+                       reference, wait_blocks_back)
 
 f = Failures()
 lines = [g for g in golden_lines() if g["model"].startswith("stories260K")]
@@ -77,6 +77,13 @@ with Cluster(MODEL, 1, 2, "ucx", router_args=FAST) as cl:
     c = cl.client()
     start = free_blocks(c)
     reqs = send_golden(c, 48)
+    # seeded sampled requests too: a re-run continues their random stream
+    sampled = []
+    for i in range(8):
+        g = lines[i % len(lines)]
+        sampled.append((reference(MODEL, g["prompt"], 200, 0.8, 0.95, 77 + i),
+                        c.generate(prompt=g["prompt"], max_tokens=200, temperature=0.8,
+                                   top_p=0.95, seed=77 + i)))
     f.check(wait_any_partial(c, reqs), "decode kill: no request was mid-stream")
     victim = cl.decode[0]
     victim.signal(signal.SIGKILL)
@@ -88,6 +95,14 @@ with Cluster(MODEL, 1, 2, "ucx", router_args=FAST) as cl:
         check_exact(f"decode kill {g['prompt']!r}", g, r)
         retried += bool(r.usage and r.usage.retries)
     f.check(retried > 0, "decode kill: no request was re-run")
+    rerun = 0
+    for i, (want, rid) in enumerate(sampled):
+        r = c.wait_all([rid], timeout=60)[0]
+        rerun += bool(r.usage and r.usage.retries)
+        f.check(not r.error and r.ids == want and r.indices == list(range(len(r.ids))),
+                f"decode kill: sampled request {i} differs from pdctl generate "
+                f"(retries {r.usage.retries if r.usage else None}, error {r.error})")
+    print(f"decode kill: {rerun} of {len(sampled)} sampled requests were re-run", flush=True)
     survivors = alive_names(c)
     f.check(len(survivors) == 2, f"decode kill: alive workers {survivors}")
     blocks_back("decode kill", c, start, survivors)

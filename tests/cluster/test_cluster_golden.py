@@ -1,13 +1,16 @@
 """Every golden line through the whole cluster yields its exact greedy_ids: 1 prefill +
 1 decode worker over UCX, 2 + 2 over the ZeroMQ transport, the llama2.c pair and the
 GGUF copy, one request at a time and with 64 requests in flight; prompts long enough
-to stream their KV layer by layer (--kv-layerwise-min 1) as well as in bulk; and
-after every run each worker's free KV blocks are back to their starting count."""
+to stream their KV layer by layer (--kv-layerwise-min 1) as well as in bulk; seeded
+sampled requests equal `pdctl generate` with the same seed (the prefill worker draws
+the first token and hands its random state on); and after every run each worker's
+free KV blocks are back to their starting count."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "support"))
-from pdcluster import Cluster, Failures, golden_lines, model_args, wait_blocks_back  # noqa
+from pdcluster import (Cluster, Failures, golden_lines, model_args, reference,  # noqa
+                       wait_blocks_back)
 
 f = Failures()
 lines = golden_lines()
@@ -69,6 +72,18 @@ for label, n_p, n_d, transport, gguf, wargs in configs:
                 res = c.wait_all([r for _, r in rids], timeout=300)
                 for (g, _), r in zip(rids, res):
                     check_line(f"{what0} 64 in flight {g['prompt']!r}", g, r)
+                # seeded sampling equals the single process
+                samp = []
+                for i, g in enumerate(glines):
+                    seed = 1000 + i
+                    want = reference(model_args(g, gguf), g["prompt"], 64, 0.9, 0.95, seed)
+                    samp.append((g, want, c.generate(prompt=g["prompt"], max_tokens=64,
+                                                     temperature=0.9, top_p=0.95,
+                                                     seed=seed)))
+                for (g, want, rid), r in zip(samp, c.wait_all([x[2] for x in samp])):
+                    f.check(not r.error and r.ids == want,
+                            f"{what0} sampled {g['prompt']!r}: {r.error} {r.ids[:8]} vs "
+                            f"{want[:8]}")
                 ok, now = wait_blocks_back(c, start)
                 f.check(ok, f"{what0}: free blocks {now} != start {start}")
             finally:

@@ -44,6 +44,19 @@ def golden_lines():
     return lines
 
 
+def reference(margs, prompt, max_tokens, temperature=0.0, top_p=1.0, seed=1):
+    """pdctl generate's ids for one prompt (the single-process reference)."""
+    import json
+    p = subprocess.run([require(os.path.join(BIN, "pdctl")), "generate", *margs,
+                        "--prompt", prompt, "--max-tokens", str(max_tokens),
+                        "--temperature", str(temperature), "--top-p", str(top_p),
+                        "--seed", str(seed), "--ignore-eos", "--format", "json"],
+                       capture_output=True, timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"pdctl generate failed: {p.stderr.decode(errors='replace')}")
+    return json.loads(p.stdout)["ids"]
+
+
 def model_args(g, gguf=True):
     """--model/--tokenizer for a golden line's model (GGUF copy, or the llama2.c pair)."""
     stem = os.path.splitext(g["model"])[0]

@@ -1,0 +1,469 @@
+/* pdctl_up.c - `pdctl up`: a whole local cluster on this machine. Starts pd-router
+ * (client endpoint tcp://127.0.0.1:PORT, worker endpoint on a free port) and the prefill
+ * and decode workers as child processes, waits until every worker has registered (the
+ * router's HEALTH), prints the client endpoint, and on SIGINT or SIGTERM drains the
+ * workers (SIGTERM, then SIGKILL after the drain timeout) and stops the router.
+ * The binaries are taken from beside pdctl (or --bin-dir); each child's log goes to
+ * --log-dir (default: a fresh directory under $TMPDIR), whose path is printed.
+ * Single-threaded; signals are taken synchronously (sigtimedwait). */
+#ifdef PD_HAVE_SERVICE
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/rpc.h"
+#include "tools/pdctl.h"
+
+#define MAX_CHILDREN 130
+
+typedef struct child {
+    pid_t pid;
+    char name[32];
+    bool is_router, exited;
+    int status;
+} child_t;
+
+typedef struct up {
+    const char *model, *tokenizer, *transport, *policy, *kv_memory, *bin_dir, *log_dir;
+    int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
+    child_t kids[MAX_CHILDREN];
+    int n_kids;
+    char client_ep[128], worker_ep[128], bindir[PATH_MAX], logdir[PATH_MAX];
+} up_t;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: pdctl up --model M [--tokenizer T] [--prefill N] [--decode N]\n"
+            "                [--port P] [--kv-transport ucx|zmq] [--threads N]\n"
+            "                [--policy prefix-aware|least-loaded|round-robin]\n"
+            "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
+            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
+            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
+            "  and N decode workers (default 1 each) on this machine, waits until all\n"
+            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
+            "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
+            "  threads per worker (default: the CPUs divided among the workers).\n");
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int parse_int(const char *s, long lo, long hi, int *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || !end || end == s || *end || v < lo || v > hi)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* Starts argv with stdout to out_fd (-1: the log) and stderr to the child's log. */
+static child_t *spawn(up_t *u, const char *name, char **argv, int out_fd, bool router)
+{
+    if (u->n_kids >= MAX_CHILDREN)
+        return NULL;
+    char log[PATH_MAX + 64];
+    snprintf(log, sizeof log, "%s/%s.log", u->logdir, name);
+    int lfd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (lfd < 0) {
+        fprintf(stderr, "pdctl up: cannot write %s: %s\n", log, strerror(errno));
+        return NULL;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        fprintf(stderr, "pdctl up: fork: %s\n", strerror(errno));
+        close(lfd);
+        return NULL;
+    }
+    if (pid == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        setpgid(0, 0); /* Ctrl-C reaches pdctl only; it stops the children in order */
+        dup2(out_fd >= 0 ? out_fd : lfd, 1);
+        dup2(lfd, 2);
+        execv(argv[0], argv);
+        fprintf(stderr, "pdctl up: cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(lfd);
+    child_t *c = &u->kids[u->n_kids++];
+    memset(c, 0, sizeof *c);
+    c->pid = pid;
+    c->is_router = router;
+    snprintf(c->name, sizeof c->name, "%s", name);
+    return c;
+}
+
+static void reap(up_t *u)
+{
+    for (;;) {
+        int st = 0;
+        pid_t pid = waitpid(-1, &st, WNOHANG);
+        if (pid <= 0)
+            return;
+        for (int i = 0; i < u->n_kids; i++)
+            if (u->kids[i].pid == pid) {
+                u->kids[i].exited = true;
+                u->kids[i].status = st;
+            }
+    }
+}
+
+static int n_alive(up_t *u, bool routers)
+{
+    int n = 0;
+    for (int i = 0; i < u->n_kids; i++)
+        if (!u->kids[i].exited && u->kids[i].is_router == routers)
+            n++;
+    return n;
+}
+
+/* Signals every live child of one kind and waits up to timeout_s for them. */
+static void stop_kind(up_t *u, bool routers, int sig, double timeout_s)
+{
+    for (int i = 0; i < u->n_kids; i++)
+        if (!u->kids[i].exited && u->kids[i].is_router == routers)
+            kill(u->kids[i].pid, sig);
+    double end = now_s() + timeout_s;
+    while (n_alive(u, routers) && now_s() < end) {
+        usleep(20000);
+        reap(u);
+    }
+}
+
+static void stop_all(up_t *u, int drain_s)
+{
+    stop_kind(u, false, SIGTERM, drain_s);
+    stop_kind(u, false, SIGKILL, 5);
+    stop_kind(u, true, SIGTERM, 10);
+    stop_kind(u, true, SIGKILL, 5);
+}
+
+/* Reads the router's "pd-router: client EP worker EP" line. */
+static int read_endpoints(up_t *u, int fd, child_t *router)
+{
+    char buf[1024];
+    size_t len = 0;
+    double end = now_s() + 30;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    while (now_s() < end) {
+        ssize_t r = read(fd, buf + len, sizeof buf - 1 - len);
+        if (r > 0) {
+            len += (size_t)r;
+            buf[len] = 0;
+            char *line = strstr(buf, "pd-router: client ");
+            if (line && strchr(line, '\n')) {
+                if (sscanf(line, "pd-router: client %127s worker %127s", u->client_ep,
+                           u->worker_ep) == 2)
+                    return 0;
+                break;
+            }
+            if (len >= sizeof buf - 1)
+                break;
+        } else {
+            reap(u);
+            if (router->exited)
+                break;
+            usleep(20000);
+        }
+    }
+    fprintf(stderr, "pdctl up: pd-router did not start (see %s/router.log)\n", u->logdir);
+    return -1;
+}
+
+/* HEALTH until the workers are in, or the timeout. */
+static int wait_ready(up_t *u)
+{
+    void *ctx = zmq_ctx_new();
+    void *s = zmq_socket(ctx, ZMQ_DEALER);
+    int linger = 0, rc = -1;
+    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
+    if (zmq_connect(s, u->client_ep) != 0) {
+        fprintf(stderr, "pdctl up: cannot connect to %s\n", u->client_ep);
+        goto out;
+    }
+    double end = now_s() + u->ready_s, next_ask = 0;
+    uint64_t rid = 1;
+    while (now_s() < end) {
+        reap(u);
+        if (n_alive(u, true) == 0 || n_alive(u, false) < u->n_prefill + u->n_decode) {
+            fprintf(stderr, "pdctl up: a process exited while starting (logs in %s)\n",
+                    u->logdir);
+            goto out;
+        }
+        if (now_s() >= next_ask) {
+            Pd__Envelope env;
+            pd_rpc_envelope_init(&env, PD__METHOD__HEALTH, ++rid);
+            Pd__HealthRequest h = PD__HEALTH_REQUEST__INIT;
+            env.health = &h;
+            pd_rpc_send(s, NULL, 0, &env, NULL, 0);
+            next_ask = now_s() + 0.2;
+        }
+        zmq_pollitem_t it = {.socket = s, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 50) > 0) {
+            pd_rpc_msg_t m;
+            while (pd_rpc_recv(s, false, 0, 0, &m) == 1) {
+                bool ready = m.env && m.env->method == PD__METHOD__HEALTH_REPLY &&
+                             m.env->health_reply &&
+                             (int)m.env->health_reply->prefill_workers >= u->n_prefill &&
+                             (int)m.env->health_reply->decode_workers >= u->n_decode;
+                pd_rpc_msg_clear(&m);
+                if (ready) {
+                    rc = 0;
+                    goto out;
+                }
+            }
+        }
+    }
+    fprintf(stderr, "pdctl up: the workers did not register within %d s (logs in %s)\n",
+            u->ready_s, u->logdir);
+out:
+    zmq_close(s);
+    zmq_ctx_term(ctx);
+    return rc;
+}
+
+static int parse(up_t *u, int argc, char **argv)
+{
+    u->n_prefill = u->n_decode = 1;
+    u->port = 5555;
+    u->transport = "ucx";
+    u->drain_s = 30;
+    u->ready_s = 120;
+    u->local_prefill_max = -1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 1;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "pdctl up: %s needs a value (or is unknown)\n", a);
+            return -1;
+        }
+        const char *v = argv[++i];
+        int bad = 0;
+        if (!strcmp(a, "--model"))
+            u->model = v;
+        else if (!strcmp(a, "--tokenizer"))
+            u->tokenizer = v;
+        else if (!strcmp(a, "--prefill"))
+            bad = parse_int(v, 0, 64, &u->n_prefill);
+        else if (!strcmp(a, "--decode"))
+            bad = parse_int(v, 1, 64, &u->n_decode);
+        else if (!strcmp(a, "--port"))
+            bad = parse_int(v, 0, 65535, &u->port);
+        else if (!strcmp(a, "--threads"))
+            bad = parse_int(v, 1, 1024, &u->threads);
+        else if (!strcmp(a, "--local-prefill-max"))
+            bad = parse_int(v, 0, INT_MAX, &u->local_prefill_max);
+        else if (!strcmp(a, "--drain-timeout"))
+            bad = parse_int(v, 0, 3600, &u->drain_s);
+        else if (!strcmp(a, "--ready-timeout"))
+            bad = parse_int(v, 1, 3600, &u->ready_s);
+        else if (!strcmp(a, "--kv-transport"))
+            bad = strcmp(v, "ucx") && strcmp(v, "zmq") ? -1 : ((u->transport = v), 0);
+        else if (!strcmp(a, "--policy"))
+            u->policy = v;
+        else if (!strcmp(a, "--kv-memory"))
+            u->kv_memory = v;
+        else if (!strcmp(a, "--bin-dir"))
+            u->bin_dir = v;
+        else if (!strcmp(a, "--log-dir"))
+            u->log_dir = v;
+        else {
+            fprintf(stderr, "pdctl up: unknown option %s\n", a);
+            return -1;
+        }
+        if (bad) {
+            fprintf(stderr, "pdctl up: bad value for %s: %s\n", a, v);
+            return -1;
+        }
+    }
+    if (!u->model) {
+        fprintf(stderr, "pdctl up: --model is required\n");
+        return -1;
+    }
+    if (u->n_prefill == 0 && u->local_prefill_max < 0)
+        u->local_prefill_max = INT_MAX / 2; /* no prefill worker: decode workers prefill */
+    return 0;
+}
+
+int pd_cmd_up(int argc, char **argv)
+{
+    static up_t u; /* large; one per process */
+    memset(&u, 0, sizeof u);
+    int pr = parse(&u, argc, argv);
+    if (pr)
+        return pr < 0 ? 2 : 0;
+    if (u.bin_dir) {
+        snprintf(u.bindir, sizeof u.bindir, "%s", u.bin_dir);
+    } else {
+        ssize_t n = readlink("/proc/self/exe", u.bindir, sizeof u.bindir - 1);
+        if (n <= 0) {
+            fprintf(stderr, "pdctl up: cannot find pdctl's directory; give --bin-dir\n");
+            return 1;
+        }
+        u.bindir[n] = 0;
+        char *slash = strrchr(u.bindir, '/');
+        if (slash)
+            *slash = 0;
+    }
+    if (u.log_dir) {
+        snprintf(u.logdir, sizeof u.logdir, "%s", u.log_dir);
+        mkdir(u.logdir, 0755);
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(u.logdir, sizeof u.logdir, "%s/pdctl-up-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+        if (!mkdtemp(u.logdir)) {
+            fprintf(stderr, "pdctl up: cannot create a log directory: %s\n", strerror(errno));
+            return 1;
+        }
+    }
+    int n_workers = u.n_prefill + u.n_decode;
+    if (u.threads <= 0) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        u.threads = ncpu > n_workers ? (int)(ncpu / n_workers) : 1;
+    }
+    /* signals are taken synchronously from here on */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+
+    char router_bin[PATH_MAX + 16], prefill_bin[PATH_MAX + 16], decode_bin[PATH_MAX + 16];
+    snprintf(router_bin, sizeof router_bin, "%s/pd-router", u.bindir);
+    snprintf(prefill_bin, sizeof prefill_bin, "%s/pd-prefill", u.bindir);
+    snprintf(decode_bin, sizeof decode_bin, "%s/pd-decode", u.bindir);
+    char cep[64], threads[16], lpm[16];
+    snprintf(cep, sizeof cep, "tcp://127.0.0.1:%d", u.port);
+    snprintf(threads, sizeof threads, "%d", u.threads);
+    snprintf(lpm, sizeof lpm, "%d", u.local_prefill_max);
+    char *rargv[32];
+    int ra = 0;
+    rargv[ra++] = router_bin;
+    rargv[ra++] = "--model";
+    rargv[ra++] = (char *)u.model;
+    if (u.tokenizer) {
+        rargv[ra++] = "--tokenizer";
+        rargv[ra++] = (char *)u.tokenizer;
+    }
+    rargv[ra++] = "--client-endpoint";
+    rargv[ra++] = cep;
+    rargv[ra++] = "--worker-endpoint";
+    rargv[ra++] = "tcp://127.0.0.1:0";
+    rargv[ra++] = "--kv-transport";
+    rargv[ra++] = (char *)u.transport;
+    if (u.policy) {
+        rargv[ra++] = "--policy";
+        rargv[ra++] = (char *)u.policy;
+    }
+    if (u.local_prefill_max >= 0) {
+        rargv[ra++] = "--local-prefill-max";
+        rargv[ra++] = lpm;
+    }
+    rargv[ra] = NULL;
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) != 0) {
+        fprintf(stderr, "pdctl up: pipe: %s\n", strerror(errno));
+        return 1;
+    }
+    child_t *router = spawn(&u, "router", rargv, pipefd[1], true);
+    close(pipefd[1]);
+    int rc = 1;
+    if (!router || read_endpoints(&u, pipefd[0], router) != 0) {
+        close(pipefd[0]);
+        stop_all(&u, 0);
+        return 1;
+    }
+    close(pipefd[0]);
+    for (int i = 0; i < n_workers; i++) {
+        bool prefill = i < u.n_prefill;
+        char name[32];
+        snprintf(name, sizeof name, "%s%d", prefill ? "prefill" : "decode",
+                 prefill ? i : i - u.n_prefill);
+        char *wargv[32];
+        int wa = 0;
+        wargv[wa++] = prefill ? prefill_bin : decode_bin;
+        wargv[wa++] = "--model";
+        wargv[wa++] = (char *)u.model;
+        if (u.tokenizer) {
+            wargv[wa++] = "--tokenizer";
+            wargv[wa++] = (char *)u.tokenizer;
+        }
+        wargv[wa++] = "--router";
+        wargv[wa++] = u.worker_ep;
+        wargv[wa++] = "--name";
+        wargv[wa++] = name;
+        wargv[wa++] = "--threads";
+        wargv[wa++] = threads;
+        wargv[wa++] = "--kv-transport";
+        wargv[wa++] = (char *)u.transport;
+        if (u.kv_memory) {
+            wargv[wa++] = "--kv-memory";
+            wargv[wa++] = (char *)u.kv_memory;
+        }
+        if (!prefill && u.local_prefill_max >= 0)
+            wargv[wa++] = "--local-prefill";
+        wargv[wa] = NULL;
+        if (!spawn(&u, name, wargv, -1, false)) {
+            stop_all(&u, 0);
+            return 1;
+        }
+    }
+    if (wait_ready(&u) != 0) {
+        stop_all(&u, 0);
+        return 1;
+    }
+    printf("pdctl up: ready: %d prefill + %d decode workers; client endpoint %s\n"
+           "pdctl up: logs in %s; Ctrl-C stops the cluster\n",
+           u.n_prefill, u.n_decode, u.client_ep, u.logdir);
+    fflush(stdout);
+    for (;;) {
+        struct timespec ts = {.tv_sec = 1};
+        int sig = sigtimedwait(&set, NULL, &ts);
+        reap(&u);
+        if (sig == SIGINT || sig == SIGTERM) {
+            fprintf(stderr, "pdctl up: stopping (draining the workers)\n");
+            rc = 0;
+            break;
+        }
+        for (int i = 0; i < u.n_kids; i++) {
+            child_t *c = &u.kids[i];
+            if (c->exited && c->pid > 0) {
+                fprintf(stderr, "pdctl up: %s exited (%s %d); see %s/%s.log\n", c->name,
+                        WIFSIGNALED(c->status) ? "signal" : "status",
+                        WIFSIGNALED(c->status) ? WTERMSIG(c->status)
+                                               : WEXITSTATUS(c->status),
+                        u.logdir, c->name);
+                c->pid = -c->pid; /* reported */
+            }
+        }
+        if (n_alive(&u, true) == 0) {
+            fprintf(stderr, "pdctl up: the router is gone; stopping\n");
+            break;
+        }
+    }
+    stop_all(&u, u.drain_s);
+    return rc;
+}
+#endif
