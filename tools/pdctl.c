@@ -15,6 +15,11 @@ static const command_t commands[] = {
     {"generate", pd_cmd_generate, "generate text from a model in this process"},
     {"tokenize", pd_cmd_tokenize, "print a prompt's token ids"},
     {"mkmodel", pd_cmd_mkmodel, "write a random-weight GGUF model for benchmarks"},
+#ifdef PD_HAVE_SERVICE
+    {"up", pd_cmd_up, "start a local cluster: router, prefill and decode workers"},
+    {"complete", pd_cmd_complete, "one completion from a running router"},
+    {"bench", pd_cmd_bench, "load a running router and report latency and throughput"},
+#endif
 };
 
 static void usage(FILE *f)

@@ -7,5 +7,10 @@
 int pd_cmd_generate(int argc, char **argv);
 int pd_cmd_tokenize(int argc, char **argv);
 int pd_cmd_mkmodel(int argc, char **argv);
+#ifdef PD_HAVE_SERVICE /* the client of a running router (libpdclient) */
+int pd_cmd_up(int argc, char **argv);
+int pd_cmd_complete(int argc, char **argv);
+int pd_cmd_bench(int argc, char **argv);
+#endif
 
 #endif

@@ -1,0 +1,116 @@
+"""`pdctl up` brings up a whole local cluster (router, 1 prefill + 2 decode workers),
+prints a client endpoint that serves: `pdctl complete` (json and text) gives every
+stories260K golden line's exact ids and the text `pdctl generate` prints; Ctrl-C
+(SIGINT) stops everything with exit status 0 and leaves no process behind. A missing
+model fails with status 1 and no process left; a bad flag is a usage error (2)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from pdtest import BIN, MODELS, Failures, golden_lines, require
+
+f = Failures()
+PDCTL = require(os.path.join(BIN, "pdctl"))
+model = require(os.path.join(MODELS, "stories260K.gguf"))
+
+
+def children_of(pid):
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    out = open(os.path.join(tmp, "up.out"), "w+")
+    up = subprocess.Popen([PDCTL, "up", "--model", model, "--prefill", "1", "--decode", "2",
+                           "--port", "0", "--threads", "1", "--log-dir",
+                           os.path.join(tmp, "logs")], stdout=out, stderr=subprocess.PIPE)
+    kids = []
+    try:
+        endpoint = None
+        deadline = time.time() + 90
+        while time.time() < deadline and endpoint is None and up.poll() is None:
+            out.seek(0)
+            for line in out.read().splitlines():
+                if "ready" in line and "client endpoint" in line:
+                    endpoint = line.split("client endpoint")[1].split()[0]
+            time.sleep(0.1)
+        f.check(endpoint is not None, f"pdctl up never printed a ready endpoint "
+                                      f"(status {up.poll()})")
+        kids = children_of(up.pid)
+        f.check(len(kids) == 4, f"pdctl up has {len(kids)} children, not 4")
+        if endpoint:
+            for g in golden_lines():
+                if not g["model"].startswith("stories260K"):
+                    continue
+                n = len(g["greedy_ids"])
+                p = subprocess.run([PDCTL, "complete", "--router", endpoint, "--prompt",
+                                    g["prompt"], "--max-tokens", str(n), "--ignore-eos",
+                                    "--format", "json"], capture_output=True, timeout=120)
+                f.check(p.returncode == 0, f"complete failed: {p.stderr[-500:]}")
+                if p.returncode == 0:
+                    o = json.loads(p.stdout)
+                    want = g["greedy_ids"][: g["exact_prefix"]]
+                    f.check(o["ids"][: len(want)] == want and len(o["ids"]) == n,
+                            f"{g['prompt']!r}: ids differ from golden")
+                    f.check(o["prompt_ids"] == g["prompt_ids"], f"{g['prompt']!r}: prompt_ids")
+            # text mode streams what pdctl generate prints after the prompt
+            p = subprocess.run([PDCTL, "complete", "--router", endpoint, "--prompt",
+                                "Tom and his dog", "--max-tokens", "48"],
+                               capture_output=True, timeout=120)
+            ref = subprocess.run([PDCTL, "generate", "--model", model, "--prompt",
+                                  "Tom and his dog", "--max-tokens", "48"],
+                                 capture_output=True, timeout=120)
+            f.check(p.returncode == 0 and ref.returncode == 0 and
+                    ref.stdout.decode().startswith("Tom and his dog") and
+                    p.stdout.decode() == ref.stdout.decode()[len("Tom and his dog"):],
+                    f"complete text {p.stdout[:80]!r} vs generate {ref.stdout[:80]!r}")
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            rc = up.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            rc = None
+        f.check(rc == 0, f"pdctl up exited with {rc} after SIGINT: {up.stderr.read()[-800:]}")
+        left = [k for k in kids if alive(k)]
+        f.check(not left, f"processes left behind: {left}")
+        for k in left:
+            os.kill(k, signal.SIGKILL)
+
+    # a model that does not exist: status 1, nothing left behind
+    p = subprocess.Popen([PDCTL, "up", "--model", os.path.join(tmp, "nope.gguf"), "--port",
+                          "0", "--log-dir", os.path.join(tmp, "logs2")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        rc = p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        rc = None
+    f.check(rc == 1, f"pdctl up with a missing model exited with {rc}")
+    f.check(not children_of(p.pid), "pdctl up with a missing model left children")
+    p = subprocess.run([PDCTL, "up", "--model", model, "--prefill", "many"],
+                       capture_output=True, timeout=30)
+    f.check(p.returncode == 2 and b"--prefill" in p.stderr,
+            f"a bad flag: status {p.returncode} {p.stderr[-200:]}")
+f.finish()
