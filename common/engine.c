@@ -655,6 +655,22 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         return PD_OK;
     e->in_step = true;
     int32_t T = schedule_step(e);
+    if (e->n_sched == 0 && pd_kv_pool_n_free(e->kv) < pd_kv_pool_n_blocks(e->kv)) {
+        /* Blocks are held outside the running batch: by waiting prefilled requests or
+         * by the caller (a decode worker's reservations). Free the newest waiting
+         * prefilled request's blocks (it will recompute its prompt, as a preemption),
+         * so that the queue cannot stall on blocks held by requests behind its head;
+         * otherwise wait for the caller to release or admit what it holds. */
+        for (req_t *r = e->waiting.tail; r; r = r->prev)
+            if (r->pre_blocks) {
+                drop_blocks(e, r);
+                r->preemptions++;
+                e->stats.preemptions++;
+                break;
+            }
+        e->in_step = false;
+        return PD_OK;
+    }
     if (e->n_sched == 0) {
         /* cannot happen: an idle pool fits any accepted request */
         req_t *r = e->waiting.head;

@@ -464,10 +464,25 @@ static void *engine_main(void *arg)
             c = n;
         }
         drain_reserves(w);
+        int32_t ran = 0;
         if (pd_engine_n_pending(w->engine))
-            pd_engine_step(w->engine, NULL); /* errors finish their requests */
+            pd_engine_step(w->engine, &ran); /* errors finish their requests */
         drain_reserves(w);
         publish_load(w);
+        if (ran == 0 && pd_engine_n_pending(w->engine)) {
+            /* waiting for blocks held by reservations: look again shortly */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 2 * 1000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_mutex_lock(&w->mu);
+            if (!w->cmds.head && !w->quit)
+                pthread_cond_timedwait(&w->cond, &w->mu, &ts);
+            pthread_mutex_unlock(&w->mu);
+        }
     }
     /* drop what is left: pending reservations, requests in flight */
     while (w->reserves.head) {
@@ -808,12 +823,34 @@ static void on_prefill_task(worker_t *w, const Pd__Envelope *env)
 
 /* ---- I/O thread: the decode side ----------------------------------------------------------- */
 
+/* A prefill worker's pool as its registration describes it; the UCX endpoint is
+ * made when the first read is due (the worker has just shown it is alive), not when
+ * the task arrives. */
 struct peer {
     peer_t *next;
     uint64_t wid;
     pd_ucx_peer_t *p;
     size_t layer_bytes; /* the remote pool's */
+    uint8_t *addr, *rkey[2];
+    size_t addr_len, rkey_len[2];
+    uint64_t base[2], len[2];
 };
+
+static void peer_free_desc(peer_t *pe)
+{
+    free(pe->addr);
+    free(pe->rkey[0]);
+    free(pe->rkey[1]);
+    pe->addr = pe->rkey[0] = pe->rkey[1] = NULL;
+}
+
+static uint8_t *dup_bytes(const ProtobufCBinaryData *b)
+{
+    uint8_t *d = malloc(b->len ? b->len : 1);
+    if (d && b->len)
+        memcpy(d, b->data, b->len);
+    return d;
+}
 
 enum { D_RESERVING = 1, D_PULLING, D_RUNNING };
 
@@ -914,39 +951,62 @@ static void get_done(void *user, pd_status_t st)
         t->get_failed = true;
 }
 
-static peer_t *peer_get(worker_t *w, uint64_t wid, const Pd__UcxSource *src, pd_status_t *st)
+/* The peer entry of prefill worker wid, described by src (a changed description, as
+ * after the worker registered again, replaces the old one and its endpoint). */
+static peer_t *peer_get(worker_t *w, uint64_t wid, const Pd__UcxSource *src)
 {
+    if (!src || !src->worker_address.len || !src->rkey_k.len || !src->rkey_v.len ||
+        !src->len_k)
+        return NULL;
     peer_t *pe = NULL;
     for (pe = w->peers; pe; pe = pe->next)
         if (pe->wid == wid)
             break;
-    if (pe && pe->p && !pd_ucx_peer_failed(pe->p))
+    if (pe && pe->addr_len == src->worker_address.len &&
+        !memcmp(pe->addr, src->worker_address.data, pe->addr_len) &&
+        pe->base[0] == src->base_k && pe->base[1] == src->base_v)
         return pe;
-    if (!src || !src->worker_address.len) {
-        *st = PD_ERR_INVALID;
-        return NULL;
-    }
     if (!pe) {
         pe = calloc(1, sizeof *pe);
-        if (!pe) {
-            *st = PD_ERR_NOMEM;
+        if (!pe)
             return NULL;
-        }
         pe->wid = wid;
         pe->next = w->peers;
         w->peers = pe;
     }
-    if (pe->p) /* failed: a fresh endpoint */
+    if (pe->p)
         pd_ucx_peer_destroy(&pe->p);
-    const void *rk[2] = {src->rkey_k.data, src->rkey_v.data};
-    size_t rl[2] = {src->rkey_k.len, src->rkey_v.len};
-    uint64_t bases[2] = {src->base_k, src->base_v}, lens[2] = {src->len_k, src->len_v};
-    *st = pd_ucx_peer_new(w->ucx, src->worker_address.data, src->worker_address.len, 2, rk, rl,
-                          bases, lens, &pe->p);
-    if (*st != PD_OK)
+    peer_free_desc(pe);
+    pe->addr = dup_bytes(&src->worker_address);
+    pe->rkey[0] = dup_bytes(&src->rkey_k);
+    pe->rkey[1] = dup_bytes(&src->rkey_v);
+    if (!pe->addr || !pe->rkey[0] || !pe->rkey[1]) {
+        peer_free_desc(pe);
         return NULL;
+    }
+    pe->addr_len = src->worker_address.len;
+    pe->rkey_len[0] = src->rkey_k.len;
+    pe->rkey_len[1] = src->rkey_v.len;
+    pe->base[0] = src->base_k;
+    pe->base[1] = src->base_v;
+    pe->len[0] = src->len_k;
+    pe->len[1] = src->len_v;
     pe->layer_bytes = (size_t)(src->len_k / (uint64_t)w->n_layers);
     return pe;
+}
+
+/* The endpoint, made now if there is none (or the old one failed). */
+static bool peer_connect(worker_t *w, peer_t *pe)
+{
+    if (pe->p && !pd_ucx_peer_failed(pe->p))
+        return true;
+    if (pe->p)
+        pd_ucx_peer_destroy(&pe->p);
+    if (!pe->addr)
+        return false;
+    const void *rk[2] = {pe->rkey[0], pe->rkey[1]};
+    return pd_ucx_peer_new(w->ucx, pe->addr, pe->addr_len, 2, rk, pe->rkey_len, pe->base,
+                           pe->len, &pe->p) == PD_OK;
 }
 
 /* Reads what has been announced and not read yet: per layer, whole blocks (the last,
@@ -954,8 +1014,19 @@ static peer_t *peer_get(worker_t *w, uint64_t wid, const Pd__UcxSource *src, pd_
  * sides coalesced into one get per K and V. */
 static void dtask_pull(worker_t *w, dtask_t *t)
 {
-    if (t->state != D_PULLING || !t->peer || !t->peer->p || t->get_failed)
+    if (t->state != D_PULLING || !t->peer || t->get_failed)
         return;
+    bool due = t->done_rcvd;
+    for (int32_t l = 0; l < w->n_layers && !due; l++)
+        due = t->ready[l] > t->pulled[l];
+    if (!due)
+        return;
+    if (!peer_connect(w, t->peer)) {
+        PD_LOG_ERROR("worker: task %llu: cannot reach prefill worker %llu over UCX",
+                     (unsigned long long)t->task, (unsigned long long)t->prefill_wid);
+        t->get_failed = true;
+        return;
+    }
     size_t bb = w->row_bytes * (size_t)w->bs;
     for (int32_t l = 0; l < w->n_layers; l++) {
         int32_t avail = t->done_rcvd ? t->n_prompt : t->ready[l];
@@ -1177,12 +1248,11 @@ static void on_decode_task(worker_t *w, const Pd__Envelope *env)
         return;
     }
     if (w->o.transport == PD__KV_TRANSPORT__UCX) {
-        pd_status_t st = PD_OK;
-        t->peer = peer_get(w, t->prefill_wid, dt->source, &st);
+        t->peer = peer_get(w, t->prefill_wid, dt->source);
         if (!t->peer) {
             dtask_free(t);
             send_failed(w, env->request_id, PD__ERROR_CODE__UNAVAILABLE,
-                        "cannot reach the prefill worker over UCX");
+                        "the task names no UCX address for its prefill worker");
             return;
         }
     }
@@ -1870,6 +1940,7 @@ static void teardown(worker_t *w)
         w->peers = p->next;
         if (p->p)
             pd_ucx_peer_destroy(&p->p);
+        peer_free_desc(p);
         free(p);
     }
     pthread_mutex_lock(&w->mu);

@@ -602,6 +602,68 @@ START_TEST(prefilled_edge_cases)
 }
 END_TEST
 
+/* Blocks held outside the batch (a decode worker's reservations, prefilled requests
+ * waiting): a request that does not fit waits (a step runs nothing and is no error)
+ * until they come back, and prefilled requests queued behind the head give their
+ * blocks up rather than stall it. */
+START_TEST(blocks_held_outside_wait)
+{
+    pd_engine_t *D = NULL;
+    pd_engine_opts_t dopt = {.max_num_seqs = 4, .kv_blocks = 6, .eos = 2, .bos = 1};
+    ck_assert_int_eq(pd_engine_new(model, kern, &dopt, &D), PD_OK);
+    pd_kv_pool_t *dk = pd_engine_kv(D);
+    int32_t prompt[40];
+    for (int i = 0; i < 40; i++)
+        prompt[i] = 5 + i;
+    static out_t o[3];
+    memset(o, 0, sizeof o);
+    int32_t held[5];
+    ck_assert_int_eq(pd_kv_pool_alloc(dk, 5, held), PD_OK); /* "reserved" */
+    pd_engine_request_t rq = {.prompt = prompt,
+                              .n_prompt = 40, /* 3 blocks */
+                              .max_tokens = 4,
+                              .ignore_eos = true,
+                              .sampling = pd_sampler_params_default(),
+                              .on_finish = on_finish,
+                              .user = &o[0]};
+    ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_OK);
+    int32_t ran = -1;
+    ck_assert_int_eq(pd_engine_step(D, &ran), PD_OK);
+    ck_assert_int_eq(ran, 0);
+    ck_assert(!o[0].done);
+    pd_kv_pool_release(dk, held, 5);
+    for (int s = 0; s < 20 && !o[0].done; s++)
+        ck_assert_int_eq(pd_engine_step(D, NULL), PD_OK);
+    ck_assert(o[0].done);
+    ck_assert_int_eq(o[0].res.finish, PD_ENGINE_FINISH_LENGTH);
+    ck_assert_int_eq(o[0].n, 4);
+    /* two prefilled requests of 32 tokens (2 blocks each, full) wait behind a plain
+     * one of 40 tokens: the pool (6) cannot hold the head's 3 blocks plus their 4, so
+     * the newest prefilled request gives its blocks up and everything finishes */
+    memset(o, 0, sizeof o);
+    int32_t pb[2][2];
+    ck_assert_int_eq(pd_engine_add(D, &rq, NULL), PD_OK);
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_eq(pd_kv_pool_alloc(dk, 2, pb[k]), PD_OK);
+        pd_engine_request_t pr = rq;
+        pr.n_prompt = 32;
+        pr.kv_blocks = pb[k];
+        pr.first_token = 9;
+        pr.user = &o[1 + k];
+        ck_assert_int_eq(pd_engine_add(D, &pr, NULL), PD_OK);
+    }
+    for (int s = 0; s < 100 && pd_engine_n_pending(D); s++)
+        ck_assert_int_eq(pd_engine_step(D, NULL), PD_OK);
+    ck_assert_int_eq(pd_engine_n_pending(D), 0);
+    for (int k = 0; k < 3; k++)
+        ck_assert_msg(o[k].done && o[k].res.finish == PD_ENGINE_FINISH_LENGTH,
+                      "request %d did not finish", k);
+    ck_assert_int_ge(pd_engine_stats(D).preemptions, 1);
+    ck_assert_int_eq(pd_kv_pool_n_free(dk), 6);
+    pd_engine_destroy(&D);
+}
+END_TEST
+
 /* ---- a step allocates nothing ---- */
 
 START_TEST(steps_allocate_nothing)
@@ -646,6 +708,6 @@ int main(void)
     PD_TEST_ADD(tc, batched_equals_alone, preemption_keeps_outputs,
                 prefix_cache_hit_and_stats, chunked_prefill_does_not_stall_decodes,
                 cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing,
-                prefill_handoff_equals_alone, prefilled_edge_cases);
+                prefill_handoff_equals_alone, prefilled_edge_cases, blocks_held_outside_wait);
     return pd_test_run("engine", tc);
 }
