@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/digest.h"
@@ -169,6 +170,13 @@ typedef struct worker {
 } worker_t;
 
 static worker_t *g_worker; /* for the signal handler's pipe */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 /* ---- engine thread ------------------------------------------------------------------------ */
 
@@ -879,6 +887,8 @@ struct dtask {
     uint64_t checksum, rng[4];
     int64_t outstanding;
     uint64_t lease_until;
+    double t_first_get, t_kv_done; /* seconds (now_s): the transfer's timeline */
+    int64_t bytes_read;
     /* the chunk being gathered */
     int32_t *out;
     int32_t n_out, cap_out;
@@ -1050,7 +1060,10 @@ static void dtask_pull(worker_t *w, dtask_t *t)
                 uint64_t roff = (uint64_t)l * t->peer->layer_bytes + (uint64_t)t->src[b] * bb;
                 uint8_t *dst = (uint8_t *)(kv ? pd_kv_pool_v(w->kv, l) : pd_kv_pool_k(w->kv, l)) +
                                (size_t)t->blocks[b] * bb;
+                if (!t->t_first_get)
+                    t->t_first_get = now_s();
                 t->outstanding++;
+                t->bytes_read += (int64_t)len;
                 pd_status_t st = pd_ucx_get(t->peer->p, kv, roff, dst, len,
                                             kv ? w->reg_v : w->reg_k, get_done, t);
                 if (st != PD_OK) {
@@ -1127,7 +1140,15 @@ static bool dtask_check(worker_t *w, dtask_t *t)
     for (int32_t l = 0; l < w->n_layers; l++)
         if (t->pulled[l] < t->n_prompt)
             return false;
+    double t_read = now_s();
     uint64_t sum = pd_kv_checksum(w->kv, t->blocks, t->n_prompt);
+    if (t->bytes_read > 0 && t_read > t->t_first_get)
+        PD_LOG_INFO("worker: task %llu: KV of %d tokens, %lld bytes read in %.3f ms "
+                    "(%.3f GB/s), the last %.3f ms after KV_DONE",
+                    (unsigned long long)t->task, t->n_prompt, (long long)t->bytes_read,
+                    (t_read - t->t_first_get) * 1e3,
+                    (double)t->bytes_read / (t_read - t->t_first_get) * 1e-9,
+                    (t_read - t->t_kv_done) * 1e3);
     rel.ok = sum == t->checksum;
     pd_rpc_envelope_init(&env, PD__METHOD__KV_RELEASE, t->task);
     env.kv_release = &rel;
@@ -1342,6 +1363,7 @@ static void on_kv_done(worker_t *w, const Pd__Envelope *env)
         t->get_failed = true;
     } else {
         t->done_rcvd = true;
+        t->t_kv_done = now_s();
         t->first_token = d->first_token;
         t->checksum = d->checksum;
         t->cached = (int32_t)d->cached_tokens;
@@ -2068,6 +2090,7 @@ int pd_worker_main(int argc, char **argv, pd_worker_role_t role)
     worker_t *w = calloc(1, sizeof *w);
     if (!w)
         return 1;
+    pd_log_set_level(PD_LOG_LEVEL_INFO); /* a service logs its life; --log-level overrides */
     int pr = parse_args(argc, argv, role, &w->o);
     if (pr != 0) {
         if (pr < 0)

@@ -66,6 +66,8 @@ typedef struct vocab {
 
 typedef struct options {
     const preset_t *preset;
+    preset_t custom; /* the preset with --ctx applied */
+    long ctx;
     const dtype_opt_t *dtype;
     uint64_t seed;
     const char *out_path;
@@ -382,10 +384,12 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: pdctl mkmodel --preset 15M|110M|1B --dtype f32|f16|q8_0|q4_0\n"
-            "                     [--seed N] -o FILE.gguf [--tokenizer TOKENIZER.bin]\n"
+            "                     [--seed N] [--ctx N] -o FILE.gguf [--tokenizer TOKENIZER.bin]\n"
             "Writes a llama.cpp-compatible GGUF with random weights (deterministic from\n"
             "the seed, default 1) and the vocabulary of a llama2.c tokenizer.bin\n"
-            "(default: $PD_SHARED_DIR/%s, then ../shared/%s).\n",
+            "(default: $PD_SHARED_DIR/%s, then ../shared/%s).\n"
+            "--ctx sets the declared context length (presets: 15M 256, 110M 1024,\n"
+            "1B 2048); the weights do not depend on it.\n",
             DEFAULT_TOKENIZER, DEFAULT_TOKENIZER);
 }
 
@@ -431,6 +435,14 @@ static int parse_args(int argc, char **argv, options_t *o)
                 fprintf(stderr, "pdctl mkmodel: bad seed %s\n", val);
                 return 2;
             }
+        } else if (!strcmp(a, "--ctx")) {
+            char *end;
+            errno = 0;
+            o->ctx = strtol(val, &end, 10);
+            if (errno || end == val || *end || o->ctx < 1 || o->ctx > (1 << 20)) {
+                fprintf(stderr, "pdctl mkmodel: bad context length %s\n", val);
+                return 2;
+            }
         } else if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             o->out_path = val;
         } else if (!strcmp(a, "--tokenizer")) {
@@ -444,6 +456,11 @@ static int parse_args(int argc, char **argv, options_t *o)
         fprintf(stderr, "pdctl mkmodel: --preset, --dtype and -o are required\n");
         usage(stderr);
         return 2;
+    }
+    if (o->ctx) {
+        o->custom = *o->preset;
+        o->custom.ctx_len = (int32_t)o->ctx;
+        o->preset = &o->custom;
     }
     return 0;
 }
