@@ -1,6 +1,7 @@
 """`pdctl up` brings up a whole local cluster (router, 1 prefill + 2 decode workers),
 prints a client endpoint that serves: `pdctl complete` (json and text) gives every
-stories260K golden line's exact ids and the text `pdctl generate` prints; Ctrl-C
+stories260K golden line's exact ids and the text `pdctl generate` prints, and so does
+the Python example client (examples/python/pd_client.py); Ctrl-C
 (SIGINT) stops everything with exit status 0 and leaves no process behind. A missing
 model fails with status 1 and no process left; a bad flag is a usage error (2)."""
 import json
@@ -85,6 +86,18 @@ with tempfile.TemporaryDirectory() as tmp:
                     ref.stdout.decode().startswith("Tom and his dog") and
                     p.stdout.decode() == ref.stdout.decode()[len("Tom and his dog"):],
                     f"complete text {p.stdout[:80]!r} vs generate {ref.stdout[:80]!r}")
+            # the Python example client (pyzmq + protobuf) streams the same text
+            src = os.environ.get("PD_SOURCE_DIR") or os.path.join(os.path.dirname(
+                os.path.abspath(__file__)), "..", "..")
+            pyout = os.path.join(os.path.dirname(os.path.abspath(BIN)), "python")
+            p = subprocess.run([os.environ.get("PD_PYTHON", "/usr/bin/python3"),
+                                os.path.join(src, "examples", "python", "pd_client.py"),
+                                "--router", endpoint, "--prompt", "Tom and his dog",
+                                "--max-tokens", "48", "--proto-python-dir", pyout],
+                               capture_output=True, timeout=120)
+            f.check(p.returncode == 0 and
+                    p.stdout.decode() == ref.stdout.decode()[len("Tom and his dog"):],
+                    f"example client: {p.returncode} {p.stdout[:80]!r} {p.stderr[-300:]!r}")
     finally:
         up.send_signal(signal.SIGINT)
         try:
