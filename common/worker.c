@@ -1461,6 +1461,11 @@ static void fill_load(worker_t *w, Pd__WorkerLoad *l)
     l->total_blocks = (uint32_t)x.total_blocks;
     l->running = (uint32_t)x.running;
     l->waiting = (uint32_t)(x.waiting > 0 ? x.waiting : 0);
+    /* decode tasks still reserving or reading their KV are load the engine cannot see
+     * yet: count them as waiting, so that the router balances bursts */
+    for (dtask_t *t = w->dtasks; t; t = t->next)
+        if (t->state != D_RUNNING)
+            l->waiting++;
     l->queued_prefill_tokens = (uint64_t)(x.queued_prefill > 0 ? x.queued_prefill : 0);
     uint32_t reserved = 0, held = 0;
     for (dtask_t *t = w->dtasks; t; t = t->next)

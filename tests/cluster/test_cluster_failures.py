@@ -76,16 +76,22 @@ with Cluster(MODEL, 1, 2, "ucx", router_args=FAST) as cl:
     cl.wait_ready()
     c = cl.client()
     start = free_blocks(c)
+    # seeded sampled requests too: a re-run continues their random stream (references
+    # first: under ASan they take a while, and everything must be in flight together)
+    refs = [reference(MODEL, lines[i % len(lines)]["prompt"], 200, 0.8, 0.95, 77 + i)
+            for i in range(8)]
     reqs = send_golden(c, 48)
-    # seeded sampled requests too: a re-run continues their random stream
     sampled = []
     for i in range(8):
         g = lines[i % len(lines)]
-        sampled.append((reference(MODEL, g["prompt"], 200, 0.8, 0.95, 77 + i),
-                        c.generate(prompt=g["prompt"], max_tokens=200, temperature=0.8,
-                                   top_p=0.95, seed=77 + i)))
+        sampled.append((refs[i], c.generate(prompt=g["prompt"], max_tokens=200,
+                                            temperature=0.8, top_p=0.95, seed=77 + i)))
     f.check(wait_any_partial(c, reqs), "decode kill: no request was mid-stream")
-    victim = cl.decode[0]
+    # the decode worker running the most requests (STATS lags by a heartbeat)
+    st = c.stats()
+    running = {w.name: w.load.running for w in st.workers} if st else {}
+    victim = max(cl.decode, key=lambda p: running.get(p.wname, 0))
+    print(f"decode kill: running per worker {running}; killing {victim.wname}", flush=True)
     victim.signal(signal.SIGKILL)
     partial = sum(1 for g, r in reqs if 0 < len(c.results[r].ids) < len(g["greedy_ids"]))
     print(f"decode kill: {partial} requests mid-stream at the kill", flush=True)

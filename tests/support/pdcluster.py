@@ -198,12 +198,14 @@ class Cluster:
         wep = self.worker_endpoint
         if self.worker_router_host != self.router_host:
             wep = wep.replace(self.router_host, self.worker_router_host)
+        wname = f"{role}{n}-{random.randrange(1 << 20)}"
         argv = [require(os.path.join(BIN, binary)), *self.model, "--router", wep,
                 "--kv-transport", self.transport, "--threads", str(self.threads),
-                "--name", f"{role}{n}-{random.randrange(1 << 20)}",
+                "--name", wname,
                 *(self.prefill_args if role == "prefill" else self.decode_args), *extra]
         p = Proc(f"{role}{n}-{os.getpid()}-{random.randrange(1 << 30)}", argv, self.logdir,
                  prefix=self._prefix(role), env=self.env)
+        p.wname = wname  # its name in STATS
         self.procs.append(p)
         (self.prefill if role == "prefill" else self.decode).append(p)
         return p
