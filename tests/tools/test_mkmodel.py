@@ -288,6 +288,17 @@ def main():
         check(mkmodel(other, "q8_0", 2).returncode == 0, "mkmodel seed 2")
         check(sha256(q8) == sha256(again), "same seed gave different files")
         check(sha256(q8) != sha256(other), "different seeds gave the same file")
+        # --ctx changes the declared context and nothing else: the tensors' bytes
+        # are the same as the preset's
+        longer = os.path.join(tmp, "ctx.gguf")
+        check(mkmodel(longer, "q8_0", 1, ["--ctx", "1000"]).returncode == 0, "mkmodel --ctx")
+        kv_l, t_l, st_l, d_l = parse_gguf(longer)
+        kv_q, t_q, st_q, d_q = parse_gguf(q8)
+        check(kv_l.get("llama.context_length") == 1000,
+              "--ctx 1000: context_length %r" % kv_l.get("llama.context_length"))
+        check(d_l[st_l:] == d_q[st_q:], "--ctx changed the tensor data")
+        r = mkmodel(os.path.join(tmp, "bad.gguf"), "q8_0", 1, ["--ctx", "0"])
+        check(r.returncode == 2 and "context" in r.stderr, "--ctx 0: rc %d" % r.returncode)
         check_errors(tmp)
         check_tokenize(os.path.join(tmp, "m_f32.gguf"))
         for dtype in ("f32", "f16", "q8_0", "q4_0"):
