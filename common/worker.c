@@ -2006,11 +2006,21 @@ static int run(worker_t *w)
     int exit_code = -1;
     w->reg_seq = 1;
     send_register(w);
+    double t_iter = now_s();
     while (exit_code < 0) {
+        double t_now = now_s();
+        if (t_now - t_iter > 0.25) /* the heartbeats stop while the loop is stuck */
+            PD_LOG_WARN("worker %s: the I/O loop was stuck for %.0f ms", w->o.name,
+                        (t_now - t_iter) * 1e3);
+        t_iter = t_now;
         bool ucx_busy = false;
         if (w->ucx) {
+            double t0 = now_s();
             for (int i = 0; i < 64 && pd_ucx_progress(w->ucx); i++)
                 ;
+            if (now_s() - t0 > 0.25)
+                PD_LOG_WARN("worker %s: UCX progress took %.0f ms", w->o.name,
+                            (now_s() - t0) * 1e3);
             ucx_busy = !pd_ucx_arm(w->ucx);
         }
         zmq_pollitem_t items[4] = {

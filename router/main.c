@@ -28,7 +28,7 @@ static void usage(FILE *f)
         "         [--drain-timeout DUR] [--queue-timeout DUR]\n"
         "         [--log-level error|warn|info|debug] [--print-digest] [--help]\n"
         "Defaults: policy prefix-aware, local prefill off (0), heartbeat 100 ms, dead\n"
-        "after 1000 ms, lease 10000 ms, 3 re-runs, frames up to 4MiB, block size and\n"
+        "after 3000 ms, lease 10000 ms, 3 re-runs, frames up to 4MiB, block size and\n"
         "KV dtype from the first registered worker, KV over ucx, drain and queue\n"
         "timeouts 30s. An endpoint with port 0 binds any free port; the bound ones\n"
         "are printed on stdout: \"pd-router: client ENDPOINT worker ENDPOINT\".\n"

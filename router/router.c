@@ -36,7 +36,7 @@ void pd_router_opts_default(pd_router_opts_t *o)
         .model_name = "",
         .policy = PD_POLICY_PREFIX_AWARE,
         .heartbeat_ms = 100,
-        .dead_ms = 1000,
+        .dead_ms = 3000,
         .lease_ms = 10000,
         .max_retries = 3,
         .max_frame_bytes = PD_RPC_MAX_FRAME_DEFAULT,

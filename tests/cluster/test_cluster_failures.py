@@ -26,7 +26,7 @@ from pdcluster import (Cluster, Failures, free_blocks, golden_lines, model_args,
 f = Failures()
 lines = [g for g in golden_lines() if g["model"].startswith("stories260K")]
 MODEL = model_args(lines[0])
-FAST = ["--heartbeat-ms", "50", "--dead-ms", "600"]
+FAST = ["--heartbeat-ms", "50", "--dead-ms", "2000"]
 
 
 def check_exact(what, g, r):
