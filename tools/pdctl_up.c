@@ -42,17 +42,17 @@ typedef struct up {
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: pdctl up --model M [--tokenizer T] [--prefill N] [--decode N]\n"
-            "                [--port P] [--kv-transport ucx|zmq] [--threads N]\n"
-            "                [--policy prefix-aware|least-loaded|round-robin]\n"
-            "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
-            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
-            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
-            "  and N decode workers (default 1 each) on this machine, waits until all\n"
-            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
-            "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
-            "  threads per worker (default: the CPUs divided among the workers).\n");
+    fprintf(
+        f, "usage: pdctl up --model M [--tokenizer T] [--prefill N] [--decode N]\n"
+           "                [--port P] [--kv-transport ucx|zmq] [--threads N]\n"
+           "                [--policy prefix-aware|least-loaded|round-robin]\n"
+           "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
+           "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
+           "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
+           "  and N decode workers (default 1 each) on this machine, waits until all\n"
+           "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
+           "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
+           "  threads per worker (default: the CPUs divided among the workers).\n");
 }
 
 static double now_s(void)
@@ -302,8 +302,161 @@ static int parse(up_t *u, int argc, char **argv)
         return -1;
     }
     if (u->n_prefill == 0 && u->local_prefill_max < 0)
-        u->local_prefill_max = INT_MAX / 2; /* no prefill worker: decode workers prefill */
+        u->local_prefill_max =
+            INT_MAX / 2; /* no prefill worker: decode workers prefill */
     return 0;
+}
+
+/* The directories: binaries beside pdctl (or --bin-dir), logs in --log-dir or a new
+ * temporary one; and the threads per worker. */
+static int resolve_dirs(up_t *u)
+{
+    if (u->bin_dir) {
+        snprintf(u->bindir, sizeof u->bindir, "%s", u->bin_dir);
+    } else {
+        ssize_t n = readlink("/proc/self/exe", u->bindir, sizeof u->bindir - 1);
+        if (n <= 0) {
+            fprintf(stderr, "pdctl up: cannot find pdctl's directory; give --bin-dir\n");
+            return -1;
+        }
+        u->bindir[n] = 0;
+        char *slash = strrchr(u->bindir, '/');
+        if (slash)
+            *slash = 0;
+    }
+    if (u->log_dir) {
+        snprintf(u->logdir, sizeof u->logdir, "%s", u->log_dir);
+        mkdir(u->logdir, 0755);
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(u->logdir, sizeof u->logdir, "%s/pdctl-up-XXXXXX",
+                 tmp && *tmp ? tmp : "/tmp");
+        if (!mkdtemp(u->logdir)) {
+            fprintf(stderr, "pdctl up: cannot create a log directory: %s\n",
+                    strerror(errno));
+            return -1;
+        }
+    }
+    int n_workers = u->n_prefill + u->n_decode;
+    if (u->threads <= 0) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        u->threads = ncpu > n_workers ? (int)(ncpu / n_workers) : 1;
+    }
+    return 0;
+}
+
+/* Starts pd-router and reads its endpoints from its stdout. */
+static int start_router(up_t *u)
+{
+    char bin[PATH_MAX + 16], cep[64], lpm[16];
+    snprintf(bin, sizeof bin, "%s/pd-router", u->bindir);
+    snprintf(cep, sizeof cep, "tcp://127.0.0.1:%d", u->port);
+    snprintf(lpm, sizeof lpm, "%d", u->local_prefill_max);
+    char *argv[32];
+    int n = 0;
+    argv[n++] = bin;
+    argv[n++] = "--model";
+    argv[n++] = (char *)u->model;
+    if (u->tokenizer) {
+        argv[n++] = "--tokenizer";
+        argv[n++] = (char *)u->tokenizer;
+    }
+    argv[n++] = "--client-endpoint";
+    argv[n++] = cep;
+    argv[n++] = "--worker-endpoint";
+    argv[n++] = "tcp://127.0.0.1:0";
+    argv[n++] = "--kv-transport";
+    argv[n++] = (char *)u->transport;
+    if (u->policy) {
+        argv[n++] = "--policy";
+        argv[n++] = (char *)u->policy;
+    }
+    if (u->local_prefill_max >= 0) {
+        argv[n++] = "--local-prefill-max";
+        argv[n++] = lpm;
+    }
+    argv[n] = NULL;
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) != 0) {
+        fprintf(stderr, "pdctl up: pipe: %s\n", strerror(errno));
+        return -1;
+    }
+    child_t *router = spawn(u, "router", argv, pipefd[1], true);
+    close(pipefd[1]);
+    int rc = router ? read_endpoints(u, pipefd[0], router) : -1;
+    close(pipefd[0]);
+    return rc;
+}
+
+/* Starts the prefill then the decode workers on the router's worker endpoint. */
+static int start_workers(up_t *u)
+{
+    char prefill_bin[PATH_MAX + 16], decode_bin[PATH_MAX + 16], threads[16];
+    snprintf(prefill_bin, sizeof prefill_bin, "%s/pd-prefill", u->bindir);
+    snprintf(decode_bin, sizeof decode_bin, "%s/pd-decode", u->bindir);
+    snprintf(threads, sizeof threads, "%d", u->threads);
+    for (int i = 0; i < u->n_prefill + u->n_decode; i++) {
+        bool prefill = i < u->n_prefill;
+        char name[32];
+        snprintf(name, sizeof name, "%s%d", prefill ? "prefill" : "decode",
+                 prefill ? i : i - u->n_prefill);
+        char *argv[32];
+        int n = 0;
+        argv[n++] = prefill ? prefill_bin : decode_bin;
+        argv[n++] = "--model";
+        argv[n++] = (char *)u->model;
+        if (u->tokenizer) {
+            argv[n++] = "--tokenizer";
+            argv[n++] = (char *)u->tokenizer;
+        }
+        argv[n++] = "--router";
+        argv[n++] = u->worker_ep;
+        argv[n++] = "--name";
+        argv[n++] = name;
+        argv[n++] = "--threads";
+        argv[n++] = threads;
+        argv[n++] = "--kv-transport";
+        argv[n++] = (char *)u->transport;
+        if (u->kv_memory) {
+            argv[n++] = "--kv-memory";
+            argv[n++] = (char *)u->kv_memory;
+        }
+        if (!prefill && u->local_prefill_max >= 0)
+            argv[n++] = "--local-prefill";
+        argv[n] = NULL;
+        if (!spawn(u, name, argv, -1, false))
+            return -1;
+    }
+    return 0;
+}
+
+/* Until Ctrl-C or SIGTERM (0) or the router's end (1), reporting children that exit. */
+static int supervise(up_t *u, const sigset_t *set)
+{
+    for (;;) {
+        struct timespec ts = {.tv_sec = 1};
+        int sig = sigtimedwait(set, NULL, &ts);
+        reap(u);
+        if (sig == SIGINT || sig == SIGTERM) {
+            fprintf(stderr, "pdctl up: stopping (draining the workers)\n");
+            return 0;
+        }
+        for (int i = 0; i < u->n_kids; i++) {
+            child_t *c = &u->kids[i];
+            if (c->exited && c->pid > 0) {
+                fprintf(stderr, "pdctl up: %s exited (%s %d); see %s/%s.log\n", c->name,
+                        WIFSIGNALED(c->status) ? "signal" : "status",
+                        WIFSIGNALED(c->status) ? WTERMSIG(c->status)
+                                               : WEXITSTATUS(c->status),
+                        u->logdir, c->name);
+                c->pid = -c->pid; /* reported */
+            }
+        }
+        if (n_alive(u, true) == 0) {
+            fprintf(stderr, "pdctl up: the router is gone; stopping\n");
+            return 1;
+        }
+    }
 }
 
 int pd_cmd_up(int argc, char **argv)
@@ -313,35 +466,8 @@ int pd_cmd_up(int argc, char **argv)
     int pr = parse(&u, argc, argv);
     if (pr)
         return pr < 0 ? 2 : 0;
-    if (u.bin_dir) {
-        snprintf(u.bindir, sizeof u.bindir, "%s", u.bin_dir);
-    } else {
-        ssize_t n = readlink("/proc/self/exe", u.bindir, sizeof u.bindir - 1);
-        if (n <= 0) {
-            fprintf(stderr, "pdctl up: cannot find pdctl's directory; give --bin-dir\n");
-            return 1;
-        }
-        u.bindir[n] = 0;
-        char *slash = strrchr(u.bindir, '/');
-        if (slash)
-            *slash = 0;
-    }
-    if (u.log_dir) {
-        snprintf(u.logdir, sizeof u.logdir, "%s", u.log_dir);
-        mkdir(u.logdir, 0755);
-    } else {
-        const char *tmp = getenv("TMPDIR");
-        snprintf(u.logdir, sizeof u.logdir, "%s/pdctl-up-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-        if (!mkdtemp(u.logdir)) {
-            fprintf(stderr, "pdctl up: cannot create a log directory: %s\n", strerror(errno));
-            return 1;
-        }
-    }
-    int n_workers = u.n_prefill + u.n_decode;
-    if (u.threads <= 0) {
-        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        u.threads = ncpu > n_workers ? (int)(ncpu / n_workers) : 1;
-    }
+    if (resolve_dirs(&u) != 0)
+        return 1;
     /* signals are taken synchronously from here on */
     sigset_t set;
     sigemptyset(&set);
@@ -349,88 +475,7 @@ int pd_cmd_up(int argc, char **argv)
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGCHLD);
     sigprocmask(SIG_BLOCK, &set, NULL);
-
-    char router_bin[PATH_MAX + 16], prefill_bin[PATH_MAX + 16], decode_bin[PATH_MAX + 16];
-    snprintf(router_bin, sizeof router_bin, "%s/pd-router", u.bindir);
-    snprintf(prefill_bin, sizeof prefill_bin, "%s/pd-prefill", u.bindir);
-    snprintf(decode_bin, sizeof decode_bin, "%s/pd-decode", u.bindir);
-    char cep[64], threads[16], lpm[16];
-    snprintf(cep, sizeof cep, "tcp://127.0.0.1:%d", u.port);
-    snprintf(threads, sizeof threads, "%d", u.threads);
-    snprintf(lpm, sizeof lpm, "%d", u.local_prefill_max);
-    char *rargv[32];
-    int ra = 0;
-    rargv[ra++] = router_bin;
-    rargv[ra++] = "--model";
-    rargv[ra++] = (char *)u.model;
-    if (u.tokenizer) {
-        rargv[ra++] = "--tokenizer";
-        rargv[ra++] = (char *)u.tokenizer;
-    }
-    rargv[ra++] = "--client-endpoint";
-    rargv[ra++] = cep;
-    rargv[ra++] = "--worker-endpoint";
-    rargv[ra++] = "tcp://127.0.0.1:0";
-    rargv[ra++] = "--kv-transport";
-    rargv[ra++] = (char *)u.transport;
-    if (u.policy) {
-        rargv[ra++] = "--policy";
-        rargv[ra++] = (char *)u.policy;
-    }
-    if (u.local_prefill_max >= 0) {
-        rargv[ra++] = "--local-prefill-max";
-        rargv[ra++] = lpm;
-    }
-    rargv[ra] = NULL;
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) != 0) {
-        fprintf(stderr, "pdctl up: pipe: %s\n", strerror(errno));
-        return 1;
-    }
-    child_t *router = spawn(&u, "router", rargv, pipefd[1], true);
-    close(pipefd[1]);
-    int rc = 1;
-    if (!router || read_endpoints(&u, pipefd[0], router) != 0) {
-        close(pipefd[0]);
-        stop_all(&u, 0);
-        return 1;
-    }
-    close(pipefd[0]);
-    for (int i = 0; i < n_workers; i++) {
-        bool prefill = i < u.n_prefill;
-        char name[32];
-        snprintf(name, sizeof name, "%s%d", prefill ? "prefill" : "decode",
-                 prefill ? i : i - u.n_prefill);
-        char *wargv[32];
-        int wa = 0;
-        wargv[wa++] = prefill ? prefill_bin : decode_bin;
-        wargv[wa++] = "--model";
-        wargv[wa++] = (char *)u.model;
-        if (u.tokenizer) {
-            wargv[wa++] = "--tokenizer";
-            wargv[wa++] = (char *)u.tokenizer;
-        }
-        wargv[wa++] = "--router";
-        wargv[wa++] = u.worker_ep;
-        wargv[wa++] = "--name";
-        wargv[wa++] = name;
-        wargv[wa++] = "--threads";
-        wargv[wa++] = threads;
-        wargv[wa++] = "--kv-transport";
-        wargv[wa++] = (char *)u.transport;
-        if (u.kv_memory) {
-            wargv[wa++] = "--kv-memory";
-            wargv[wa++] = (char *)u.kv_memory;
-        }
-        if (!prefill && u.local_prefill_max >= 0)
-            wargv[wa++] = "--local-prefill";
-        wargv[wa] = NULL;
-        if (!spawn(&u, name, wargv, -1, false)) {
-            stop_all(&u, 0);
-            return 1;
-        }
-    }
-    if (wait_ready(&u) != 0) {
+    if (start_router(&u) != 0 || start_workers(&u) != 0 || wait_ready(&u) != 0) {
         stop_all(&u, 0);
         return 1;
     }
@@ -438,31 +483,7 @@ int pd_cmd_up(int argc, char **argv)
            "pdctl up: logs in %s; Ctrl-C stops the cluster\n",
            u.n_prefill, u.n_decode, u.client_ep, u.logdir);
     fflush(stdout);
-    for (;;) {
-        struct timespec ts = {.tv_sec = 1};
-        int sig = sigtimedwait(&set, NULL, &ts);
-        reap(&u);
-        if (sig == SIGINT || sig == SIGTERM) {
-            fprintf(stderr, "pdctl up: stopping (draining the workers)\n");
-            rc = 0;
-            break;
-        }
-        for (int i = 0; i < u.n_kids; i++) {
-            child_t *c = &u.kids[i];
-            if (c->exited && c->pid > 0) {
-                fprintf(stderr, "pdctl up: %s exited (%s %d); see %s/%s.log\n", c->name,
-                        WIFSIGNALED(c->status) ? "signal" : "status",
-                        WIFSIGNALED(c->status) ? WTERMSIG(c->status)
-                                               : WEXITSTATUS(c->status),
-                        u.logdir, c->name);
-                c->pid = -c->pid; /* reported */
-            }
-        }
-        if (n_alive(&u, true) == 0) {
-            fprintf(stderr, "pdctl up: the router is gone; stopping\n");
-            break;
-        }
-    }
+    int rc = supervise(&u, &set);
     stop_all(&u, u.drain_s);
     return rc;
 }
