@@ -17,8 +17,7 @@
 
 static worker_t *g_worker; /* for the signal handler's pipe */
 
-/* ---- I/O thread: sending
- * ---------------------------------------------------------------- */
+/* ---- I/O thread: sending ------------------------------------------------- */
 
 void wk_send_env(worker_t *w, Pd__Envelope *env, const void *data, size_t len)
 {
@@ -53,8 +52,7 @@ Pd__ErrorCode wk_status_code(pd_status_t st)
     }
 }
 
-/* ---- I/O thread: the router
- * -------------------------------------------------------------------- */
+/* ---- I/O thread: the router ---------------------------------------------- */
 
 static void fill_load(worker_t *w, Pd__WorkerLoad *l)
 {
@@ -334,8 +332,7 @@ static void check_timers(worker_t *w)
         send_heartbeat(w);
 }
 
-/* ---- setup, the loop, the CLI
- * ------------------------------------------------------------------ */
+/* ---- setup, the loop, the CLI -------------------------------------------- */
 
 static void on_signal(int sig)
 {

@@ -15,8 +15,7 @@
 #include "common/log.h"
 #include "common/worker_impl.h"
 
-/* ---- I/O thread: the decode side
- * ----------------------------------------------------------- */
+/* ---- I/O thread: the decode side ----------------------------------------- */
 
 void wk_peer_free_desc(peer_t *pe)
 {

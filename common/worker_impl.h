@@ -25,8 +25,7 @@
 #define REGISTER_RETRY  1000
 #define MAX_PROMPT_WIRE (1 << 20)
 
-/* ---- options ------------------------------------------------------------------------
- */
+/* ---- options ------------------------------------------------------------- */
 
 typedef struct wopts {
     pd_worker_role_t role;
@@ -39,8 +38,7 @@ typedef struct wopts {
     bool local_prefill;
 } wopts_t;
 
-/* ---- the queues between the threads ---------------------------------------------------
- */
+/* ---- the queues between the threads -------------------------------------- */
 
 enum {
     /* commands (I/O -> engine) */
@@ -85,8 +83,7 @@ typedef struct queue {
     msg_t *head, *tail;
 } queue_t;
 
-/* ---- the worker
- * ------------------------------------------------------------------------ */
+/* ---- the worker ---------------------------------------------------------- */
 
 typedef struct etask etask_t; /* engine thread's view of a task */
 typedef struct dtask dtask_t; /* decode side (I/O thread) */

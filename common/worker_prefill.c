@@ -14,8 +14,7 @@
 #include "common/log.h"
 #include "common/worker_impl.h"
 
-/* ---- I/O thread: the prefill side
- * ---------------------------------------------------------- */
+/* ---- I/O thread: the prefill side ---------------------------------------- */
 
 ptask_t *wk_ptask_find(worker_t *w, uint64_t task)
 {
