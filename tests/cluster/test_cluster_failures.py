@@ -72,52 +72,69 @@ def alive_names(c):
 
 
 # ---- a decode worker killed mid-stream ------------------------------------------------
-with Cluster(MODEL, 1, 2, "ucx", router_args=FAST) as cl:
-    cl.wait_ready()
-    c = cl.client()
-    # warm up: every decode worker connects its UCX endpoint to the prefill worker (a
-    # decode worker killed while that first handshake is in flight trips an assertion
-    # in UCX 1.13.1's prefill side, removed upstream: docs/architecture.md)
-    warm = send_golden(c, 8)
-    c.wait_all([r for _, r in warm], timeout=120)
-    start = free_blocks(c)
-    # seeded sampled requests too: a re-run continues their random stream (references
-    # first: under ASan they take a while, and everything must be in flight together)
-    refs = [reference(MODEL, lines[i % len(lines)]["prompt"], 200, 0.8, 0.95, 77 + i)
-            for i in range(8)]
-    reqs = send_golden(c, 48)
-    sampled = []
-    for i in range(8):
-        g = lines[i % len(lines)]
-        sampled.append((refs[i], c.generate(prompt=g["prompt"], max_tokens=200,
-                                            temperature=0.8, top_p=0.95, seed=77 + i)))
-    f.check(wait_any_partial(c, reqs), "decode kill: no request was mid-stream")
-    # the decode worker running the most requests (STATS lags by a heartbeat)
-    st = c.stats()
-    running = {w.name: w.load.running for w in st.workers} if st else {}
-    victim = max(cl.decode, key=lambda p: running.get(p.wname, 0))
-    print(f"decode kill: running per worker {running}; killing {victim.wname}", flush=True)
-    victim.signal(signal.SIGKILL)
-    partial = sum(1 for g, r in reqs if 0 < len(c.results[r].ids) < len(g["greedy_ids"]))
-    print(f"decode kill: {partial} requests mid-stream at the kill", flush=True)
-    res = c.wait_all([r for _, r in reqs], timeout=180)
-    retried = 0
-    for (g, _), r in zip(reqs, res):
-        check_exact(f"decode kill {g['prompt']!r}", g, r)
-        retried += bool(r.usage and r.usage.retries)
-    f.check(retried > 0, "decode kill: no request was re-run")
-    rerun = 0
-    for i, (want, rid) in enumerate(sampled):
-        r = c.wait_all([rid], timeout=60)[0]
-        rerun += bool(r.usage and r.usage.retries)
-        f.check(not r.error and r.ids == want and r.indices == list(range(len(r.ids))),
-                f"decode kill: sampled request {i} differs from pdctl generate "
-                f"(retries {r.usage.retries if r.usage else None}, error {r.error})")
-    print(f"decode kill: {rerun} of {len(sampled)} sampled requests were re-run", flush=True)
-    survivors = alive_names(c)
-    f.check(len(survivors) == 2, f"decode kill: alive workers {survivors}")
-    blocks_back("decode kill", c, start, survivors)
-    c.close()
+# Killed once every request is past its KV transfer (two tokens streamed): with UCX
+# 1.13.1, a decode worker killed while its reads are in flight can abort the prefill
+# worker that answers them (docs/architecture.md, "A UCX 1.13.1 assertion").
+def all_admitted(c, reqs, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        c.poll(5)
+        if all(len(c.results[r].ids) >= 2 for _, r in reqs):
+            return True
+    return False
+
+
+for transport in ("ucx", "zmq"):
+    with Cluster(MODEL, 1, 2, transport, router_args=FAST) as cl:
+        cl.wait_ready()
+        c = cl.client()
+        # warm up: every decode worker connects its UCX endpoint to the prefill worker (a
+        # decode worker killed while that first handshake is in flight trips an assertion
+        # in UCX 1.13.1's prefill side, removed upstream: docs/architecture.md)
+        warm = send_golden(c, 8)
+        c.wait_all([r for _, r in warm], timeout=120)
+        # idle again: every block free (cached prefixes count as free)
+        start = {k: (t, t) for k, (_, t) in free_blocks(c).items()}
+        blocks_back(f"{transport} decode kill warm-up", c, start)
+        # seeded sampled requests too: a re-run continues their random stream (references
+        # first: under ASan they take a while, and everything must be in flight together)
+        refs = [reference(MODEL, lines[i % len(lines)]["prompt"], 200, 0.8, 0.95, 77 + i)
+                for i in range(8)]
+        reqs = send_golden(c, 48)
+        sampled = []
+        for i in range(8):
+            g = lines[i % len(lines)]
+            sampled.append((refs[i], c.generate(prompt=g["prompt"], max_tokens=200,
+                                                temperature=0.8, top_p=0.95, seed=77 + i)))
+        f.check(all_admitted(c, reqs + [(None, r) for _, r in sampled]),
+                f"{transport} decode kill: requests not all streaming")
+        f.check(wait_any_partial(c, reqs), f"{transport} decode kill: no request was mid-stream")
+        # the decode worker running the most requests (STATS lags by a heartbeat)
+        st = c.stats()
+        running = {w.name: w.load.running for w in st.workers} if st else {}
+        victim = max(cl.decode, key=lambda p: running.get(p.wname, 0))
+        print(f"{transport} decode kill: running per worker {running}; killing {victim.wname}", flush=True)
+        victim.signal(signal.SIGKILL)
+        partial = sum(1 for g, r in reqs if 0 < len(c.results[r].ids) < len(g["greedy_ids"]))
+        print(f"{transport} decode kill: {partial} requests mid-stream at the kill", flush=True)
+        res = c.wait_all([r for _, r in reqs], timeout=180)
+        retried = 0
+        for (g, _), r in zip(reqs, res):
+            check_exact(f"{transport} decode kill {g['prompt']!r}", g, r)
+            retried += bool(r.usage and r.usage.retries)
+        f.check(retried > 0, f"{transport} decode kill: no request was re-run")
+        rerun = 0
+        for i, (want, rid) in enumerate(sampled):
+            r = c.wait_all([rid], timeout=60)[0]
+            rerun += bool(r.usage and r.usage.retries)
+            f.check(not r.error and r.ids == want and r.indices == list(range(len(r.ids))),
+                    f"{transport} decode kill: sampled request {i} differs from pdctl generate "
+                    f"(retries {r.usage.retries if r.usage else None}, error {r.error})")
+        print(f"{transport} decode kill: {rerun} of {len(sampled)} sampled requests were re-run", flush=True)
+        survivors = alive_names(c)
+        f.check(len(survivors) == 2, f"{transport} decode kill: alive workers {survivors}")
+        blocks_back(f"{transport} decode kill", c, start, survivors)
+        c.close()
 
 # ---- a prefill worker killed with work assigned ----------------------------------------
 with Cluster(MODEL, 2, 1, "ucx", router_args=FAST + ["--policy", "round-robin"]) as cl:

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 SHARED = os.environ.get("PD_SHARED_DIR") or os.path.join(
@@ -23,25 +22,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(BIN)), "python")
 import zmq  # noqa: E402
 import pd_pb2 as pb  # noqa: E402
 
+# the script tests' shared helpers: paths checked, golden lines, the check counter
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from pdtest import Failures, golden_lines, require  # noqa: E402,F401
+
 VERSION = 1
-
-
-def require(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"required file missing: {path}")
-    return path
-
-
-def golden_lines():
-    import json
-    lines = []
-    for name in sorted(os.listdir(require(GOLDEN))):
-        if name.endswith(".jsonl"):
-            with open(os.path.join(GOLDEN, name)) as f:
-                lines += [json.loads(l) for l in f if l.strip()]
-    if not lines:
-        raise RuntimeError("no golden lines found")
-    return lines
 
 
 def reference(margs, prompt, max_tokens, temperature=0.0, top_p=1.0, seed=1):
@@ -64,26 +49,6 @@ def model_args(g, gguf=True):
         return ["--model", require(os.path.join(MODELS, stem + ".gguf"))]
     return ["--model", require(os.path.join(MODELS, g["model"])), "--tokenizer",
             require(os.path.join(MODELS, g["tokenizer"]))]
-
-
-class Failures:
-    def __init__(self):
-        self.items = []
-        self.checks = 0
-
-    def check(self, ok, msg):
-        self.checks += 1
-        if not ok:
-            self.items.append(msg)
-            print("FAIL:", msg, flush=True)
-        return ok
-
-    def finish(self):
-        print(f"{self.checks} checks, {len(self.items)} failures", flush=True)
-        if self.checks == 0:
-            print("FAIL: no checks ran")
-            sys.exit(1)
-        sys.exit(1 if self.items else 0)
 
 
 class Proc:

@@ -65,6 +65,7 @@ class Failures:
         if not ok:
             self.items.append(msg)
             print("FAIL:", msg, flush=True)
+        return ok
 
     def finish(self):
         print(f"{self.checks} checks, {len(self.items)} failures")
