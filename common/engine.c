@@ -35,6 +35,11 @@ struct req {
     int32_t cached_tokens, preemptions;
     double arrival_s, first_token_s;
     bool prefill_only;
+    int32_t spec_k;      /* most tokens proposed per step (0: no speculation) */
+    int32_t *draft;      /* [spec_k] this step's proposal */
+    int32_t n_draft;
+    int32_t n_logits; /* rows of logits this step (1 + n_draft, or 0) */
+    int64_t spec_proposed, spec_accepted;
     int32_t *pre_blocks; /* a prefilled request's blocks until it starts */
     int32_t n_pre;
     int finish_now; /* 0, or 1 + the finish of a prefilled request done at add */
@@ -71,6 +76,7 @@ struct pd_engine {
     pd_engine_stats_t stats;
     struct pd_engine_layer_hook on_layer;
     pd_engine_progress_t *progress; /* [max_seqs] */
+    int32_t spec_k, ngram_min, ngram_max;
 };
 
 const char *pd_engine_finish_str(pd_engine_finish_t f)
@@ -184,9 +190,16 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     e->max_len = pool_tokens < max_ctx ? (int32_t)pool_tokens : max_ctx;
     e->max_blocks = (e->max_len + e->bs - 1) / e->bs;
 
+    e->spec_k = o.spec_k > 0 ? o.spec_k : 0;
+    e->ngram_min = o.spec_ngram_min > 0 ? o.spec_ngram_min : 1;
+    e->ngram_max = o.spec_ngram_max > 0 ? o.spec_ngram_max : 4;
+    if (e->ngram_max < e->ngram_min)
+        e->ngram_max = e->ngram_min;
+    /* every row may need logits when sequences verify proposals */
+    int64_t max_logits = (int64_t)e->max_seqs * (1 + e->spec_k);
     pd_llm_opts_t lo = {.max_ctx = e->max_len,
                         .max_batch_tokens = e->max_T,
-                        .max_logits = e->max_seqs,
+                        .max_logits = (int32_t)(max_logits < e->max_T ? max_logits : e->max_T),
                         .no_private_kv = true};
     st = pd_llm_new(model, kernels, &lo, &e->llm);
     size_t T = (size_t)e->max_T, S = (size_t)e->max_seqs;
@@ -196,7 +209,7 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
         e->ids = malloc(T * sizeof *e->ids);
         e->pos = malloc(T * sizeof *e->pos);
         e->seq = malloc(T * sizeof *e->seq);
-        e->out_rows = malloc(S * sizeof *e->out_rows);
+        e->out_rows = malloc(T * sizeof *e->out_rows);
         e->sched = malloc(S * sizeof *e->sched);
         e->progress = malloc(S * sizeof *e->progress);
         if (!e->tables || !e->free_slots || !e->ids || !e->pos || !e->seq ||
@@ -223,6 +236,7 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
 static void req_free(req_t *r)
 {
     free(r->pre_blocks);
+    free(r->draft);
     pd_sampler_destroy(&r->sampler);
     free(r->tokens);
     free(r->stop);
@@ -325,6 +339,18 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     r->n_prompt = r->n_tokens = q->n_prompt;
     r->max_tokens = max_tokens;
     r->prefill_only = q->prefill_only;
+    r->spec_k = q->spec_k < 0 ? 0 : q->spec_k == 0 || q->spec_k > e->spec_k ? e->spec_k : q->spec_k;
+    if (q->sampling.temperature > 0 && q->sampling.top_k != 1)
+        r->spec_k = 0; /* sampled requests do not speculate yet */
+    if (q->prefill_only)
+        r->spec_k = 0;
+    if (r->spec_k) {
+        r->draft = malloc((size_t)r->spec_k * sizeof *r->draft);
+        if (!r->draft) {
+            req_free(r);
+            return PD_ERR_NOMEM;
+        }
+    }
     if (q->rng_state)
         pd_sampler_set_state(r->sampler, q->rng_state);
     r->ignore_eos = q->ignore_eos;
@@ -398,7 +424,9 @@ static void finish(pd_engine_t *e, req_t *r, pd_engine_finish_t why, pd_status_t
                               .first_token_s = r->first_token_s,
                               .finish_s = pd_engine_now(e),
                               .kv_blocks = kv_row,
-                              .n_kv_blocks = n_kv};
+                              .n_kv_blocks = n_kv,
+                              .spec_proposed = r->spec_proposed,
+                              .spec_accepted = r->spec_accepted};
     pd_sampler_get_state(r->sampler, res.rng_state);
     if (r->on_finish)
         r->on_finish(r->user, &res);
@@ -495,6 +523,7 @@ static bool grow(pd_engine_t *e, req_t *r, int32_t upto)
 
 static void preempt(pd_engine_t *e, req_t *r)
 {
+    r->n_draft = 0;
     drop_blocks(e, r);
     list_remove(&e->running, r);
     r->running = false;
@@ -529,6 +558,36 @@ static void schedule(pd_engine_t *e, req_t *r, int32_t n, int32_t *budget)
     *budget -= n;
 }
 
+/* n-gram prompt lookup: the tokens that followed the latest earlier occurrence of the
+ * sequence's last n tokens (n from ngram_max down to ngram_min), at most spec_k, the
+ * room left before max_tokens or the longest sequence, and `room` (the budget). */
+static void propose(pd_engine_t *e, req_t *r, int32_t room)
+{
+    int32_t len = r->n_tokens;
+    int32_t k = r->spec_k < room ? r->spec_k : room;
+    if (r->cap - len - 1 < k) /* accepting all must leave room for the bonus token */
+        k = r->cap - len - 1;
+    if (e->max_len - len < k) /* positions len .. len + k - 1 must fit */
+        k = e->max_len - len;
+    if (k <= 0)
+        return;
+    const int32_t *t = r->tokens;
+    for (int32_t n = e->ngram_max; n >= e->ngram_min; n--) {
+        if (n >= len)
+            continue;
+        const int32_t *suffix = t + len - n;
+        for (int32_t j = len - n - 1; j >= 0; j--) {
+            if (t[j] != suffix[0] || memcmp(t + j, suffix, (size_t)n * sizeof *t) != 0)
+                continue;
+            int32_t avail = len - (j + n);
+            int32_t d = avail < k ? avail : k;
+            memcpy(r->draft, t + j + n, (size_t)d * sizeof *t);
+            r->n_draft = d;
+            return;
+        }
+    }
+}
+
 /* Fills e->sched; returns the tokens scheduled. */
 static int32_t schedule_step(pd_engine_t *e)
 {
@@ -538,6 +597,11 @@ static int32_t schedule_step(pd_engine_t *e)
     for (req_t *r = e->running.head, *next; r && budget > 0; r = next) {
         next = r->next;
         int32_t n = r->n_tokens - r->n_computed;
+        r->n_draft = 0;
+        if (n == 1 && r->spec_k && budget > 1) {
+            propose(e, r, budget - 1);
+            n += r->n_draft;
+        }
         n = n < budget ? n : budget;
         bool self = false;
         while (!grow(e, r, r->n_computed + n)) {
@@ -587,6 +651,7 @@ static int32_t schedule_step(pd_engine_t *e)
         list_remove(&e->waiting, r);
         list_push(&e->running, r, false);
         r->running = true;
+        r->n_draft = 0;
         schedule(e, r, n, &budget);
     }
     return e->max_T - budget;
@@ -605,22 +670,78 @@ static bool is_stop(const pd_engine_t *e, const req_t *r, int32_t tok)
 }
 
 /* After the forward pass: commits full blocks, samples, finishes. */
+/* Commits the full blocks whose KV is computed to the prefix cache. */
+static void commit_full_blocks(pd_engine_t *e, req_t *r)
+{
+    if (!e->prefix_cache)
+        return;
+    int32_t *row = row_of(e, r);
+    for (int32_t b = r->n_committed; b < r->n_computed / e->bs; b++) {
+        const pd_kv_hash_t *h = block_hash(e, r, b);
+        pd_kv_pool_commit(e->kv, row[b], *h, b ? &r->hashes[b - 1] : NULL,
+                          r->tokens + (size_t)b * (size_t)e->bs);
+        r->n_committed = b + 1;
+    }
+}
+
+/* Verifies a proposal (greedy): the target's token at each row, kept while it equals
+ * the proposed one; the first that differs (or the one after the last proposed) is the
+ * bonus. Returns the tokens emitted (accepted + 1); the KV of rejected positions stays
+ * behind n_computed, to be overwritten. Finishes the request on a stop token or at its
+ * length, so r may be gone when it returns -1. */
+static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
+{
+    int32_t V = e->cfg.vocab_size, emitted = 0;
+    e->stats.spec_steps++;
+    e->stats.spec_proposed += r->n_draft;
+    r->spec_proposed += r->n_draft;
+    for (int32_t j = 0; j <= r->n_draft; j++) {
+        int32_t tok = pd_sampler_sample(r->sampler, logits + (size_t)(r->logit + j) * (size_t)V);
+        bool accepted = j < r->n_draft && tok == r->draft[j];
+        r->tokens[r->n_tokens++] = tok;
+        emitted++;
+        e->stats.gen_tokens++;
+        if (accepted) {
+            e->stats.spec_accepted++;
+            r->spec_accepted++;
+        }
+        if (r->on_token)
+            r->on_token(r->user, r->id, tok);
+        if (is_stop(e, r, tok)) {
+            finish(e, r, PD_ENGINE_FINISH_STOP, PD_OK);
+            return -1;
+        }
+        if (r->n_tokens >= r->cap) {
+            finish(e, r, PD_ENGINE_FINISH_LENGTH, PD_OK);
+            return -1;
+        }
+        if (!accepted)
+            break;
+    }
+    return emitted;
+}
+
+/* After the forward pass: commits full blocks, samples, finishes. */
 static void advance(pd_engine_t *e, req_t *r, const float *logits)
 {
+    if (r->n_draft > 0 && !r->cancelled) {
+        int32_t p = r->n_computed; /* the pending token's position */
+        int32_t emitted = verify(e, r, logits);
+        if (emitted < 0)
+            return; /* finished */
+        /* valid KV: the pending token and the accepted proposals */
+        r->n_computed = p + emitted;
+        r->n_draft = 0;
+        commit_full_blocks(e, r);
+        return;
+    }
+    r->n_draft = 0;
     int32_t prompt_part = r->n_prompt - r->n_computed;
     e->stats.prompt_tokens += prompt_part < 0          ? 0
                               : prompt_part < r->sched ? prompt_part
                                                        : r->sched;
     r->n_computed += r->sched;
-    if (e->prefix_cache) {
-        int32_t *row = row_of(e, r);
-        for (int32_t b = r->n_committed; b < r->n_computed / e->bs; b++) {
-            const pd_kv_hash_t *h = block_hash(e, r, b);
-            pd_kv_pool_commit(e->kv, row[b], *h, b ? &r->hashes[b - 1] : NULL,
-                              r->tokens + (size_t)b * (size_t)e->bs);
-            r->n_committed = b + 1;
-        }
-    }
+    commit_full_blocks(e, r);
     if (r->logit < 0 || r->cancelled)
         return;
     int32_t tok = pd_sampler_sample(r->sampler, logits + (size_t)r->logit *
@@ -686,12 +807,22 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
     for (int32_t i = 0; i < e->n_sched; i++) {
         req_t *r = e->sched[i];
         for (int32_t j = 0; j < r->sched; j++, t++) {
-            e->ids[t] = r->tokens[r->n_computed + j];
+            /* a proposal follows the pending token */
+            e->ids[t] = j < r->sched - r->n_draft
+                            ? r->tokens[r->n_computed + j]
+                            : r->draft[j - (r->sched - r->n_draft)];
             e->pos[t] = r->n_computed + j;
             e->seq[t] = r->slot;
         }
-        if (r->n_computed + r->sched == r->n_tokens) {
+        if (r->n_draft > 0) {
+            /* the pending token and the proposal: every row's logits verify */
             r->logit = n_out;
+            r->n_logits = 1 + r->n_draft;
+            for (int32_t j = 0; j <= r->n_draft; j++)
+                e->out_rows[n_out++] = t - 1 - r->n_draft + j;
+        } else if (r->n_computed + r->sched == r->n_tokens) {
+            r->logit = n_out;
+            r->n_logits = 1;
             e->out_rows[n_out++] = t - 1;
         }
         e->progress[i] = (pd_engine_progress_t){.id = r->id,

@@ -64,6 +64,12 @@ typedef struct pd_engine_opts {
     /* The tokenizer's EOS and BOS ids (pd_tokenizer_eos/bos), which end a request
      * unless it ignores EOS; negative: none. */
     int32_t eos, bos;
+    /* Speculative decoding (greedy requests): up to spec_k proposed tokens per
+     * decoding sequence and step, verified in the same forward pass; 0: off. The
+     * proposer: n-gram prompt lookup (the continuation of the latest earlier match of
+     * the last n tokens, n from spec_ngram_max down to spec_ngram_min). */
+    int32_t spec_k;
+    int32_t spec_ngram_min, spec_ngram_max; /* <= 0: 1 and 4 */
     /* Called after each layer of each forward pass (a prefill worker streams the KV of
      * finished layers while later ones compute); see pd_engine_layer_fn. */
     struct pd_engine_layer_hook {
@@ -92,6 +98,7 @@ typedef struct pd_engine_result {
     int32_t n_gen, n_prompt;
     int32_t cached_tokens; /* prompt tokens served by the prefix cache (first start) */
     int32_t preemptions;
+    int64_t spec_proposed, spec_accepted; /* speculative tokens proposed, accepted */
     double arrival_s, first_token_s, finish_s; /* engine clock, seconds */
     /* A prefill_only request that finished with its first token: the blocks holding
      * its prompt's KV (ceil(n_prompt / block_size)), one reference each now owned by
@@ -117,6 +124,9 @@ typedef struct pd_engine_request {
     void *user;
     /* The sampler's random state to start from (4 words; NULL: from sampling.seed). */
     const uint64_t *rng_state;
+    /* Speculation for this request: 0 the engine's spec_k, < 0 off, else at most this
+     * (and the engine's). Only greedy requests speculate for now. */
+    int32_t spec_k;
     /* Prefill only (a prefill worker): compute the prompt, sample the first token and
      * finish (LENGTH) keeping the prompt's blocks for the caller (result.kv_blocks). */
     bool prefill_only;
@@ -140,6 +150,7 @@ typedef struct pd_engine_stats {
     int64_t max_batch_seqs; /* most sequences in one step */
     int64_t seqs_in_steps;  /* sum over steps of sequences in the step */
     int64_t hist[8]; /* steps by sequences in them: 1, 2-3, 4-7, ..., 64-127, 128+ */
+    int64_t spec_proposed, spec_accepted, spec_steps; /* spec_steps: verifications */
     double forward_s, sample_s;
 } pd_engine_stats_t;
 

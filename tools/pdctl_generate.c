@@ -40,7 +40,8 @@ static void usage(FILE *f)
            "\n"
            "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
            "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
-           "         [--no-prefix-cache] [and the options above]\n"
+           "         [--no-prefix-cache] [--spec ngram|off] [--spec-k N]\n"
+           "         [and the options above]\n"
            "  Runs every prompt of FILE (one JSON object a line: \"prompt\" or "
            "\"prompt_ids\",\n"
            "  optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", "
@@ -53,7 +54,9 @@ static void usage(FILE *f)
            "  --kv-memory: the KV cache budget, e.g. 64MiB or 2GiB (default: room for N "
            "full\n"
            "  contexts, at most 1GiB); --block-size: positions per KV block (16);\n"
-           "  --batch: the token budget of one step (512).\n");
+           "  --batch: the token budget of one step (512); --spec ngram: speculative\n"
+           "  decoding of greedy requests by n-gram prompt lookup, up to --spec-k (4)\n"
+           "  proposed tokens per step, verified in the same pass (output unchanged).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -119,6 +122,16 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->block_size = (int32_t)v;
         else if (!strcmp(o, "--arrival-steps") && !parse_num(o, val, 0, 1 << 20, &v))
             a->arrival_steps = (int32_t)v;
+        else if (!strcmp(o, "--spec-k") && !parse_num(o, val, 0, 64, &v))
+            a->spec_k = (int32_t)v;
+        else if (!strcmp(o, "--spec")) {
+            if (strcmp(val, "ngram") && strcmp(val, "off")) {
+                fprintf(stderr, "pdctl generate: --spec takes ngram or off (the draft "
+                                "model proposer is not built yet)\n");
+                return -1;
+            }
+            a->spec = strcmp(val, "off") ? val : NULL;
+        }
         else if (!strcmp(o, "--format"))
             a->format = val;
         else if (!strcmp(o, "--isa"))

@@ -22,6 +22,8 @@ typedef struct gen_args {
     int32_t parallel, block_size, arrival_steps;
     int64_t kv_memory;
     bool no_prefix_cache;
+    const char *spec; /* "ngram" or "off" (NULL) */
+    int32_t spec_k;
 } gen_args_t;
 
 bool pd_gen_load_mmap(const gen_args_t *a);

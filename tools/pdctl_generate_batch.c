@@ -303,6 +303,10 @@ static void print_item(const pd_tokenizer_t *tok, const item_t *it, bool json)
                                json_object_new_int(it->res.cached_tokens));
         json_object_object_add(o, "preemptions",
                                json_object_new_int(it->res.preemptions));
+        json_object *sp = json_object_new_object();
+        json_object_object_add(sp, "proposed", json_object_new_int64(it->res.spec_proposed));
+        json_object_object_add(sp, "accepted", json_object_new_int64(it->res.spec_accepted));
+        json_object_object_add(o, "spec", sp);
         json_object *t = json_object_new_object();
         const pd_engine_result_t *r = &it->res;
         json_object_object_add(t, "arrival_ms",
@@ -376,6 +380,20 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     json_object_object_add(b, "histogram", h);
     json_object_object_add(s, "batch_size", b);
     json_object_object_add(s, "preemptions", json_object_new_int64(st.preemptions));
+    json_object *spj = json_object_new_object();
+    json_object_object_add(spj, "mode", json_object_new_string(a->spec ? a->spec : "off"));
+    json_object_object_add(spj, "proposed", json_object_new_int64(st.spec_proposed));
+    json_object_object_add(spj, "accepted", json_object_new_int64(st.spec_accepted));
+    json_object_object_add(spj, "verify_steps", json_object_new_int64(st.spec_steps));
+    json_object_object_add(spj, "acceptance_rate",
+                           json_object_new_double(st.spec_proposed ? (double)st.spec_accepted /
+                                                                         (double)st.spec_proposed
+                                                                   : 0.0));
+    json_object_object_add(spj, "mean_accepted_length",
+                           json_object_new_double(st.spec_steps ? (double)st.spec_accepted /
+                                                                      (double)st.spec_steps
+                                                                : 0.0));
+    json_object_object_add(s, "spec", spj);
     json_object *pc = json_object_new_object();
     json_object_object_add(pc, "enabled", json_object_new_boolean(!a->no_prefix_cache));
     json_object_object_add(pc, "query_tokens", json_object_new_int64(st.query_tokens));
@@ -449,6 +467,7 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
                            .kv_memory = a->kv_memory,
                            .block_size = a->block_size,
                            .no_prefix_cache = a->no_prefix_cache,
+                           .spec_k = a->spec ? (a->spec_k > 0 ? a->spec_k : 4) : 0,
                            .eos = pd_tokenizer_eos(tok),
                            .bos = pd_tokenizer_bos(tok)};
     if (a->kv_dtype && strcmp(a->kv_dtype, "auto"))

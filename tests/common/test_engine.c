@@ -664,6 +664,70 @@ START_TEST(blocks_held_outside_wait)
 }
 END_TEST
 
+/* ---- speculative decoding (n-gram prompt lookup) ---- */
+
+/* Greedy requests that repeat themselves (so that lookups hit) give exactly the
+ * reference's tokens with speculation on, batched and under preemption; proposals are
+ * accepted; blocks come back. */
+START_TEST(spec_ngram_equals_alone)
+{
+    enum { N = 24 };
+    static req_spec_t q[N];
+    static out_t outs[N];
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 4242);
+    make_specs(&rng, q, N, 8);
+    for (int r = 0; r < N; r++) {
+        q[r].sp = pd_sampler_params_default(); /* greedy */
+        q[r].max_tokens = 40 + (int32_t)(pd_rng_next(&rng) % 80);
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        memset(outs, 0, sizeof outs);
+        pd_engine_opts_t eo = {.max_num_seqs = 8,
+                               .max_batch_tokens = 48,
+                               .kv_blocks = pass ? 24 : 0, /* pass 1: preemptions */
+                               .eos = 2,
+                               .bos = 1,
+                               .spec_k = 4};
+        pd_engine_t *e = NULL;
+        ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
+        int32_t free0 = pd_kv_pool_n_free(pd_engine_kv(e));
+        int added = 0;
+        for (int step = 0; step < 100000 && (added < N || pd_engine_n_pending(e)); step++) {
+            for (int r = 0; r < N; r++)
+                if (q[r].arrival == step) {
+                    pd_engine_request_t rq = {.prompt = q[r].prompt,
+                                              .n_prompt = q[r].n_prompt,
+                                              .max_tokens = q[r].max_tokens,
+                                              .ignore_eos = true,
+                                              .sampling = q[r].sp,
+                                              .on_token = on_token,
+                                              .on_finish = on_finish,
+                                              .user = &outs[r]};
+                    ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
+                    added++;
+                }
+            ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+        }
+        pd_engine_stats_t st = pd_engine_stats(e);
+        ck_assert_int_gt(st.spec_proposed, 0);
+        ck_assert_int_gt(st.spec_accepted, 0);
+        ck_assert_int_le(st.spec_accepted, st.spec_proposed);
+        if (pass)
+            ck_assert_int_gt(st.preemptions, 0);
+        ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), free0);
+        int64_t acc = 0;
+        for (int r = 0; r < N; r++) {
+            ck_assert_int_le(outs[r].res.spec_accepted, outs[r].res.spec_proposed);
+            acc += outs[r].res.spec_accepted;
+        }
+        ck_assert_int_eq(acc, st.spec_accepted);
+        pd_engine_destroy(&e);
+        check_against_reference(q, N, outs);
+    }
+}
+END_TEST
+
 /* ---- a step allocates nothing ---- */
 
 START_TEST(steps_allocate_nothing)
@@ -708,6 +772,7 @@ int main(void)
     PD_TEST_ADD(tc, batched_equals_alone, preemption_keeps_outputs,
                 prefix_cache_hit_and_stats, chunked_prefill_does_not_stall_decodes,
                 cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing,
-                prefill_handoff_equals_alone, prefilled_edge_cases, blocks_held_outside_wait);
+                prefill_handoff_equals_alone, prefilled_edge_cases, blocks_held_outside_wait,
+                spec_ngram_equals_alone);
     return pd_test_run("engine", tc);
 }
