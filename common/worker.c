@@ -81,6 +81,8 @@ static void fill_load(worker_t *w, Pd__WorkerLoad *l)
     l->tasks_done = (uint64_t)x.tasks_done;
     l->tokens_out = (uint64_t)x.tokens_out;
     l->kv_bytes = (uint64_t)w->kv_bytes;
+    l->spec_proposed = (uint64_t)x.spec_proposed;
+    l->spec_accepted = (uint64_t)x.spec_accepted;
     l->draining = w->draining;
 }
 
@@ -354,11 +356,13 @@ static void usage(FILE *f, pd_worker_role_t role)
         "         [--kv-blocks N] [--block-size N] [--kv-dtype auto|f32|f16]\n"
         "         [--no-prefix-cache] [--kv-transport ucx|zmq] [--kv-layerwise-min N]\n"
         "         [--drain-timeout S]%s [--log-level L]\n"
+        "         [--spec ngram|off] [--spec-k N]\n"
         "  Joins the router at ENDPOINT (its worker endpoint; default\n"
         "  tcp://127.0.0.1:5556) as a %s worker. Defaults: one thread per CPU,\n"
         "  64 sequences, 512 tokens per step, a KV pool of 1 GiB at most, blocks of\n"
         "  16, the ucx transport, layer-wise KV streaming from 256 prompt tokens,\n"
-        "  30 s to drain on SIGTERM.\n",
+        "  30 s to drain on SIGTERM. --spec ngram: speculative decoding of greedy\n"
+        "  requests by n-gram prompt lookup, up to --spec-k (4) tokens a step.\n",
         n, role == PD_WORKER_DECODE ? " [--local-prefill]" : "",
         role == PD_WORKER_PREFILL ? "prefill" : "decode");
 }
@@ -434,6 +438,15 @@ static int parse_value(wopts_t *o, const char *a, const char *v)
             o->eo.kv_type = PD_KV_F16;
         else
             bad = 1;
+    } else if (!strcmp(a, "--spec")) {
+        if (!strcmp(v, "ngram"))
+            o->spec_on = 1;
+        else if (!strcmp(v, "off"))
+            o->spec_on = 0;
+        else
+            bad = 1; /* the draft model proposer is not built yet */
+    } else if (!strcmp(a, "--spec-k")) {
+        bad = parse_int(v, 0, 64, &n) || ((o->spec_k = (int32_t)n), 0);
     } else if (!strcmp(a, "--kv-transport")) {
         if (!strcmp(v, "ucx"))
             o->transport = PD__KV_TRANSPORT__UCX;
@@ -491,6 +504,7 @@ static int parse_args(int argc, char **argv, pd_worker_role_t role, wopts_t *o)
             return -1;
         }
     }
+    o->eo.spec_k = o->spec_on ? (o->spec_k > 0 ? o->spec_k : 4) : 0;
     if (!o->model) {
         fprintf(stderr, "%s: --model is required\n", argv[0]);
         return -1;

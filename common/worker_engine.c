@@ -294,7 +294,9 @@ static void publish_load(worker_t *w)
                     pd_engine_n_pending(w->engine) - pd_engine_n_running(w->engine),
                 .queued_prefill = w->queued_prefill,
                 .tasks_done = w->tasks_done,
-                .tokens_out = w->tokens_out};
+                .tokens_out = w->tokens_out,
+                .spec_proposed = pd_engine_stats(w->engine).spec_proposed,
+                .spec_accepted = pd_engine_stats(w->engine).spec_accepted};
     pthread_mutex_lock(&w->mu);
     w->load = l;
     pthread_mutex_unlock(&w->mu);

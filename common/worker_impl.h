@@ -36,6 +36,8 @@ typedef struct wopts {
     int32_t layerwise_min;
     int drain_timeout_s;
     bool local_prefill;
+    int spec_on;    /* --spec ngram */
+    int32_t spec_k; /* --spec-k */
 } wopts_t;
 
 /* ---- the queues between the threads -------------------------------------- */
@@ -93,6 +95,7 @@ typedef struct peer peer_t;   /* a prefill worker this decode worker reads from 
 typedef struct load {
     int32_t free_blocks, total_blocks, running, waiting;
     int64_t queued_prefill, tasks_done, tokens_out;
+    int64_t spec_proposed, spec_accepted;
 } load_t;
 
 typedef struct worker {

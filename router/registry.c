@@ -228,6 +228,8 @@ void pd_registry_heartbeat(pd_worker_t *w, const Pd__WorkerLoad *l, uint64_t now
         .tasks_done = l->tasks_done,
         .tokens_out = l->tokens_out,
         .kv_bytes = l->kv_bytes,
+        .spec_proposed = l->spec_proposed,
+        .spec_accepted = l->spec_accepted,
         .draining = l->draining,
     };
 }

@@ -41,6 +41,7 @@ typedef struct pd_worker_load {
     uint64_t queued_prefill_tokens;
     uint32_t reserved_blocks, held_blocks;
     uint64_t tasks_done, tokens_out, kv_bytes;
+    uint64_t spec_proposed, spec_accepted;
     bool draining;
 } pd_worker_load_t;
 

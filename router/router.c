@@ -316,6 +316,8 @@ static void on_stats(pd_router_t *rt, const pd_rpc_msg_t *m)
         wl[i].tasks_done = w->load.tasks_done;
         wl[i].tokens_out = w->load.tokens_out;
         wl[i].kv_bytes = w->load.kv_bytes;
+        wl[i].spec_proposed = w->load.spec_proposed;
+        wl[i].spec_accepted = w->load.spec_accepted;
         wl[i].draining = w->load.draining;
         wi[i].worker_id = w->id;
         wi[i].name = (char *)w->name;

@@ -34,6 +34,7 @@ typedef struct child {
 
 typedef struct up {
     const char *model, *tokenizer, *transport, *policy, *kv_memory, *bin_dir, *log_dir;
+    const char *spec, *spec_k;
     int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
     child_t kids[MAX_CHILDREN];
     int n_kids;
@@ -48,6 +49,7 @@ static void usage(FILE *f)
            "                [--policy prefix-aware|least-loaded|round-robin]\n"
            "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
+           "                [--spec ngram|off] [--spec-k N]\n"
            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
            "  and N decode workers (default 1 each) on this machine, waits until all\n"
            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
@@ -284,6 +286,13 @@ static int parse(up_t *u, int argc, char **argv)
             u->policy = v;
         else if (!strcmp(a, "--kv-memory"))
             u->kv_memory = v;
+        else if (!strcmp(a, "--spec"))
+            bad = strcmp(v, "ngram") && strcmp(v, "off") ? -1 : ((u->spec = v), 0);
+        else if (!strcmp(a, "--spec-k")) {
+            int k = 0;
+            bad = parse_int(v, 0, 64, &k);
+            u->spec_k = v;
+        }
         else if (!strcmp(a, "--bin-dir"))
             u->bin_dir = v;
         else if (!strcmp(a, "--log-dir"))
@@ -423,6 +432,14 @@ static int start_workers(up_t *u)
         }
         if (!prefill && u->local_prefill_max >= 0)
             argv[n++] = "--local-prefill";
+        if (!prefill && u->spec) {
+            argv[n++] = "--spec";
+            argv[n++] = (char *)u->spec;
+        }
+        if (!prefill && u->spec_k) {
+            argv[n++] = "--spec-k";
+            argv[n++] = (char *)u->spec_k;
+        }
         argv[n] = NULL;
         if (!spawn(u, name, argv, -1, false))
             return -1;

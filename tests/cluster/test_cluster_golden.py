@@ -4,7 +4,8 @@ GGUF copy, one request at a time and with 64 requests in flight; prompts long en
 to stream their KV layer by layer (--kv-layerwise-min 1) as well as in bulk; seeded
 sampled requests equal `pdctl generate` with the same seed (the prefill worker draws
 the first token and hands its random state on); and after every run each worker's
-free KV blocks are back to their starting count."""
+free KV blocks are back to their starting count. One configuration runs the decode
+workers with speculative decoding (--spec ngram)."""
 import os
 import sys
 
@@ -44,6 +45,8 @@ configs = [
     ("2P+2D zmq gguf", 2, 2, "zmq", True, []),
     ("2P+2D ucx gguf layerwise small steps", 2, 2, "ucx", True,
      ["--kv-layerwise-min", "1", "--batch", "64"]),
+    # speculative decoding (n-gram lookup) on the decode workers: greedy unchanged
+    ("1P+2D ucx gguf spec ngram", 1, 2, "ucx", True, ["--spec", "ngram", "--spec-k", "4"]),
 ]
 
 for label, n_p, n_d, transport, gguf, wargs in configs:
@@ -84,6 +87,13 @@ for label, n_p, n_d, transport, gguf, wargs in configs:
                     f.check(not r.error and r.ids == want,
                             f"{what0} sampled {g['prompt']!r}: {r.error} {r.ids[:8]} vs "
                             f"{want[:8]}")
+                if "--spec" in wargs:
+                    # the decode workers' counters, as their heartbeats report them
+                    st = c.stats()
+                    prop = sum(w.load.spec_proposed for w in st.workers) if st else 0
+                    acc = sum(w.load.spec_accepted for w in st.workers) if st else 0
+                    f.check(prop > 0 and 0 < acc <= prop,
+                            f"{what0}: speculation proposed {prop}, accepted {acc}")
                 ok, now = wait_blocks_back(c, start)
                 f.check(ok, f"{what0}: free blocks {now} != start {start}")
             finally:
