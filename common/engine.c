@@ -340,8 +340,6 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     r->max_tokens = max_tokens;
     r->prefill_only = q->prefill_only;
     r->spec_k = q->spec_k < 0 ? 0 : q->spec_k == 0 || q->spec_k > e->spec_k ? e->spec_k : q->spec_k;
-    if (q->sampling.temperature > 0 && q->sampling.top_k != 1)
-        r->spec_k = 0; /* sampled requests do not speculate yet */
     if (q->prefill_only)
         r->spec_k = 0;
     if (r->spec_k) {
@@ -684,8 +682,10 @@ static void commit_full_blocks(pd_engine_t *e, req_t *r)
     }
 }
 
-/* Verifies a proposal (greedy): the target's token at each row, kept while it equals
- * the proposed one; the first that differs (or the one after the last proposed) is the
+/* Verifies a proposal: at each row the target's token is drawn against the proposed
+ * one (pd_sampler_sample_spec: greedy keeps it when it is the argmax, sampling accepts
+ * it with the target's probability and otherwise draws from the rest), kept while
+ * accepted; the first rejection's draw (or a draw after the last proposed) is the
  * bonus. Returns the tokens emitted (accepted + 1); the KV of rejected positions stays
  * behind n_computed, to be overwritten. Finishes the request on a stop token or at its
  * length, so r may be gone when it returns -1. */
@@ -696,8 +696,11 @@ static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
     e->stats.spec_proposed += r->n_draft;
     r->spec_proposed += r->n_draft;
     for (int32_t j = 0; j <= r->n_draft; j++) {
-        int32_t tok = pd_sampler_sample(r->sampler, logits + (size_t)(r->logit + j) * (size_t)V);
-        bool accepted = j < r->n_draft && tok == r->draft[j];
+        const float *row = logits + (size_t)(r->logit + j) * (size_t)V;
+        bool accepted = false;
+        int32_t tok = j < r->n_draft
+                          ? pd_sampler_sample_spec(r->sampler, row, r->draft[j], &accepted)
+                          : pd_sampler_sample(r->sampler, row);
         r->tokens[r->n_tokens++] = tok;
         emitted++;
         e->stats.gen_tokens++;

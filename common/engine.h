@@ -64,7 +64,7 @@ typedef struct pd_engine_opts {
     /* The tokenizer's EOS and BOS ids (pd_tokenizer_eos/bos), which end a request
      * unless it ignores EOS; negative: none. */
     int32_t eos, bos;
-    /* Speculative decoding (greedy requests): up to spec_k proposed tokens per
+    /* Speculative decoding: up to spec_k proposed tokens per
      * decoding sequence and step, verified in the same forward pass; 0: off. The
      * proposer: n-gram prompt lookup (the continuation of the latest earlier match of
      * the last n tokens, n from spec_ngram_max down to spec_ngram_min). */
@@ -125,7 +125,8 @@ typedef struct pd_engine_request {
     /* The sampler's random state to start from (4 words; NULL: from sampling.seed). */
     const uint64_t *rng_state;
     /* Speculation for this request: 0 the engine's spec_k, < 0 off, else at most this
-     * (and the engine's). Only greedy requests speculate for now. */
+     * (and the engine's). Sampled requests verify by rejection sampling: their
+     * output is distributed as without speculation, though not the same draws. */
     int32_t spec_k;
     /* Prefill only (a prefill worker): compute the prompt, sample the first token and
      * finish (LENGTH) keeping the prompt's blocks for the caller (result.kv_blocks). */

@@ -223,6 +223,76 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
     return c[m - n_draw].id; /* rounding left r at the very top: the last one */
 }
 
+int32_t pd_sampler_sample_spec(pd_sampler_t *s, const float *logits, int32_t proposed,
+                               bool *accepted)
+{
+    const pd_sampler_params_t *p = &s->params;
+    int32_t n = s->n_vocab;
+    if (p->temperature <= 0.0f || p->top_k == 1) {
+        int32_t t = pd_argmax(logits, n);
+        *accepted = t == proposed;
+        return t;
+    }
+    /* the same distribution as pd_sampler_sample: softmax(logits / T), top-k, min-p */
+    float max = logits[0];
+    for (int32_t i = 1; i < n; i++)
+        max = logits[i] > max ? logits[i] : max;
+    float inv_t = 1.0f / p->temperature;
+    for (int32_t i = 0; i < n; i++) {
+        s->cands[i].p = expf((logits[i] - max) * inv_t);
+        s->cands[i].id = i;
+    }
+    int32_t m = n;
+    if (p->top_k > 0 && p->top_k < m) {
+        select_top_k(s->cands, m, p->top_k);
+        m = p->top_k;
+    }
+    if (p->min_p > 0.0f) {
+        int32_t w = 0;
+        for (int32_t i = 0; i < m; i++)
+            if (s->cands[i].p >= p->min_p)
+                s->cands[w++] = s->cands[i];
+        m = w;
+    }
+    cand_t *c = s->cands;
+    float total = 0.0f;
+    for (int32_t i = 0; i < m; i++)
+        total += c[i].p;
+    int32_t lo = 0; /* the candidates drawn from: c[lo .. m) */
+    if (p->top_p < 1.0f) {
+        heapify(c, m);
+        float cum = 0.0f, limit = p->top_p * total;
+        int32_t popped = 0;
+        while (popped < m && cum < limit) {
+            heap_pop(c, m - popped);
+            cum += c[m - 1 - popped].p;
+            popped++;
+        }
+        lo = m - popped;
+        total = cum < total ? cum : total;
+    }
+    float q = 0.0f; /* the proposal's mass in the set */
+    for (int32_t i = lo; i < m; i++)
+        if (c[i].id == proposed)
+            q = c[i].p;
+    if (q > 0.0f && pd_rng_float(&s->rng) * total < q) {
+        *accepted = true;
+        return proposed;
+    }
+    *accepted = false;
+    float rest = total - q, r = pd_rng_float(&s->rng) * rest, acc = 0.0f;
+    int32_t last = -1;
+    for (int32_t i = lo; i < m; i++) {
+        if (c[i].id == proposed)
+            continue;
+        last = c[i].id;
+        acc += c[i].p;
+        if (r < acc)
+            return last;
+    }
+    return last >= 0 ? last : proposed; /* rounding; or nothing but the proposal */
+}
+
 void pd_sampler_get_state(const pd_sampler_t *s, uint64_t out[4])
 {
     memcpy(out, s->rng.s, sizeof s->rng.s);

@@ -12,6 +12,7 @@
 #ifndef PD_SAMPLER_H
 #define PD_SAMPLER_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "common/status.h"
@@ -45,6 +46,16 @@ void pd_sampler_set_state(pd_sampler_t *s, const uint64_t in[4]);
 
 /* Picks the next token from logits[n_vocab] (read only). */
 int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits);
+/* Speculative sampling against a proposed token (a deterministic proposal, as n-gram
+ * lookup makes): accepts it with probability p(proposed) under this sampler's
+ * distribution (temperature, top-k, top-p, min-p applied) and returns it with
+ * *accepted; else draws from that distribution with the proposed token removed and
+ * renormalised. The output is distributed exactly as pd_sampler_sample's (the
+ * rejection sampling of speculative decoding with q one-hot); it uses one or two draws
+ * of the random stream. Greedy: the argmax, accepted when it is the proposal. */
+int32_t pd_sampler_sample_spec(pd_sampler_t *s, const float *logits, int32_t proposed,
+                               bool *accepted);
+
 /* The index of the largest value (first on ties). */
 int32_t pd_argmax(const float *x, int32_t n);
 

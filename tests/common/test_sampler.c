@@ -3,8 +3,10 @@
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/log.h"
+#include "common/rng.h"
 #include "common/sampler.h"
 #include "support/pdcheck.h"
 
@@ -157,10 +159,142 @@ START_TEST(bad_params_refused)
 }
 END_TEST
 
+/* ---- speculative sampling: the same distribution ---- */
+
+/* The exact distribution pd_sampler_sample draws from, in double: softmax(l / T),
+ * top-k (by probability, then id), min-p, then the top-p nucleus. */
+static void exact_dist(const float *l, int n, const pd_sampler_params_t *sp, double *out)
+{
+    double max = l[0], tot = 0;
+    for (int i = 1; i < n; i++)
+        max = l[i] > max ? l[i] : max;
+    int idx[256];
+    for (int i = 0; i < n; i++) {
+        out[i] = exp((l[i] - max) / sp->temperature);
+        idx[i] = i;
+    }
+    for (int i = 0; i < n; i++) /* order: descending, ties by id */
+        for (int j = i + 1; j < n; j++)
+            if (out[idx[j]] > out[idx[i]] ||
+                (out[idx[j]] == out[idx[i]] && idx[j] < idx[i])) {
+                int t = idx[i];
+                idx[i] = idx[j];
+                idx[j] = t;
+            }
+    int keep = sp->top_k > 0 && sp->top_k < n ? sp->top_k : n;
+    for (int r = 0; r < n; r++)
+        if (r >= keep || (sp->min_p > 0 && out[idx[r]] < sp->min_p))
+            out[idx[r]] = 0;
+    for (int i = 0; i < n; i++)
+        tot += out[i];
+    if (sp->top_p < 1) {
+        double cum = 0;
+        int r = 0;
+        for (; r < n && cum < sp->top_p * tot; r++)
+            cum += out[idx[r]];
+        for (; r < n; r++)
+            out[idx[r]] = 0;
+        tot = cum;
+    }
+    for (int i = 0; i < n; i++)
+        out[i] /= tot;
+}
+
+/* Pearson's chi-square of counts against n * p over bins of expected count >= 5 (the
+ * rest pooled); false when it exceeds the 0.999 quantile (Wilson-Hilferty). */
+static bool chi_square_ok(const long *count, const double *p, int n, long N, double *stat)
+{
+    double x2 = 0, pool_e = 0, pool_o = 0;
+    int df = -1;
+    for (int i = 0; i < n; i++) {
+        double e = p[i] * (double)N;
+        if (e >= 5) {
+            x2 += (count[i] - e) * (count[i] - e) / e;
+            df++;
+        } else {
+            pool_e += e;
+            pool_o += (double)count[i];
+        }
+    }
+    if (pool_e >= 5) {
+        x2 += (pool_o - pool_e) * (pool_o - pool_e) / pool_e;
+        df++;
+    } else if (pool_o > 10) {
+        x2 = INFINITY; /* mass where (almost) none is expected */
+    }
+    double z = 3.09, k = df > 0 ? df : 1;
+    double crit = k * pow(1 - 2 / (9 * k) + z * sqrt(2 / (9 * k)), 3);
+    *stat = x2;
+    return x2 <= crit;
+}
+
+START_TEST(spec_sampling_keeps_distribution)
+{
+    enum { V = 48, N = 30000 };
+    float logits[V];
+    pd_rng_t g;
+    pd_rng_seed(&g, 99);
+    for (int i = 0; i < V; i++)
+        logits[i] = 3.0f * (pd_rng_float(&g) - 0.5f) + (i % 7 == 0 ? 1.5f : 0.0f);
+    pd_sampler_params_t sets[4];
+    for (int i = 0; i < 4; i++)
+        sets[i] = pd_sampler_params_default();
+    sets[0].temperature = 0.8f;
+    sets[1].temperature = 1.0f;
+    sets[1].top_p = 0.85f;
+    sets[2].temperature = 0.7f;
+    sets[2].top_k = 10;
+    sets[3].temperature = 1.3f;
+    sets[3].min_p = 0.1f;
+    static long cnt[V], plain[V];
+    double p[V];
+    for (int si = 0; si < 4; si++) {
+        exact_dist(logits, V, &sets[si], p);
+        int best = 0, zero = -1;
+        for (int i = 0; i < V; i++) {
+            best = p[i] > p[best] ? i : best;
+            if (p[i] == 0 && zero < 0)
+                zero = i;
+        }
+        /* proposals: the most likely token, a middling one, one outside the set */
+        int props[3] = {best, (best + 5) % V, zero >= 0 ? zero : (best + 11) % V};
+        for (int pi = 0; pi < 3; pi++) {
+            pd_sampler_t *s = NULL;
+            ck_assert_int_eq(pd_sampler_new(V, &sets[si], &s), PD_OK);
+            memset(cnt, 0, sizeof cnt);
+            memset(plain, 0, sizeof plain);
+            long acc = 0;
+            for (long t = 0; t < N; t++) {
+                pd_sampler_reseed(s, 1000003ull * (uint64_t)t + (uint64_t)si);
+                bool a = false;
+                int32_t tok = pd_sampler_sample_spec(s, logits, props[pi], &a);
+                ck_assert(tok >= 0 && tok < V);
+                ck_assert(!a || tok == props[pi]);
+                acc += a;
+                cnt[tok]++;
+                plain[pd_sampler_sample(s, logits)]++;
+            }
+            pd_sampler_destroy(&s);
+            double x2s = 0, x2p = 0;
+            ck_assert_msg(chi_square_ok(plain, p, V, N, &x2p),
+                          "set %d: the plain sampler's chi-square %.1f", si, x2p);
+            ck_assert_msg(chi_square_ok(cnt, p, V, N, &x2s),
+                          "set %d proposal %d: speculative chi-square %.1f", si, props[pi],
+                          x2s);
+            /* acceptance happens with the proposal's probability */
+            double pa = p[props[pi]], sd = sqrt(pa * (1 - pa) / N) + 1e-9;
+            ck_assert_msg(fabs((double)acc / N - pa) < 5 * sd + 1e-12,
+                          "set %d proposal %d: accepted %.4f, p %.4f", si, props[pi],
+                          (double)acc / N, pa);
+        }
+    }
+}
+END_TEST
+
 int main(void)
 {
     TCase *tc = pd_test_tcase("core", 0, NULL, NULL);
-    PD_TEST_ADD(tc, greedy_is_argmax, same_seed_same_draws, frequencies_follow_softmax,
+    PD_TEST_ADD(tc, spec_sampling_keeps_distribution, greedy_is_argmax, same_seed_same_draws, frequencies_follow_softmax,
                 filters_restrict_support, bad_params_refused);
     return pd_test_run("sampler", tc);
 }

@@ -2,7 +2,8 @@
 ngram`) leaves greedy output unchanged: every golden line (GGUF and llama2.c files) gives
 its exact greedy_ids with --spec-k 1, 4 and 8, alone, among 24 requests in flight, and
 under preemption (a KV budget too small for all); proposals are made and some accepted,
-the per-line and summary counters agree, and acceptance is not more than proposal."""
+the per-line and summary counters agree, and acceptance is not more than proposal.
+Seeded sampled requests speculate as well and run to their length."""
 import json
 import os
 import tempfile
@@ -67,4 +68,25 @@ for model, glines in by_model.items():
                         f"{what}: rates {s}")
                 if label == "preempted":
                     f.check(summ["preemptions"] > 0, f"{what}: no preemption happened")
+# sampled requests speculate too (rejection sampling; their distribution is checked
+# in tests/common/test_sampler.c): they run to their length, propose and accept
+g0 = by_model["stories260K.bin"][0]
+stem = os.path.join(MODELS, "stories260K.gguf")
+with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
+    for i in range(16):
+        fh.write(json.dumps({"prompt": g0["prompt"], "max_tokens": 200, "ignore_eos": True,
+                             "temperature": 0.8, "top_p": 0.95, "seed": 100 + i}) + "\n")
+    path = fh.name
+try:
+    _, out, _ = pdctl("generate", "--model", require(stem), "--prompts", path, "--spec",
+                      "ngram", "--format", "json", timeout=600)
+finally:
+    os.unlink(path)
+rows = [json.loads(l) for l in out.decode().splitlines() if l.strip()]
+for r in rows[:-1]:
+    f.check(len(r.get("ids", [])) == 200 and r.get("finish_reason") == "length",
+            f"sampled with spec: {r.get('error')} {len(r.get('ids', []))}")
+s = rows[-1]["summary"]["spec"]
+f.check(s["proposed"] > 0 and 0 < s["accepted"] <= s["proposed"],
+        f"sampled with spec: nothing proposed or accepted {s}")
 f.finish()
