@@ -39,6 +39,8 @@ struct req {
     int32_t *draft;      /* [spec_k] this step's proposal */
     int32_t n_draft;
     int32_t n_logits; /* rows of logits this step (1 + n_draft, or 0) */
+    int32_t d_computed, n_dblocks; /* the draft model's KV: positions, blocks held */
+    int32_t d_room;                /* proposals wanted from the draft this step */
     int64_t spec_proposed, spec_accepted;
     int32_t *pre_blocks; /* a prefilled request's blocks until it starts */
     int32_t n_pre;
@@ -55,6 +57,7 @@ typedef struct req_list {
 
 struct pd_engine {
     const pd_model_t *model;
+    pd_kernels_t *k;
     pd_model_config_t cfg;
     pd_llm_t *llm;
     pd_kv_pool_t *kv;
@@ -77,6 +80,12 @@ struct pd_engine {
     struct pd_engine_layer_hook on_layer;
     pd_engine_progress_t *progress; /* [max_seqs] */
     int32_t spec_k, ngram_min, ngram_max;
+    /* the draft model's side (draft_model given) */
+    pd_llm_t *dllm;
+    pd_kv_pool_t *dkv;
+    int32_t *dtables; /* [max_seqs][max_blocks], rows by slot as the target's */
+    int32_t dmax_ctx;
+    req_t **dreqs; /* [max_seqs] drafting this step */
 };
 
 const char *pd_engine_finish_str(pd_engine_finish_t f)
@@ -142,6 +151,43 @@ static void list_push(req_list_t *l, req_t *r, bool front)
 
 /* ---- creation ---------------------------------------------------------------------- */
 
+/* The draft model's llm, KV pool (as many blocks as the target's) and block tables,
+ * after checking that it speaks the target's vocabulary. */
+static pd_status_t draft_new(pd_engine_t *e, const pd_model_t *dm)
+{
+    const pd_tokenizer_t *a = pd_model_tokenizer(e->model), *b = pd_model_tokenizer(dm);
+    int32_t nv = pd_tokenizer_n_vocab(a);
+    bool same = pd_model_config(dm)->vocab_size == e->cfg.vocab_size &&
+                pd_tokenizer_n_vocab(b) == nv;
+    for (int32_t i = 0; same && i < nv; i++) {
+        size_t la = 0, lb = 0;
+        const char *pa = pd_tokenizer_piece(a, i, &la), *pb = pd_tokenizer_piece(b, i, &lb);
+        same = la == lb && (!la || memcmp(pa, pb, la) == 0);
+    }
+    if (!same) {
+        PD_LOG_ERROR("draft model refused: its vocabulary (%d tokens) is not the model's "
+                     "(%d tokens)",
+                     pd_model_config(dm)->vocab_size, e->cfg.vocab_size);
+        return PD_ERR_INVALID;
+    }
+    e->dmax_ctx = pd_model_config(dm)->ctx_len < e->max_len ? pd_model_config(dm)->ctx_len
+                                                            : e->max_len;
+    pd_llm_opts_t lo = {.max_ctx = e->dmax_ctx,
+                        .max_batch_tokens = e->max_T,
+                        .max_logits = e->max_seqs,
+                        .no_private_kv = true};
+    pd_kv_pool_opts_t po = {.block_size = e->bs, .n_blocks = pd_kv_pool_n_blocks(e->kv)};
+    size_t rows = (size_t)e->max_seqs * (size_t)e->max_blocks;
+    pd_status_t st = pd_llm_new(dm, e->k, &lo, &e->dllm);
+    if (st == PD_OK)
+        st = pd_kv_pool_new(dm, &po, &e->dkv);
+    e->dtables = calloc(rows, sizeof *e->dtables);
+    e->dreqs = malloc((size_t)e->max_seqs * sizeof *e->dreqs);
+    if (st == PD_OK && (!e->dtables || !e->dreqs))
+        st = PD_ERR_NOMEM;
+    return st;
+}
+
 /* The llm's layer hook: hands the step's progress table (filled before the forward
  * pass) to the engine's layer hook. */
 static void layer_done(void *user, int layer)
@@ -159,6 +205,7 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
         return PD_ERR_NOMEM;
     clock_gettime(CLOCK_MONOTONIC, &e->t0);
     e->model = model;
+    e->k = kernels;
     e->cfg = *pd_model_config(model);
     e->max_seqs = o.max_num_seqs > 0 ? o.max_num_seqs : 64;
     e->max_T = o.max_batch_tokens > 0 ? o.max_batch_tokens : 512;
@@ -226,6 +273,10 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     for (int32_t s = 0; s < e->max_seqs; s++)
         e->free_slots[s] = e->max_seqs - 1 - s;
     e->n_free_slots = e->max_seqs;
+    if (o.draft_model && draft_new(e, o.draft_model) != PD_OK) {
+        pd_engine_destroy(&e);
+        return PD_ERR_INVALID;
+    }
     e->on_layer = o.on_layer;
     if (e->on_layer.fn)
         pd_llm_set_layer_hook(e->llm, layer_done, e);
@@ -266,6 +317,10 @@ void pd_engine_destroy(pd_engine_t **engine_p)
     free(e->out_rows);
     free(e->sched);
     free(e->progress);
+    pd_llm_destroy(&e->dllm);
+    pd_kv_pool_destroy(&e->dkv);
+    free(e->dtables);
+    free(e->dreqs);
     free(e);
     *engine_p = NULL;
 }
@@ -386,6 +441,11 @@ static void drop_blocks(pd_engine_t *e, req_t *r)
     }
     if (r->slot < 0)
         return;
+    if (e->dkv && r->n_dblocks)
+        pd_kv_pool_release(e->dkv, e->dtables + (size_t)r->slot * (size_t)e->max_blocks,
+                           r->n_dblocks);
+    r->n_dblocks = 0;
+    r->d_computed = 0;
     pd_kv_pool_release(e->kv, e->tables + (size_t)r->slot * (size_t)e->max_blocks,
                        r->n_blocks);
     r->n_blocks = 0;
@@ -522,6 +582,7 @@ static bool grow(pd_engine_t *e, req_t *r, int32_t upto)
 static void preempt(pd_engine_t *e, req_t *r)
 {
     r->n_draft = 0;
+    r->d_room = 0;
     drop_blocks(e, r);
     list_remove(&e->running, r);
     r->running = false;
@@ -559,7 +620,7 @@ static void schedule(pd_engine_t *e, req_t *r, int32_t n, int32_t *budget)
 /* n-gram prompt lookup: the tokens that followed the latest earlier occurrence of the
  * sequence's last n tokens (n from ngram_max down to ngram_min), at most spec_k, the
  * room left before max_tokens or the longest sequence, and `room` (the budget). */
-static void propose(pd_engine_t *e, req_t *r, int32_t room)
+static int32_t spec_room(const pd_engine_t *e, const req_t *r, int32_t room)
 {
     int32_t len = r->n_tokens;
     int32_t k = r->spec_k < room ? r->spec_k : room;
@@ -567,6 +628,15 @@ static void propose(pd_engine_t *e, req_t *r, int32_t room)
         k = r->cap - len - 1;
     if (e->max_len - len < k) /* positions len .. len + k - 1 must fit */
         k = e->max_len - len;
+    if (e->dllm && e->dmax_ctx - len < k) /* and the draft's positions up to len+k-2 */
+        k = e->dmax_ctx - len;
+    return k > 0 ? k : 0;
+}
+
+static void propose(pd_engine_t *e, req_t *r, int32_t room)
+{
+    int32_t len = r->n_tokens;
+    int32_t k = spec_room(e, r, room);
     if (k <= 0)
         return;
     const int32_t *t = r->tokens;
@@ -586,6 +656,97 @@ static void propose(pd_engine_t *e, req_t *r, int32_t room)
     }
 }
 
+/* Draft blocks so that r's draft KV holds positions below upto. */
+static bool dgrow(pd_engine_t *e, req_t *r, int32_t upto)
+{
+    int32_t need = (upto + e->bs - 1) / e->bs - r->n_dblocks;
+    if (need <= 0)
+        return true;
+    int32_t *row = e->dtables + (size_t)r->slot * (size_t)e->max_blocks + r->n_dblocks;
+    if (pd_kv_pool_alloc(e->dkv, need, row) != PD_OK)
+        return false;
+    r->n_dblocks += need;
+    return true;
+}
+
+/* One batched pass of the draft over the staged rows; the argmax of each output row
+ * is the next proposal of e->dreqs[i]. */
+static bool draft_pass(pd_engine_t *e, int32_t T, int32_t n_out)
+{
+    pd_llm_batch_t b = {.T = T,
+                        .ids = e->ids,
+                        .pos = e->pos,
+                        .seq = e->seq,
+                        .n_seqs = e->max_seqs,
+                        .bt_stride = e->max_blocks,
+                        .block_tables = e->dtables,
+                        .out_rows = e->out_rows,
+                        .n_out = n_out};
+    const float *logits = NULL;
+    if (pd_llm_forward_batch(e->dllm, e->dkv, &b, &logits) != PD_OK) {
+        PD_LOG_WARN("engine: the draft model's pass failed; no proposals this step");
+        return false;
+    }
+    for (int32_t i = 0; i < n_out; i++) {
+        req_t *r = e->dreqs[i];
+        r->draft[r->n_draft++] =
+            pd_argmax(logits + (size_t)i * (size_t)e->cfg.vocab_size, e->cfg.vocab_size);
+    }
+    return true;
+}
+
+/* The draft model's proposals for the scheduled sequences that want them (d_room):
+ * first a pass that catches each one's draft KV up with its tokens (the prompt on its
+ * first step, then the tokens accepted since; a catch-up longer than the budget left
+ * runs in part and proposes nothing this step), then one pass per further proposal.
+ * The draft proposes greedily; verification treats the proposal as deterministic. */
+static void draft_propose(pd_engine_t *e)
+{
+    int32_t t = 0, nd = 0;
+    for (int32_t i = 0; i < e->n_sched; i++) {
+        req_t *r = e->sched[i];
+        if (r->d_room <= 0)
+            continue;
+        int32_t c = r->n_tokens - r->d_computed, avail = e->max_T - t;
+        bool full = c <= avail;
+        int32_t take = full ? c : avail;
+        if (take <= 0 || !dgrow(e, r, r->d_computed + take + (full ? r->d_room - 1 : 0))) {
+            r->d_room = 0;
+            continue;
+        }
+        for (int32_t j = 0; j < take; j++, t++) {
+            e->ids[t] = r->tokens[r->d_computed + j];
+            e->pos[t] = r->d_computed + j;
+            e->seq[t] = r->slot;
+        }
+        r->d_computed += take;
+        if (full) {
+            e->out_rows[nd] = t - 1;
+            e->dreqs[nd++] = r;
+        } else {
+            r->d_room = 0;
+        }
+    }
+    if (t == 0 || !draft_pass(e, t, nd))
+        return;
+    for (int32_t pass = 1;; pass++) {
+        int32_t n = 0;
+        for (int32_t i = 0; i < e->n_sched; i++) {
+            req_t *r = e->sched[i];
+            if (r->d_room <= 0 || r->n_draft == 0 || r->n_draft >= r->d_room)
+                continue;
+            e->ids[n] = r->draft[r->n_draft - 1];
+            e->pos[n] = r->n_tokens + r->n_draft - 1;
+            e->seq[n] = r->slot;
+            e->out_rows[n] = n;
+            e->dreqs[n++] = r;
+            r->d_computed++;
+        }
+        if (n == 0 || !draft_pass(e, n, n))
+            return;
+    }
+}
+
 /* Fills e->sched; returns the tokens scheduled. */
 static int32_t schedule_step(pd_engine_t *e)
 {
@@ -596,9 +757,15 @@ static int32_t schedule_step(pd_engine_t *e)
         next = r->next;
         int32_t n = r->n_tokens - r->n_computed;
         r->n_draft = 0;
+        r->d_room = 0;
         if (n == 1 && r->spec_k && budget > 1) {
-            propose(e, r, budget - 1);
-            n += r->n_draft;
+            if (e->dllm) { /* the draft runs once the batch is known */
+                r->d_room = spec_room(e, r, budget - 1);
+                n += r->d_room;
+            } else {
+                propose(e, r, budget - 1);
+                n += r->n_draft;
+            }
         }
         n = n < budget ? n : budget;
         bool self = false;
@@ -650,6 +817,7 @@ static int32_t schedule_step(pd_engine_t *e)
         list_push(&e->running, r, false);
         r->running = true;
         r->n_draft = 0;
+        r->d_room = 0;
         schedule(e, r, n, &budget);
     }
     return e->max_T - budget;
@@ -732,8 +900,10 @@ static void advance(pd_engine_t *e, req_t *r, const float *logits)
         int32_t emitted = verify(e, r, logits);
         if (emitted < 0)
             return; /* finished */
-        /* valid KV: the pending token and the accepted proposals */
+        /* valid KV: the pending token and the accepted proposals (the draft's too) */
         r->n_computed = p + emitted;
+        if (r->d_computed > p + emitted)
+            r->d_computed = p + emitted;
         r->n_draft = 0;
         commit_full_blocks(e, r);
         return;
@@ -779,6 +949,22 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         return PD_OK;
     e->in_step = true;
     int32_t T = schedule_step(e);
+    if (e->dllm) {
+        bool any = false;
+        for (int32_t i = 0; i < e->n_sched; i++)
+            any |= e->sched[i]->d_room > 0;
+        if (any) {
+            draft_propose(e);
+            T = 0;
+            for (int32_t i = 0; i < e->n_sched; i++) {
+                req_t *r = e->sched[i];
+                if (r->n_tokens - r->n_computed == 1) /* decoding: room was reserved */
+                    r->sched = 1 + r->n_draft;        /* what the draft gave */
+                r->d_room = 0;
+                T += r->sched;
+            }
+        }
+    }
     if (e->n_sched == 0 && pd_kv_pool_n_free(e->kv) < pd_kv_pool_n_blocks(e->kv)) {
         /* Blocks are held outside the running batch: by waiting prefilled requests or
          * by the caller (a decode worker's reservations). Free the newest waiting

@@ -70,6 +70,10 @@ typedef struct pd_engine_opts {
      * the last n tokens, n from spec_ngram_max down to spec_ngram_min). */
     int32_t spec_k;
     int32_t spec_ngram_min, spec_ngram_max; /* <= 0: 1 and 4 */
+    /* A draft model (borrowed; same vocabulary as the model, else pd_engine_new
+     * refuses it): proposals are its greedy continuation, computed in batched passes
+     * over its own paged KV cache, instead of n-gram lookup. */
+    const pd_model_t *draft_model;
     /* Called after each layer of each forward pass (a prefill worker streams the KV of
      * finished layers while later ones compute); see pd_engine_layer_fn. */
     struct pd_engine_layer_hook {

@@ -356,13 +356,14 @@ static void usage(FILE *f, pd_worker_role_t role)
         "         [--kv-blocks N] [--block-size N] [--kv-dtype auto|f32|f16]\n"
         "         [--no-prefix-cache] [--kv-transport ucx|zmq] [--kv-layerwise-min N]\n"
         "         [--drain-timeout S]%s [--log-level L]\n"
-        "         [--spec ngram|off] [--spec-k N]\n"
+        "         [--spec ngram|draft|off] [--spec-k N] [--draft-model D]\n"
         "  Joins the router at ENDPOINT (its worker endpoint; default\n"
         "  tcp://127.0.0.1:5556) as a %s worker. Defaults: one thread per CPU,\n"
         "  64 sequences, 512 tokens per step, a KV pool of 1 GiB at most, blocks of\n"
         "  16, the ucx transport, layer-wise KV streaming from 256 prompt tokens,\n"
         "  30 s to drain on SIGTERM. --spec ngram: speculative decoding of greedy\n"
-        "  requests by n-gram prompt lookup, up to --spec-k (4) tokens a step.\n",
+        "  requests by n-gram prompt lookup, up to --spec-k (4) tokens a step;\n"
+        "  --draft-model D (same vocabulary): proposals from D (decode workers).\n",
         n, role == PD_WORKER_DECODE ? " [--local-prefill]" : "",
         role == PD_WORKER_PREFILL ? "prefill" : "decode");
 }
@@ -439,12 +440,14 @@ static int parse_value(wopts_t *o, const char *a, const char *v)
         else
             bad = 1;
     } else if (!strcmp(a, "--spec")) {
-        if (!strcmp(v, "ngram"))
-            o->spec_on = 1;
+        if (!strcmp(v, "ngram") || !strcmp(v, "draft"))
+            o->spec_on = !strcmp(v, "ngram") ? 1 : 2;
         else if (!strcmp(v, "off"))
-            o->spec_on = 0;
+            o->spec_on = -1;
         else
-            bad = 1; /* the draft model proposer is not built yet */
+            bad = 1;
+    } else if (!strcmp(a, "--draft-model")) {
+        o->draft_model = v;
     } else if (!strcmp(a, "--spec-k")) {
         bad = parse_int(v, 0, 64, &n) || ((o->spec_k = (int32_t)n), 0);
     } else if (!strcmp(a, "--kv-transport")) {
@@ -504,7 +507,13 @@ static int parse_args(int argc, char **argv, pd_worker_role_t role, wopts_t *o)
             return -1;
         }
     }
-    o->eo.spec_k = o->spec_on ? (o->spec_k > 0 ? o->spec_k : 4) : 0;
+    if (o->draft_model && o->spec_on == 0)
+        o->spec_on = 2; /* a draft model implies --spec draft */
+    if (o->spec_on == 2 && !o->draft_model) {
+        fprintf(stderr, "%s: --spec draft needs --draft-model\n", argv[0]);
+        return -1;
+    }
+    o->eo.spec_k = o->spec_on > 0 ? (o->spec_k > 0 ? o->spec_k : 4) : 0;
     if (!o->model) {
         fprintf(stderr, "%s: --model is required\n", argv[0]);
         return -1;
@@ -526,6 +535,13 @@ static int setup(worker_t *w)
         return -1;
     w->o.eo.on_layer.fn = wk_on_layer;
     w->o.eo.on_layer.user = w;
+    if (w->o.spec_on == 2 && w->o.role == PD_WORKER_DECODE) {
+        /* the decode worker computes the draft's KV of each prompt itself: the draft
+         * is small, and its prompt pass is the first catch-up (docs/architecture.md) */
+        if (pd_model_open(w->o.draft_model, w->o.tokenizer, &w->draft) != PD_OK)
+            return -1;
+        w->o.eo.draft_model = w->draft;
+    }
     if (pd_engine_new(w->model, w->kernels, &w->o.eo, &w->engine) != PD_OK)
         return -1;
     w->kv = pd_engine_kv(w->engine);
@@ -629,6 +645,7 @@ static void teardown(worker_t *w)
     }
     pd_engine_destroy(&w->engine);
     pd_kernels_destroy(&w->kernels);
+    pd_model_destroy(&w->draft);
     pd_model_destroy(&w->model);
 }
 

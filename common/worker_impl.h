@@ -36,7 +36,8 @@ typedef struct wopts {
     int32_t layerwise_min;
     int drain_timeout_s;
     bool local_prefill;
-    int spec_on;    /* --spec ngram */
+    int spec_on;    /* --spec: 1 ngram, 2 draft, -1 off, 0 not given */
+    const char *draft_model;
     int32_t spec_k; /* --spec-k */
 } wopts_t;
 
@@ -100,7 +101,7 @@ typedef struct load {
 
 typedef struct worker {
     wopts_t o;
-    pd_model_t *model;
+    pd_model_t *model, *draft;
     pd_kernels_t *kernels;
     pd_engine_t *engine;
     pd_kv_pool_t *kv; /* the engine's; its memory is read by both threads, disjointly */

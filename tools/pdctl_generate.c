@@ -40,7 +40,8 @@ static void usage(FILE *f)
            "\n"
            "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
            "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
-           "         [--no-prefix-cache] [--spec ngram|off] [--spec-k N]\n"
+           "         [--no-prefix-cache] [--spec ngram|draft|off] [--spec-k N]\n"
+           "         [--draft-model D]\n"
            "         [and the options above]\n"
            "  Runs every prompt of FILE (one JSON object a line: \"prompt\" or "
            "\"prompt_ids\",\n"
@@ -56,7 +57,8 @@ static void usage(FILE *f)
            "  contexts, at most 1GiB); --block-size: positions per KV block (16);\n"
            "  --batch: the token budget of one step (512); --spec ngram: speculative\n"
            "  decoding of greedy requests by n-gram prompt lookup, up to --spec-k (4)\n"
-           "  proposed tokens per step, verified in the same pass (output unchanged).\n");
+           "  proposed tokens per step, verified in the same pass (output unchanged);\n"
+           "  --draft-model D (same vocabulary; implies --spec draft): proposals from D.\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -125,13 +127,13 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
         else if (!strcmp(o, "--spec-k") && !parse_num(o, val, 0, 64, &v))
             a->spec_k = (int32_t)v;
         else if (!strcmp(o, "--spec")) {
-            if (strcmp(val, "ngram") && strcmp(val, "off")) {
-                fprintf(stderr, "pdctl generate: --spec takes ngram or off (the draft "
-                                "model proposer is not built yet)\n");
+            if (strcmp(val, "ngram") && strcmp(val, "draft") && strcmp(val, "off")) {
+                fprintf(stderr, "pdctl generate: --spec takes ngram, draft or off\n");
                 return -1;
             }
             a->spec = strcmp(val, "off") ? val : NULL;
-        }
+        } else if (!strcmp(o, "--draft-model"))
+            a->draft_model = val;
         else if (!strcmp(o, "--format"))
             a->format = val;
         else if (!strcmp(o, "--isa"))

@@ -22,7 +22,8 @@ typedef struct gen_args {
     int32_t parallel, block_size, arrival_steps;
     int64_t kv_memory;
     bool no_prefix_cache;
-    const char *spec; /* "ngram" or "off" (NULL) */
+    const char *spec; /* "ngram", "draft" or "off" (NULL) */
+    const char *draft_model;
     int32_t spec_k;
 } gen_args_t;
 

@@ -381,7 +381,10 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     json_object_object_add(s, "batch_size", b);
     json_object_object_add(s, "preemptions", json_object_new_int64(st.preemptions));
     json_object *spj = json_object_new_object();
-    json_object_object_add(spj, "mode", json_object_new_string(a->spec ? a->spec : "off"));
+    json_object_object_add(spj, "mode",
+                           json_object_new_string(a->draft_model ? "draft"
+                                                  : a->spec     ? a->spec
+                                                                : "off"));
     json_object_object_add(spj, "proposed", json_object_new_int64(st.spec_proposed));
     json_object_object_add(spj, "accepted", json_object_new_int64(st.spec_accepted));
     json_object_object_add(spj, "verify_steps", json_object_new_int64(st.spec_steps));
@@ -458,16 +461,31 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
     run_t run = {0};
     item_t **order = NULL;
     pd_engine_t *e = NULL;
+    pd_model_t *draft = NULL;
     int rc = 1;
     if (read_items(a, tok, &run) != 0)
         goto out;
+    bool use_draft = a->draft_model && (!a->spec || !strcmp(a->spec, "draft"));
+    if (a->spec && !strcmp(a->spec, "draft") && !a->draft_model) {
+        fprintf(stderr, "pdctl generate: --spec draft needs --draft-model\n");
+        goto out;
+    }
+    if (use_draft && pd_model_open_ex(a->draft_model, a->tokenizer,
+                                      pd_gen_load_mmap(a) ? PD_MODEL_LOAD_MMAP
+                                                          : PD_MODEL_LOAD_COPY,
+                                      &draft) != PD_OK) {
+        fprintf(stderr, "pdctl generate: cannot load the draft model %s\n", a->draft_model);
+        goto out;
+    }
     pd_engine_opts_t eo = {.max_num_seqs = a->parallel,
                            .max_batch_tokens = a->batch,
                            .max_ctx = a->ctx,
                            .kv_memory = a->kv_memory,
                            .block_size = a->block_size,
                            .no_prefix_cache = a->no_prefix_cache,
-                           .spec_k = a->spec ? (a->spec_k > 0 ? a->spec_k : 4) : 0,
+                           .spec_k = a->spec || use_draft ? (a->spec_k > 0 ? a->spec_k : 4)
+                                                          : 0,
+                           .draft_model = draft,
                            .eos = pd_tokenizer_eos(tok),
                            .bos = pd_tokenizer_bos(tok)};
     if (a->kv_dtype && strcmp(a->kv_dtype, "auto"))
@@ -548,6 +566,7 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
     rc = errors || pd_kv_pool_n_free(kv) != free_start ? 1 : 0;
 out:
     pd_engine_destroy(&e);
+    pd_model_destroy(&draft);
     for (int32_t i = 0; i < run.n; i++) {
         free(run.items[i].prompt);
         free(run.items[i].prompt_ids);

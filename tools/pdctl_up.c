@@ -34,7 +34,7 @@ typedef struct child {
 
 typedef struct up {
     const char *model, *tokenizer, *transport, *policy, *kv_memory, *bin_dir, *log_dir;
-    const char *spec, *spec_k;
+    const char *spec, *spec_k, *draft_model;
     int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
     child_t kids[MAX_CHILDREN];
     int n_kids;
@@ -44,12 +44,13 @@ typedef struct up {
 static void usage(FILE *f)
 {
     fprintf(
-        f, "usage: pdctl up --model M [--tokenizer T] [--prefill N] [--decode N]\n"
+        f, "usage: pdctl up --model M [--tokenizer T] [--draft-model D] [--prefill N]\n"
+           "                [--decode N]\n"
            "                [--port P] [--kv-transport ucx|zmq] [--threads N]\n"
            "                [--policy prefix-aware|least-loaded|round-robin]\n"
            "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
-           "                [--spec ngram|off] [--spec-k N]\n"
+           "                [--spec ngram|draft|off] [--spec-k N]\n"
            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
            "  and N decode workers (default 1 each) on this machine, waits until all\n"
            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
@@ -287,7 +288,11 @@ static int parse(up_t *u, int argc, char **argv)
         else if (!strcmp(a, "--kv-memory"))
             u->kv_memory = v;
         else if (!strcmp(a, "--spec"))
-            bad = strcmp(v, "ngram") && strcmp(v, "off") ? -1 : ((u->spec = v), 0);
+            bad = strcmp(v, "ngram") && strcmp(v, "draft") && strcmp(v, "off")
+                      ? -1
+                      : ((u->spec = v), 0);
+        else if (!strcmp(a, "--draft-model"))
+            u->draft_model = v;
         else if (!strcmp(a, "--spec-k")) {
             int k = 0;
             bad = parse_int(v, 0, 64, &k);
@@ -435,6 +440,10 @@ static int start_workers(up_t *u)
         if (!prefill && u->spec) {
             argv[n++] = "--spec";
             argv[n++] = (char *)u->spec;
+        }
+        if (!prefill && u->draft_model) {
+            argv[n++] = "--draft-model";
+            argv[n++] = (char *)u->draft_model;
         }
         if (!prefill && u->spec_k) {
             argv[n++] = "--spec-k";

@@ -10,8 +10,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "support"))
-from pdcluster import (Cluster, Failures, golden_lines, model_args, reference,  # noqa
-                       wait_blocks_back)
+from pdcluster import (MODELS, Cluster, Failures, golden_lines, model_args,  # noqa
+                       reference, wait_blocks_back)
 
 f = Failures()
 lines = golden_lines()
@@ -47,13 +47,18 @@ configs = [
      ["--kv-layerwise-min", "1", "--batch", "64"]),
     # speculative decoding (n-gram lookup) on the decode workers: greedy unchanged
     ("1P+2D ucx gguf spec ngram", 1, 2, "ucx", True, ["--spec", "ngram", "--spec-k", "4"]),
+    # a draft model on the decode workers (the other tok512 model of the pair)
+    ("1P+1D ucx gguf spec draft", 1, 1, "ucx", True, ["--draft-model", "DRAFT", "--spec-k", "3"]),
 ]
+DRAFT_FOR = {"stories260K.bin": "llama2xs_tok512_280K.gguf",
+             "llama2xs_tok512_280K.bin": "stories260K.gguf"}
 
 for label, n_p, n_d, transport, gguf, wargs in configs:
     for model, glines in by_model.items():
         what0 = f"[{label}] {model}"
+        margs = [os.path.join(MODELS, DRAFT_FOR[model]) if a == "DRAFT" else a for a in wargs]
         with Cluster(model_args(glines[0], gguf), n_p, n_d, transport,
-                     prefill_args=wargs, decode_args=wargs) as cl:
+                     prefill_args=margs, decode_args=margs) as cl:
             cl.wait_ready()
             c = cl.client()
             start = None
@@ -79,7 +84,7 @@ for label, n_p, n_d, transport, gguf, wargs in configs:
                 samp = []
                 # (with speculation a sampled request's draws depend on what was proposed,
                 # so only its distribution matches: tests/common/test_sampler.c)
-                for i, g in enumerate(glines if "--spec" not in wargs else []):
+                for i, g in enumerate(glines if "--spec-k" not in wargs else []):
                     seed = 1000 + i
                     want = reference(model_args(g, gguf), g["prompt"], 64, 0.9, 0.95, seed)
                     samp.append((g, want, c.generate(prompt=g["prompt"], max_tokens=64,
@@ -89,7 +94,7 @@ for label, n_p, n_d, transport, gguf, wargs in configs:
                     f.check(not r.error and r.ids == want,
                             f"{what0} sampled {g['prompt']!r}: {r.error} {r.ids[:8]} vs "
                             f"{want[:8]}")
-                if "--spec" in wargs:
+                if "--spec-k" in wargs:
                     # the decode workers' counters, as their heartbeats report them
                     st = c.stats()
                     prop = sum(w.load.spec_proposed for w in st.workers) if st else 0

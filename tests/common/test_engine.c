@@ -728,6 +728,78 @@ START_TEST(spec_ngram_equals_alone)
 }
 END_TEST
 
+/* The draft model's proposals (llama2xs, the same vocabulary): outputs equal the
+ * reference batched and under preemption, and the draft's KV stays consistent (the
+ * model as its own draft has every proposal accepted). */
+START_TEST(spec_draft_equals_alone)
+{
+    enum { N = 16 };
+    static req_spec_t q[N];
+    static out_t outs[N];
+    pd_model_t *draft = NULL;
+    ck_assert_int_eq(
+        pd_model_open(pd_test_model_path("llama2xs_tok512_280K.gguf"), NULL, &draft), PD_OK);
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 777);
+    make_specs(&rng, q, N, 6);
+    for (int r = 0; r < N; r++) {
+        q[r].sp = pd_sampler_params_default();
+        q[r].max_tokens = 30 + (int32_t)(pd_rng_next(&rng) % 60);
+    }
+    for (int pass = 0; pass < 3; pass++) {
+        memset(outs, 0, sizeof outs);
+        pd_engine_opts_t eo = {.max_num_seqs = 6,
+                               .max_batch_tokens = 40,
+                               .kv_blocks = pass == 1 ? 20 : 0, /* pass 1: preemptions */
+                               .eos = 2,
+                               .bos = 1,
+                               .spec_k = 3,
+                               .draft_model = pass == 2 ? model : draft};
+        pd_engine_t *e = NULL;
+        ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
+        int32_t free0 = pd_kv_pool_n_free(pd_engine_kv(e));
+        int added = 0;
+        for (int step = 0; step < 100000 && (added < N || pd_engine_n_pending(e)); step++) {
+            for (int r = 0; r < N; r++)
+                if (q[r].arrival == step) {
+                    pd_engine_request_t rq = {.prompt = q[r].prompt,
+                                              .n_prompt = q[r].n_prompt,
+                                              .max_tokens = q[r].max_tokens,
+                                              .ignore_eos = true,
+                                              .sampling = q[r].sp,
+                                              .on_token = on_token,
+                                              .on_finish = on_finish,
+                                              .user = &outs[r]};
+                    ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
+                    added++;
+                }
+            ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
+        }
+        pd_engine_stats_t st = pd_engine_stats(e);
+        ck_assert_int_gt(st.spec_proposed, 0);
+        if (pass == 2)
+            ck_assert_int_eq(st.spec_accepted, st.spec_proposed);
+        else
+            ck_assert_int_gt(st.spec_accepted, 0);
+        if (pass == 1)
+            ck_assert_int_gt(st.preemptions, 0);
+        ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), free0);
+        pd_engine_destroy(&e);
+        check_against_reference(q, N, outs);
+    }
+    /* a draft on another vocabulary is refused */
+    pd_model_t *other = NULL;
+    ck_assert_int_eq(
+        pd_model_open(pd_test_model_path("llama-2-tiny-random.gguf"), NULL, &other), PD_OK);
+    pd_engine_opts_t eo = {.spec_k = 2, .draft_model = other, .eos = 2, .bos = 1};
+    pd_engine_t *e = NULL;
+    ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_ERR_INVALID);
+    ck_assert_ptr_null(e);
+    pd_model_destroy(&other);
+    pd_model_destroy(&draft);
+}
+END_TEST
+
 /* ---- a step allocates nothing ---- */
 
 START_TEST(steps_allocate_nothing)
@@ -773,6 +845,6 @@ int main(void)
                 prefix_cache_hit_and_stats, chunked_prefill_does_not_stall_decodes,
                 cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing,
                 prefill_handoff_equals_alone, prefilled_edge_cases, blocks_held_outside_wait,
-                spec_ngram_equals_alone);
+                spec_ngram_equals_alone, spec_draft_equals_alone);
     return pd_test_run("engine", tc);
 }
