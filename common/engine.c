@@ -42,6 +42,8 @@ struct req {
     int32_t d_computed, n_dblocks; /* the draft model's KV: positions, blocks held */
     int32_t d_room;                /* proposals wanted from the draft this step */
     int64_t spec_proposed, spec_accepted;
+    double spec_acc;    /* acceptance estimate (exponential average) */
+    int32_t spec_idle;  /* steps since it last proposed with adaptive k = 0 */
     int32_t *pre_blocks; /* a prefilled request's blocks until it starts */
     int32_t n_pre;
     int finish_now; /* 0, or 1 + the finish of a prefilled request done at add */
@@ -80,6 +82,8 @@ struct pd_engine {
     struct pd_engine_layer_hook on_layer;
     pd_engine_progress_t *progress; /* [max_seqs] */
     int32_t spec_k, ngram_min, ngram_max;
+    bool spec_fixed;
+    double spec_rho;
     /* the draft model's side (draft_model given) */
     pd_llm_t *dllm;
     pd_kv_pool_t *dkv;
@@ -238,6 +242,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     e->max_blocks = (e->max_len + e->bs - 1) / e->bs;
 
     e->spec_k = o.spec_k > 0 ? o.spec_k : 0;
+    e->spec_fixed = o.spec_fixed_k;
+    e->spec_rho = o.spec_row_cost > 0 ? o.spec_row_cost : 0.02;
     e->ngram_min = o.spec_ngram_min > 0 ? o.spec_ngram_min : 1;
     e->ngram_max = o.spec_ngram_max > 0 ? o.spec_ngram_max : 4;
     if (e->ngram_max < e->ngram_min)
@@ -395,6 +401,7 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     r->max_tokens = max_tokens;
     r->prefill_only = q->prefill_only;
     r->spec_k = q->spec_k < 0 ? 0 : q->spec_k == 0 || q->spec_k > e->spec_k ? e->spec_k : q->spec_k;
+    r->spec_acc = 0.6; /* optimistic until it has history */
     if (q->prefill_only)
         r->spec_k = 0;
     if (r->spec_k) {
@@ -620,10 +627,35 @@ static void schedule(pd_engine_t *e, req_t *r, int32_t n, int32_t *budget)
 /* n-gram prompt lookup: the tokens that followed the latest earlier occurrence of the
  * sequence's last n tokens (n from ngram_max down to ngram_min), at most spec_k, the
  * room left before max_tokens or the longest sequence, and `room` (the budget). */
-static int32_t spec_room(const pd_engine_t *e, const req_t *r, int32_t room)
+/* The k a sequence proposes this step (see pd_engine_opts_t.spec_fixed_k). */
+static int32_t adaptive_k(const pd_engine_t *e, req_t *r)
+{
+    if (e->spec_fixed)
+        return r->spec_k;
+    double rb = e->spec_rho * (double)e->running.n, pen = rb / (1.0 + rb);
+    double a = r->spec_acc, term = 1.0, len = 1.0, best_v = 1.0;
+    int32_t best = 0;
+    for (int32_t k = 1; k <= r->spec_k; k++) {
+        term *= a;
+        len += term; /* expected tokens from k proposals: 1 + a + ... + a^k */
+        double v = len - pen * (double)k;
+        if (v > best_v) {
+            best_v = v;
+            best = k;
+        }
+    }
+    if (best == 0 && ++r->spec_idle >= 32) { /* look again now and then */
+        r->spec_idle = 0;
+        best = 1;
+    }
+    return best;
+}
+
+static int32_t spec_room(const pd_engine_t *e, req_t *r, int32_t room)
 {
     int32_t len = r->n_tokens;
-    int32_t k = r->spec_k < room ? r->spec_k : room;
+    int32_t want = adaptive_k(e, r);
+    int32_t k = want < room ? want : room;
     if (r->cap - len - 1 < k) /* accepting all must leave room for the bonus token */
         k = r->cap - len - 1;
     if (e->max_len - len < k) /* positions len .. len + k - 1 must fit */
@@ -863,6 +895,7 @@ static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
     e->stats.spec_steps++;
     e->stats.spec_proposed += r->n_draft;
     r->spec_proposed += r->n_draft;
+    int64_t acc0 = r->spec_accepted;
     for (int32_t j = 0; j <= r->n_draft; j++) {
         const float *row = logits + (size_t)(r->logit + j) * (size_t)V;
         bool accepted = false;
@@ -889,6 +922,8 @@ static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
         if (!accepted)
             break;
     }
+    double obs = (double)(r->spec_accepted - acc0) / (double)r->n_draft;
+    r->spec_acc = 0.8 * r->spec_acc + 0.2 * obs;
     return emitted;
 }
 

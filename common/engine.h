@@ -74,6 +74,13 @@ typedef struct pd_engine_opts {
      * refuses it): proposals are its greedy continuation, computed in batched passes
      * over its own paged KV cache, instead of n-gram lookup. */
     const pd_model_t *draft_model;
+    /* Adaptive k (on unless spec_fixed_k): each step a sequence proposes the k in
+     * [0, spec_k] that maximises its expected accepted length (from its acceptance
+     * so far, geometric model) less k times the cost of a verified row, which grows
+     * with the batch (spec_row_cost * B / (1 + spec_row_cost * B), B running
+     * sequences; <= 0: 0.02); at k = 0 it re-probes with k = 1 every 32 steps. */
+    bool spec_fixed_k;
+    float spec_row_cost;
     /* Called after each layer of each forward pass (a prefill worker streams the KV of
      * finished layers while later ones compute); see pd_engine_layer_fn. */
     struct pd_engine_layer_hook {
