@@ -391,6 +391,8 @@ static void usage_view(const Pd__Usage *u, pdc_usage_t *v)
         .cached_tokens = u->cached_tokens,
         .retries = u->retries,
         .seed = u->seed,
+        .spec_proposed = u->spec_proposed,
+        .spec_accepted = u->spec_accepted,
         .queue_ms = u->queue_ms,
         .ttft_ms = u->ttft_ms,
         .e2e_ms = u->e2e_ms,
@@ -596,6 +598,7 @@ pd_status_t pdc_submit(pdc_client_t *c, const pdc_request_t *req, void *req_user
     g.max_tokens = req->max_tokens;
     g.sampling = &s;
     g.ignore_eos = req->ignore_eos;
+    g.spec_k = req->spec_k;
     g.n_stop_ids = req->n_stop_ids;
     g.stop_ids = (int32_t *)req->stop_ids;
     g.no_text = req->no_text;

@@ -102,6 +102,7 @@ typedef struct pdc_request {
     uint64_t seed;
     bool has_seed;
     bool ignore_eos;
+    int32_t spec_k; /* speculative decoding: 0 the worker's, -1 off, > 0 at most */
     bool no_text; /* chunks carry ids only */
     const int32_t *stop_ids;
     size_t n_stop_ids;
@@ -113,6 +114,7 @@ typedef struct pdc_request {
 typedef struct pdc_usage {
     uint32_t prompt_tokens, completion_tokens, cached_tokens, retries;
     uint64_t seed;
+    uint64_t spec_proposed, spec_accepted; /* speculative decoding */
     double queue_ms, ttft_ms, e2e_ms; /* measured by the router */
     const char *prefill_worker, *decode_worker;
     const int32_t *prompt_ids; /* the prompt as tokenized */

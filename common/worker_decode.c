@@ -253,6 +253,10 @@ void wk_chunk_flush(worker_t *w, dtask_t *t)
         c.rng_state = t->out_rng;
     }
     c.cached_tokens = (uint32_t)t->cached;
+    if (t->finish) {
+        c.spec_proposed = (uint64_t)t->spec_proposed;
+        c.spec_accepted = (uint64_t)t->spec_accepted;
+    }
     env.token_chunk = &c;
     wk_send_env(w, &env, NULL, 0);
     t->n_out = 0;
@@ -319,6 +323,7 @@ bool wk_dtask_check(worker_t *w, dtask_t *t)
     t->stop = NULL;
     c->sp = t->sp;
     c->max_tokens = t->max_tokens;
+    c->spec_k = t->spec_k;
     c->ignore_eos = t->ignore_eos;
     c->first_index = t->first_index;
     c->a = t->first_token;
@@ -356,6 +361,7 @@ static dtask_t *dtask_new(worker_t *w, const Pd__Envelope *env)
         t->sp.seed = dt->sampling->seed;
     }
     t->max_tokens = dt->max_tokens;
+    t->spec_k = dt->spec_k;
     t->ignore_eos = dt->ignore_eos;
     t->first_index = (int32_t)dt->first_index;
     t->prefill_wid = dt->prefill_worker_id;
@@ -383,6 +389,7 @@ static void start_local(worker_t *w, dtask_t *t, const Pd__DecodeTask *dt)
     c->n_stop = t->n_stop;
     c->sp = t->sp;
     c->max_tokens = t->max_tokens;
+    c->spec_k = t->spec_k;
     c->ignore_eos = t->ignore_eos;
     c->first_index = t->first_index;
     if (dt->n_rng_state == 4) {
@@ -582,6 +589,8 @@ void wk_on_ev_finish(worker_t *w, msg_t *m)
     t->finish = m->reason;
     if (m->cached > t->cached)
         t->cached = m->cached;
+    t->spec_proposed = m->spec_proposed;
+    t->spec_accepted = m->spec_accepted;
     wk_chunk_flush(w, t);
     dtask_unlink(w, t);
     wk_dtask_free(t);

@@ -162,6 +162,8 @@ static void on_finish(void *user, const pd_engine_result_t *r)
         if (m) {
             m->reason = pd_engine_finish_str(r->finish);
             m->cached = r->cached_tokens;
+            m->spec_proposed = r->spec_proposed;
+            m->spec_accepted = r->spec_accepted;
         }
     }
     if (m)
@@ -211,6 +213,7 @@ static void run_cmd(worker_t *w, msg_t *c)
                                   .rng_state = c->has_rng ? c->rng : NULL,
                                   .prefill_only = c->type == CMD_PREFILL,
                                   .kv_blocks = c->type == CMD_ADMIT ? c->blocks : NULL,
+                                  .spec_k = c->spec_k,
                                   .first_token = c->a};
         pd_status_t st = pd_engine_add(w->engine, &rq, &t->eid);
         if (st != PD_OK) {

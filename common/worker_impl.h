@@ -78,6 +78,8 @@ struct msg {
     uint64_t rng[4];
     uint64_t checksum;
     int32_t cached;
+    int32_t spec_k;                       /* commands: the request's */
+    int64_t spec_proposed, spec_accepted; /* EV_FINISH */
     const char *reason; /* static string */
     pd_status_t st;
 };
@@ -181,6 +183,8 @@ struct dtask {
     int32_t *prompt;
     int32_t n_prompt;
     pd_sampler_params_t sp;
+    int64_t spec_proposed, spec_accepted; /* at the finish */
+    int32_t spec_k;
     int32_t max_tokens, first_index;
     bool ignore_eos;
     int32_t *stop;

@@ -36,6 +36,8 @@ struct pd_req {
     size_t n_stop;
     int32_t max_tokens; /* > 0: at most this many; -1: until the context is full */
     bool ignore_eos, no_text;
+    int32_t spec_k;
+    uint64_t spec_proposed, spec_accepted;
     float temperature, top_p, min_p;
     int32_t top_k;
     uint64_t seed;
@@ -138,6 +140,8 @@ static void fill_usage(const pd_req_t *r, Pd__Usage *u)
     u->ttft_ms = r->t_first ? r->t_first - r->t_accept : 0;
     u->e2e_ms = now - r->t_accept;
     u->retries = r->retries;
+    u->spec_proposed = r->spec_proposed;
+    u->spec_accepted = r->spec_accepted;
     u->prefill_worker = (char *)r->p_name;
     u->decode_worker = (char *)r->d_name;
     u->n_prompt_ids = r->n_prompt;
@@ -248,6 +252,7 @@ static void send_tasks(pd_router_t *rt, pd_req_t *r, pd_worker_t *p, pd_worker_t
     dt.sampling = &s;
     dt.max_tokens = r->max_tokens > 0 ? r->max_tokens - (int32_t)r->n_out : -1;
     dt.ignore_eos = r->ignore_eos;
+    dt.spec_k = r->spec_k;
     dt.n_stop_ids = r->n_stop;
     dt.stop_ids = r->stop_ids;
     dt.first_index = (uint32_t)r->n_out;
@@ -436,6 +441,7 @@ static Pd__ErrorCode take_params(pd_router_t *rt, const Pd__GenerateRequest *g,
     r->max_tokens = g->max_tokens == 0 ? 256 : g->max_tokens;
     r->ignore_eos = g->ignore_eos;
     r->no_text = g->no_text;
+    r->spec_k = g->spec_k < -1 ? -1 : g->spec_k;
     const Pd__Sampling *s = g->sampling;
     r->temperature = s ? s->temperature : 0;
     r->top_p = s && s->top_p > 0 ? s->top_p : 1; /* 0: off, as 1 */
@@ -606,6 +612,8 @@ static void on_token_chunk(pd_router_t *rt, pd_req_t *r, const Pd__TokenChunk *t
         set_rng(r, tc->rng_state, tc->n_rng_state);
     if (tc->cached_tokens)
         r->cached_tokens = tc->cached_tokens;
+    r->spec_proposed += tc->spec_proposed; /* summed over attempts */
+    r->spec_accepted += tc->spec_accepted;
     const char *finish =
         tc->finish_reason && tc->finish_reason[0] ? tc->finish_reason : NULL;
     if (finish) {

@@ -32,6 +32,7 @@ static void usage(FILE *f)
             "usage: pdctl complete --router ENDPOINT (--prompt P | --prompt-ids 1,2,3)\n"
             "         [--max-tokens N] [--temperature X] [--top-p X] [--top-k N]\n"
             "         [--min-p X] [--seed N] [--ignore-eos] [--stop-ids 2,13]\n"
+            "         [--spec-k N (speculation: -1 off, 0 the worker's)]\n"
             "         [--timeout S] [--format text|json]\n"
             "  Runs one completion on the router's client endpoint (default\n"
             "  tcp://127.0.0.1:5555). Defaults as pdctl generate: --max-tokens 256,\n"
@@ -111,6 +112,8 @@ static int parse_value(complete_args_t *a, const char *o, const char *val)
         r->top_k = (int32_t)v;
     else if (!strcmp(o, "--min-p") && !parse_num(o, val, 0, 1, &v))
         r->min_p = (float)v;
+    else if (!strcmp(o, "--spec-k") && !parse_num(o, val, -1, 64, &v))
+        r->spec_k = (int32_t)v;
     else if (!strcmp(o, "--timeout") && !parse_num(o, val, 0.001, 86400.0 * 30, &v))
         a->timeout_s = v;
     else if (!strcmp(o, "--seed") && !parse_num(o, val, 0, 18446744073709551615.0, &v)) {
@@ -119,7 +122,7 @@ static int parse_value(complete_args_t *a, const char *o, const char *val)
     } else {
         if (strncmp(o, "--", 2) ||
             !strstr(" --router --prompt --prompt-ids --stop-ids --format --max-tokens "
-                    "--temperature --top-p --top-k --min-p --timeout --seed ",
+                    "--temperature --top-p --top-k --min-p --timeout --seed --spec-k ",
                     o))
             fprintf(stderr, "pdctl complete: unknown option '%s'\n", o);
         return -1;
@@ -203,6 +206,10 @@ static void print_json(const complete_args_t *a, const pdc_result_t *r)
         o, "completion_tokens",
         json_object_new_int64(u ? u->completion_tokens : (int64_t)r->n_ids));
     json_object_object_add(o, "retries", json_object_new_int64(u ? u->retries : 0));
+    json_object *sp = json_object_new_object();
+    json_object_object_add(sp, "proposed", json_object_new_int64(u ? (int64_t)u->spec_proposed : 0));
+    json_object_object_add(sp, "accepted", json_object_new_int64(u ? (int64_t)u->spec_accepted : 0));
+    json_object_object_add(o, "spec", sp);
     json_object_object_add(o, "prefill_worker",
                            pd_json_string_utf8(u ? u->prefill_worker : ""));
     json_object_object_add(o, "decode_worker",

@@ -95,6 +95,18 @@ for label, n_p, n_d, transport, gguf, wargs in configs:
                             f"{what0} sampled {g['prompt']!r}: {r.error} {r.ids[:8]} vs "
                             f"{want[:8]}")
                 if "--spec-k" in wargs:
+                    # per request, in usage: the 64 in flight proposed and accepted
+                    up = sum(r.usage.spec_proposed for r in res if r.usage)
+                    ua = sum(r.usage.spec_accepted for r in res if r.usage)
+                    f.check(up > 0 and 0 < ua <= up, f"{what0}: usage spec {up}/{ua}")
+                    # a request may turn speculation off
+                    g = glines[0]
+                    rid = c.generate(prompt=g["prompt"], max_tokens=len(g["greedy_ids"]),
+                                     spec_k=-1)
+                    (r,) = c.wait_all([rid], timeout=120)
+                    check_line(f"{what0} spec off", g, r)
+                    f.check(r.usage is not None and r.usage.spec_proposed == 0,
+                            f"{what0}: spec_k -1 still proposed")
                     # the decode workers' counters, as their heartbeats report them
                     st = c.stats()
                     prop = sum(w.load.spec_proposed for w in st.workers) if st else 0

@@ -274,7 +274,7 @@ class Client:
 
     def generate(self, prompt=None, prompt_ids=None, max_tokens=16, temperature=0.0,
                  seed=None, ignore_eos=True, top_p=0.0, deadline_ms=0, no_text=False,
-                 stop_ids=()):
+                 stop_ids=(), spec_k=0):
         rid = next(Client._ids)
         env = pb.Envelope(version=VERSION, method=pb.GENERATE, request_id=rid,
                           deadline_ms=deadline_ms)
@@ -291,6 +291,7 @@ class Client:
             g.sampling.has_seed = True
         g.ignore_eos = ignore_eos
         g.no_text = no_text
+        g.spec_k = spec_k
         g.stop_ids.extend(stop_ids)
         self.results[rid] = Result()
         self.send_env(env)
