@@ -243,7 +243,7 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
 
     e->spec_k = o.spec_k > 0 ? o.spec_k : 0;
     e->spec_fixed = o.spec_fixed_k;
-    e->spec_rho = o.spec_row_cost > 0 ? o.spec_row_cost : 0.02;
+    e->spec_rho = o.spec_row_cost > 0 ? o.spec_row_cost : 0.1;
     e->ngram_min = o.spec_ngram_min > 0 ? o.spec_ngram_min : 1;
     e->ngram_max = o.spec_ngram_max > 0 ? o.spec_ngram_max : 4;
     if (e->ngram_max < e->ngram_min)
@@ -633,6 +633,13 @@ static int32_t adaptive_k(const pd_engine_t *e, req_t *r)
     if (e->spec_fixed)
         return r->spec_k;
     double rb = e->spec_rho * (double)e->running.n, pen = rb / (1.0 + rb);
+    if (e->dllm) { /* a draft pass per proposed token, relative to a target step */
+        const pd_engine_stats_t *s = &e->stats;
+        pen += s->spec_draft_steps > 0 && s->steps > 0 && s->forward_s > 0
+                   ? (s->spec_draft_step_s / (double)s->spec_draft_steps) /
+                         (s->forward_s / (double)s->steps)
+                   : 0.3;
+    }
     double a = r->spec_acc, term = 1.0, len = 1.0, best_v = 1.0;
     int32_t best = 0;
     for (int32_t k = 1; k <= r->spec_k; k++) {
@@ -644,7 +651,9 @@ static int32_t adaptive_k(const pd_engine_t *e, req_t *r)
             best = k;
         }
     }
-    if (best == 0 && ++r->spec_idle >= 32) { /* look again now and then */
+    /* look again now and then, while even certain acceptance would pay (a probe costs
+     * the draft a catch-up over everything since it last proposed) */
+    if (best == 0 && pen < 1.0 && ++r->spec_idle >= 32) {
         r->spec_idle = 0;
         best = 1;
     }
@@ -715,6 +724,7 @@ static bool draft_pass(pd_engine_t *e, int32_t T, int32_t n_out)
                         .out_rows = e->out_rows,
                         .n_out = n_out};
     const float *logits = NULL;
+    e->stats.spec_draft_passes++;
     if (pd_llm_forward_batch(e->dllm, e->dkv, &b, &logits) != PD_OK) {
         PD_LOG_WARN("engine: the draft model's pass failed; no proposals this step");
         return false;
@@ -774,7 +784,13 @@ static void draft_propose(pd_engine_t *e)
             e->dreqs[n++] = r;
             r->d_computed++;
         }
-        if (n == 0 || !draft_pass(e, n, n))
+        if (n == 0)
+            return;
+        double t0 = pd_engine_now(e);
+        bool ok = draft_pass(e, n, n);
+        e->stats.spec_draft_step_s += pd_engine_now(e) - t0;
+        e->stats.spec_draft_steps++;
+        if (!ok)
             return;
     }
 }
@@ -989,7 +1005,9 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         for (int32_t i = 0; i < e->n_sched; i++)
             any |= e->sched[i]->d_room > 0;
         if (any) {
+            double t_d = pd_engine_now(e);
             draft_propose(e);
+            e->stats.spec_draft_s += pd_engine_now(e) - t_d;
             T = 0;
             for (int32_t i = 0; i < e->n_sched; i++) {
                 req_t *r = e->sched[i];

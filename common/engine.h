@@ -75,10 +75,13 @@ typedef struct pd_engine_opts {
      * over its own paged KV cache, instead of n-gram lookup. */
     const pd_model_t *draft_model;
     /* Adaptive k (on unless spec_fixed_k): each step a sequence proposes the k in
-     * [0, spec_k] that maximises its expected accepted length (from its acceptance
-     * so far, geometric model) less k times the cost of a verified row, which grows
-     * with the batch (spec_row_cost * B / (1 + spec_row_cost * B), B running
-     * sequences; <= 0: 0.02); at k = 0 it re-probes with k = 1 every 32 steps. */
+     * [0, spec_k] that maximises its expected emitted tokens (from its acceptance so
+     * far, geometric model) less k times the cost of a proposed token in target steps:
+     * a draft pass (measured: the draft's pass time over the target's step time) plus
+     * a verified row, which grows with the batch (spec_row_cost * B / (1 +
+     * spec_row_cost * B), B running sequences; <= 0: 0.1, a CPU's; a GPU's is far
+     * lower); at k = 0 it re-probes with k = 1 every 32 steps while a proposal that
+     * is sure to be accepted would still pay. */
     bool spec_fixed_k;
     float spec_row_cost;
     /* Called after each layer of each forward pass (a prefill worker streams the KV of
@@ -163,6 +166,10 @@ typedef struct pd_engine_stats {
     int64_t seqs_in_steps;  /* sum over steps of sequences in the step */
     int64_t hist[8]; /* steps by sequences in them: 1, 2-3, 4-7, ..., 64-127, 128+ */
     int64_t spec_proposed, spec_accepted, spec_steps; /* spec_steps: verifications */
+    double spec_draft_s; /* time in the draft model's passes */
+    int64_t spec_draft_passes;
+    double spec_draft_step_s; /* ... in its one-token-per-sequence passes */
+    int64_t spec_draft_steps;
     double forward_s, sample_s;
 } pd_engine_stats_t;
 

@@ -388,6 +388,7 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     json_object_object_add(spj, "proposed", json_object_new_int64(st.spec_proposed));
     json_object_object_add(spj, "accepted", json_object_new_int64(st.spec_accepted));
     json_object_object_add(spj, "verify_steps", json_object_new_int64(st.spec_steps));
+    json_object_object_add(spj, "draft_s", json_object_new_double(st.spec_draft_s));
     json_object_object_add(spj, "acceptance_rate",
                            json_object_new_double(st.spec_proposed ? (double)st.spec_accepted /
                                                                          (double)st.spec_proposed

@@ -3,7 +3,8 @@ ngram`) leaves greedy output unchanged: every golden line (GGUF and llama2.c fil
 its exact greedy_ids with --spec-k 1, 4 and 8, alone, among 24 requests in flight, and
 under preemption (a KV budget too small for all); proposals are made and some accepted,
 the per-line and summary counters agree, and acceptance is not more than proposal.
-Seeded sampled requests speculate as well and run to their length."""
+Adaptive k proposes less as the batch grows. Seeded sampled requests speculate as
+well and run to their length."""
 import json
 import os
 import tempfile
@@ -68,6 +69,21 @@ for model, glines in by_model.items():
                         f"{what}: rates {s}")
                 if label == "preempted":
                     f.check(summ["preemptions"] > 0, f"{what}: no preemption happened")
+# adaptive k: alone a sequence proposes; among 64 the cost of a verified row outweighs
+# what n-gram lookup gets accepted here, and proposals mostly stop
+glines = by_model["stories260K.bin"]
+per = {}
+for par in (1, 64):
+    gs = [glines[i % len(glines)] for i in range(64)]
+    rows, summ = run(["--model", require(os.path.join(MODELS, "stories260K.gguf"))], gs,
+                     ["--spec", "ngram", "--spec-k", "4", "--parallel", str(par),
+                      "--arrival-steps", "0"])
+    for g, r in zip(gs, rows):
+        f.check(r.get("ids") == g["greedy_ids"], f"adaptive k, {par} in flight: ids differ")
+    per[par] = summ["spec"]["proposed"] / summ["gen_tokens"]
+f.check(per[1] > 0.2 and per[64] < 0.5 * per[1],
+        f"adaptive k: proposals per generated token {per}")
+
 # sampled requests speculate too (rejection sampling; their distribution is checked
 # in tests/common/test_sampler.c): they run to their length, propose and accept
 g0 = by_model["stories260K.bin"][0]
