@@ -384,9 +384,13 @@ int pd_cmd_generate(int argc, char **argv)
     pd_detok_flush(&s.detok, s.piece, s.piece_cap);
     pd_gen_opts_t go = {.max_tokens = a.max_tokens, .ignore_eos = a.ignore_eos};
     pd_gen_stats_t st;
+    pd_gen_spec_counts_t sc = {0};
+    bool spec = a.spec || a.draft_model;
     pd_status_t gst =
-        pd_generate(llm, smp, prompt_ids, (int32_t)n_prompt, pd_tokenizer_eos(tok),
-                    pd_tokenizer_bos(tok), &go, on_token, &s, ids, &st);
+        spec ? pd_generate_spec(&a, m, k, prompt_ids, (int32_t)n_prompt, on_token, &s, ids,
+                                &st, &sc)
+             : pd_generate(llm, smp, prompt_ids, (int32_t)n_prompt, pd_tokenizer_eos(tok),
+                           pd_tokenizer_bos(tok), &go, on_token, &s, ids, &st);
     size_t n = pd_detok_flush(&s.detok, s.piece, s.piece_cap);
     if (n)
         stream_append(&s, s.piece, n);
@@ -405,6 +409,9 @@ int pd_cmd_generate(int argc, char **argv)
                 st.n_prompt, st.prompt_s > 0 ? st.n_prompt / st.prompt_s : 0.0, st.n_gen,
                 st.decode_s > 0 ? st.n_decode_steps / st.decode_s : 0.0, k->name,
                 k->n_threads, pd_finish_str(st.finish));
+        if (spec)
+            fprintf(stderr, "[speculation: %lld proposed, %lld accepted]\n",
+                    (long long)sc.proposed, (long long)sc.accepted);
     }
     rc = 0;
 out:

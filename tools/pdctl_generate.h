@@ -6,6 +6,9 @@
 
 #include <json-c/json.h>
 #include <stdbool.h>
+
+#include "common/generate.h"
+#include "common/model.h"
 #include <stdint.h>
 
 #include "common/model.h"
@@ -28,6 +31,16 @@ typedef struct gen_args {
 } gen_args_t;
 
 bool pd_gen_load_mmap(const gen_args_t *a);
+/* One prompt through the batching engine with speculative decoding (--spec, or
+ * --draft-model, with --prompt): as pd_generate, tokens to on_token as they come, the
+ * ids and stats filled; plus the speculation counts. Returns PD_OK or an error. */
+typedef struct pd_gen_spec_counts {
+    int64_t proposed, accepted;
+} pd_gen_spec_counts_t;
+pd_status_t pd_generate_spec(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
+                             const int32_t *prompt, int32_t n_prompt,
+                             int (*on_token)(void *user, int32_t id), void *user,
+                             int32_t *ids, pd_gen_stats_t *st, pd_gen_spec_counts_t *sc);
 json_object *pd_json_ids(const int32_t *ids, int32_t n);
 /* A JSON string of s with invalid UTF-8 replaced (JSON must be UTF-8). */
 json_object *pd_json_string_utf8(const char *s);

@@ -69,6 +69,19 @@ for model, glines in by_model.items():
                         f"{what}: rates {s}")
                 if label == "preempted":
                     f.check(summ["preemptions"] > 0, f"{what}: no preemption happened")
+# one prompt (--prompt, not --prompts) runs through the engine when speculating
+for g in golden_lines():
+    stem = os.path.splitext(g["model"])[0]
+    for spec in (["--spec", "ngram"],) + ((["--draft-model", require(os.path.join(
+            MODELS, "llama2xs_tok512_280K.gguf"))],) if stem == "stories260K" else ()):
+        _, out, err = pdctl("generate", "--model", require(os.path.join(MODELS, stem + ".gguf")),
+                            "--prompt", g["prompt"], "--max-tokens", len(g["greedy_ids"]),
+                            "--temperature", 0, "--ignore-eos", "--format", "json", *spec)
+        o = json.loads(out)
+        want = g["greedy_ids"][: g["exact_prefix"]]
+        f.check(o["ids"][: len(want)] == want and len(o["ids"]) == len(g["greedy_ids"]),
+                f"--prompt {spec[0]} {g['model']} {g['prompt']!r}: ids differ")
+
 # adaptive k: alone a sequence proposes; among 64 the cost of a verified row outweighs
 # what n-gram lookup gets accepted here, and proposals mostly stop
 glines = by_model["stories260K.bin"]
