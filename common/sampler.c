@@ -161,14 +161,12 @@ static void select_top_k(cand_t *c, int32_t n, int32_t k)
     }
 }
 
-int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
+/* The candidates before top-p: softmax(logits / T) into s->cands, top-k, min-p.
+ * Returns how many (in c[0..m)) and their total mass in *total_p. */
+static int32_t candidates(pd_sampler_t *s, const float *logits, float *total_p)
 {
     const pd_sampler_params_t *p = &s->params;
     int32_t n = s->n_vocab;
-    if (p->temperature <= 0.0f || p->top_k == 1)
-        return pd_argmax(logits, n);
-
-    /* softmax(logits / T) into the candidates */
     float max = logits[0];
     for (int32_t i = 1; i < n; i++)
         max = logits[i] > max ? logits[i] : max;
@@ -191,13 +189,23 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
                 s->cands[w++] = s->cands[i];
         m = w; /* the argmax has p == 1 and always survives */
     }
-    /* The total mass in candidate order; then the candidates in descending order,
-     * popped from a heap as far as the nucleus (top-p) and the draw need them: the
-     * i-th in order lands in c[m - 1 - i]. */
+    float total = 0.0f; /* summed in candidate order */
+    for (int32_t i = 0; i < m; i++)
+        total += s->cands[i].p;
+    *total_p = total;
+    return m;
+}
+
+int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
+{
+    const pd_sampler_params_t *p = &s->params;
+    if (p->temperature <= 0.0f || p->top_k == 1)
+        return pd_argmax(logits, s->n_vocab);
+    /* The candidates in descending order, popped from a heap as far as the nucleus
+     * (top-p) and the draw need them: the i-th in order lands in c[m - 1 - i]. */
     cand_t *c = s->cands;
     float total = 0.0f;
-    for (int32_t i = 0; i < m; i++)
-        total += c[i].p;
+    int32_t m = candidates(s, logits, &total);
     heapify(c, m);
     int32_t popped = 0, n_draw = m;
     if (p->top_p < 1.0f) {
@@ -233,31 +241,10 @@ int32_t pd_sampler_sample_spec(pd_sampler_t *s, const float *logits, int32_t pro
         *accepted = t == proposed;
         return t;
     }
-    /* the same distribution as pd_sampler_sample: softmax(logits / T), top-k, min-p */
-    float max = logits[0];
-    for (int32_t i = 1; i < n; i++)
-        max = logits[i] > max ? logits[i] : max;
-    float inv_t = 1.0f / p->temperature;
-    for (int32_t i = 0; i < n; i++) {
-        s->cands[i].p = expf((logits[i] - max) * inv_t);
-        s->cands[i].id = i;
-    }
-    int32_t m = n;
-    if (p->top_k > 0 && p->top_k < m) {
-        select_top_k(s->cands, m, p->top_k);
-        m = p->top_k;
-    }
-    if (p->min_p > 0.0f) {
-        int32_t w = 0;
-        for (int32_t i = 0; i < m; i++)
-            if (s->cands[i].p >= p->min_p)
-                s->cands[w++] = s->cands[i];
-        m = w;
-    }
+    /* the same distribution as pd_sampler_sample */
     cand_t *c = s->cands;
     float total = 0.0f;
-    for (int32_t i = 0; i < m; i++)
-        total += c[i].p;
+    int32_t m = candidates(s, logits, &total);
     int32_t lo = 0; /* the candidates drawn from: c[lo .. m) */
     if (p->top_p < 1.0f) {
         heapify(c, m);
