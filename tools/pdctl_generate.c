@@ -58,7 +58,8 @@ static void usage(FILE *f)
            "  --batch: the token budget of one step (512); --spec ngram: speculative\n"
            "  decoding of greedy requests by n-gram prompt lookup, up to --spec-k (4)\n"
            "  proposed tokens per step, verified in the same pass (output unchanged);\n"
-           "  --draft-model D (same vocabulary; implies --spec draft): proposals from D.\n");
+           "  --draft-model D (same vocabulary; implies --spec draft): proposals from D;\n"
+           "  --spec-fixed: always --spec-k proposals (k is adaptive otherwise).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -95,6 +96,10 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
         }
         if (!strcmp(o, "--no-prefix-cache")) {
             a->no_prefix_cache = true;
+            continue;
+        }
+        if (!strcmp(o, "--spec-fixed")) {
+            a->spec_fixed = true;
             continue;
         }
         if (i + 1 >= argc) {

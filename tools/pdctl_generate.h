@@ -28,6 +28,7 @@ typedef struct gen_args {
     const char *spec; /* "ngram", "draft" or "off" (NULL) */
     const char *draft_model;
     int32_t spec_k;
+    bool spec_fixed; /* --spec-fixed: always --spec-k proposals (no adaptive k) */
 } gen_args_t;
 
 bool pd_gen_load_mmap(const gen_args_t *a);

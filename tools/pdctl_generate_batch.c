@@ -487,6 +487,7 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
                            .spec_k = a->spec || use_draft ? (a->spec_k > 0 ? a->spec_k : 4)
                                                           : 0,
                            .draft_model = draft,
+                           .spec_fixed_k = a->spec_fixed,
                            .eos = pd_tokenizer_eos(tok),
                            .bos = pd_tokenizer_bos(tok)};
     if (a->kv_dtype && strcmp(a->kv_dtype, "auto"))

@@ -754,6 +754,7 @@ START_TEST(spec_draft_equals_alone)
                                .eos = 2,
                                .bos = 1,
                                .spec_k = 3,
+                               .spec_fixed_k = true, /* adaptive k reads the clock */
                                .draft_model = pass == 2 ? model : draft};
         pd_engine_t *e = NULL;
         ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);

@@ -50,8 +50,10 @@ for dname, dpath in drafts.items():
                 ("preempted", [lines[i % len(lines)] for i in range(12)],
                  ["--parallel", "12", "--kv-memory", "1MiB", "--block-size", "4"])):
             what = f"draft {dname} k={k} {label}"
+            # fixed k: adaptive k decides from measured times, and these checks need
+            # the same proposals on every run
             rows, s = run(["--model", target, "--draft-model", dpath[0], *tok,
-                           "--spec-k", str(k), "--temperature", "0", *extra],
+                           "--spec-k", str(k), "--spec-fixed", "--temperature", "0", *extra],
                           golden_rows(gs))
             for g, r in zip(gs, rows):
                 want = g["greedy_ids"][: g["exact_prefix"]]
@@ -66,7 +68,7 @@ for dname, dpath in drafts.items():
                 f.check(s["preemptions"] > 0, f"{what}: no preemption happened")
 
 # the model as its own draft: every proposal is the target's own greedy choice
-rows, s = run(["--model", target, "--draft-model", target, "--spec-k", "4",
+rows, s = run(["--model", target, "--draft-model", target, "--spec-k", "4", "--spec-fixed",
                "--temperature", "0", "--parallel", "8"], golden_rows(lines * 3))
 f.check(s["spec"]["proposed"] > 0 and s["spec"]["accepted"] == s["spec"]["proposed"],
         f"self-draft: {s['spec']}")
@@ -74,7 +76,8 @@ for g, r in zip(lines * 3, rows):
     f.check(r.get("ids") == g["greedy_ids"], f"self-draft {g['prompt']!r}: ids differ")
 
 # seeded sampled requests speculate with the draft too
-rows, s = run(["--model", target, "--draft-model", drafts["llama2xs gguf"][0]],
+rows, s = run(["--model", target, "--draft-model", drafts["llama2xs gguf"][0],
+               "--spec-fixed"],
               [{"prompt": lines[0]["prompt"], "max_tokens": 150, "ignore_eos": True,
                 "temperature": 0.8, "seed": 7 + i} for i in range(8)])
 f.check(all(len(r.get("ids", [])) == 150 for r in rows) and s["spec"]["accepted"] > 0,
