@@ -116,8 +116,9 @@ static void make_specs(pd_rng_t *rng, req_spec_t *q, int n, int max_arrival)
     }
 }
 
-/* Runs the specs through one engine; returns the preemptions seen. */
-static int64_t run_engine(const pd_engine_opts_t *eo, const req_spec_t *q, int n,
+/* Runs the specs through one engine (checking every block comes back); returns its
+ * stats. */
+static pd_engine_stats_t run_engine(const pd_engine_opts_t *eo, const req_spec_t *q, int n,
                           out_t *outs)
 {
     pd_engine_t *e = NULL;
@@ -143,9 +144,9 @@ static int64_t run_engine(const pd_engine_opts_t *eo, const req_spec_t *q, int n
     ck_assert_int_eq(added, n);
     ck_assert_int_eq(pd_engine_n_pending(e), 0);
     ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), free0);
-    int64_t pre = pd_engine_stats(e).preemptions;
+    pd_engine_stats_t st = pd_engine_stats(e);
     pd_engine_destroy(&e);
-    return pre;
+    return st;
 }
 
 static void check_against_reference(const req_spec_t *q, int n, const out_t *outs)
@@ -197,7 +198,7 @@ START_TEST(preemption_keeps_outputs)
                            .block_size = 8,
                            .eos = 2,
                            .bos = 1};
-    int64_t pre = run_engine(&eo, q, 24, outs);
+    int64_t pre = run_engine(&eo, q, 24, outs).preemptions;
     ck_assert_int_gt(pre, 0);
     int with = 0;
     for (int r = 0; r < 24; r++)
@@ -207,7 +208,7 @@ START_TEST(preemption_keeps_outputs)
     /* and with the prefix cache off */
     memset(outs, 0, sizeof outs);
     eo.no_prefix_cache = true;
-    ck_assert_int_gt(run_engine(&eo, q, 24, outs), 0);
+    ck_assert_int_gt(run_engine(&eo, q, 24, outs).preemptions, 0);
     check_against_reference(q, 24, outs);
 }
 END_TEST
@@ -689,40 +690,18 @@ START_TEST(spec_ngram_equals_alone)
                                .eos = 2,
                                .bos = 1,
                                .spec_k = 4};
-        pd_engine_t *e = NULL;
-        ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
-        int32_t free0 = pd_kv_pool_n_free(pd_engine_kv(e));
-        int added = 0;
-        for (int step = 0; step < 100000 && (added < N || pd_engine_n_pending(e)); step++) {
-            for (int r = 0; r < N; r++)
-                if (q[r].arrival == step) {
-                    pd_engine_request_t rq = {.prompt = q[r].prompt,
-                                              .n_prompt = q[r].n_prompt,
-                                              .max_tokens = q[r].max_tokens,
-                                              .ignore_eos = true,
-                                              .sampling = q[r].sp,
-                                              .on_token = on_token,
-                                              .on_finish = on_finish,
-                                              .user = &outs[r]};
-                    ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
-                    added++;
-                }
-            ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
-        }
-        pd_engine_stats_t st = pd_engine_stats(e);
+        pd_engine_stats_t st = run_engine(&eo, q, N, outs);
         ck_assert_int_gt(st.spec_proposed, 0);
         ck_assert_int_gt(st.spec_accepted, 0);
         ck_assert_int_le(st.spec_accepted, st.spec_proposed);
         if (pass)
             ck_assert_int_gt(st.preemptions, 0);
-        ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), free0);
         int64_t acc = 0;
         for (int r = 0; r < N; r++) {
             ck_assert_int_le(outs[r].res.spec_accepted, outs[r].res.spec_proposed);
             acc += outs[r].res.spec_accepted;
         }
         ck_assert_int_eq(acc, st.spec_accepted);
-        pd_engine_destroy(&e);
         check_against_reference(q, N, outs);
     }
 }
@@ -756,27 +735,7 @@ START_TEST(spec_draft_equals_alone)
                                .spec_k = 3,
                                .spec_fixed_k = true, /* adaptive k reads the clock */
                                .draft_model = pass == 2 ? model : draft};
-        pd_engine_t *e = NULL;
-        ck_assert_int_eq(pd_engine_new(model, kern, &eo, &e), PD_OK);
-        int32_t free0 = pd_kv_pool_n_free(pd_engine_kv(e));
-        int added = 0;
-        for (int step = 0; step < 100000 && (added < N || pd_engine_n_pending(e)); step++) {
-            for (int r = 0; r < N; r++)
-                if (q[r].arrival == step) {
-                    pd_engine_request_t rq = {.prompt = q[r].prompt,
-                                              .n_prompt = q[r].n_prompt,
-                                              .max_tokens = q[r].max_tokens,
-                                              .ignore_eos = true,
-                                              .sampling = q[r].sp,
-                                              .on_token = on_token,
-                                              .on_finish = on_finish,
-                                              .user = &outs[r]};
-                    ck_assert_int_eq(pd_engine_add(e, &rq, NULL), PD_OK);
-                    added++;
-                }
-            ck_assert_int_eq(pd_engine_step(e, NULL), PD_OK);
-        }
-        pd_engine_stats_t st = pd_engine_stats(e);
+        pd_engine_stats_t st = run_engine(&eo, q, N, outs);
         ck_assert_int_gt(st.spec_proposed, 0);
         if (pass == 2)
             ck_assert_int_eq(st.spec_accepted, st.spec_proposed);
@@ -784,8 +743,6 @@ START_TEST(spec_draft_equals_alone)
             ck_assert_int_gt(st.spec_accepted, 0);
         if (pass == 1)
             ck_assert_int_gt(st.preemptions, 0);
-        ck_assert_int_eq(pd_kv_pool_n_free(pd_engine_kv(e)), free0);
-        pd_engine_destroy(&e);
         check_against_reference(q, N, outs);
     }
     /* a draft on another vocabulary is refused */
