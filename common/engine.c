@@ -180,7 +180,8 @@ static pd_status_t draft_new(pd_engine_t *e, const pd_model_t *dm)
                         .max_batch_tokens = e->max_T,
                         .max_logits = e->max_seqs,
                         .no_private_kv = true};
-    pd_kv_pool_opts_t po = {.block_size = e->bs, .n_blocks = pd_kv_pool_n_blocks(e->kv)};
+    pd_kv_pool_opts_t po = {
+        .block_size = e->bs, .n_blocks = pd_kv_pool_n_blocks(e->kv), .device = e->k};
     size_t rows = (size_t)e->max_seqs * (size_t)e->max_blocks;
     pd_status_t st = pd_llm_new(dm, e->k, &lo, &e->dllm);
     if (st == PD_OK)
@@ -222,7 +223,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     e->bos = o.bos;
     e->prefix_cache = !o.no_prefix_cache;
 
-    pd_kv_pool_opts_t po = {.block_size = e->bs, .kv_type = o.kv_type};
+    pd_kv_pool_opts_t po = {
+        .block_size = e->bs, .kv_type = o.kv_type, .device = kernels, .host = o.kv_host};
     if (o.kv_blocks > 0) {
         po.n_blocks = o.kv_blocks;
     } else if (o.kv_memory > 0) {
@@ -839,7 +841,11 @@ static int32_t schedule_step(pd_engine_t *e)
         r->slot = e->free_slots[--e->n_free_slots];
         bool prefilled = r->pre_blocks != NULL;
         if (prefilled) {
-            /* prefilled: its prompt's KV is in hand; only the first token to compute */
+            /* prefilled: its prompt's KV is in hand (in the host copy of a device
+             * pool, where the transfer put it); only the first token to compute */
+            if (pd_kv_pool_upload(e->kv, -1, r->pre_blocks, r->n_pre) != PD_OK)
+                PD_LOG_ERROR("request %llu: its KV could not be moved to the device",
+                             (unsigned long long)r->id);
             memcpy(row_of(e, r), r->pre_blocks, (size_t)r->n_pre * sizeof *r->pre_blocks);
             r->n_blocks = r->n_pre;
             r->n_computed = r->n_prompt;

@@ -60,6 +60,10 @@ typedef struct pd_engine_opts {
     int32_t kv_blocks;
     int32_t block_size; /* <= 0: 16 */
     pd_kv_type_t kv_type;
+    /* On a device backend: the host copy of the KV pool (kvpool.h): NONE alone,
+     * STAGING on a decode worker (transfers land there), MIRROR on a prefill worker
+     * (transfers are served from there). */
+    pd_kv_host_t kv_host;
     bool no_prefix_cache;
     /* The tokenizer's EOS and BOS ids (pd_tokenizer_eos/bos), which end a request
      * unless it ignores EOS; negative: none. */

@@ -16,6 +16,10 @@ struct pd_kv_pool {
     pd_dtype_t dtype;
     size_t es, layer_bytes;
     uint8_t *k, *v; /* [n_layers][n_blocks][block_size][row_elems] */
+    pd_kernels_t *dev; /* a device backend, or NULL */
+    pd_kv_host_t host;
+    uint8_t *dk, *dv; /* device storage, laid out as k and v */
+    bool pinned;
 
     int32_t *ref;
     /* free list: unreferenced blocks, reused from the head */
@@ -72,6 +76,14 @@ static void list_push(pd_kv_pool_t *p, int32_t b, bool front)
 
 static void free_all(pd_kv_pool_t *p)
 {
+    if (p->dev) {
+        if (p->pinned) {
+            p->dev->unpin(p->dev, p->k);
+            p->dev->unpin(p->dev, p->v);
+        }
+        p->dev->free(p->dev, p->dk);
+        p->dev->free(p->dev, p->dv);
+    }
     void *bufs[] = {p->k,    p->v,      p->ref,    p->prev,   p->next,  p->committed,
                     p->hash, p->parent, p->tokens, p->bucket, p->chain, p->has_parent};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -134,8 +146,27 @@ pd_status_t pd_kv_pool_new(const pd_model_t *model, const pd_kv_pool_opts_t *opt
     while (buckets < 2 * nb)
         buckets *= 2;
     p->bucket_mask = buckets - 1;
-    p->k = aligned_alloc(64, (cache + 63) / 64 * 64);
-    p->v = aligned_alloc(64, (cache + 63) / 64 * 64);
+    if (opts && opts->device && opts->device->device) {
+        p->dev = opts->device;
+        p->host = opts->host;
+        p->dk = p->dev->alloc(p->dev, cache);
+        p->dv = p->dk ? p->dev->alloc(p->dev, cache) : NULL;
+        if (!p->dk || !p->dv) {
+            PD_LOG_ERROR("cannot allocate a kv cache of %d blocks (%zu bytes) in device "
+                         "memory: lower --kv-memory",
+                         p->n_blocks, 2 * cache);
+            free_all(p);
+            return PD_ERR_NOMEM;
+        }
+    }
+    bool host = !p->dev || p->host != PD_KV_HOST_NONE;
+    size_t host_bytes = host ? (cache + 4095) / 4096 * 4096 : 4096;
+    p->k = aligned_alloc(4096, host_bytes);
+    p->v = aligned_alloc(4096, host_bytes);
+    if (p->dev && host && p->k && p->v && p->dev->pin) /* fast, asynchronous copies */
+        p->pinned = p->dev->pin(p->dev, p->k, host_bytes) == PD_OK &&
+                    (p->dev->pin(p->dev, p->v, host_bytes) == PD_OK ||
+                     (p->dev->unpin(p->dev, p->k), false));
     p->ref = calloc(nb, sizeof *p->ref);
     p->prev = malloc(nb * sizeof *p->prev);
     p->next = malloc(nb * sizeof *p->next);
@@ -198,12 +229,85 @@ size_t pd_kv_pool_block_bytes(const pd_kv_pool_t *p)
 
 void *pd_kv_pool_k(pd_kv_pool_t *p, int layer)
 {
+    if (p->dev && p->host == PD_KV_HOST_NONE)
+        return NULL;
     return p->k + (size_t)layer * p->layer_bytes;
 }
 
 void *pd_kv_pool_v(pd_kv_pool_t *p, int layer)
 {
+    if (p->dev && p->host == PD_KV_HOST_NONE)
+        return NULL;
     return p->v + (size_t)layer * p->layer_bytes;
+}
+
+void *pd_kv_pool_compute_k(pd_kv_pool_t *p, int layer)
+{
+    return (p->dev ? p->dk : p->k) + (size_t)layer * p->layer_bytes;
+}
+
+void *pd_kv_pool_compute_v(pd_kv_pool_t *p, int layer)
+{
+    return (p->dev ? p->dv : p->v) + (size_t)layer * p->layer_bytes;
+}
+
+pd_kernels_t *pd_kv_pool_device(const pd_kv_pool_t *p)
+{
+    return p->dev;
+}
+
+pd_kv_host_t pd_kv_pool_host(const pd_kv_pool_t *p)
+{
+    return p->dev ? p->host : PD_KV_HOST_NONE;
+}
+
+/* Moves runs of consecutive block ids at once: one copy per run, layer and K/V. */
+static pd_status_t kv_sync(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n,
+                           bool down)
+{
+    if (!p->dev || n <= 0)
+        return PD_OK;
+    if (p->host == PD_KV_HOST_NONE) {
+        PD_LOG_ERROR("kv pool: no host copy to %s", down ? "download to" : "upload from");
+        return PD_ERR_INVALID;
+    }
+    for (int32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= p->n_blocks) {
+            PD_LOG_ERROR("kv pool: block %d outside the pool (%d blocks)", ids[i],
+                         p->n_blocks);
+            return PD_ERR_INVALID;
+        }
+    size_t bbytes = (size_t)p->block_size * (size_t)p->row_elems * p->es;
+    int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? p->n_layers : layer + 1;
+    pd_status_t st = PD_OK;
+    for (int32_t i = 0; i < n && st == PD_OK;) {
+        int32_t j = i + 1;
+        while (j < n && ids[j] == ids[j - 1] + 1)
+            j++;
+        size_t bytes = (size_t)(j - i) * bbytes;
+        for (int l = l0; l < l1 && st == PD_OK; l++) {
+            size_t off = (size_t)l * p->layer_bytes + (size_t)ids[i] * bbytes;
+            for (int kv = 0; kv < 2 && st == PD_OK; kv++) {
+                uint8_t *h = (kv ? p->v : p->k) + off, *d = (kv ? p->dv : p->dk) + off;
+                st = down ? p->dev->dev_copy(p->dev, h, d, bytes)
+                          : p->dev->dev_copy(p->dev, d, h, bytes);
+            }
+        }
+        i = j;
+    }
+    if (st == PD_OK) /* the host copy is read (or rewritten) as soon as we return */
+        st = p->dev->sync(p->dev);
+    return st;
+}
+
+pd_status_t pd_kv_pool_download(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n)
+{
+    return kv_sync(p, layer, ids, n, true);
+}
+
+pd_status_t pd_kv_pool_upload(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n)
+{
+    return kv_sync(p, layer, ids, n, false);
 }
 
 int64_t pd_kv_pool_row_elems(const pd_kv_pool_t *p)
@@ -368,6 +472,10 @@ int32_t pd_kv_pool_n_layers(const pd_kv_pool_t *p)
 
 uint64_t pd_kv_checksum(const pd_kv_pool_t *p, const int32_t *blocks, int32_t n_tokens)
 {
+    if (p->dev && p->host == PD_KV_HOST_NONE) {
+        PD_LOG_ERROR("kv checksum of a device pool without a host copy");
+        return 0;
+    }
     XXH3_state_t st;
     XXH3_64bits_reset(&st);
     size_t row = pd_kv_pool_row_bytes(p), bbytes = row * (size_t)p->block_size;

@@ -24,6 +24,7 @@
 #include "common/model.h"
 #include "common/status.h"
 #include "common/tensor.h"
+#include "kernels/ops.h"
 
 /* The KV cache element type; AUTO (the zero value) as pd_kv_auto_dtype() says. */
 typedef enum pd_kv_type {
@@ -43,11 +44,25 @@ typedef struct pd_kv_hash {
     uint64_t lo, hi;
 } pd_kv_hash_t;
 
+/* Where a pool on a device backend keeps a host copy of its blocks. */
+typedef enum pd_kv_host {
+    PD_KV_HOST_NONE = 0, /* device memory only (pd_kv_pool_k/v return NULL) */
+    PD_KV_HOST_STAGING,  /* a host copy, synced when asked: KV arriving over the network
+                            lands there and pd_kv_pool_upload moves it to the device */
+    PD_KV_HOST_MIRROR,   /* ... and every forward pass copies each layer's new rows to
+                            it (pd_llm_forward_batch): the KV a prefill worker serves */
+} pd_kv_host_t;
+
 typedef struct pd_kv_pool_opts {
     int32_t block_size;   /* positions per block; <= 0: 16 */
     int64_t memory_bytes; /* K and V of all layers; used when n_blocks <= 0 */
     int32_t n_blocks;     /* > 0: exactly this many blocks */
     pd_kv_type_t kv_type;
+    /* A device backend (device->device true; borrowed, outliving the pool): the blocks
+     * live in its memory, with the host copy `host` says. NULL or a CPU backend: host
+     * memory only (and `host` is ignored). */
+    pd_kernels_t *device;
+    pd_kv_host_t host;
 } pd_kv_pool_opts_t;
 
 typedef struct pd_kv_pool_stats {
@@ -75,9 +90,24 @@ int32_t pd_kv_pool_n_free(const pd_kv_pool_t *p);
 pd_dtype_t pd_kv_pool_dtype(const pd_kv_pool_t *p);
 /* Bytes of K plus V of one block over all layers. */
 size_t pd_kv_pool_block_bytes(const pd_kv_pool_t *p);
-/* K or V storage of one layer (blocks as above). */
+/* K or V storage of one layer (blocks as above) in host memory: the storage itself,
+ * or on a device the host copy (NULL without one). */
 void *pd_kv_pool_k(pd_kv_pool_t *p, int layer);
 void *pd_kv_pool_v(pd_kv_pool_t *p, int layer);
+/* The storage the forward pass uses: device memory on a device pool, else as
+ * pd_kv_pool_k/v. */
+void *pd_kv_pool_compute_k(pd_kv_pool_t *p, int layer);
+void *pd_kv_pool_compute_v(pd_kv_pool_t *p, int layer);
+/* The device backend (NULL for a host pool) and the host copy kept beside it. */
+pd_kernels_t *pd_kv_pool_device(const pd_kv_pool_t *p);
+pd_kv_host_t pd_kv_pool_host(const pd_kv_pool_t *p);
+/* Copies blocks ids[0..n) of one layer (layer < 0: every layer), K and V, from the
+ * device to the host copy (download) or from the host copy to the device (upload);
+ * done when it returns. PD_OK doing nothing on a host
+ * pool; PD_ERR_INVALID without a host copy or for a bad block id; PD_ERR_IO when the
+ * device fails. */
+pd_status_t pd_kv_pool_download(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n);
+pd_status_t pd_kv_pool_upload(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n);
 int64_t pd_kv_pool_row_elems(const pd_kv_pool_t *p); /* n_kv_heads * head_dim */
 pd_kv_pool_stats_t pd_kv_pool_stats(const pd_kv_pool_t *p);
 

@@ -32,29 +32,138 @@ struct pd_llm {
     float *logits;        /* [max_logits][vocab] */
     pd_llm_layer_fn on_layer;
     void *layer_user;
+    /* A device backend (k->device): the buffers above except slots, own_table, own_seq
+     * and logits are device memory, the weights are device copies in dw, and each pass
+     * uploads its batch description into the d_ arrays. */
+    bool dev;
+    pd_model_weights_t dw; /* what the kernels read: the model's weights or copies */
+    int32_t *d_ids, *d_pos, *d_seq, *d_slots, *d_out_rows; /* [max_T] */
+    int32_t *d_tables;     /* [d_tables_cap] */
+    size_t d_tables_cap;
+    float *d_logits;       /* [max_logits][vocab] */
+    int32_t *touched;      /* [max_T] blocks the pass writes (host mirrors) */
+    int32_t n_touched;
+    bool logits_pinned;
 };
 
-static float *alloc_floats(size_t a, size_t b, int *fail)
+/* a * b elements of elem bytes in the backend's memory (device buffers for a device
+ * backend, host otherwise). */
+static void *alloc_buf(pd_llm_t *l, size_t a, size_t b, size_t elem, int *fail)
 {
     size_t n;
-    if (pd_mul_size(a, b, &n) || pd_mul_size(n, sizeof(float), &n)) {
+    if (pd_mul_size(a, b, &n) || pd_mul_size(n, elem, &n)) {
         *fail = 1;
         return NULL;
     }
-    float *p = aligned_alloc(64, (n + 63) / 64 * 64);
+    void *p = l->dev ? l->k->alloc(l->k, n) : aligned_alloc(64, (n + 63) / 64 * 64);
     if (!p)
         *fail = 1;
     return p;
 }
 
+static float *alloc_floats(pd_llm_t *l, size_t a, size_t b, int *fail)
+{
+    return alloc_buf(l, a, b, sizeof(float), fail);
+}
+
+static void free_buf(pd_llm_t *l, void *p)
+{
+    if (l->dev)
+        l->k->free(l->k, p);
+    else
+        free(p);
+}
+
+/* The device copies of every weight (the output matrix shares the embedding's copy
+ * when the model ties them). */
+static const pd_tensor_t *host_tensors(const pd_model_weights_t *w, int n_layers, int i)
+{
+    if (i == 0)
+        return &w->tok_embd;
+    if (i == 1)
+        return &w->output_norm;
+    if (i == 2)
+        return &w->output;
+    i -= 3;
+    if (i >= 9 * n_layers)
+        return NULL;
+    const pd_layer_weights_t *L = &w->layers[i / 9];
+    const pd_tensor_t *t[9] = {&L->attn_norm, &L->wq,     &L->wk,     &L->wv,  &L->wo,
+                               &L->ffn_norm,  &L->w_gate, &L->w_down, &L->w_up};
+    return t[i % 9];
+}
+
+static pd_tensor_t *dev_tensors(pd_model_weights_t *w, int n_layers, int i)
+{
+    return (pd_tensor_t *)host_tensors(w, n_layers, i);
+}
+
+static void free_weights(pd_llm_t *l)
+{
+    if (!l->dev || !l->dw.layers)
+        return;
+    const pd_model_weights_t *mw = pd_model_weights(l->model);
+    bool tied = mw->output.data == mw->tok_embd.data;
+    for (int i = 0; host_tensors(&l->dw, l->cfg.n_layers, i); i++) {
+        pd_tensor_t *t = dev_tensors(&l->dw, l->cfg.n_layers, i);
+        if (!(i == 2 && tied))
+            l->k->free(l->k, (void *)t->data);
+        t->data = NULL;
+    }
+    free(l->dw.layers);
+    l->dw.layers = NULL;
+}
+
+static pd_status_t upload_weights(pd_llm_t *l)
+{
+    const pd_model_weights_t *mw = pd_model_weights(l->model);
+    int n_layers = l->cfg.n_layers;
+    l->dw = *mw;
+    l->dw.layers = calloc((size_t)n_layers, sizeof *l->dw.layers);
+    if (!l->dw.layers)
+        return PD_ERR_NOMEM;
+    bool tied = mw->output.data == mw->tok_embd.data;
+    for (int i = 0; host_tensors(mw, n_layers, i); i++)
+        dev_tensors(&l->dw, n_layers, i)->data = NULL;
+    for (int i = 0; host_tensors(mw, n_layers, i); i++) {
+        pd_tensor_t *d = dev_tensors(&l->dw, n_layers, i);
+        if (i == 2 && tied) {
+            *d = l->dw.tok_embd;
+            continue;
+        }
+        pd_status_t st = l->k->upload_tensor(l->k, host_tensors(mw, n_layers, i), d);
+        if (st != PD_OK) {
+            d->data = NULL;
+            PD_LOG_ERROR("cannot upload the model's weights to the device: %s",
+                         pd_status_str(st));
+            return st;
+        }
+    }
+    return PD_OK;
+}
+
 static void free_buffers(pd_llm_t *l)
 {
-    float **bufs[] = {&l->x,   &l->xb, &l->xb2, &l->q,  &l->kk,    &l->vv,
-                      &l->att, &l->hb, &l->hb2, &l->xo, &l->logits};
+    float **bufs[] = {&l->x,  &l->xb, &l->xb2, &l->q,  &l->kk,       &l->vv,
+                      &l->att, &l->hb, &l->hb2, &l->xo, &l->d_logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        free(*bufs[i]);
+        free_buf(l, *bufs[i]);
         *bufs[i] = NULL;
     }
+    int32_t **ibufs[] = {&l->d_ids, &l->d_pos, &l->d_seq, &l->d_slots, &l->d_out_rows,
+                         &l->d_tables};
+    for (size_t i = 0; i < sizeof ibufs / sizeof ibufs[0]; i++) {
+        if (l->dev)
+            l->k->free(l->k, *ibufs[i]);
+        *ibufs[i] = NULL;
+    }
+    if (l->logits_pinned)
+        l->k->unpin(l->k, l->logits);
+    free(l->logits);
+    l->logits = NULL;
+    free(l->touched);
+    l->touched = NULL;
+    free_weights(l);
     free(l->own_table);
     free(l->own_seq);
     free(l->slots);
@@ -69,6 +178,8 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
         return PD_ERR_NOMEM;
     l->model = model;
     l->k = kernels;
+    l->dev = kernels->device;
+    l->dw = *pd_model_weights(model);
     l->cfg = *pd_model_config(model);
     const pd_model_config_t *c = &l->cfg;
     l->max_ctx = opts && opts->max_ctx > 0 ? opts->max_ctx : c->ctx_len;
@@ -87,7 +198,8 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
     if (!(opts && opts->no_private_kv)) {
         int32_t bs = opts && opts->block_size > 0 ? opts->block_size : 16;
         int32_t n_blocks = (int32_t)(((int64_t)l->max_ctx + bs - 1) / bs);
-        pd_kv_pool_opts_t po = {.block_size = bs, .n_blocks = n_blocks, .kv_type = kt};
+        pd_kv_pool_opts_t po = {
+            .block_size = bs, .n_blocks = n_blocks, .kv_type = kt, .device = kernels};
         st = pd_kv_pool_new(model, &po, &l->own_kv);
         if (st != PD_OK) {
             free(l);
@@ -103,21 +215,41 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
 
     int fail = st != PD_OK || (l->own_kv && !l->own_table);
     size_t T = (size_t)l->max_T;
+    if (!fail && l->dev && upload_weights(l) != PD_OK)
+        fail = 1;
     if (!fail) {
-        l->x = alloc_floats(T, (size_t)c->dim, &fail);
-        l->xb = alloc_floats(T, (size_t)c->dim, &fail);
-        l->xb2 = alloc_floats(T, (size_t)c->dim, &fail);
-        l->q = alloc_floats(T, (size_t)l->q_dim, &fail);
-        l->kk = alloc_floats(T, (size_t)l->kv_dim, &fail);
-        l->vv = alloc_floats(T, (size_t)l->kv_dim, &fail);
-        l->att = alloc_floats(T, (size_t)l->q_dim, &fail);
-        l->hb = alloc_floats(T, (size_t)c->hidden_dim, &fail);
-        l->hb2 = alloc_floats(T, (size_t)c->hidden_dim, &fail);
-        l->xo = alloc_floats((size_t)l->max_logits, (size_t)c->dim, &fail);
-        l->logits = alloc_floats((size_t)l->max_logits, (size_t)c->vocab_size, &fail);
+        l->x = alloc_floats(l, T, (size_t)c->dim, &fail);
+        l->xb = alloc_floats(l, T, (size_t)c->dim, &fail);
+        l->xb2 = alloc_floats(l, T, (size_t)c->dim, &fail);
+        l->q = alloc_floats(l, T, (size_t)l->q_dim, &fail);
+        l->kk = alloc_floats(l, T, (size_t)l->kv_dim, &fail);
+        l->vv = alloc_floats(l, T, (size_t)l->kv_dim, &fail);
+        l->att = alloc_floats(l, T, (size_t)l->q_dim, &fail);
+        l->hb = alloc_floats(l, T, (size_t)c->hidden_dim, &fail);
+        l->hb2 = alloc_floats(l, T, (size_t)c->hidden_dim, &fail);
+        l->xo = alloc_floats(l, (size_t)l->max_logits, (size_t)c->dim, &fail);
+        size_t nl;
+        if (pd_mul_size((size_t)l->max_logits, (size_t)c->vocab_size, &nl) ||
+            pd_mul_size(nl, sizeof(float), &nl))
+            fail = 1;
+        else
+            l->logits = aligned_alloc(64, (nl + 63) / 64 * 64);
+        fail |= !l->logits;
+        if (l->dev) {
+            l->d_logits = alloc_floats(l, (size_t)l->max_logits, (size_t)c->vocab_size,
+                                       &fail);
+            if (l->logits && l->k->pin) /* not pinned: slower copies, still right */
+                l->logits_pinned = l->k->pin(l->k, l->logits, (nl + 63) / 64 * 64) == PD_OK;
+            l->d_ids = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
+            l->d_pos = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
+            l->d_seq = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
+            l->d_slots = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
+            l->d_out_rows = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
+        }
         l->own_seq = calloc(T, sizeof *l->own_seq);
         l->slots = malloc(T * sizeof *l->slots);
-        fail |= !l->own_seq || !l->slots;
+        l->touched = malloc(T * sizeof *l->touched);
+        fail |= !l->own_seq || !l->slots || !l->touched;
     }
     if (fail) {
         PD_LOG_ERROR("cannot allocate the llm buffers (ctx %d, batch %d)", l->max_ctx,
@@ -169,6 +301,12 @@ static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
                      (long long)b->T, (long long)b->n_out, l->max_T, l->max_logits);
         return PD_ERR_RANGE;
     }
+    if (l->dev != (pd_kv_pool_device(pool) != NULL)) {
+        PD_LOG_ERROR("forward batch: the kv pool is in %s memory, the kernels compute on "
+                     "the %s",
+                     pd_kv_pool_device(pool) ? "device" : "host", l->dev ? "device" : "host");
+        return PD_ERR_INVALID;
+    }
     if (pd_kv_pool_row_elems(pool) != l->kv_dim || b->n_seqs < 1 || b->bt_stride < 1) {
         PD_LOG_ERROR("forward batch: kv pool rows of %lld (model: %lld), %lld sequences, "
                      "block tables of %lld",
@@ -177,6 +315,7 @@ static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
         return PD_ERR_RANGE;
     }
     int32_t bs = pd_kv_pool_block_size(pool), n_blocks = pd_kv_pool_n_blocks(pool);
+    l->n_touched = 0;
     for (int64_t t = 0; t < b->T; t++) {
         if (b->ids[t] < 0 || b->ids[t] >= l->cfg.vocab_size) {
             PD_LOG_ERROR("token id %d outside the vocabulary (%d)", b->ids[t],
@@ -199,6 +338,8 @@ static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
             return PD_ERR_RANGE;
         }
         l->slots[t] = blk * bs + b->pos[t] % bs;
+        if (l->n_touched == 0 || l->touched[l->n_touched - 1] != blk)
+            l->touched[l->n_touched++] = blk;
     }
     for (int64_t i = 0; i < b->n_out; i++)
         if (b->out_rows[i] < 0 || b->out_rows[i] >= b->T) {
@@ -207,6 +348,42 @@ static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
             return PD_ERR_RANGE;
         }
     return PD_OK;
+}
+
+/* Copies the batch description to the device; *db gets the device pointers. */
+static pd_status_t upload_batch(pd_llm_t *l, const pd_llm_batch_t *b, pd_llm_batch_t *db)
+{
+    pd_kernels_t *k = l->k;
+    size_t T = (size_t)b->T * sizeof(int32_t);
+    size_t n_tab = (size_t)b->n_seqs * (size_t)b->bt_stride;
+    if (n_tab > l->d_tables_cap) {
+        k->free(k, l->d_tables);
+        size_t cap = n_tab + n_tab / 2;
+        l->d_tables = k->alloc(k, cap * sizeof(int32_t));
+        l->d_tables_cap = l->d_tables ? cap : 0;
+        if (!l->d_tables)
+            return PD_ERR_NOMEM;
+    }
+    pd_status_t st = PD_OK;
+    if (!st)
+        st = k->to_device(k, l->d_ids, b->ids, T);
+    if (!st)
+        st = k->to_device(k, l->d_pos, b->pos, T);
+    if (!st)
+        st = k->to_device(k, l->d_seq, b->seq, T);
+    if (!st)
+        st = k->to_device(k, l->d_slots, l->slots, T);
+    if (!st)
+        st = k->to_device(k, l->d_tables, b->block_tables, n_tab * sizeof(int32_t));
+    if (!st && b->n_out > 0)
+        st = k->to_device(k, l->d_out_rows, b->out_rows,
+                          (size_t)b->n_out * sizeof(int32_t));
+    db->ids = l->d_ids;
+    db->pos = l->d_pos;
+    db->seq = l->d_seq;
+    db->block_tables = l->d_tables;
+    db->out_rows = l->d_out_rows;
+    return st;
 }
 
 /* Matrices that read the same input run as one fan-out when the backend can (same
@@ -225,16 +402,17 @@ static void matmul_shared_x(pd_kernels_t *k, const pd_tensor_t *const *ws,
         k->matmul(k, ws[m], x, T, ys[m]);
 }
 
-/* One transformer block over the T rows of l->x. */
+/* One transformer block over the T rows of l->x. b: the batch as the kernels see it
+ * (device pointers on a device), host: the caller's. */
 static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
-                          int layer)
+                          const pd_llm_batch_t *host, const int32_t *slots, int layer)
 {
     const pd_model_config_t *c = &l->cfg;
-    const pd_layer_weights_t *w = &pd_model_weights(l->model)->layers[layer];
+    const pd_layer_weights_t *w = &l->dw.layers[layer];
     pd_kernels_t *k = l->k;
     int64_t T = b->T;
     pd_dtype_t kv_dtype = pd_kv_pool_dtype(pool);
-    void *kc = pd_kv_pool_k(pool, layer), *vc = pd_kv_pool_v(pool, layer);
+    void *kc = pd_kv_pool_compute_k(pool, layer), *vc = pd_kv_pool_compute_v(pool, layer);
 
     /* attention */
     k->rmsnorm(k, l->xb, l->x, w->attn_norm.data, T, c->dim, c->norm_eps);
@@ -243,8 +421,8 @@ static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t 
     matmul_shared_x(k, qkv, qkv_out, 3, l->xb, T);
     k->rope(k, l->q, b->pos, T, c->n_heads, c->head_dim, c->rope_theta);
     k->rope(k, l->kk, b->pos, T, c->n_kv_heads, c->head_dim, c->rope_theta);
-    k->kv_write(k, kc, kv_dtype, l->kv_dim, l->slots, T, l->kk);
-    k->kv_write(k, vc, kv_dtype, l->kv_dim, l->slots, T, l->vv);
+    k->kv_write(k, kc, kv_dtype, l->kv_dim, slots, T, l->kk);
+    k->kv_write(k, vc, kv_dtype, l->kv_dim, slots, T, l->vv);
     pd_attn_args_t a = {
         .q = l->q,
         .out = l->att,
@@ -262,6 +440,8 @@ static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t 
         .n_kv_heads = c->n_kv_heads,
         .head_dim = c->head_dim,
         .scale = 1.0f / sqrtf((float)c->head_dim),
+        .pos_host = host->pos,
+        .seq_host = host->seq,
     };
     k->attention(k, &a);
     k->matmul(k, &w->wo, l->att, T, l->xb2);
@@ -284,22 +464,52 @@ pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_b
     if (st != PD_OK)
         return st;
     const pd_model_config_t *c = &l->cfg;
-    const pd_model_weights_t *mw = pd_model_weights(l->model);
+    const pd_model_weights_t *mw = &l->dw;
     pd_kernels_t *k = l->k;
+    pd_llm_batch_t db = *b; /* the batch as the kernels read it */
+    const int32_t *slots = l->slots;
+    if (l->dev) {
+        st = upload_batch(l, b, &db);
+        if (st != PD_OK)
+            return st;
+        slots = l->d_slots;
+    }
+    bool mirror = pd_kv_pool_host(pool) == PD_KV_HOST_MIRROR;
 
-    k->get_rows(k, &mw->tok_embd, b->ids, b->T, l->x);
+    k->get_rows(k, &mw->tok_embd, db.ids, b->T, l->x);
     for (int layer = 0; layer < c->n_layers; layer++) {
-        layer_forward(l, pool, b, layer);
+        layer_forward(l, pool, &db, b, slots, layer);
+        /* a prefill worker serves the layer's KV from the host copy */
+        if (mirror && (st = pd_kv_pool_download(pool, layer, l->touched, l->n_touched)))
+            return st;
         if (l->on_layer)
             l->on_layer(l->layer_user, layer);
     }
 
     if (b->n_out > 0) {
-        for (int64_t i = 0; i < b->n_out; i++)
-            memcpy(l->xo + i * c->dim, l->x + (int64_t)b->out_rows[i] * c->dim,
-                   (size_t)c->dim * sizeof(float));
+        if (l->dev) { /* the rows that need logits, gathered on the device */
+            pd_tensor_t xs = {.dtype = PD_DTYPE_F32,
+                              .n_dims = 2,
+                              .ne = {c->dim, b->T, 1, 1},
+                              .data = l->x,
+                              .nbytes = (size_t)b->T * (size_t)c->dim * sizeof(float)};
+            k->get_rows(k, &xs, db.out_rows, b->n_out, l->xo);
+        } else {
+            for (int64_t i = 0; i < b->n_out; i++)
+                memcpy(l->xo + i * c->dim, l->x + (int64_t)b->out_rows[i] * c->dim,
+                       (size_t)c->dim * sizeof(float));
+        }
         k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim, c->norm_eps);
-        k->matmul(k, &mw->output, l->xo, b->n_out, l->logits);
+        k->matmul(k, &mw->output, l->xo, b->n_out, l->dev ? l->d_logits : l->logits);
+        if (l->dev)
+            st = k->to_host(k, l->logits, l->d_logits,
+                            (size_t)b->n_out * (size_t)c->vocab_size * sizeof(float));
+    } else if (l->dev) {
+        st = k->sync(k); /* a failed kernel shows here, not steps later */
+    }
+    if (st != PD_OK) {
+        PD_LOG_ERROR("forward pass failed on the device: %s", pd_status_str(st));
+        return st;
     }
     if (logits_p)
         *logits_p = l->logits;

@@ -10,6 +10,10 @@
 
 #include <stdarg.h>
 
+#ifdef __cplusplus
+extern "C" { /* also included by the CUDA backend (C++) */
+#endif
+
 typedef enum pd_log_level {
     PD_LOG_LEVEL_OFF = -1, /* silences everything (tests of error paths) */
     PD_LOG_LEVEL_ERROR = 0,
@@ -49,5 +53,9 @@ void pd_log_write(pd_log_level_t level, const char *file, int line, const char *
     } while (0)
 void pd_assert_fail(const char *expr, const char *file, int line)
     __attribute__((noreturn));
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -6,6 +6,10 @@
 #ifndef PD_STATUS_H
 #define PD_STATUS_H
 
+#ifdef __cplusplus
+extern "C" { /* also included by the CUDA backend (C++) */
+#endif
+
 #define PD_STATUS_LIST(X)                                                                \
     X(PD_OK, 0, "ok")                                                                    \
     X(PD_AGAIN, 1, "try again")                                                          \
@@ -28,5 +32,9 @@ typedef enum pd_status {
 
 /* A static, lowercase description; "unknown status" for values not in the list. */
 const char *pd_status_str(pd_status_t status);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

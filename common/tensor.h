@@ -14,6 +14,10 @@
 
 #include "common/status.h"
 
+#ifdef __cplusplus
+extern "C" { /* also included by the CUDA backend (C++) */
+#endif
+
 /* Values are GGML's type ids so they can be read straight from GGUF. */
 typedef enum pd_dtype {
     PD_DTYPE_F32 = 0,
@@ -106,5 +110,9 @@ void pd_quantize_q8_0(const float *x, int64_t n, pd_block_q8_0_t *out);
 void pd_quantize_q4_0(const float *x, int64_t n, pd_block_q4_0_t *out);
 /* Dequantize/convert one row of n elements of any dtype to f32. */
 void pd_dequantize_row(pd_dtype_t dtype, const void *row, int64_t n, float *out);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -357,13 +357,16 @@ static void usage(FILE *f, pd_worker_role_t role)
         "         [--no-prefix-cache] [--kv-transport ucx|zmq] [--kv-layerwise-min N]\n"
         "         [--drain-timeout S]%s [--log-level L]\n"
         "         [--spec ngram|draft|off] [--spec-k N] [--draft-model D]\n"
+        "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
         "  Joins the router at ENDPOINT (its worker endpoint; default\n"
         "  tcp://127.0.0.1:5556) as a %s worker. Defaults: one thread per CPU,\n"
         "  64 sequences, 512 tokens per step, a KV pool of 1 GiB at most, blocks of\n"
         "  16, the ucx transport, layer-wise KV streaming from 256 prompt tokens,\n"
         "  30 s to drain on SIGTERM. --spec ngram: speculative decoding of greedy\n"
         "  requests by n-gram prompt lookup, up to --spec-k (4) tokens a step;\n"
-        "  --draft-model D (same vocabulary): proposals from D (decode workers).\n",
+        "  --draft-model D (same vocabulary): proposals from D (decode workers).\n"
+        "  --device cuda: the engine and its KV pool on the GPU; the KV moves through\n"
+        "  a pinned host copy of the pool (KV layout and transfers as on a CPU).\n",
         n, role == PD_WORKER_DECODE ? " [--local-prefill]" : "",
         role == PD_WORKER_PREFILL ? "prefill" : "decode");
 }
@@ -448,6 +451,13 @@ static int parse_value(wopts_t *o, const char *a, const char *v)
             bad = 1;
     } else if (!strcmp(a, "--draft-model")) {
         o->draft_model = v;
+    } else if (!strcmp(a, "--device")) {
+        o->device = v;
+    } else if (!strcmp(a, "--weight-dtype")) {
+        if (!strcmp(v, "auto") || !strcmp(v, "bf16"))
+            o->bf16_weights = !strcmp(v, "bf16");
+        else
+            bad = 1;
     } else if (!strcmp(a, "--spec-k")) {
         bad = parse_int(v, 0, 64, &n) || ((o->spec_k = (int32_t)n), 0);
     } else if (!strcmp(a, "--kv-transport")) {
@@ -531,8 +541,13 @@ static int setup(worker_t *w)
     w->o.eo.bos = pd_tokenizer_bos(tok);
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int threads = w->o.threads > 0 ? w->o.threads : (int)(ncpu > 0 ? ncpu : 1);
-    if (pd_kernels_cpu_new(threads, NULL, &w->kernels) != PD_OK)
+    if (pd_kernels_new_device(w->o.device, threads, NULL, w->o.bf16_weights,
+                              &w->kernels) != PD_OK)
         return -1;
+    /* on a GPU the pool keeps a pinned host copy that the transfers read (prefill:
+     * every layer mirrored as it finishes) or write (decode: moved to the device when
+     * the request is admitted) */
+    w->o.eo.kv_host = w->o.role == PD_WORKER_PREFILL ? PD_KV_HOST_MIRROR : PD_KV_HOST_STAGING;
     w->o.eo.on_layer.fn = wk_on_layer;
     w->o.eo.on_layer.user = w;
     if (w->o.spec_on == 2 && w->o.role == PD_WORKER_DECODE) {

@@ -39,6 +39,8 @@ typedef struct wopts {
     int spec_on;    /* --spec: 1 ngram, 2 draft, -1 off, 0 not given */
     const char *draft_model;
     int32_t spec_k; /* --spec-k */
+    const char *device; /* --device cpu|cuda|cuda:N */
+    bool bf16_weights;  /* --weight-dtype bf16 */
 } wopts_t;
 
 /* ---- the queues between the threads -------------------------------------- */

@@ -10,10 +10,16 @@
 #ifndef PD_KERNELS_OPS_H
 #define PD_KERNELS_OPS_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "common/status.h"
 #include "common/tensor.h"
+
+#ifdef __cplusplus
+extern "C" { /* also included by the CUDA backend (C++) */
+#endif
 
 typedef struct pd_kernels pd_kernels_t;
 
@@ -48,6 +54,10 @@ typedef struct pd_attn_args {
     int64_t block_size;
     int n_heads, n_kv_heads, head_dim;
     float scale; /* usually 1/sqrt(head_dim) */
+    /* Host copies of pos and seq (the caller's), so a device backend can plan its
+     * launches (longest context, runs of prompt positions) without reading device
+     * memory back; NULL: not given (the CPU backend reads pos and seq themselves). */
+    const int32_t *pos_host, *seq_host;
 } pd_attn_args_t;
 
 struct pd_kernels {
@@ -92,6 +102,36 @@ struct pd_kernels {
     /* out[t] depends only on q[t], pos[t] and its sequence's cache (PD_ATTN_CHUNK). */
     void (*attention)(pd_kernels_t *k, const pd_attn_args_t *a);
 
+    /* ---- Memory (device backends). device false (the CPU backend): every pointer is
+     * host memory and the members below are NULL. device true (CUDA): activations,
+     * weights and the KV cache live in device memory, reached through these. */
+    bool device;
+    /* Device memory (aligned to 256 bytes) or NULL; free accepts NULL. */
+    void *(*alloc)(pd_kernels_t *k, size_t bytes);
+    void (*free)(pd_kernels_t *k, void *p);
+    /* Copies ordered after every op enqueued before them. to_device returns once src
+     * may be reused; to_host returns once dst holds the bytes (it waits for the ops
+     * before it). dev_copy copies between any two of device memory and pinned host
+     * memory (pin), asynchronously (sync waits for it). */
+    pd_status_t (*to_device)(pd_kernels_t *k, void *dst, const void *src, size_t bytes);
+    pd_status_t (*to_host)(pd_kernels_t *k, void *dst, const void *src, size_t bytes);
+    pd_status_t (*dev_copy)(pd_kernels_t *k, void *dst, const void *src, size_t bytes);
+    /* Page-locks host memory so copies to and from it run at full speed (and
+     * asynchronously); unpin undoes it. Either may be NULL. */
+    pd_status_t (*pin)(pd_kernels_t *k, void *p, size_t bytes);
+    void (*unpin)(pd_kernels_t *k, void *p);
+    /* *dev = *w with its data copied to device memory (and F32 matrices converted to
+     * BF16 when the backend was created with bf16 weights); release with free(dev->
+     * data). */
+    pd_status_t (*upload_tensor)(pd_kernels_t *k, const pd_tensor_t *w, pd_tensor_t *dev);
+    /* ids_host[r] = the index of the largest of logits[r][0..vocab) (device logits),
+     * lowest index among equals: greedy sampling without copying the logits back. */
+    pd_status_t (*argmax)(pd_kernels_t *k, const float *logits, int64_t rows,
+                          int64_t vocab, int32_t *ids_host);
+    /* Waits until every op enqueued so far has finished; PD_ERR_IO (logged) when one
+     * failed on the device. */
+    pd_status_t (*sync)(pd_kernels_t *k);
+
     /* Releases everything; called through pd_kernels_destroy(). */
     void (*destroy)(pd_kernels_t *k);
 };
@@ -102,5 +142,24 @@ struct pd_kernels {
 pd_status_t pd_kernels_cpu_new(int n_threads, const char *isa, pd_kernels_t **k_p);
 /* Accepts NULL; clears *k_p. */
 void pd_kernels_destroy(pd_kernels_t **k_p);
+
+/* The CUDA backend on GPU `device` (kernels/cuda/backend.cu). bf16_weights: F32
+ * matrices are converted to BF16 as they are uploaded (halving their memory and
+ * traffic; norms and embeddings stay F32). PD_ERR_UNSUPPORTED (with a logged reason)
+ * when this build has no CUDA backend, no GPU is present or `device` does not
+ * exist. */
+pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights, pd_kernels_t **k_p);
+
+/* A backend from a --device string: "cpu" (n_threads, isa as pd_kernels_cpu_new),
+ * "cuda" (GPU 0) or "cuda:N". PD_ERR_INVALID for another string, PD_ERR_UNSUPPORTED
+ * as pd_kernels_cuda_new; the reason is logged either way. */
+pd_status_t pd_kernels_new_device(const char *device, int n_threads, const char *isa,
+                                  bool bf16_weights, pd_kernels_t **k_p);
+/* True when this build has the CUDA backend. */
+bool pd_kernels_have_cuda(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -29,6 +29,7 @@ static void usage(FILE *f)
            "         [--threads N] [--ignore-eos] [--format text|json]\n"
            "         [--ctx N] [--batch N] [--isa auto|scalar|avx2|avx512]\n"
            "         [--kv-dtype auto|f32|f16] [--load copy|mmap]\n"
+           "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
            "  M is a .gguf file, or a llama2.c checkpoint with its tokenizer.bin as T.\n"
            "  Defaults: --max-tokens 256, --temperature 0 (greedy), top-p 1, top-k 0 "
            "(off),\n"
@@ -37,6 +38,8 @@ static void usage(FILE *f)
            "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the "
            "weights\n"
            "  into memory on transparent huge pages; mmap maps the file instead).\n"
+           "  --device: where the model runs (cpu; cuda = GPU 0); --weight-dtype bf16\n"
+           "  converts F32 matrices to BF16 as they are uploaded to the GPU.\n"
            "\n"
            "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
            "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
@@ -143,6 +146,15 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->format = val;
         else if (!strcmp(o, "--isa"))
             a->isa = val;
+        else if (!strcmp(o, "--device"))
+            a->device = val;
+        else if (!strcmp(o, "--weight-dtype")) {
+            if (strcmp(val, "auto") && strcmp(val, "bf16")) {
+                fprintf(stderr, "pdctl generate: --weight-dtype takes auto or bf16\n");
+                return -1;
+            }
+            a->bf16_weights = !strcmp(val, "bf16");
+        }
         else if (!strcmp(o, "--kv-dtype"))
             a->kv_dtype = val;
         else if (!strcmp(o, "--load"))
@@ -169,7 +181,7 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->seed_given = true;
         } else {
             if (strncmp(o, "--", 2) ||
-                !strstr(" --model --tokenizer --prompt --format --isa "
+                !strstr(" --model --tokenizer --prompt --format --isa --device "
                         "--max-tokens --threads --ctx --batch --kv-dtype --load "
                         "--temperature --top-p --top-k --min-p --seed --prompts "
                         "--parallel --block-size --arrival-steps --kv-memory ",
@@ -345,8 +357,11 @@ int pd_cmd_generate(int argc, char **argv)
     }
     const pd_model_config_t *cfg = pd_model_config(m);
     const pd_tokenizer_t *tok = pd_model_tokenizer(m);
-    if (pd_kernels_cpu_new(a.threads, a.isa, &k) != PD_OK)
+    if (pd_kernels_new_device(a.device, a.threads, a.isa, a.bf16_weights, &k) != PD_OK) {
+        fprintf(stderr, "pdctl generate: cannot use --device %s (see the error above)\n",
+                a.device ? a.device : "cpu");
         goto out;
+    }
     if (a.prompts) {
         rc = pd_generate_batch(&a, m, k, pd_now_s() - t0);
         goto out;

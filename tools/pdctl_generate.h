@@ -17,6 +17,8 @@
 
 typedef struct gen_args {
     const char *model, *tokenizer, *prompt, *format, *isa, *kv_dtype, *load;
+    const char *device;  /* --device cpu|cuda|cuda:N (NULL: cpu) */
+    bool bf16_weights;   /* --weight-dtype bf16 (CUDA) */
     int32_t max_tokens, threads, ctx, batch;
     pd_sampler_params_t sp;
     bool seed_given, ignore_eos;

@@ -35,6 +35,7 @@ typedef struct child {
 typedef struct up {
     const char *model, *tokenizer, *transport, *policy, *kv_memory, *bin_dir, *log_dir;
     const char *spec, *spec_k, *draft_model;
+    const char *device, *weight_dtype; /* passed to every worker */
     int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
     child_t kids[MAX_CHILDREN];
     int n_kids;
@@ -51,11 +52,13 @@ static void usage(FILE *f)
            "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
            "                [--spec ngram|draft|off] [--spec-k N]\n"
+           "                [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
            "  and N decode workers (default 1 each) on this machine, waits until all\n"
            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
            "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
-           "  threads per worker (default: the CPUs divided among the workers).\n");
+           "  threads per worker (default: the CPUs divided among the workers).\n"
+           "  --device: where every worker runs its engine (cuda: all on GPU 0).\n");
 }
 
 static double now_s(void)
@@ -293,6 +296,10 @@ static int parse(up_t *u, int argc, char **argv)
                       : ((u->spec = v), 0);
         else if (!strcmp(a, "--draft-model"))
             u->draft_model = v;
+        else if (!strcmp(a, "--device"))
+            u->device = v;
+        else if (!strcmp(a, "--weight-dtype"))
+            bad = strcmp(v, "auto") && strcmp(v, "bf16") ? -1 : ((u->weight_dtype = v), 0);
         else if (!strcmp(a, "--spec-k")) {
             int k = 0;
             bad = parse_int(v, 0, 64, &k);
@@ -434,6 +441,14 @@ static int start_workers(up_t *u)
         if (u->kv_memory) {
             argv[n++] = "--kv-memory";
             argv[n++] = (char *)u->kv_memory;
+        }
+        if (u->device) {
+            argv[n++] = "--device";
+            argv[n++] = (char *)u->device;
+        }
+        if (u->weight_dtype) {
+            argv[n++] = "--weight-dtype";
+            argv[n++] = (char *)u->weight_dtype;
         }
         if (!prefill && u->local_prefill_max >= 0)
             argv[n++] = "--local-prefill";

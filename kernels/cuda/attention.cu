@@ -1,0 +1,913 @@
+/* attention.cu - paged attention on the GPU: flash-decoding for single queries,
+ * flash-attention tiles for prompt chunks (kernels/ops.h semantics).
+ *
+ * Decode (pdc_attn_decode): one block per (query, kv head, split of PDC_ATTN_SPLIT
+ * positions). The block serves every query head of its kv head group, so each K/V row
+ * is read from memory once per group. A K/V row is read by a few lanes with vector
+ * loads (16 bytes where registers allow); each lane keeps the group's q slices in
+ * registers, so one loaded element feeds one FMA per head. The per-head dot products
+ * are reduced across the row's lanes with a transposing butterfly (G - 1 shuffles for G
+ * heads instead of G log2(lanes)). Scores then probabilities live in shared memory;
+ * the V pass accumulates per lane, then per warp, then across warps in fixed order.
+ * Partials go to scratch [n_q][n_heads][n_splits][head_dim + 2] and a second kernel
+ * folds them in split order as dispatch.c's attn_fold does. Every reduction order is
+ * fixed by (head_dim, group, dtype) alone, so a query's output does not depend on the
+ * rest of the batch.
+ *
+ * Prefill (pdc_attn_prefill): one block per (64-query tile of a run, query head).
+ * Q, K (then V, in the same buffer) and P tiles in dynamic shared memory, 4x4 register
+ * tiles of scores per thread, online softmax per row (running max and sum), F32
+ * arithmetic on CUDA cores. The next K/V tile is prefetched into registers while the
+ * current one is used. A row's result does not depend on its place in the tile: key
+ * tiles are aligned to absolute positions and fully masked tiles change nothing.
+ *
+ * Threading: host functions enqueue on the given stream and return; they are called
+ * from the engine thread of one backend. The prefill kernels' shared-memory opt-in is
+ * set lazily, once per device. */
+#include <cuda_fp16.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels/cuda/cuda_internal.h"
+
+#define NT 256 /* threads per block, both kernels */
+#define NW (NT / 32)
+#define FULL_MASK 0xffffffffu
+
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+
+__device__ __forceinline__ float h2f(unsigned int bits)
+{
+    return __half2float(__ushort_as_half((unsigned short)(bits & 0xffffu)));
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, off));
+    return v;
+}
+
+/* Butterfly sum: every lane ends with the same bits (each level adds the same two
+ * values, and float addition commutes). */
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1)
+        v += __shfl_xor_sync(FULL_MASK, v, off);
+    return v;
+}
+
+/* E consecutive cache elements at element offset off, as floats. The caller
+ * guarantees alignment to E elements (rows are multiples of 32 elements, bases 16-byte
+ * aligned): F32 E = 2 (8 B), 4 (16 B), 8 (2 x 16 B); F16 E = 2 (4 B), 4 (8 B), 8 (16 B). */
+template <int E, bool F16>
+__device__ __forceinline__ void load_frag(const void *base, int64_t off, float (&f)[E])
+{
+    if constexpr (!F16) {
+        const float *p = static_cast<const float *>(base) + off;
+        if constexpr (E == 2) {
+            float2 v = __ldg(reinterpret_cast<const float2 *>(p));
+            f[0] = v.x;
+            f[1] = v.y;
+        } else {
+#pragma unroll
+            for (int j = 0; j < E / 4; j++) {
+                float4 v = __ldg(reinterpret_cast<const float4 *>(p) + j);
+                f[4 * j + 0] = v.x;
+                f[4 * j + 1] = v.y;
+                f[4 * j + 2] = v.z;
+                f[4 * j + 3] = v.w;
+            }
+        }
+    } else {
+        const uint16_t *p = static_cast<const uint16_t *>(base) + off;
+        if constexpr (E == 2) {
+            unsigned int w = __ldg(reinterpret_cast<const unsigned int *>(p));
+            f[0] = h2f(w);
+            f[1] = h2f(w >> 16);
+        } else if constexpr (E == 4) {
+            uint2 w = __ldg(reinterpret_cast<const uint2 *>(p));
+            f[0] = h2f(w.x);
+            f[1] = h2f(w.x >> 16);
+            f[2] = h2f(w.y);
+            f[3] = h2f(w.y >> 16);
+        } else {
+#pragma unroll
+            for (int j = 0; j < E / 8; j++) {
+                uint4 w = __ldg(reinterpret_cast<const uint4 *>(p) + j);
+                f[8 * j + 0] = h2f(w.x);
+                f[8 * j + 1] = h2f(w.x >> 16);
+                f[8 * j + 2] = h2f(w.y);
+                f[8 * j + 3] = h2f(w.y >> 16);
+                f[8 * j + 4] = h2f(w.z);
+                f[8 * j + 5] = h2f(w.z >> 16);
+                f[8 * j + 6] = h2f(w.w);
+                f[8 * j + 7] = h2f(w.w >> 16);
+            }
+        }
+    }
+}
+
+/* ---- decode: split partials ---------------------------------------------------- */
+
+/* The lane layout of one decode instantiation. HDP: head_dim rounded up to a power of
+ * two (32..256; lanes past head_dim load nothing); GP: group size rounded up to a power
+ * of two (1..16; heads past the group compute zeros that nobody writes).
+ * E: elements of a row per lane: 16 bytes where the q registers (GP * E) stay <= 64,
+ * fewer for large groups, and never so few that a row needs more than 32 lanes.
+ * LPR lanes read one row, RPW rows per warp at a time; GP <= LPR lets the butterfly
+ * hand each head to its own lanes. U rows per lane are loaded before any is used (64
+ * bytes in flight per lane). HC heads per pass of the cross-warp reduction. */
+template <int HDP, int GP, bool F16> struct dec_cfg {
+    static constexpr int ES = F16 ? 2 : 4;
+    static constexpr int E = cmax(HDP / 32, cmin(16 / ES, cmin(HDP / GP, 64 / GP)));
+    static constexpr int LPR = HDP / E;
+    static constexpr int RPW = 32 / LPR;
+    static constexpr int U = cmin(GP >= 16 ? 4 : 8, cmax(1, 64 / (E * ES)));
+    static constexpr int HC = cmin(GP, cmax(1, 512 / HDP));
+    static constexpr int MIN_BLOCKS = GP * E <= 32 ? 3 : (GP * E <= 64 ? 2 : 1);
+    static_assert(E >= 2 && LPR * E == HDP && LPR <= 32 && GP <= LPR, "lane layout");
+    static_assert(GP % HC == 0, "reduction passes");
+};
+
+typedef struct dec_params {
+    const float *q;
+    const void *k, *v;
+    const int32_t *pos, *seq, *bt, *q_idx;
+    float *scratch; /* [n_q][n_heads][ns_max][hd + 2] */
+    int64_t bt_stride;
+    int bs, n_heads, nkv, hd, G, ns_max;
+    float scale;
+} dec_params_t;
+
+/* The GP per-lane partial dot products s[] of one row, summed over the row's LPR
+ * lanes. Halving steps over the top log2(GP) lane bits: a lane keeps half of its
+ * heads, sends the other half to its partner and adds what the partner sent, so after
+ * them lane sub holds head sub / (LPR / GP) summed over 2^log2(GP) lanes; plain xor
+ * steps over the low bits finish the sum. Every lane must call this (full mask). */
+template <int GP, int LPR>
+__device__ __forceinline__ float reduce_heads(float (&s)[GP], int sub)
+{
+    constexpr int LG = ilog2(GP);
+#pragma unroll
+    for (int k = 0; k < LG; k++) {
+        const int half = GP >> (k + 1);
+        const int off = LPR >> (k + 1);
+        const bool up = (sub & off) != 0;
+#pragma unroll
+        for (int j = 0; j < half; j++) {
+            const float send = up ? s[j] : s[j + half];
+            const float keep = up ? s[j + half] : s[j];
+            s[j] = keep + __shfl_xor_sync(FULL_MASK, send, off);
+        }
+    }
+    float v = s[0];
+#pragma unroll
+    for (int off = LPR / (2 * GP); off >= 1; off >>= 1)
+        v += __shfl_xor_sync(FULL_MASK, v, off);
+    return v;
+}
+
+/* Grid (query in the list, kv head, split); NT threads. Positions
+ * [split * SPLIT, min((split + 1) * SPLIT, pos + 1)) of the query's sequence. A block
+ * whose split starts past pos exits without writing: the fold reads only the splits
+ * 0..pos / SPLIT. */
+template <int HDP, int GP, bool F16>
+__global__ void __launch_bounds__(NT, dec_cfg<HDP, GP, F16>::MIN_BLOCKS)
+    attn_decode_split(const dec_params_t p)
+{
+    typedef dec_cfg<HDP, GP, F16> C;
+    constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, HC = C::HC;
+    constexpr int STEP = NW * RPW;          /* rows covered by one unrolled step */
+    constexpr int SST = PDC_ATTN_SPLIT + 1; /* score row stride: odd, spreads banks */
+    static_assert(GP * HDP <= GP * SST, "q staging fits in the score buffer");
+
+    __shared__ __align__(16) float s_buf[GP * SST]; /* q [GP][HDP], then scores [GP][SST] */
+    __shared__ int64_t s_row[PDC_ATTN_SPLIT];        /* element offset of each row's head */
+    __shared__ __align__(16) float s_red[NW * HC * HDP]; /* [warp][HC][HDP] */
+    __shared__ float s_m[GP], s_l[GP];
+
+    const int qi = blockIdx.x, g = blockIdx.y, split = blockIdx.z;
+    const int t = p.q_idx ? p.q_idx[qi] : qi;
+    const int pos = p.pos[t];
+    const int p0 = split * PDC_ATTN_SPLIT;
+    const int64_t nv64 = (int64_t)pos + 1 - p0;
+    if (nv64 <= 0)
+        return; /* block-uniform: nothing to do, no partial written */
+    const int nv = nv64 < PDC_ATTN_SPLIT ? (int)nv64 : PDC_ATTN_SPLIT;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int sub = lane % LPR, rig = lane / LPR;
+    const int e0 = sub * E; /* this lane's first element of a row */
+    const bool active = e0 < p.hd;
+    const int hd = p.hd;
+
+    const int32_t *tbl = p.bt + (int64_t)p.seq[t] * p.bt_stride;
+    for (int j = tid; j < nv; j += NT) {
+        const int pp = p0 + j;
+        const int64_t blk = tbl[pp / p.bs];
+        s_row[j] = ((blk * p.bs + pp % p.bs) * p.nkv + g) * hd;
+    }
+    /* The group's q rows (heads g*G .. g*G+G-1 are consecutive), zero-padded. */
+    const int64_t qbase = ((int64_t)t * p.n_heads + (int64_t)g * p.G) * hd;
+    for (int j = tid; j < GP * HDP; j += NT) {
+        const int h = j / HDP, e = j % HDP;
+        s_buf[j] = (h < p.G && e < hd) ? p.q[qbase + (int64_t)h * hd + e] : 0.0f;
+    }
+    __syncthreads();
+    float qf[GP][E];
+#pragma unroll
+    for (int h = 0; h < GP; h++)
+#pragma unroll
+        for (int j = 0; j < E; j++)
+            qf[h][j] = s_buf[h * HDP + e0 + j];
+    __syncthreads(); /* s_buf becomes the score buffer */
+
+    /* Scores: row r of the split, all heads. */
+    constexpr int HPL = LPR / GP; /* lanes holding each head after reduce_heads */
+    for (int base = 0; base < nv; base += STEP * U) {
+        float kf[U][E];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int r = base + u * STEP + warp * RPW + rig;
+            if (active && r < nv) {
+                load_frag<E, F16>(p.k, s_row[r] + e0, kf[u]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < E; j++)
+                    kf[u][j] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int r = base + u * STEP + warp * RPW + rig;
+            float s[GP];
+#pragma unroll
+            for (int h = 0; h < GP; h++) {
+                s[h] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < E; j++)
+                    s[h] = fmaf(qf[h][j], kf[u][j], s[h]);
+            }
+            const float v = reduce_heads<GP, LPR>(s, sub);
+            if (r < nv && sub % HPL == 0)
+                s_buf[(sub / HPL) * SST + r] = v * p.scale;
+        }
+    }
+    __syncthreads();
+
+    /* Softmax pieces per head, one warp per head: max, exp, sum (attn chunk order). */
+    for (int h = warp; h < p.G; h += NW) {
+        float *sr = s_buf + h * SST;
+        float m = -INFINITY;
+        for (int r = lane; r < nv; r += 32)
+            m = fmaxf(m, sr[r]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int r = lane; r < nv; r += 32) {
+            const float e = expf(sr[r] - m);
+            sr[r] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            s_m[h] = m;
+            s_l[h] = l;
+        }
+    }
+    __syncthreads();
+
+    /* Values: each lane sums its rows in order, for all heads. */
+    float acc[GP][E];
+#pragma unroll
+    for (int h = 0; h < GP; h++)
+#pragma unroll
+        for (int j = 0; j < E; j++)
+            acc[h][j] = 0.0f;
+    for (int base = 0; base < nv; base += STEP * U) {
+        float vf[U][E];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int r = base + u * STEP + warp * RPW + rig;
+            if (active && r < nv) {
+                load_frag<E, F16>(p.v, s_row[r] + e0, vf[u]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < E; j++)
+                    vf[u][j] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int r = base + u * STEP + warp * RPW + rig;
+            if (r < nv) {
+#pragma unroll
+                for (int h = 0; h < GP; h++) {
+                    const float pr = s_buf[h * SST + r];
+#pragma unroll
+                    for (int j = 0; j < E; j++)
+                        acc[h][j] = fmaf(pr, vf[u][j], acc[h][j]);
+                }
+            }
+        }
+    }
+    /* Across the RPW row groups of the warp (lane bits LPR..16). */
+#pragma unroll
+    for (int off = LPR; off < 32; off <<= 1)
+#pragma unroll
+        for (int h = 0; h < GP; h++)
+#pragma unroll
+            for (int j = 0; j < E; j++)
+                acc[h][j] += __shfl_xor_sync(FULL_MASK, acc[h][j], off);
+
+    /* Across warps, HC heads at a time, warps summed in order 0..NW-1. */
+    const int64_t stride = hd + 2;
+    float *part = p.scratch +
+                  (((int64_t)qi * p.n_heads + (int64_t)g * p.G) * p.ns_max + split) * stride;
+    const int64_t head_stride = (int64_t)p.ns_max * stride; /* between heads' partials */
+#pragma unroll
+    for (int c0 = 0; c0 < GP; c0 += HC) {
+        if (c0 >= p.G)
+            break; /* block-uniform */
+        if (rig == 0) {
+#pragma unroll
+            for (int hh = 0; hh < HC; hh++)
+#pragma unroll
+                for (int j = 0; j < E; j++)
+                    s_red[(warp * HC + hh) * HDP + e0 + j] = acc[c0 + hh][j];
+        }
+        __syncthreads();
+        const int n = cmin(HC, p.G - c0) * hd;
+        for (int j = tid; j < n; j += NT) {
+            const int hh = j / hd, e = j - hh * hd;
+            float sum = s_red[hh * HDP + e];
+#pragma unroll
+            for (int w = 1; w < NW; w++)
+                sum += s_red[(w * HC + hh) * HDP + e];
+            part[(int64_t)(c0 + hh) * head_stride + e] = sum;
+        }
+        __syncthreads();
+    }
+    if (tid < p.G) {
+        part[(int64_t)tid * head_stride + hd] = s_m[tid];
+        part[(int64_t)tid * head_stride + hd + 1] = s_l[tid];
+    }
+}
+
+/* ---- decode: fold ---------------------------------------------------------------- */
+
+typedef struct fold_params {
+    const float *scratch;
+    float *out;
+    const int32_t *pos, *q_idx;
+    int n_heads, hd, ns_max;
+} fold_params_t;
+
+#define FOLD_BATCH 8 /* partials loaded ahead of their (sequential) fold */
+
+/* Grid (query in the list, ceil(n_heads * hd / NT)); thread = one (head, element).
+ * Folds splits 0..pos / SPLIT in order exactly as attn_fold, then out = acc / l. */
+__global__ void __launch_bounds__(NT) attn_decode_fold(const fold_params_t p)
+{
+    const int qi = blockIdx.x;
+    const int j = blockIdx.y * NT + threadIdx.x;
+    if (j >= p.n_heads * p.hd)
+        return; /* no barriers in this kernel */
+    const int t = p.q_idx ? p.q_idx[qi] : qi;
+    const int h = j / p.hd, i = j - h * p.hd;
+    float *o = p.out + ((int64_t)t * p.n_heads + h) * p.hd + i;
+    const int pos = p.pos[t];
+    if (pos < 0) { /* invalid query: no partial was written */
+        *o = 0.0f;
+        return;
+    }
+    const int ns = cmin(pos / PDC_ATTN_SPLIT + 1, p.ns_max);
+    const int64_t stride = p.hd + 2;
+    const float *part = p.scratch + ((int64_t)qi * p.n_heads + h) * p.ns_max * stride;
+    float m = part[p.hd], l = part[p.hd + 1], acc = part[i];
+    for (int s0 = 1; s0 < ns; s0 += FOLD_BATCH) {
+        float pm[FOLD_BATCH], pl[FOLD_BATCH], pa[FOLD_BATCH];
+#pragma unroll
+        for (int b = 0; b < FOLD_BATCH; b++) {
+            pm[b] = -INFINITY;
+            pl[b] = 0.0f;
+            pa[b] = 0.0f;
+            if (s0 + b < ns) {
+                const float *q = part + (int64_t)(s0 + b) * stride;
+                pm[b] = q[p.hd];
+                pl[b] = q[p.hd + 1];
+                pa[b] = q[i];
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < FOLD_BATCH; b++) {
+            if (s0 + b < ns) {
+                const float mm = fmaxf(m, pm[b]);
+                const float ws = expf(m - mm), wp = expf(pm[b] - mm);
+                acc = acc * ws + pa[b] * wp;
+                l = l * ws + pl[b] * wp;
+                m = mm;
+            }
+        }
+    }
+    *o = acc / l;
+}
+
+/* ---- prefill ----------------------------------------------------------------------- */
+
+/* Tiles: BQ queries x BK keys, 16 x 16 threads; thread (ty, tx) owns score rows
+ * ty*4..ty*4+3 and columns tx + 16 cc (cc < CC), and output rows ty*4.. with columns
+ * k*64 + tx*4 + 0..3 (k < NCV). Shared memory: Q [BQ][QS], K or V [BK][KS], P
+ * transposed [BK][PS] (floats; the +4 pads make the float4 accesses conflict-free),
+ * then the element offsets of the K/V tile rows [2][BK] (int64, double-buffered by
+ * tile parity). HDP >= 64 (head_dim 32 runs in the 64 layout). A K/V tile moves as
+ * 4-element units: thread tid takes column (tid % (HDP/4)) * 4 of rows
+ * tid / (HDP/4) + k * RSTEP, k < NU. */
+template <int HDP, bool F16> struct pre_cfg {
+    static constexpr int BQ = 64;
+    static constexpr int BK = HDP == 256 ? 32 : 64;
+    static constexpr int CC = BK / 16;
+    static constexpr int NCV = HDP / 64;
+    static constexpr int QS = HDP + 4, KS = HDP + 4, PS = BQ + 4;
+    static constexpr int RSTEP = NT / (HDP / 4);
+    static constexpr int NU = BK / RSTEP;
+    static constexpr int FLOATS = BQ * QS + BK * KS + BK * PS;
+    static constexpr int SMEM = FLOATS * (int)sizeof(float) + 2 * BK * (int)sizeof(int64_t);
+    static constexpr int MIN_BLOCKS = HDP <= 128 ? 2 : 1;
+    static_assert(BQ == 64 && NT == 256, "16 x 16 threads, 4 rows each");
+    static_assert(NU * RSTEP == BK && NU * NT * 4 == BK * HDP && NCV >= 1, "tile units");
+    static_assert(FLOATS % 4 == 0, "row offsets 16-byte aligned");
+};
+
+typedef struct pre_params {
+    const float *q;
+    float *out;
+    const void *k, *v;
+    const int32_t *pos, *seq, *bt, *runs;
+    int64_t n_runs, bt_stride;
+    int bs, n_heads, nkv, hd, G;
+    float scale;
+} pre_params_t;
+
+template <bool F16> struct raw4;
+template <> struct raw4<false> { typedef float4 type; }; /* 4 F32 elements */
+template <> struct raw4<true> { typedef uint2 type; };   /* 4 F16 elements */
+
+/* offs[c] = element offset of key kb + c (kv head g) in the cache, -1 past kmax. */
+template <int BK>
+__device__ __forceinline__ void pre_offsets(const pre_params_t &p, const int32_t *tbl, int g,
+                                            int kb, int kmax, int64_t *offs)
+{
+    const int c = threadIdx.x;
+    if (c < BK) {
+        const int kp = kb + c;
+        int64_t off = -1;
+        if (kp <= kmax) {
+            const int64_t blk = tbl[kp / p.bs];
+            off = ((blk * p.bs + kp % p.bs) * p.nkv + g) * p.hd;
+        }
+        offs[c] = off;
+    }
+}
+
+/* This thread's units of a K or V tile into registers; rows past kmax and columns past
+ * hd are zeros (V rows must be finite: P = 0 multiplies them). */
+template <int HDP, bool F16>
+__device__ __forceinline__ void pre_load(const void *cache, const int64_t *offs, int hd,
+                                         typename raw4<F16>::type (&pre)[pre_cfg<HDP, F16>::NU])
+{
+    typedef pre_cfg<HDP, F16> C;
+    const int c0 = threadIdx.x / (HDP / 4), d = (threadIdx.x % (HDP / 4)) * 4;
+#pragma unroll
+    for (int k = 0; k < C::NU; k++) {
+        const int64_t off = offs[c0 + k * C::RSTEP];
+        if (off >= 0 && d < hd) {
+            if constexpr (F16)
+                pre[k] = __ldg(reinterpret_cast<const uint2 *>(
+                    static_cast<const uint16_t *>(cache) + off + d));
+            else
+                pre[k] = __ldg(reinterpret_cast<const float4 *>(
+                    static_cast<const float *>(cache) + off + d));
+        } else {
+            if constexpr (F16)
+                pre[k] = make_uint2(0u, 0u);
+            else
+                pre[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    }
+}
+
+template <int HDP, bool F16>
+__device__ __forceinline__ void pre_store(float *kvs,
+                                          const typename raw4<F16>::type (&pre)[pre_cfg<HDP, F16>::NU])
+{
+    typedef pre_cfg<HDP, F16> C;
+    const int c0 = threadIdx.x / (HDP / 4), d = (threadIdx.x % (HDP / 4)) * 4;
+#pragma unroll
+    for (int k = 0; k < C::NU; k++) {
+        float4 f;
+        if constexpr (F16)
+            f = make_float4(h2f(pre[k].x), h2f(pre[k].x >> 16), h2f(pre[k].y),
+                            h2f(pre[k].y >> 16));
+        else
+            f = pre[k];
+        *reinterpret_cast<float4 *>(kvs + (c0 + k * C::RSTEP) * C::KS + d) = f;
+    }
+}
+
+/* Grid (query tile, run, query head); NT threads; C::SMEM bytes of dynamic shared
+ * memory. Loops over runs (grid.y may be capped) and tiles (grid.x may be short), so
+ * every row of every run is computed; all loop bounds are block-uniform.
+ * Per key tile kt, with offs[kt & 1] ready:
+ *   store K(kt) -> barrier A -> load V(kt) to registers, S = Q K^T, online softmax,
+ *   P -> ps, offsets of tile kt+1 -> offs[(kt+1) & 1] -> barrier B -> store V(kt) ->
+ *   barrier C -> load K(kt+1) to registers, O += P V -> barrier D. */
+template <int HDP, bool F16>
+__global__ void __launch_bounds__(NT, pre_cfg<HDP, F16>::MIN_BLOCKS)
+    attn_prefill_tile(const pre_params_t p)
+{
+    typedef pre_cfg<HDP, F16> C;
+    constexpr int BQ = C::BQ, BK = C::BK, CC = C::CC, NCV = C::NCV;
+    constexpr int QS = C::QS, KS = C::KS, PS = C::PS;
+    extern __shared__ float4 pre_smem[];
+    float *qs = reinterpret_cast<float *>(pre_smem); /* [BQ][QS] */
+    float *kvs = qs + BQ * QS;                        /* [BK][KS], K then V */
+    float *ps = kvs + BK * KS;                        /* [BK][PS], P transposed */
+    int64_t *offs = reinterpret_cast<int64_t *>(ps + BK * PS); /* [2][BK] */
+
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int h = blockIdx.z, g = h / p.G, hd = p.hd;
+
+    for (int64_t run = blockIdx.y; run < p.n_runs; run += gridDim.y) {
+        const int t0 = p.runs[3 * run], n = p.runs[3 * run + 1];
+        if (n <= 0)
+            continue;
+        const int P0 = p.pos[t0];
+        const int32_t *tbl = p.bt + (int64_t)p.seq[t0] * p.bt_stride;
+        for (int q0 = blockIdx.x * BQ; q0 < n; q0 += gridDim.x * BQ) {
+            const int nr = cmin(BQ, n - q0);   /* real rows in this tile */
+            const int kmax = P0 + q0 + nr - 1; /* last key any real row sees */
+            /* Q tile, zero-padded (rows past nr, elements past hd), and the offsets of
+             * key tile 0. Safe to overwrite: the previous tile ended with barrier D. */
+            for (int j = tid; j < BQ * HDP; j += NT) {
+                const int r = j / HDP, d = j % HDP;
+                qs[r * QS + d] = (r < nr && d < hd)
+                                     ? p.q[((int64_t)(t0 + q0 + r) * p.n_heads + h) * hd + d]
+                                     : 0.0f;
+            }
+            pre_offsets<BK>(p, tbl, g, 0, kmax, offs);
+            /* Padding rows take the last real row's position so they stay finite. */
+            int rowpos[4];
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++)
+                rowpos[rr] = P0 + q0 + cmin(ty * 4 + rr, nr - 1);
+            float m[4], l[4], acc[4][4 * NCV];
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++) {
+                m[rr] = -INFINITY;
+                l[rr] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 4 * NCV; j++)
+                    acc[rr][j] = 0.0f;
+            }
+            __syncthreads(); /* offsets of tile 0 visible */
+            typename raw4<F16>::type pre[C::NU];
+            pre_load<HDP, F16>(p.k, offs, hd, pre);
+            const int ntiles = kmax / BK + 1;
+            for (int kt = 0; kt < ntiles; kt++) {
+                const int kb = kt * BK;
+                const int64_t *off_cur = offs + (kt & 1) * BK;
+                pre_store<HDP, F16>(kvs, pre);
+                __syncthreads(); /* A: K tile (and Q) visible */
+                pre_load<HDP, F16>(p.v, off_cur, hd, pre); /* V, in flight during S */
+
+                float sc[4][CC];
+#pragma unroll
+                for (int rr = 0; rr < 4; rr++)
+#pragma unroll
+                    for (int cc = 0; cc < CC; cc++)
+                        sc[rr][cc] = 0.0f;
+#pragma unroll 1
+                for (int d = 0; d < hd; d += 4) {
+                    float4 qv[4], kv[CC];
+#pragma unroll
+                    for (int rr = 0; rr < 4; rr++)
+                        qv[rr] = *reinterpret_cast<const float4 *>(qs + (ty * 4 + rr) * QS + d);
+#pragma unroll
+                    for (int cc = 0; cc < CC; cc++)
+                        kv[cc] = *reinterpret_cast<const float4 *>(kvs + (tx + 16 * cc) * KS + d);
+#pragma unroll
+                    for (int rr = 0; rr < 4; rr++)
+#pragma unroll
+                        for (int cc = 0; cc < CC; cc++) {
+                            float s = sc[rr][cc];
+                            s = fmaf(qv[rr].x, kv[cc].x, s);
+                            s = fmaf(qv[rr].y, kv[cc].y, s);
+                            s = fmaf(qv[rr].z, kv[cc].z, s);
+                            s = fmaf(qv[rr].w, kv[cc].w, s);
+                            sc[rr][cc] = s;
+                        }
+                }
+
+                /* Online softmax; the 16 tx lanes of a row are one half-warp. */
+#pragma unroll
+                for (int rr = 0; rr < 4; rr++) {
+                    float mt = -INFINITY;
+#pragma unroll
+                    for (int cc = 0; cc < CC; cc++) {
+                        const bool ok = kb + tx + 16 * cc <= rowpos[rr];
+                        sc[rr][cc] = ok ? sc[rr][cc] * p.scale : -INFINITY;
+                        mt = fmaxf(mt, sc[rr][cc]);
+                    }
+#pragma unroll
+                    for (int off = 8; off >= 1; off >>= 1)
+                        mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, off));
+                    /* Finite: key 0 of tile 0 is visible to every row. */
+                    const float mn = fmaxf(m[rr], mt);
+                    const float alpha = expf(m[rr] - mn); /* 0 on the first tile */
+                    float rs = 0.0f;
+#pragma unroll
+                    for (int cc = 0; cc < CC; cc++) {
+                        const bool ok = kb + tx + 16 * cc <= rowpos[rr];
+                        const float e = ok ? expf(sc[rr][cc] - mn) : 0.0f;
+                        sc[rr][cc] = e;
+                        rs += e;
+                    }
+#pragma unroll
+                    for (int off = 8; off >= 1; off >>= 1)
+                        rs += __shfl_xor_sync(FULL_MASK, rs, off);
+                    l[rr] = l[rr] * alpha + rs;
+#pragma unroll
+                    for (int j = 0; j < 4 * NCV; j++)
+                        acc[rr][j] *= alpha;
+                    m[rr] = mn;
+                }
+                /* P transposed; ps was last read before barrier D of the previous
+                 * tile. The other offsets buffer was last read by V(kt-1)'s load,
+                 * before barrier C of the previous tile. */
+#pragma unroll
+                for (int cc = 0; cc < CC; cc++)
+                    *reinterpret_cast<float4 *>(ps + (tx + 16 * cc) * PS + ty * 4) =
+                        make_float4(sc[0][cc], sc[1][cc], sc[2][cc], sc[3][cc]);
+                if (kt + 1 < ntiles)
+                    pre_offsets<BK>(p, tbl, g, kb + BK, kmax, offs + ((kt + 1) & 1) * BK);
+                __syncthreads(); /* B: everyone is done with K */
+                pre_store<HDP, F16>(kvs, pre);
+                __syncthreads(); /* C: V, P and the next offsets visible */
+                if (kt + 1 < ntiles) /* K(kt+1), in flight during PV */
+                    pre_load<HDP, F16>(p.k, offs + ((kt + 1) & 1) * BK, hd, pre);
+
+                const int cn = cmin(BK, kmax - kb + 1); /* keys past kmax have P = 0 */
+                for (int c = 0; c < cn; c++) {
+                    const float4 pv = *reinterpret_cast<const float4 *>(ps + c * PS + ty * 4);
+#pragma unroll
+                    for (int k = 0; k < NCV; k++) {
+                        const float4 vv =
+                            *reinterpret_cast<const float4 *>(kvs + c * KS + k * 64 + tx * 4);
+                        float *a0 = acc[0] + 4 * k, *a1 = acc[1] + 4 * k;
+                        float *a2 = acc[2] + 4 * k, *a3 = acc[3] + 4 * k;
+                        a0[0] = fmaf(pv.x, vv.x, a0[0]);
+                        a0[1] = fmaf(pv.x, vv.y, a0[1]);
+                        a0[2] = fmaf(pv.x, vv.z, a0[2]);
+                        a0[3] = fmaf(pv.x, vv.w, a0[3]);
+                        a1[0] = fmaf(pv.y, vv.x, a1[0]);
+                        a1[1] = fmaf(pv.y, vv.y, a1[1]);
+                        a1[2] = fmaf(pv.y, vv.z, a1[2]);
+                        a1[3] = fmaf(pv.y, vv.w, a1[3]);
+                        a2[0] = fmaf(pv.z, vv.x, a2[0]);
+                        a2[1] = fmaf(pv.z, vv.y, a2[1]);
+                        a2[2] = fmaf(pv.z, vv.z, a2[2]);
+                        a2[3] = fmaf(pv.z, vv.w, a2[3]);
+                        a3[0] = fmaf(pv.w, vv.x, a3[0]);
+                        a3[1] = fmaf(pv.w, vv.y, a3[1]);
+                        a3[2] = fmaf(pv.w, vv.z, a3[2]);
+                        a3[3] = fmaf(pv.w, vv.w, a3[3]);
+                    }
+                }
+                __syncthreads(); /* D: done with V and P before the next tile's stores */
+            }
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++) {
+                const int r = ty * 4 + rr;
+                if (r >= nr)
+                    continue;
+                float *o = p.out + ((int64_t)(t0 + q0 + r) * p.n_heads + h) * hd;
+#pragma unroll
+                for (int k = 0; k < NCV; k++)
+#pragma unroll
+                    for (int jj = 0; jj < 4; jj++) {
+                        const int d = k * 64 + tx * 4 + jj;
+                        if (d < hd)
+                            o[d] = acc[rr][4 * k + jj] / l[rr];
+                    }
+            }
+        }
+    }
+}
+
+/* ---- host ---------------------------------------------------------------------- */
+
+/* What both paths need; false: cudaErrorInvalidValue (or misaligned cache bases,
+ * which the vector loads cannot take). */
+static bool attn_args_ok(const pd_attn_args_t *a)
+{
+    if (!a || !a->q || !a->out || !a->pos || !a->seq || !a->k_cache || !a->v_cache ||
+        !a->block_tables)
+        return false;
+    if (a->kv_dtype != PD_DTYPE_F32 && a->kv_dtype != PD_DTYPE_F16)
+        return false;
+    if (a->head_dim < 32 || a->head_dim > 256 || a->head_dim % 32 != 0)
+        return false;
+    if (a->n_heads < 1 || a->n_heads > 65535 || a->n_kv_heads < 1 ||
+        a->n_heads % a->n_kv_heads != 0 || a->n_heads / a->n_kv_heads > 16)
+        return false;
+    if (a->block_size < 1 || a->block_size > INT_MAX || a->bt_stride < 1)
+        return false;
+    return true;
+}
+
+static bool cache_aligned(const pd_attn_args_t *a)
+{
+    return (((uintptr_t)a->k_cache | (uintptr_t)a->v_cache) & 15u) == 0;
+}
+
+static int pow2_at_least(int x)
+{
+    int p = 1;
+    while (p < x)
+        p *= 2;
+    return p;
+}
+
+static int64_t decode_splits(int64_t max_ctx)
+{
+    return (max_ctx + PDC_ATTN_SPLIT - 1) / PDC_ATTN_SPLIT;
+}
+
+extern "C" int64_t pdc_attn_decode_scratch(const pd_attn_args_t *a, int64_t n_q,
+                                           int64_t max_ctx)
+{
+    if (!a || n_q <= 0 || max_ctx <= 0 || a->n_heads < 1 || a->head_dim < 1)
+        return 0;
+    return n_q * a->n_heads * decode_splits(max_ctx) * (a->head_dim + 2);
+}
+
+template <int HDP, int GP, bool F16>
+static void launch_decode(cudaStream_t s, dim3 grid, const dec_params_t &p)
+{
+    attn_decode_split<HDP, GP, F16><<<grid, NT, 0, s>>>(p);
+}
+
+template <int HDP, bool F16>
+static bool launch_decode_gp(cudaStream_t s, dim3 grid, int gp, const dec_params_t &p)
+{
+    switch (gp) {
+    case 1: launch_decode<HDP, 1, F16>(s, grid, p); return true;
+    case 2: launch_decode<HDP, 2, F16>(s, grid, p); return true;
+    case 4: launch_decode<HDP, 4, F16>(s, grid, p); return true;
+    case 8: launch_decode<HDP, 8, F16>(s, grid, p); return true;
+    case 16: launch_decode<HDP, 16, F16>(s, grid, p); return true;
+    default: return false;
+    }
+}
+
+template <bool F16>
+static bool launch_decode_hd(cudaStream_t s, dim3 grid, int hdp, int gp,
+                             const dec_params_t &p)
+{
+    switch (hdp) {
+    case 32: return launch_decode_gp<32, F16>(s, grid, gp, p);
+    case 64: return launch_decode_gp<64, F16>(s, grid, gp, p);
+    case 128: return launch_decode_gp<128, F16>(s, grid, gp, p);
+    case 256: return launch_decode_gp<256, F16>(s, grid, gp, p);
+    default: return false;
+    }
+}
+
+extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
+                                       const int32_t *q_idx, int64_t n_q, int64_t max_ctx,
+                                       float *scratch)
+{
+    if (n_q <= 0)
+        return cudaSuccess;
+    if (!attn_args_ok(a) || !scratch || n_q > INT_MAX || max_ctx <= 0)
+        return cudaErrorInvalidValue;
+    if (!cache_aligned(a))
+        return cudaErrorMisalignedAddress;
+    const int64_t ns = decode_splits(max_ctx);
+    if (ns > 65535)
+        return cudaErrorInvalidValue;
+    dec_params_t p;
+    p.q = a->q;
+    p.k = a->k_cache;
+    p.v = a->v_cache;
+    p.pos = a->pos;
+    p.seq = a->seq;
+    p.bt = a->block_tables;
+    p.q_idx = q_idx;
+    p.scratch = scratch;
+    p.bt_stride = a->bt_stride;
+    p.bs = (int)a->block_size;
+    p.n_heads = a->n_heads;
+    p.nkv = a->n_kv_heads;
+    p.hd = a->head_dim;
+    p.G = a->n_heads / a->n_kv_heads;
+    p.ns_max = (int)ns;
+    p.scale = a->scale;
+    const int hdp = pow2_at_least(a->head_dim), gp = pow2_at_least(p.G);
+    dim3 grid((unsigned)n_q, (unsigned)a->n_kv_heads, (unsigned)ns);
+    const bool ok = a->kv_dtype == PD_DTYPE_F16 ? launch_decode_hd<true>(s, grid, hdp, gp, p)
+                                                : launch_decode_hd<false>(s, grid, hdp, gp, p);
+    if (!ok)
+        return cudaErrorInvalidValue; /* unreachable after attn_args_ok */
+
+    fold_params_t f;
+    f.scratch = scratch;
+    f.out = a->out;
+    f.pos = a->pos;
+    f.q_idx = q_idx;
+    f.n_heads = a->n_heads;
+    f.hd = a->head_dim;
+    f.ns_max = (int)ns;
+    const int64_t per_q = (int64_t)a->n_heads * a->head_dim;
+    dim3 fgrid((unsigned)n_q, (unsigned)((per_q + NT - 1) / NT));
+    attn_decode_fold<<<fgrid, NT, 0, s>>>(f);
+    return cudaGetLastError();
+}
+
+#define PRE_MAX_DEVICES 64
+
+/* The dynamic shared-memory opt-in of one prefill instantiation, once per device (the
+ * attribute is per device; a device past the table sets it every time). */
+template <int HDP, bool F16> static cudaError_t prefill_opt_in(void)
+{
+    static bool done[PRE_MAX_DEVICES];
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess)
+        return err;
+    if (dev >= 0 && dev < PRE_MAX_DEVICES && done[dev])
+        return cudaSuccess;
+    err = cudaFuncSetAttribute(attn_prefill_tile<HDP, F16>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               pre_cfg<HDP, F16>::SMEM);
+    if (err == cudaSuccess && dev >= 0 && dev < PRE_MAX_DEVICES)
+        done[dev] = true;
+    return err;
+}
+
+template <int HDP, bool F16>
+static cudaError_t launch_prefill(cudaStream_t s, int64_t max_run, const pre_params_t &p)
+{
+    cudaError_t err = prefill_opt_in<HDP, F16>();
+    if (err != cudaSuccess)
+        return err;
+    const int64_t tiles = (max_run + pre_cfg<HDP, F16>::BQ - 1) / pre_cfg<HDP, F16>::BQ;
+    dim3 grid((unsigned)(tiles < INT_MAX ? tiles : INT_MAX),
+              (unsigned)(p.n_runs < 65535 ? p.n_runs : 65535), (unsigned)p.n_heads);
+    attn_prefill_tile<HDP, F16><<<grid, NT, pre_cfg<HDP, F16>::SMEM, s>>>(p);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t pdc_attn_prefill(cudaStream_t s, const pd_attn_args_t *a,
+                                        const int32_t *runs, int64_t n_runs,
+                                        int64_t max_run)
+{
+    if (n_runs <= 0 || max_run <= 0)
+        return cudaSuccess;
+    if (!attn_args_ok(a) || !runs)
+        return cudaErrorInvalidValue;
+    if (!cache_aligned(a))
+        return cudaErrorMisalignedAddress;
+    pre_params_t p;
+    p.q = a->q;
+    p.out = a->out;
+    p.k = a->k_cache;
+    p.v = a->v_cache;
+    p.pos = a->pos;
+    p.seq = a->seq;
+    p.bt = a->block_tables;
+    p.runs = runs;
+    p.n_runs = n_runs;
+    p.bt_stride = a->bt_stride;
+    p.bs = (int)a->block_size;
+    p.n_heads = a->n_heads;
+    p.nkv = a->n_kv_heads;
+    p.hd = a->head_dim;
+    p.G = a->n_heads / a->n_kv_heads;
+    p.scale = a->scale;
+    const bool f16 = a->kv_dtype == PD_DTYPE_F16;
+    if (a->head_dim <= 64)
+        return f16 ? launch_prefill<64, true>(s, max_run, p)
+                   : launch_prefill<64, false>(s, max_run, p);
+    if (a->head_dim <= 128)
+        return f16 ? launch_prefill<128, true>(s, max_run, p)
+                   : launch_prefill<128, false>(s, max_run, p);
+    return f16 ? launch_prefill<256, true>(s, max_run, p)
+               : launch_prefill<256, false>(s, max_run, p);
+}

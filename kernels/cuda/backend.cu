@@ -1,0 +1,532 @@
+/* backend.cu - the CUDA backend: fills the ops table of kernels/ops.h with the kernels
+ * of ops_basic.cu and attention.cu, and cuBLAS for the large products.
+ *
+ * Every op is enqueued on the backend's one stream and returns at once; to_host,
+ * argmax and sync wait. A failed launch or copy is logged once and remembered: the
+ * next sync (or to_host) returns PD_ERR_IO, so the engine ends the step with an error
+ * instead of carrying on with garbage.
+ *
+ * Matrix products: F32 weights always go through pdc_matvec, whose row (o, t) is the
+ * same arithmetic whatever T is (batch invariant, as the CPU backend: the exact mode
+ * the golden tests run). F16/BF16 weights go through pdc_matvec up to 8 rows (decode:
+ * one read of the weights for all rows) and cuBLAS above (the activations converted to
+ * the weights' dtype, F32 accumulation and output); Q8_0/Q4_0 always through
+ * pdc_matvec (built for decode batches; prompts on quantized models are slow here).
+ * Threading: one thread drives a backend at a time; every entry point selects the
+ * backend's GPU first (cudaSetDevice is per thread). */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "kernels/cuda/cuda_internal.h"
+
+typedef struct cuda_kernels {
+    pd_kernels_t k; /* first: the ops table the engine holds */
+    int device;
+    bool bf16;
+    bool failed;
+    cudaStream_t s;
+    cublasHandle_t blas;
+    void *half_x; /* activations converted for cuBLAS */
+    size_t half_x_bytes;
+    float *attn; /* decode attention partials */
+    size_t attn_floats;
+    int32_t *meta; /* runs and query lists for attention, argmax output */
+    size_t meta_elems;
+    int32_t *meta_host; /* the plan being built */
+    int32_t *plan_prev; /* the plan on the device now ([plan_elems]) */
+    size_t meta_host_elems, plan_elems;
+    int32_t *ids; /* argmax output */
+    size_t ids_bytes;
+    char name[96];
+} cuda_kernels_t;
+
+static cuda_kernels_t *ck_of(pd_kernels_t *k)
+{
+    return (cuda_kernels_t *)k;
+}
+
+/* Records the first failure; true when err is a failure. */
+static bool failed(cuda_kernels_t *c, cudaError_t err, const char *what)
+{
+    if (err == cudaSuccess)
+        return false;
+    if (!c->failed)
+        PD_LOG_ERROR("cuda: %s failed: %s", what, cudaGetErrorString(err));
+    c->failed = true;
+    return true;
+}
+
+static bool blas_failed(cuda_kernels_t *c, cublasStatus_t st, const char *what)
+{
+    if (st == CUBLAS_STATUS_SUCCESS)
+        return false;
+    if (!c->failed)
+        PD_LOG_ERROR("cublas: %s failed: status %d", what, (int)st);
+    c->failed = true;
+    return true;
+}
+
+static void select_dev(cuda_kernels_t *c)
+{
+    failed(c, cudaSetDevice(c->device), "cudaSetDevice");
+}
+
+/* Grows a device scratch buffer to at least want bytes (rare: outside every hot
+ * path once the largest shape has been seen). */
+static bool grow(cuda_kernels_t *c, void **p, size_t *have, size_t want, const char *what)
+{
+    if (*have >= want)
+        return true;
+    if (*p) {
+        failed(c, cudaStreamSynchronize(c->s), "sync before growing scratch");
+        cudaFree(*p);
+        *p = NULL;
+        *have = 0;
+    }
+    size_t n = want + want / 4;
+    if (failed(c, cudaMalloc(p, n), what)) {
+        *p = NULL;
+        return false;
+    }
+    *have = n;
+    return true;
+}
+
+/* ---- memory ---- */
+
+static void *k_alloc(pd_kernels_t *k, size_t bytes)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1);
+    if (err != cudaSuccess) {
+        PD_LOG_ERROR("cuda: cannot allocate %zu bytes of device memory: %s", bytes,
+                     cudaGetErrorString(err));
+        return NULL;
+    }
+    return p;
+}
+
+static void k_free(pd_kernels_t *k, void *p)
+{
+    if (!p)
+        return;
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    cudaStreamSynchronize(c->s); /* no op in flight may still read it */
+    cudaFree(p);
+}
+
+static pd_status_t k_to_device(pd_kernels_t *k, void *dst, const void *src, size_t bytes)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (!bytes)
+        return PD_OK;
+    /* From pageable memory the copy has taken src by the time it returns; from pinned
+     * memory it has not, so the caller's buffer is reusable only after a sync: the
+     * callers here pass pageable buffers or sync before reuse (kvpool.c). */
+    if (failed(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->s),
+               "copy to the device"))
+        return PD_ERR_IO;
+    return PD_OK;
+}
+
+static pd_status_t k_to_host(pd_kernels_t *k, void *dst, const void *src, size_t bytes)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (bytes &&
+        failed(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->s),
+               "copy to the host"))
+        return PD_ERR_IO;
+    if (failed(c, cudaStreamSynchronize(c->s), "stream") || c->failed)
+        return PD_ERR_IO;
+    return PD_OK;
+}
+
+static pd_status_t k_dev_copy(pd_kernels_t *k, void *dst, const void *src, size_t bytes)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (bytes && failed(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->s),
+                        "device copy"))
+        return PD_ERR_IO;
+    return PD_OK;
+}
+
+static pd_status_t k_pin(pd_kernels_t *k, void *p, size_t bytes)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterDefault);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError(); /* not sticky: the copies still work, only slower */
+        PD_LOG_WARN("cuda: cannot pin %zu bytes of host memory (%s): copies will be "
+                    "slower",
+                    bytes, cudaGetErrorString(err));
+        return PD_ERR_IO;
+    }
+    return PD_OK;
+}
+
+static void k_unpin(pd_kernels_t *k, void *p)
+{
+    select_dev(ck_of(k));
+    if (cudaHostUnregister(p) != cudaSuccess)
+        (void)cudaGetLastError();
+}
+
+/* F32 matrices become BF16 when asked, converted on the device in slices so the F32
+ * copy never needs the whole tensor's room. */
+static pd_status_t k_upload_tensor(pd_kernels_t *k, const pd_tensor_t *w, pd_tensor_t *dev)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    *dev = *w;
+    dev->data = NULL;
+    int64_t n = 1;
+    for (int d = 0; d < w->n_dims; d++)
+        n *= w->ne[d];
+    bool convert = c->bf16 && w->dtype == PD_DTYPE_F32 && w->n_dims >= 2 && w->ne[1] > 1;
+    size_t bytes = convert ? (size_t)n * 2 : w->nbytes;
+    void *p = k_alloc(k, bytes);
+    if (!p)
+        return PD_ERR_NOMEM;
+    if (!convert) {
+        if (failed(c, cudaMemcpy(p, w->data, w->nbytes, cudaMemcpyHostToDevice),
+                   "weight upload")) {
+            cudaFree(p);
+            return PD_ERR_IO;
+        }
+    } else {
+        int64_t slice = (int64_t)1 << 24; /* 64 MiB of F32 at a time */
+        float *tmp = (float *)k_alloc(k, (size_t)(n < slice ? n : slice) * sizeof(float));
+        if (!tmp) {
+            cudaFree(p);
+            return PD_ERR_NOMEM;
+        }
+        const float *src = (const float *)w->data;
+        for (int64_t i = 0; i < n && !c->failed; i += slice) {
+            int64_t m = n - i < slice ? n - i : slice;
+            if (!failed(c, cudaMemcpy(tmp, src + i, (size_t)m * sizeof(float),
+                                      cudaMemcpyHostToDevice),
+                        "weight upload"))
+                failed(c,
+                       pdc_f32_to_half(c->s, PD_DTYPE_BF16, tmp,
+                                       (uint16_t *)p + i, m),
+                       "bf16 conversion");
+            failed(c, cudaStreamSynchronize(c->s), "bf16 conversion");
+        }
+        cudaFree(tmp);
+        if (c->failed) {
+            cudaFree(p);
+            return PD_ERR_IO;
+        }
+        dev->dtype = PD_DTYPE_BF16;
+    }
+    dev->data = p;
+    dev->nbytes = bytes;
+    return PD_OK;
+}
+
+static pd_status_t k_sync(pd_kernels_t *k)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, cudaStreamSynchronize(c->s), "stream");
+    return c->failed ? PD_ERR_IO : PD_OK;
+}
+
+/* ---- ops ---- */
+
+static void k_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int64_t T,
+                     float *y)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    int64_t n_in = w->ne[0], n_out = w->ne[1];
+    bool half = w->dtype == PD_DTYPE_F16 || w->dtype == PD_DTYPE_BF16;
+    if (!half || T <= 8) {
+        failed(c, pdc_matvec(c->s, w->dtype, w->data, n_in, n_out, x, T, y), "matvec");
+        return;
+    }
+    size_t need = (size_t)T * (size_t)n_in * 2;
+    if (!grow(c, &c->half_x, &c->half_x_bytes, need, "activation scratch"))
+        return;
+    if (failed(c, pdc_f32_to_half(c->s, w->dtype, x, c->half_x, T * n_in), "convert x"))
+        return;
+    cudaDataType_t dt = w->dtype == PD_DTYPE_F16 ? CUDA_R_16F : CUDA_R_16BF;
+    const float one = 1.0f, zero = 0.0f;
+    /* row-major y[T][n_out] = x[T][n_in] W^T is, column-major, Y (n_out x T) =
+     * W' (n_in x n_out)^T X' (n_in x T) */
+    blas_failed(c,
+                cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)T,
+                             (int)n_in, &one, w->data, dt, (int)n_in, c->half_x, dt,
+                             (int)n_in, &zero, y, CUDA_R_32F, (int)n_out,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                "gemm");
+}
+
+static void k_get_rows(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *ids, int64_t n,
+                       float *out)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_get_rows(c->s, w->dtype, w->data, w->ne[0], ids, n, out), "get_rows");
+}
+
+static void k_rmsnorm(pd_kernels_t *k, float *out, const float *x, const float *weight,
+                      int64_t T, int64_t n, float eps)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_rmsnorm(c->s, out, x, weight, T, n, eps), "rmsnorm");
+}
+
+static void k_rope(pd_kernels_t *k, float *x, const int32_t *pos, int64_t T, int n_heads,
+                   int head_dim, float theta)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_rope(c->s, x, pos, T, n_heads, head_dim, theta), "rope");
+}
+
+static void k_softmax(pd_kernels_t *k, float *x, int64_t T, int64_t n)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_softmax(c->s, x, T, n), "softmax");
+}
+
+static void k_silu_mul(pd_kernels_t *k, float *gate, const float *up, int64_t n)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_silu_mul(c->s, gate, up, n), "silu_mul");
+}
+
+static void k_add(pd_kernels_t *k, float *y, const float *x, int64_t n)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_add(c->s, y, x, n), "add");
+}
+
+static void k_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype, int64_t row_elems,
+                       const int32_t *slots, int64_t T, const float *src)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    failed(c, pdc_kv_write(c->s, cache, kv_dtype, row_elems, slots, T, src), "kv_write");
+}
+
+/* Prompt runs of at least this many consecutive positions go to the tiled prefill
+ * kernel; every other query to the split-context decode kernel. */
+#define PREFILL_RUN_MIN 16
+
+static bool meta_room(cuda_kernels_t *c, size_t elems)
+{
+    if (c->meta_host_elems < elems) {
+        size_t n = elems + elems / 4;
+        int32_t *p = (int32_t *)realloc(c->meta_host, n * sizeof *p);
+        int32_t *q = p ? (int32_t *)realloc(c->plan_prev, n * sizeof *q) : NULL;
+        if (p)
+            c->meta_host = p;
+        if (q)
+            c->plan_prev = q;
+        if (!p || !q) {
+            if (!c->failed)
+                PD_LOG_ERROR("cuda: out of host memory for attention plans");
+            c->failed = true;
+            return false;
+        }
+        c->meta_host_elems = n;
+        c->plan_elems = 0; /* nothing cached */
+    }
+    size_t have = c->meta_elems * sizeof(int32_t);
+    int32_t *before = c->meta;
+    if (!grow(c, (void **)&c->meta, &have, elems * sizeof(int32_t), "attention plans")) {
+        c->meta_elems = 0;
+        c->plan_elems = 0;
+        return false;
+    }
+    if (c->meta != before)
+        c->plan_elems = 0; /* a new buffer holds no plan */
+    c->meta_elems = have / sizeof(int32_t);
+    return true;
+}
+
+static void k_attention(pd_kernels_t *k, const pd_attn_args_t *a)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (!a->pos_host || !a->seq_host) {
+        if (!c->failed)
+            PD_LOG_ERROR("cuda attention needs the host copies of pos and seq");
+        c->failed = true;
+        return;
+    }
+    int64_t T = a->T;
+    /* meta_host: [0, T) decode query list, then [T, 4T) runs (t0, n, 0) */
+    if (!meta_room(c, (size_t)T * 4))
+        return;
+    int32_t *q_idx = c->meta_host, *runs = c->meta_host + T;
+    memset(c->meta_host, 0, (size_t)T * 4 * sizeof(int32_t));
+    int64_t n_q = 0, n_runs = 0, max_run = 0, max_ctx = 0;
+    for (int64_t t = 0; t < T;) {
+        int64_t e = t + 1;
+        while (e < T && a->seq_host[e] == a->seq_host[t] &&
+               a->pos_host[e] == a->pos_host[e - 1] + 1)
+            e++;
+        if (e - t >= PREFILL_RUN_MIN) {
+            runs[3 * n_runs] = (int32_t)t;
+            runs[3 * n_runs + 1] = (int32_t)(e - t);
+            runs[3 * n_runs + 2] = 0;
+            n_runs++;
+            max_run = e - t > max_run ? e - t : max_run;
+        } else {
+            for (int64_t i = t; i < e; i++) {
+                q_idx[n_q++] = (int32_t)i;
+                if (a->pos_host[i] + 1 > max_ctx)
+                    max_ctx = a->pos_host[i] + 1;
+            }
+        }
+        t = e;
+    }
+    /* Every layer of a forward pass has the same plan: upload it only when it changed
+     * (once per pass), and wait for that copy, since the host buffer is rebuilt by the
+     * next call. */
+    size_t elems = (size_t)T * 4;
+    if (c->plan_elems != elems ||
+        memcmp(c->plan_prev, c->meta_host, elems * sizeof(int32_t))) {
+        c->plan_elems = 0;
+        if (failed(c, cudaMemcpyAsync(c->meta, c->meta_host, elems * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, c->s),
+                   "attention plan upload") ||
+            failed(c, cudaStreamSynchronize(c->s), "attention plan upload"))
+            return;
+        memcpy(c->plan_prev, c->meta_host, elems * sizeof(int32_t));
+        c->plan_elems = elems;
+    }
+    if (n_runs)
+        failed(c, pdc_attn_prefill(c->s, a, c->meta + T, n_runs, max_run),
+               "prefill attention");
+    if (n_q) {
+        size_t need = (size_t)pdc_attn_decode_scratch(a, n_q, max_ctx) * sizeof(float);
+        size_t have = c->attn_floats * sizeof(float);
+        if (!grow(c, (void **)&c->attn, &have, need, "attention scratch"))
+            return;
+        c->attn_floats = have / sizeof(float);
+        failed(c, pdc_attn_decode(c->s, a, c->meta, n_q, max_ctx, c->attn),
+               "decode attention");
+    }
+}
+
+static pd_status_t k_argmax(pd_kernels_t *k, const float *logits, int64_t rows,
+                            int64_t vocab, int32_t *ids_host)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (rows <= 0)
+        return PD_OK;
+    if (!grow(c, (void **)&c->ids, &c->ids_bytes, (size_t)rows * sizeof(int32_t),
+              "argmax output"))
+        return PD_ERR_NOMEM;
+    if (failed(c, pdc_argmax(c->s, logits, rows, vocab, c->ids), "argmax"))
+        return PD_ERR_IO;
+    return k_to_host(k, ids_host, c->ids, (size_t)rows * sizeof(int32_t));
+}
+
+static void k_destroy(pd_kernels_t *k)
+{
+    cuda_kernels_t *c = ck_of(k);
+    cudaSetDevice(c->device);
+    cudaStreamSynchronize(c->s);
+    cudaFree(c->half_x);
+    cudaFree(c->attn);
+    cudaFree(c->meta);
+    cudaFree(c->ids);
+    free(c->meta_host);
+    free(c->plan_prev);
+    if (c->blas)
+        cublasDestroy(c->blas);
+    if (c->s)
+        cudaStreamDestroy(c->s);
+    free(c);
+}
+
+extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights, pd_kernels_t **k_p)
+{
+    if (!k_p)
+        return PD_ERR_INVALID;
+    *k_p = NULL;
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess || n == 0) {
+        PD_LOG_ERROR("--device cuda: no usable NVIDIA GPU on this machine (%s); use "
+                     "--device cpu",
+                     err != cudaSuccess ? cudaGetErrorString(err) : "no devices");
+        (void)cudaGetLastError();
+        return PD_ERR_UNSUPPORTED;
+    }
+    if (device < 0 || device >= n) {
+        PD_LOG_ERROR("--device cuda:%d: this machine has %d GPU%s (cuda:0..cuda:%d)",
+                     device, n, n == 1 ? "" : "s", n - 1);
+        return PD_ERR_UNSUPPORTED;
+    }
+    cuda_kernels_t *c = (cuda_kernels_t *)calloc(1, sizeof *c);
+    if (!c)
+        return PD_ERR_NOMEM;
+    c->device = device;
+    c->bf16 = bf16_weights;
+    cudaDeviceProp prop;
+    if (failed(c, cudaSetDevice(device), "cudaSetDevice") ||
+        failed(c, cudaGetDeviceProperties(&prop, device), "device properties") ||
+        failed(c, cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking), "stream") ||
+        blas_failed(c, cublasCreate(&c->blas), "cublasCreate") ||
+        blas_failed(c, cublasSetStream(c->blas, c->s), "cublasSetStream")) {
+        k_destroy(&c->k);
+        return PD_ERR_UNSUPPORTED;
+    }
+    /* F32 products never go to cuBLAS (see the file comment); the half ones accumulate
+     * in F32 (CUBLAS_COMPUTE_32F) whatever the math mode. */
+    cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH);
+    snprintf(c->name, sizeof c->name, "cuda");
+    pd_kernels_t *k = &c->k;
+    k->name = c->name;
+    k->n_threads = 1;
+    k->matmul = k_matmul;
+    k->matmul_multi = NULL;
+    k->get_rows = k_get_rows;
+    k->rmsnorm = k_rmsnorm;
+    k->rope = k_rope;
+    k->softmax = k_softmax;
+    k->silu_mul = k_silu_mul;
+    k->add = k_add;
+    k->kv_write = k_kv_write;
+    k->attention = k_attention;
+    k->device = true;
+    k->alloc = k_alloc;
+    k->free = k_free;
+    k->to_device = k_to_device;
+    k->to_host = k_to_host;
+    k->dev_copy = k_dev_copy;
+    k->pin = k_pin;
+    k->unpin = k_unpin;
+    k->upload_tensor = k_upload_tensor;
+    k->argmax = k_argmax;
+    k->sync = k_sync;
+    k->destroy = k_destroy;
+    PD_LOG_INFO("kernels: cuda backend, GPU %d: %s (sm_%d%d, %d SMs, %.1f GiB)%s", device,
+                prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+                (double)prop.totalGlobalMem / (1 << 30),
+                bf16_weights ? ", F32 weights as BF16" : "");
+    *k_p = k;
+    return PD_OK;
+}

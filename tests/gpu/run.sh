@@ -1,0 +1,149 @@
+#!/bin/bash
+# tests/gpu/run.sh - every GPU test and benchmark of the CUDA backend in one go, for a
+# few minutes on a GPU machine. Builds what it needs (CUDA backend, pdctl, the GPU
+# programs; the service only if its libraries are there), then runs:
+#   1. test_cuda_ops       every CUDA op against a reference (stated error bounds)
+#   2. test_golden_gpu.py  golden ids on --device cuda alone, batched, speculative;
+#                          BF16 against F32 agreement on mkmodel 110M
+#   3. bench_cuda          copy bandwidth, matvec, paged attention, prefill GEMMs
+#   4. end to end          decode tokens/s of mkmodel 1B (F32 file, BF16 on the GPU)
+#                          at 1, 8, 64 and 256 sequences; prefill tokens/s at 2048
+#   5. bench/torch_peer.py the same shapes in PyTorch eager (if torch is there)
+# and writes REPORT (default build-gpu/report/report.md) with every figure and each
+# step's status. Exit status: 0 when every check passed.
+# usage: tests/gpu/run.sh [REPORT_DIR]   env: PD_SHARED_DIR (default ../shared),
+#        PD_GPU_QUICK=1 (fewer repetitions), PD_CUDA_ARCHS (default: this GPU's)
+set -u
+SRC=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${1:-$SRC/build-gpu/report}
+BUILD=${PD_GPU_BUILD:-$SRC/build-gpu}
+export PD_SHARED_DIR=${PD_SHARED_DIR:-$SRC/../shared}
+mkdir -p "$OUT"
+REPORT=$OUT/report.md
+STATUS=0
+step() { echo "== $*" | tee -a "$REPORT"; }
+fail() { echo "FAILED: $*" | tee -a "$REPORT"; STATUS=1; }
+: > "$REPORT"
+step "pdserve GPU report, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git -C "$SRC" rev-parse --short HEAD 2>/dev/null)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader \
+    2>&1 | tee -a "$REPORT"
+
+# ---- build ----
+ARCH=${PD_CUDA_ARCHS:-}
+if [ -z "$ARCH" ]; then
+    cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)
+    case "$cc" in
+        90) ARCH=90a ;;
+        "") ARCH="80;90a" ;;
+        *) ARCH=$cc ;;
+    esac
+fi
+SERVICE=OFF
+pkg-config --exists libzmq ucx libuv libprotobuf-c 2>/dev/null && SERVICE=ON
+step "build (CUDA archs $ARCH, service $SERVICE)"
+t0=$(date +%s)
+if ! { cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPD_CUDA=ON -DPD_WERROR=OFF \
+        -DPD_CUDA_ARCHS="$ARCH" -DPD_BUILD_TESTS=OFF -DPD_BUILD_SERVICE=$SERVICE \
+        > "$OUT/build.log" 2>&1 &&
+       cmake --build "$BUILD" -j"$(nproc)" --target pdctl test_cuda_ops bench_cuda \
+        >> "$OUT/build.log" 2>&1; }; then
+    tail -40 "$OUT/build.log" | tee -a "$REPORT"
+    fail "build"
+    exit 1
+fi
+echo "built in $(( $(date +%s) - t0 )) s" | tee -a "$REPORT"
+BIN=$BUILD/bin
+export PD_BIN_DIR=$BIN
+QUICK=${PD_GPU_QUICK:-0}
+
+# ---- 1. ops ----
+step "1. test_cuda_ops"
+if timeout 300 "$BIN/test_cuda_ops" > "$OUT/ops.log" 2>&1; then
+    tail -1 "$OUT/ops.log" | tee -a "$REPORT"
+else
+    fail "test_cuda_ops (rc $?)"
+fi
+grep -E "^(FAIL|ok)" "$OUT/ops.log" | sed 's/^/    /' >> "$REPORT"
+
+# ---- 2. golden and BF16 ----
+step "2. golden ids on --device cuda; BF16 against F32"
+MODEL_DIR=$BUILD/models
+mkdir -p "$MODEL_DIR"
+if MODEL_DIR=$MODEL_DIR timeout 600 python3 "$SRC/tests/gpu/test_golden_gpu.py" \
+        > "$OUT/golden.log" 2>&1; then
+    tail -1 "$OUT/golden.log" | tee -a "$REPORT"
+else
+    fail "test_golden_gpu.py"
+    grep -E "^FAIL|Error|error" "$OUT/golden.log" | head -20 | tee -a "$REPORT"
+fi
+grep BF16_REPORT "$OUT/golden.log" | tee -a "$REPORT"
+
+# ---- 3. kernel benchmarks ----
+step "3. bench_cuda"
+q=""
+[ "$QUICK" = 1 ] && q=--quick
+if timeout 300 "$BIN/bench_cuda" $q > "$OUT/bench_cuda.json" 2> "$OUT/bench_cuda.err"; then
+    cat "$OUT/bench_cuda.json" | tee -a "$REPORT"
+else
+    fail "bench_cuda"
+    tail -20 "$OUT/bench_cuda.err" | tee -a "$REPORT"
+fi
+
+# ---- 4. end to end: mkmodel 1B, BF16 on the GPU ----
+step "4. pdctl generate, mkmodel 1B (F32 file, --weight-dtype bf16, KV f16)"
+M1B=$MODEL_DIR/m1b-f32.gguf
+[ -f "$M1B" ] || "$BIN/pdctl" mkmodel --preset 1B --dtype f32 --ctx 4096 -o "$M1B" \
+    > /dev/null 2>> "$OUT/e2e.err"
+python3 - "$BIN/pdctl" "$M1B" "$OUT" "$QUICK" <<'EOF' 2>> "$OUT/e2e.err" | tee -a "$REPORT"
+import json, subprocess, sys
+pdctl, model, out, quick = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+common = ["--model", model, "--device", "cuda", "--weight-dtype", "bf16", "--kv-dtype",
+          "f16", "--ignore-eos", "--temperature", "0", "--format", "json"]
+res = {}
+words = "the cat sat on a mat and looked at the sun while a dog ran by".split()
+for n in (1, 8, 64, 256):
+    path = f"{out}/decode{n}.jsonl"
+    with open(path, "w") as fh:
+        for i in range(n):
+            p = " ".join(words[(i + j) % len(words)] for j in range(12))
+            fh.write(json.dumps({"prompt": p, "max_tokens": 32 if quick else 128}) + "\n")
+    p = subprocess.run([pdctl, "generate", *common, "--prompts", path, "--parallel", str(n),
+                        "--arrival-steps", "0", "--kv-memory", "8GiB", "--batch", "2048"],
+                       capture_output=True, timeout=300)
+    rows = [json.loads(l) for l in p.stdout.decode().splitlines() if l.strip()]
+    s = [r["summary"] for r in rows if "summary" in r]
+    if p.returncode or not s:
+        print(f"decode {n}: failed rc {p.returncode}: {p.stderr.decode()[-500:]}")
+        continue
+    s = s[0]
+    res[f"decode_{n}"] = {"gen_tokens": s["gen_tokens"], "wall_s": s["wall_s"],
+                          "tokens_per_s": s["gen_tokens_per_s"],
+                          "steps_per_s": s["decode_steps"] / s["wall_s"]}
+prompt = " ".join(words[j % len(words)] for j in range(1900))
+for rep in range(3):
+    p = subprocess.run([pdctl, "generate", *common, "--prompt", prompt, "--max-tokens", "1",
+                        "--batch", "4096", "--ctx", "4096"], capture_output=True,
+                       timeout=300)
+    if p.returncode:
+        print(f"prefill failed: {p.stderr.decode()[-500:]}")
+        break
+    j = json.loads(p.stdout)
+    res.setdefault("prefill", []).append(
+        {"prompt_tokens": len(j["prompt_ids"]),
+         "tokens_per_s": j["timings"]["prompt_tokens_per_s"],
+         "load_ms": j["timings"]["load_ms"]})
+print(json.dumps(res, indent=1))
+EOF
+
+# ---- 5. the PyTorch peer ----
+step "5. PyTorch eager, the same shapes"
+if python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+    timeout 400 python3 "$SRC/bench/torch_peer.py" ${q:+--quick} > "$OUT/torch.json" \
+        2> "$OUT/torch.err" && cat "$OUT/torch.json" | tee -a "$REPORT" ||
+        { fail "torch_peer.py"; tail -20 "$OUT/torch.err" | tee -a "$REPORT"; }
+else
+    echo "no PyTorch with CUDA here: peer not measured" | tee -a "$REPORT"
+fi
+
+step "done: status $STATUS"
+exit $STATUS

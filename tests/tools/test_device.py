@@ -1,0 +1,65 @@
+"""--device on a machine without a GPU (CI): `pdctl generate --device cuda` and a worker
+started with --device cuda end with exit status 1 and one clear line saying why (no GPU
+here, or a build without the CUDA backend), never a crash; a malformed --device and
+--weight-dtype are refused the same way; --device cpu is the default's output exactly.
+On a machine with a GPU the cuda runs instead must give the CPU's golden ids (the full
+GPU checks are tests/gpu/run.sh)."""
+import os
+import subprocess
+
+from pdtest import BIN, MODELS, PDCTL, Failures, generate_json, golden_lines, require
+
+f = Failures()
+g = [x for x in golden_lines() if x["model"].startswith("stories260K")][0]
+model = require(os.path.join(MODELS, "stories260K.gguf"))
+n = len(g["greedy_ids"])
+base = ["generate", "--model", model, "--prompt", g["prompt"], "--max-tokens", str(n),
+        "--temperature", "0", "--ignore-eos", "--format", "json"]
+REASONS = ("no usable NVIDIA GPU", "has no CUDA backend")
+
+
+def run(argv, timeout=60):
+    return subprocess.run(argv, capture_output=True, timeout=timeout)
+
+
+cpu = generate_json(*base[1:], "--device", "cpu")
+default = generate_json(*base[1:])
+f.check(cpu["ids"] == default["ids"], "--device cpu differs from the default")
+f.check(cpu["ids"][: g["exact_prefix"]] == g["greedy_ids"][: g["exact_prefix"]],
+        "--device cpu: not the golden ids")
+
+no_gpu = False
+for dev in ("cuda", "cuda:0", "cuda:3"):
+    p = run([require(PDCTL), *base, "--device", dev])
+    err = p.stderr.decode(errors="replace")
+    if p.returncode == 0:  # a GPU is here: then it must be right
+        import json
+        ids = json.loads(p.stdout)["ids"]
+        f.check(ids[: g["exact_prefix"]] == g["greedy_ids"][: g["exact_prefix"]],
+                f"--device {dev} on a GPU: not the golden ids")
+        continue
+    no_gpu |= dev == "cuda"
+    f.check(p.returncode == 1, f"--device {dev}: exit status {p.returncode} (a crash?)")
+    f.check(any(r in err for r in REASONS) or "cuda:3: this machine has" in err,
+            f"--device {dev}: no clear reason on stderr: {err!r}")
+    f.check("cannot use --device" in err, f"--device {dev}: pdctl's own line missing")
+
+for bad in (["--device", "gpu"], ["--device", "cuda:x"], ["--device", "cuda:-1"],
+            ["--weight-dtype", "fp8"]):
+    p = run([require(PDCTL), *base, *bad])
+    err = p.stderr.decode(errors="replace")
+    f.check(p.returncode in (1, 2) and ("expected cpu, cuda or cuda:N" in err or
+                                   "expected cuda:N" in err or "--weight-dtype" in err),
+            f"{bad}: exit {p.returncode}, stderr {err!r}")
+p = run([require(PDCTL), *base, "--weight-dtype", "bf16"])
+f.check(p.returncode == 1 and b"bf16 weights are a CUDA option" in p.stderr,
+        f"--weight-dtype bf16 on the CPU: exit {p.returncode}")
+
+# a worker with --device cuda and no GPU: exits 1 at startup with the reason
+dec = os.path.join(BIN, "pd-decode")
+if os.path.exists(dec) and no_gpu:
+    p = run([dec, "--model", model, "--router", "tcp://127.0.0.1:1", "--device", "cuda"])
+    err = p.stderr.decode(errors="replace")
+    f.check(p.returncode == 1 and any(r in err for r in REASONS),
+            f"pd-decode --device cuda: exit {p.returncode}, stderr {err[-300:]!r}")
+f.finish()
