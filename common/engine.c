@@ -75,6 +75,10 @@ struct pd_engine {
     int32_t n_free_slots;
     /* the batch of a step */
     int32_t *ids, *pos, *seq, *out_rows; /* [max_T], out_rows [max_seqs] */
+    /* [max_T] the argmax of each logit row of a greedy step on a device backend
+     * (the logits stay there), or of a draft pass */
+    int32_t *row_ids;
+    bool greedy_step; /* this step's tokens come from row_ids */
     req_t **sched;                       /* [max_seqs] scheduled this step */
     int32_t n_sched;
     bool in_step;
@@ -265,10 +269,11 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
         e->pos = malloc(T * sizeof *e->pos);
         e->seq = malloc(T * sizeof *e->seq);
         e->out_rows = malloc(T * sizeof *e->out_rows);
+        e->row_ids = malloc(T * sizeof *e->row_ids);
         e->sched = malloc(S * sizeof *e->sched);
         e->progress = malloc(S * sizeof *e->progress);
         if (!e->tables || !e->free_slots || !e->ids || !e->pos || !e->seq ||
-            !e->out_rows || !e->sched || !e->progress)
+            !e->out_rows || !e->row_ids || !e->sched || !e->progress)
             st = PD_ERR_NOMEM;
     }
     if (st != PD_OK) {
@@ -323,6 +328,7 @@ void pd_engine_destroy(pd_engine_t **engine_p)
     free(e->pos);
     free(e->seq);
     free(e->out_rows);
+    free(e->row_ids);
     free(e->sched);
     free(e->progress);
     pd_llm_destroy(&e->dllm);
@@ -725,16 +731,14 @@ static bool draft_pass(pd_engine_t *e, int32_t T, int32_t n_out)
                         .block_tables = e->dtables,
                         .out_rows = e->out_rows,
                         .n_out = n_out};
-    const float *logits = NULL;
     e->stats.spec_draft_passes++;
-    if (pd_llm_forward_batch(e->dllm, e->dkv, &b, &logits) != PD_OK) {
+    if (pd_llm_forward_batch_ids(e->dllm, e->dkv, &b, e->row_ids) != PD_OK) {
         PD_LOG_WARN("engine: the draft model's pass failed; no proposals this step");
         return false;
     }
     for (int32_t i = 0; i < n_out; i++) {
         req_t *r = e->dreqs[i];
-        r->draft[r->n_draft++] =
-            pd_argmax(logits + (size_t)i * (size_t)e->cfg.vocab_size, e->cfg.vocab_size);
+        r->draft[r->n_draft++] = e->row_ids[i];
     }
     return true;
 }
@@ -911,19 +915,33 @@ static void commit_full_blocks(pd_engine_t *e, req_t *r)
  * bonus. Returns the tokens emitted (accepted + 1); the KV of rejected positions stays
  * behind n_computed, to be overwritten. Finishes the request on a stop token or at its
  * length, so r may be gone when it returns -1. */
+/* The token of logit row `row` for r: the device's argmax in a greedy step, else r's
+ * sampler on the row (against `proposed` when accepted is not NULL). */
+static int32_t draw(pd_engine_t *e, req_t *r, int32_t row, const float *logits,
+                    int32_t proposed, bool *accepted)
+{
+    if (e->greedy_step) {
+        int32_t t = e->row_ids[row];
+        if (accepted)
+            *accepted = t == proposed;
+        return t;
+    }
+    const float *x = logits + (size_t)row * (size_t)e->cfg.vocab_size;
+    return accepted ? pd_sampler_sample_spec(r->sampler, x, proposed, accepted)
+                    : pd_sampler_sample(r->sampler, x);
+}
+
 static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
 {
-    int32_t V = e->cfg.vocab_size, emitted = 0;
+    int32_t emitted = 0;
     e->stats.spec_steps++;
     e->stats.spec_proposed += r->n_draft;
     r->spec_proposed += r->n_draft;
     int64_t acc0 = r->spec_accepted;
     for (int32_t j = 0; j <= r->n_draft; j++) {
-        const float *row = logits + (size_t)(r->logit + j) * (size_t)V;
         bool accepted = false;
-        int32_t tok = j < r->n_draft
-                          ? pd_sampler_sample_spec(r->sampler, row, r->draft[j], &accepted)
-                          : pd_sampler_sample(r->sampler, row);
+        int32_t tok = draw(e, r, r->logit + j, logits, j < r->n_draft ? r->draft[j] : -1,
+                           j < r->n_draft ? &accepted : NULL);
         r->tokens[r->n_tokens++] = tok;
         emitted++;
         e->stats.gen_tokens++;
@@ -974,8 +992,7 @@ static void advance(pd_engine_t *e, req_t *r, const float *logits)
     commit_full_blocks(e, r);
     if (r->logit < 0 || r->cancelled)
         return;
-    int32_t tok = pd_sampler_sample(r->sampler, logits + (size_t)r->logit *
-                                                             (size_t)e->cfg.vocab_size);
+    int32_t tok = draw(e, r, r->logit, logits, -1, NULL);
     r->tokens[r->n_tokens++] = tok;
     e->stats.gen_tokens++;
     if (r->n_tokens == r->n_prompt + 1 && !r->first_token_s)
@@ -1091,7 +1108,16 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
                         .n_out = n_out};
     double t0 = pd_engine_now(e);
     const float *logits = NULL;
-    pd_status_t st = pd_llm_forward_batch(e->llm, e->kv, &b, &logits);
+    /* On a device, a step whose every logit row is greedy takes the argmax there and
+     * leaves the logits on the device (a batch of 256 rows of 32000 would otherwise
+     * cross to the host every step). */
+    e->greedy_step = e->k->device && n_out > 0;
+    for (int32_t i = 0; i < e->n_sched && e->greedy_step; i++)
+        if (e->sched[i]->logit >= 0 && !pd_sampler_is_greedy(e->sched[i]->sampler))
+            e->greedy_step = false;
+    pd_status_t st = e->greedy_step
+                         ? pd_llm_forward_batch_ids(e->llm, e->kv, &b, e->row_ids)
+                         : pd_llm_forward_batch(e->llm, e->kv, &b, &logits);
     double t1 = pd_engine_now(e);
     e->stats.forward_s += t1 - t0;
     e->stats.steps++;
@@ -1110,6 +1136,7 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         else
             advance(e, r, logits);
     }
+    e->greedy_step = false;
     e->stats.sample_s += pd_engine_now(e) - t1;
     e->in_step = false;
     /* cancellations from callbacks */

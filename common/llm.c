@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "common/sampler.h"
 
 struct pd_llm {
     const pd_model_t *model;
@@ -37,9 +38,10 @@ struct pd_llm {
      * uploads its batch description into the d_ arrays. */
     bool dev;
     pd_model_weights_t dw; /* what the kernels read: the model's weights or copies */
-    int32_t *d_ids, *d_pos, *d_seq, *d_slots, *d_out_rows; /* [max_T] */
-    int32_t *d_tables;     /* [d_tables_cap] */
-    size_t d_tables_cap;
+    int32_t *stage_h, *stage_d; /* the packed batch description, host and device */
+    size_t stage_cap;            /* int32 elements of each */
+    bool stage_pinned;
+    int32_t *d_slots;            /* into stage_d: the slots of this pass */
     float *d_logits;       /* [max_logits][vocab] */
     int32_t *touched;      /* [max_T] blocks the pass writes (host mirrors) */
     int32_t n_touched;
@@ -150,13 +152,12 @@ static void free_buffers(pd_llm_t *l)
         free_buf(l, *bufs[i]);
         *bufs[i] = NULL;
     }
-    int32_t **ibufs[] = {&l->d_ids, &l->d_pos, &l->d_seq, &l->d_slots, &l->d_out_rows,
-                         &l->d_tables};
-    for (size_t i = 0; i < sizeof ibufs / sizeof ibufs[0]; i++) {
-        if (l->dev)
-            l->k->free(l->k, *ibufs[i]);
-        *ibufs[i] = NULL;
-    }
+    if (l->stage_pinned)
+        l->k->unpin(l->k, l->stage_h);
+    free(l->stage_h);
+    if (l->dev)
+        l->k->free(l->k, l->stage_d);
+    l->stage_h = l->stage_d = l->d_slots = NULL;
     if (l->logits_pinned)
         l->k->unpin(l->k, l->logits);
     free(l->logits);
@@ -240,11 +241,6 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
                                        &fail);
             if (l->logits && l->k->pin) /* not pinned: slower copies, still right */
                 l->logits_pinned = l->k->pin(l->k, l->logits, (nl + 63) / 64 * 64) == PD_OK;
-            l->d_ids = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
-            l->d_pos = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
-            l->d_seq = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
-            l->d_slots = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
-            l->d_out_rows = alloc_buf(l, T, 1, sizeof(int32_t), &fail);
         }
         l->own_seq = calloc(T, sizeof *l->own_seq);
         l->slots = malloc(T * sizeof *l->slots);
@@ -350,40 +346,46 @@ static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
     return PD_OK;
 }
 
-/* Copies the batch description to the device; *db gets the device pointers. */
+/* Copies the batch description to the device in one copy: packed into pinned host
+ * memory (ids, pos, seq, slots, out_rows, block tables), mirrored in device memory.
+ * The staging buffer is rewritten by the next pass only: every pass ends waiting for
+ * the stream (the logits' copy, or a sync), so this pass's copy has finished by then.
+ * *db gets the device pointers. */
 static pd_status_t upload_batch(pd_llm_t *l, const pd_llm_batch_t *b, pd_llm_batch_t *db)
 {
     pd_kernels_t *k = l->k;
-    size_t T = (size_t)b->T * sizeof(int32_t);
+    size_t T = (size_t)b->T, n_out = (size_t)b->n_out;
     size_t n_tab = (size_t)b->n_seqs * (size_t)b->bt_stride;
-    if (n_tab > l->d_tables_cap) {
-        k->free(k, l->d_tables);
-        size_t cap = n_tab + n_tab / 2;
-        l->d_tables = k->alloc(k, cap * sizeof(int32_t));
-        l->d_tables_cap = l->d_tables ? cap : 0;
-        if (!l->d_tables)
+    size_t need = 4 * T + n_out + n_tab;
+    if (need > l->stage_cap) {
+        if (l->stage_pinned)
+            k->unpin(k, l->stage_h);
+        free(l->stage_h);
+        k->free(k, l->stage_d);
+        size_t cap = need + need / 2;
+        l->stage_h = malloc(cap * sizeof(int32_t));
+        l->stage_d = k->alloc(k, cap * sizeof(int32_t));
+        l->stage_pinned = l->stage_h && k->pin &&
+                          k->pin(k, l->stage_h, cap * sizeof(int32_t)) == PD_OK;
+        l->stage_cap = l->stage_h && l->stage_d ? cap : 0;
+        if (!l->stage_cap)
             return PD_ERR_NOMEM;
     }
-    pd_status_t st = PD_OK;
-    if (!st)
-        st = k->to_device(k, l->d_ids, b->ids, T);
-    if (!st)
-        st = k->to_device(k, l->d_pos, b->pos, T);
-    if (!st)
-        st = k->to_device(k, l->d_seq, b->seq, T);
-    if (!st)
-        st = k->to_device(k, l->d_slots, l->slots, T);
-    if (!st)
-        st = k->to_device(k, l->d_tables, b->block_tables, n_tab * sizeof(int32_t));
-    if (!st && b->n_out > 0)
-        st = k->to_device(k, l->d_out_rows, b->out_rows,
-                          (size_t)b->n_out * sizeof(int32_t));
-    db->ids = l->d_ids;
-    db->pos = l->d_pos;
-    db->seq = l->d_seq;
-    db->block_tables = l->d_tables;
-    db->out_rows = l->d_out_rows;
-    return st;
+    int32_t *h = l->stage_h, *d = l->stage_d;
+    memcpy(h, b->ids, T * sizeof *h);
+    memcpy(h + T, b->pos, T * sizeof *h);
+    memcpy(h + 2 * T, b->seq, T * sizeof *h);
+    memcpy(h + 3 * T, l->slots, T * sizeof *h);
+    if (n_out)
+        memcpy(h + 4 * T, b->out_rows, n_out * sizeof *h);
+    memcpy(h + 4 * T + n_out, b->block_tables, n_tab * sizeof *h);
+    db->ids = d;
+    db->pos = d + T;
+    db->seq = d + 2 * T;
+    l->d_slots = d + 3 * T;
+    db->out_rows = d + 4 * T;
+    db->block_tables = d + 4 * T + n_out;
+    return k->to_device(k, d, h, need * sizeof *h);
 }
 
 /* Matrices that read the same input run as one fan-out when the backend can (same
@@ -457,8 +459,8 @@ static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t 
     k->add(k, l->x, l->xb2, T * c->dim);
 }
 
-pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
-                                 const float **logits_p)
+static pd_status_t forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
+                           const float **logits_p, int32_t *ids)
 {
     pd_status_t st = check_batch(l, pool, b);
     if (st != PD_OK)
@@ -501,9 +503,14 @@ pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_b
         }
         k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim, c->norm_eps);
         k->matmul(k, &mw->output, l->xo, b->n_out, l->dev ? l->d_logits : l->logits);
-        if (l->dev)
+        if (l->dev && ids)
+            st = k->argmax(k, l->d_logits, b->n_out, c->vocab_size, ids);
+        else if (l->dev)
             st = k->to_host(k, l->logits, l->d_logits,
                             (size_t)b->n_out * (size_t)c->vocab_size * sizeof(float));
+        else if (ids)
+            for (int64_t i = 0; i < b->n_out; i++)
+                ids[i] = pd_argmax(l->logits + i * c->vocab_size, c->vocab_size);
     } else if (l->dev) {
         st = k->sync(k); /* a failed kernel shows here, not steps later */
     }
@@ -512,8 +519,20 @@ pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_b
         return st;
     }
     if (logits_p)
-        *logits_p = l->logits;
+        *logits_p = ids && l->dev ? NULL : l->logits;
     return PD_OK;
+}
+
+pd_status_t pd_llm_forward_batch(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
+                                 const float **logits_p)
+{
+    return forward(l, pool, b, logits_p, NULL);
+}
+
+pd_status_t pd_llm_forward_batch_ids(pd_llm_t *l, pd_kv_pool_t *pool,
+                                     const pd_llm_batch_t *b, int32_t *ids)
+{
+    return forward(l, pool, b, NULL, ids);
 }
 
 pd_status_t pd_llm_forward(pd_llm_t *l, const int32_t *ids, const int32_t *pos, int64_t T,

@@ -70,6 +70,11 @@ pd_kv_pool_t *pd_llm_private_kv(pd_llm_t *llm);
  * nothing is written to the cache then. */
 pd_status_t pd_llm_forward_batch(pd_llm_t *llm, pd_kv_pool_t *pool,
                                  const pd_llm_batch_t *batch, const float **logits_p);
+/* As pd_llm_forward_batch, but returns only the argmax of each logit row in
+ * ids[0..n_out) (the lowest index among equal maxima, as pd_argmax): greedy steps. On a
+ * device the argmax runs there and the logits never cross to the host. */
+pd_status_t pd_llm_forward_batch_ids(pd_llm_t *llm, pd_kv_pool_t *pool,
+                                     const pd_llm_batch_t *batch, int32_t *ids);
 
 /* Called by pd_llm_forward_batch after layer `layer` of the batch is done: its K/V
  * rows for every token of the batch are in the pool from then on (the KV transfer

@@ -196,6 +196,11 @@ static int32_t candidates(pd_sampler_t *s, const float *logits, float *total_p)
     return m;
 }
 
+bool pd_sampler_is_greedy(const pd_sampler_t *s)
+{
+    return s->params.temperature <= 0.0f || s->params.top_k == 1;
+}
+
 int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
 {
     const pd_sampler_params_t *p = &s->params;

@@ -46,6 +46,9 @@ void pd_sampler_set_state(pd_sampler_t *s, const uint64_t in[4]);
 
 /* Picks the next token from logits[n_vocab] (read only). */
 int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits);
+/* True when the sampler always takes the argmax (temperature 0 or top-k 1): it draws
+ * nothing from its generator, so the argmax alone decides its token. */
+bool pd_sampler_is_greedy(const pd_sampler_t *s);
 /* Speculative sampling against a proposed token (a deterministic proposal, as n-gram
  * lookup makes): accepts it with probability p(proposed) under this sampler's
  * distribution (temperature, top-k, top-p, min-p applied) and returns it with

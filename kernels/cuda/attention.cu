@@ -116,14 +116,16 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
 /* ---- decode: split partials ---------------------------------------------------- */
 
 /* The lane layout of one decode instantiation. HDP: head_dim rounded up to a power of
- * two (32..256; lanes past head_dim load nothing); GP: group size rounded up to a power
+ * two (32..256; head_dim a multiple of 8; lanes past head_dim load nothing); GP: group size rounded up to a power
  * of two (1..16; heads past the group compute zeros that nobody writes).
  * E: elements of a row per lane: 16 bytes where the q registers (GP * E) stay <= 64,
  * fewer for large groups, and never so few that a row needs more than 32 lanes.
  * LPR lanes read one row, RPW rows per warp at a time; GP <= LPR lets the butterfly
  * hand each head to its own lanes. U rows per lane are loaded before any is used (64
  * bytes in flight per lane). HC heads per pass of the cross-warp reduction. */
-template <int HDP, int GP, bool F16> struct dec_cfg {
+template <int HDP_, int GP_, bool F16_> struct dec_cfg {
+    static constexpr int HDP = HDP_, GP = GP_;
+    static constexpr bool F16 = F16_;
     static constexpr int ES = F16 ? 2 : 4;
     static constexpr int E = cmax(HDP / 32, cmin(16 / ES, cmin(HDP / GP, 64 / GP)));
     static constexpr int LPR = HDP / E;
@@ -173,190 +175,250 @@ __device__ __forceinline__ float reduce_heads(float (&s)[GP], int sub)
     return v;
 }
 
-/* Grid (query in the list, kv head, split); NT threads. Positions
- * [split * SPLIT, min((split + 1) * SPLIT, pos + 1)) of the query's sequence. A block
- * whose split starts past pos exits without writing: the fold reads only the splits
- * 0..pos / SPLIT. */
-template <int HDP, int GP, bool F16>
-__global__ void __launch_bounds__(NT, dec_cfg<HDP, GP, F16>::MIN_BLOCKS)
-    attn_decode_split(const dec_params_t p)
+/* Shared memory of one decode block: q staging [GP][HDP] then scores and
+ * probabilities [GP][SST] (SST odd, which spreads a column's heads over banks), the
+ * element offsets of the split's rows (kv head included), the cross-warp reduction
+ * buffer [warp][HC][HDP], and each head's max and sum. */
+#define DEC_SST (PDC_ATTN_SPLIT + 1)
+template <class C> struct dec_smem {
+    __align__(16) float buf[C::GP * DEC_SST];
+    __align__(16) float red[NW * C::HC * C::HDP];
+    int64_t row[PDC_ATTN_SPLIT];
+    float m[C::GP], l[C::GP];
+    static_assert(C::HDP <= DEC_SST, "q staging fits in the score buffer");
+};
+
+/* Where a thread sits in the decode layout: warp, row group within the warp (rig), lane
+ * within the row (sub) and its first element of a row (e0); inactive lanes lie past
+ * head_dim and load nothing. */
+typedef struct dec_lane {
+    int tid, lane, warp, sub, rig, e0;
+    bool active;
+} dec_lane_t;
+
+/* Row r (< nv) handled by this lane at unrolled step u of the pass starting at base. */
+template <class C> __device__ __forceinline__ int dec_row(const dec_lane_t &ln, int base, int u)
 {
-    typedef dec_cfg<HDP, GP, F16> C;
-    constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, HC = C::HC;
-    constexpr int STEP = NW * RPW;          /* rows covered by one unrolled step */
-    constexpr int SST = PDC_ATTN_SPLIT + 1; /* score row stride: odd, spreads banks */
-    static_assert(GP * HDP <= GP * SST, "q staging fits in the score buffer");
+    return base + u * (NW * C::RPW) + ln.warp * C::RPW + ln.rig;
+}
 
-    __shared__ __align__(16) float s_buf[GP * SST]; /* q [GP][HDP], then scores [GP][SST] */
-    __shared__ int64_t s_row[PDC_ATTN_SPLIT];        /* element offset of each row's head */
-    __shared__ __align__(16) float s_red[NW * HC * HDP]; /* [warp][HC][HDP] */
-    __shared__ float s_m[GP], s_l[GP];
-
-    const int qi = blockIdx.x, g = blockIdx.y, split = blockIdx.z;
-    const int t = p.q_idx ? p.q_idx[qi] : qi;
-    const int pos = p.pos[t];
-    const int p0 = split * PDC_ATTN_SPLIT;
-    const int64_t nv64 = (int64_t)pos + 1 - p0;
-    if (nv64 <= 0)
-        return; /* block-uniform: nothing to do, no partial written */
-    const int nv = nv64 < PDC_ATTN_SPLIT ? (int)nv64 : PDC_ATTN_SPLIT;
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int sub = lane % LPR, rig = lane / LPR;
-    const int e0 = sub * E; /* this lane's first element of a row */
-    const bool active = e0 < p.hd;
-    const int hd = p.hd;
-
+/* Row offsets of the split and the group's q rows (heads g*G.. are consecutive) into
+ * shared memory, zero-padded to [GP][HDP]; then each lane's q slices into registers. */
+template <class C>
+__device__ __forceinline__ void dec_stage(const dec_params_t &p, dec_smem<C> &sm,
+                                          const dec_lane_t &ln, int t, int g, int p0, int nv,
+                                          float (&qf)[C::GP][C::E])
+{
     const int32_t *tbl = p.bt + (int64_t)p.seq[t] * p.bt_stride;
-    for (int j = tid; j < nv; j += NT) {
+    for (int j = ln.tid; j < nv; j += NT) {
         const int pp = p0 + j;
         const int64_t blk = tbl[pp / p.bs];
-        s_row[j] = ((blk * p.bs + pp % p.bs) * p.nkv + g) * hd;
+        sm.row[j] = ((blk * p.bs + pp % p.bs) * p.nkv + g) * p.hd;
     }
-    /* The group's q rows (heads g*G .. g*G+G-1 are consecutive), zero-padded. */
-    const int64_t qbase = ((int64_t)t * p.n_heads + (int64_t)g * p.G) * hd;
-    for (int j = tid; j < GP * HDP; j += NT) {
-        const int h = j / HDP, e = j % HDP;
-        s_buf[j] = (h < p.G && e < hd) ? p.q[qbase + (int64_t)h * hd + e] : 0.0f;
+    const int64_t qbase = ((int64_t)t * p.n_heads + (int64_t)g * p.G) * p.hd;
+    for (int j = ln.tid; j < C::GP * C::HDP; j += NT) {
+        const int h = j / C::HDP, e = j % C::HDP;
+        sm.buf[j] = (h < p.G && e < p.hd) ? p.q[qbase + (int64_t)h * p.hd + e] : 0.0f;
     }
     __syncthreads();
-    float qf[GP][E];
 #pragma unroll
-    for (int h = 0; h < GP; h++)
+    for (int h = 0; h < C::GP; h++)
 #pragma unroll
-        for (int j = 0; j < E; j++)
-            qf[h][j] = s_buf[h * HDP + e0 + j];
-    __syncthreads(); /* s_buf becomes the score buffer */
+        for (int j = 0; j < C::E; j++)
+            qf[h][j] = sm.buf[h * C::HDP + ln.e0 + j];
+    __syncthreads(); /* buf becomes the score buffer */
+}
 
-    /* Scores: row r of the split, all heads. */
-    constexpr int HPL = LPR / GP; /* lanes holding each head after reduce_heads */
-    for (int base = 0; base < nv; base += STEP * U) {
-        float kf[U][E];
+/* U rows of K or V for this lane (zeros past nv or head_dim). */
+template <class C>
+__device__ __forceinline__ void dec_load_rows(const void *cache, const dec_smem<C> &sm,
+                                              const dec_lane_t &ln, int base, int nv,
+                                              float (&f)[C::U][C::E])
+{
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int r = base + u * STEP + warp * RPW + rig;
-            if (active && r < nv) {
-                load_frag<E, F16>(p.k, s_row[r] + e0, kf[u]);
-            } else {
+    for (int u = 0; u < C::U; u++) {
+        const int r = dec_row<C>(ln, base, u);
+        if (ln.active && r < nv) {
+            load_frag<C::E, C::F16>(cache, sm.row[r] + ln.e0, f[u]);
+        } else {
 #pragma unroll
-                for (int j = 0; j < E; j++)
-                    kf[u][j] = 0.0f;
-            }
+            for (int j = 0; j < C::E; j++)
+                f[u][j] = 0.0f;
         }
+    }
+}
+
+/* buf[h][r] = dot(q_h, k_r) * scale for every row of the split and every head. The
+ * loop bounds are block-uniform and every lane reaches every shuffle. */
+template <class C>
+__device__ __forceinline__ void dec_scores(const dec_params_t &p, dec_smem<C> &sm,
+                                           const dec_lane_t &ln, int nv,
+                                           const float (&qf)[C::GP][C::E])
+{
+    constexpr int HPL = C::LPR / C::GP; /* lanes holding each head after reduce_heads */
+    for (int base = 0; base < nv; base += NW * C::RPW * C::U) {
+        float kf[C::U][C::E];
+        dec_load_rows<C>(p.k, sm, ln, base, nv, kf);
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int r = base + u * STEP + warp * RPW + rig;
-            float s[GP];
+        for (int u = 0; u < C::U; u++) {
+            float s[C::GP];
 #pragma unroll
-            for (int h = 0; h < GP; h++) {
+            for (int h = 0; h < C::GP; h++) {
                 s[h] = 0.0f;
 #pragma unroll
-                for (int j = 0; j < E; j++)
+                for (int j = 0; j < C::E; j++)
                     s[h] = fmaf(qf[h][j], kf[u][j], s[h]);
             }
-            const float v = reduce_heads<GP, LPR>(s, sub);
-            if (r < nv && sub % HPL == 0)
-                s_buf[(sub / HPL) * SST + r] = v * p.scale;
+            const float v = reduce_heads<C::GP, C::LPR>(s, ln.sub);
+            const int r = dec_row<C>(ln, base, u);
+            if (r < nv && ln.sub % HPL == 0)
+                sm.buf[(ln.sub / HPL) * DEC_SST + r] = v * p.scale;
         }
     }
-    __syncthreads();
+}
 
-    /* Softmax pieces per head, one warp per head: max, exp, sum (attn chunk order). */
-    for (int h = warp; h < p.G; h += NW) {
-        float *sr = s_buf + h * SST;
+/* Per real head, one warp each: m = max score, buf = expf(score - m), l = sum, as the
+ * CPU chunk does. Padding heads keep their zero scores (their sums are never used). */
+template <class C>
+__device__ __forceinline__ void dec_softmax(dec_smem<C> &sm, const dec_lane_t &ln, int nv,
+                                            int G)
+{
+    for (int h = ln.warp; h < G; h += NW) { /* warp-uniform */
+        float *sr = sm.buf + h * DEC_SST;
         float m = -INFINITY;
-        for (int r = lane; r < nv; r += 32)
+        for (int r = ln.lane; r < nv; r += 32)
             m = fmaxf(m, sr[r]);
         m = warp_max(m);
         float l = 0.0f;
-        for (int r = lane; r < nv; r += 32) {
+        for (int r = ln.lane; r < nv; r += 32) {
             const float e = expf(sr[r] - m);
             sr[r] = e;
             l += e;
         }
         l = warp_sum(l);
-        if (lane == 0) {
-            s_m[h] = m;
-            s_l[h] = l;
+        if (ln.lane == 0) {
+            sm.m[h] = m;
+            sm.l[h] = l;
         }
     }
-    __syncthreads();
+}
 
-    /* Values: each lane sums its rows in order, for all heads. */
-    float acc[GP][E];
+/* acc[h][j] = sum over this lane's rows (in order) of p[h][r] * v_r[e0 + j], then
+ * summed over the warp's row groups (lane bits LPR..16). */
+template <class C>
+__device__ __forceinline__ void dec_values(const dec_params_t &p, const dec_smem<C> &sm,
+                                           const dec_lane_t &ln, int nv,
+                                           float (&acc)[C::GP][C::E])
+{
 #pragma unroll
-    for (int h = 0; h < GP; h++)
+    for (int h = 0; h < C::GP; h++)
 #pragma unroll
-        for (int j = 0; j < E; j++)
+        for (int j = 0; j < C::E; j++)
             acc[h][j] = 0.0f;
-    for (int base = 0; base < nv; base += STEP * U) {
-        float vf[U][E];
+    for (int base = 0; base < nv; base += NW * C::RPW * C::U) {
+        float vf[C::U][C::E];
+        dec_load_rows<C>(p.v, sm, ln, base, nv, vf);
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int r = base + u * STEP + warp * RPW + rig;
-            if (active && r < nv) {
-                load_frag<E, F16>(p.v, s_row[r] + e0, vf[u]);
-            } else {
-#pragma unroll
-                for (int j = 0; j < E; j++)
-                    vf[u][j] = 0.0f;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int r = base + u * STEP + warp * RPW + rig;
+        for (int u = 0; u < C::U; u++) {
+            const int r = dec_row<C>(ln, base, u);
             if (r < nv) {
 #pragma unroll
-                for (int h = 0; h < GP; h++) {
-                    const float pr = s_buf[h * SST + r];
+                for (int h = 0; h < C::GP; h++) {
+                    const float pr = sm.buf[h * DEC_SST + r];
 #pragma unroll
-                    for (int j = 0; j < E; j++)
+                    for (int j = 0; j < C::E; j++)
                         acc[h][j] = fmaf(pr, vf[u][j], acc[h][j]);
                 }
             }
         }
     }
-    /* Across the RPW row groups of the warp (lane bits LPR..16). */
 #pragma unroll
-    for (int off = LPR; off < 32; off <<= 1)
+    for (int off = C::LPR; off < 32; off <<= 1)
 #pragma unroll
-        for (int h = 0; h < GP; h++)
+        for (int h = 0; h < C::GP; h++)
 #pragma unroll
-            for (int j = 0; j < E; j++)
+            for (int j = 0; j < C::E; j++)
                 acc[h][j] += __shfl_xor_sync(FULL_MASK, acc[h][j], off);
+}
 
-    /* Across warps, HC heads at a time, warps summed in order 0..NW-1. */
-    const int64_t stride = hd + 2;
-    float *part = p.scratch +
-                  (((int64_t)qi * p.n_heads + (int64_t)g * p.G) * p.ns_max + split) * stride;
-    const int64_t head_stride = (int64_t)p.ns_max * stride; /* between heads' partials */
+/* The partials of the group's real heads: acc summed across warps in order 0..NW-1,
+ * HC heads per pass through red, then m and l. part: head 0 of the group, this split. */
+template <class C>
+__device__ __forceinline__ void dec_write(const dec_params_t &p, dec_smem<C> &sm,
+                                          const dec_lane_t &ln,
+                                          const float (&acc)[C::GP][C::E], float *part)
+{
+    constexpr int HC = C::HC;
+    const int hd = p.hd;
+    const int64_t head_stride = (int64_t)p.ns_max * (hd + 2); /* between heads */
 #pragma unroll
-    for (int c0 = 0; c0 < GP; c0 += HC) {
+    for (int c0 = 0; c0 < C::GP; c0 += HC) {
         if (c0 >= p.G)
             break; /* block-uniform */
-        if (rig == 0) {
+        if (ln.rig == 0) {
 #pragma unroll
             for (int hh = 0; hh < HC; hh++)
 #pragma unroll
-                for (int j = 0; j < E; j++)
-                    s_red[(warp * HC + hh) * HDP + e0 + j] = acc[c0 + hh][j];
+                for (int j = 0; j < C::E; j++)
+                    sm.red[(ln.warp * HC + hh) * C::HDP + ln.e0 + j] = acc[c0 + hh][j];
         }
         __syncthreads();
         const int n = cmin(HC, p.G - c0) * hd;
-        for (int j = tid; j < n; j += NT) {
+        for (int j = ln.tid; j < n; j += NT) {
             const int hh = j / hd, e = j - hh * hd;
-            float sum = s_red[hh * HDP + e];
+            float sum = sm.red[hh * C::HDP + e];
 #pragma unroll
             for (int w = 1; w < NW; w++)
-                sum += s_red[(w * HC + hh) * HDP + e];
+                sum += sm.red[(w * HC + hh) * C::HDP + e];
             part[(int64_t)(c0 + hh) * head_stride + e] = sum;
         }
         __syncthreads();
     }
-    if (tid < p.G) {
-        part[(int64_t)tid * head_stride + hd] = s_m[tid];
-        part[(int64_t)tid * head_stride + hd + 1] = s_l[tid];
+    if (ln.tid < p.G) {
+        part[(int64_t)ln.tid * head_stride + hd] = sm.m[ln.tid];
+        part[(int64_t)ln.tid * head_stride + hd + 1] = sm.l[ln.tid];
     }
+}
+
+/* Grid (query in the list, kv head, split); NT threads. Positions
+ * [split * SPLIT, min((split + 1) * SPLIT, pos + 1)) of the query's sequence. A block
+ * whose split starts past pos exits at once, writing nothing: the fold reads only the
+ * splits 0..pos / SPLIT. */
+template <int HDP, int GP, bool F16>
+__global__ void __launch_bounds__(NT, dec_cfg<HDP, GP, F16>::MIN_BLOCKS)
+    attn_decode_split(const dec_params_t p)
+{
+    typedef dec_cfg<HDP, GP, F16> C;
+    __shared__ dec_smem<C> sm;
+
+    const int qi = blockIdx.x, g = blockIdx.y, split = blockIdx.z;
+    const int t = p.q_idx ? p.q_idx[qi] : qi;
+    const int p0 = split * PDC_ATTN_SPLIT;
+    const int64_t nv64 = (int64_t)p.pos[t] + 1 - p0;
+    if (nv64 <= 0)
+        return; /* block-uniform, before any barrier */
+    const int nv = nv64 < PDC_ATTN_SPLIT ? (int)nv64 : PDC_ATTN_SPLIT;
+
+    dec_lane_t ln;
+    ln.tid = threadIdx.x;
+    ln.lane = ln.tid & 31;
+    ln.warp = ln.tid >> 5;
+    ln.sub = ln.lane % C::LPR;
+    ln.rig = ln.lane / C::LPR;
+    ln.e0 = ln.sub * C::E;
+    ln.active = ln.e0 < p.hd;
+
+    float qf[C::GP][C::E];
+    dec_stage<C>(p, sm, ln, t, g, p0, nv, qf);
+    dec_scores<C>(p, sm, ln, nv, qf);
+    __syncthreads();
+    dec_softmax<C>(sm, ln, nv, p.G);
+    __syncthreads();
+    float acc[C::GP][C::E];
+    dec_values<C>(p, sm, ln, nv, acc);
+    float *part = p.scratch + (((int64_t)qi * p.n_heads + (int64_t)g * p.G) * p.ns_max + split) *
+                                  (int64_t)(p.hd + 2);
+    dec_write<C>(p, sm, ln, acc, part);
 }
 
 /* ---- decode: fold ---------------------------------------------------------------- */
@@ -428,7 +490,9 @@ __global__ void __launch_bounds__(NT) attn_decode_fold(const fold_params_t p)
  * tile parity). HDP >= 64 (head_dim 32 runs in the 64 layout). A K/V tile moves as
  * 4-element units: thread tid takes column (tid % (HDP/4)) * 4 of rows
  * tid / (HDP/4) + k * RSTEP, k < NU. */
-template <int HDP, bool F16> struct pre_cfg {
+template <int HDP_, bool F16_> struct pre_cfg {
+    static constexpr int HDP = HDP_;
+    static constexpr bool F16 = F16_;
     static constexpr int BQ = 64;
     static constexpr int BK = HDP == 256 ? 32 : 64;
     static constexpr int CC = BK / 16;
@@ -520,189 +584,201 @@ __device__ __forceinline__ void pre_store(float *kvs,
     }
 }
 
+/* The Q tile (rows t0+q0.. of head h), zero past nr rows and hd elements. */
+template <class C>
+__device__ __forceinline__ void pre_stage_q(const pre_params_t &p, float *qs, int t0, int q0,
+                                            int nr, int h)
+{
+    for (int j = threadIdx.x; j < C::BQ * C::HDP; j += NT) {
+        const int r = j / C::HDP, d = j % C::HDP;
+        qs[r * C::QS + d] = (r < nr && d < p.hd)
+                                ? p.q[((int64_t)(t0 + q0 + r) * p.n_heads + h) * p.hd + d]
+                                : 0.0f;
+    }
+}
+
+/* sc[rr][cc] = dot(Q row ty*4+rr, K row tx+16cc) over hd. */
+template <class C>
+__device__ __forceinline__ void pre_scores(const float *qs, const float *kvs, int hd, int ty,
+                                           int tx, float (&sc)[4][C::CC])
+{
+#pragma unroll
+    for (int rr = 0; rr < 4; rr++)
+#pragma unroll
+        for (int cc = 0; cc < C::CC; cc++)
+            sc[rr][cc] = 0.0f;
+#pragma unroll 1
+    for (int d = 0; d < hd; d += 4) {
+        float4 qv[4], kv[C::CC];
+#pragma unroll
+        for (int rr = 0; rr < 4; rr++)
+            qv[rr] = *reinterpret_cast<const float4 *>(qs + (ty * 4 + rr) * C::QS + d);
+#pragma unroll
+        for (int cc = 0; cc < C::CC; cc++)
+            kv[cc] = *reinterpret_cast<const float4 *>(kvs + (tx + 16 * cc) * C::KS + d);
+#pragma unroll
+        for (int rr = 0; rr < 4; rr++)
+#pragma unroll
+            for (int cc = 0; cc < C::CC; cc++) {
+                float s = sc[rr][cc];
+                s = fmaf(qv[rr].x, kv[cc].x, s);
+                s = fmaf(qv[rr].y, kv[cc].y, s);
+                s = fmaf(qv[rr].z, kv[cc].z, s);
+                s = fmaf(qv[rr].w, kv[cc].w, s);
+                sc[rr][cc] = s;
+            }
+    }
+}
+
+/* Online softmax over key tile kb: causal mask, running max m and sum l per row, acc
+ * rescaled; sc becomes P. The 16 tx lanes of a row are one half-warp (xor 1..8); every
+ * lane of the warp reaches each shuffle. */
+template <class C>
+__device__ __forceinline__ void pre_softmax(float (&sc)[4][C::CC], int kb, int tx,
+                                            const int (&rowpos)[4], float scale, float (&m)[4],
+                                            float (&l)[4], float (&acc)[4][4 * C::NCV])
+{
+#pragma unroll
+    for (int rr = 0; rr < 4; rr++) {
+        float mt = -INFINITY;
+#pragma unroll
+        for (int cc = 0; cc < C::CC; cc++) {
+            const bool ok = kb + tx + 16 * cc <= rowpos[rr];
+            sc[rr][cc] = ok ? sc[rr][cc] * scale : -INFINITY;
+            mt = fmaxf(mt, sc[rr][cc]);
+        }
+#pragma unroll
+        for (int off = 8; off >= 1; off >>= 1)
+            mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, off));
+        /* Finite: key 0 of tile 0 is visible to every row. */
+        const float mn = fmaxf(m[rr], mt);
+        const float alpha = expf(m[rr] - mn); /* 0 on the first tile */
+        float rs = 0.0f;
+#pragma unroll
+        for (int cc = 0; cc < C::CC; cc++) {
+            const bool ok = kb + tx + 16 * cc <= rowpos[rr];
+            const float e = ok ? expf(sc[rr][cc] - mn) : 0.0f;
+            sc[rr][cc] = e;
+            rs += e;
+        }
+#pragma unroll
+        for (int off = 8; off >= 1; off >>= 1)
+            rs += __shfl_xor_sync(FULL_MASK, rs, off);
+        l[rr] = l[rr] * alpha + rs;
+#pragma unroll
+        for (int j = 0; j < 4 * C::NCV; j++)
+            acc[rr][j] *= alpha;
+        m[rr] = mn;
+    }
+}
+
+/* acc[rr][4k + jj] += sum over keys c < cn of P[c][ty*4+rr] * V[c][k*64 + tx*4 + jj]. */
+template <class C>
+__device__ __forceinline__ void pre_pv(const float *ps, const float *kvs, int cn, int ty,
+                                       int tx, float (&acc)[4][4 * C::NCV])
+{
+    for (int c = 0; c < cn; c++) {
+        const float4 pv = *reinterpret_cast<const float4 *>(ps + c * C::PS + ty * 4);
+        const float pr[4] = {pv.x, pv.y, pv.z, pv.w};
+#pragma unroll
+        for (int k = 0; k < C::NCV; k++) {
+            const float4 vv =
+                *reinterpret_cast<const float4 *>(kvs + c * C::KS + k * 64 + tx * 4);
+#pragma unroll
+            for (int rr = 0; rr < 4; rr++) {
+                acc[rr][4 * k + 0] = fmaf(pr[rr], vv.x, acc[rr][4 * k + 0]);
+                acc[rr][4 * k + 1] = fmaf(pr[rr], vv.y, acc[rr][4 * k + 1]);
+                acc[rr][4 * k + 2] = fmaf(pr[rr], vv.z, acc[rr][4 * k + 2]);
+                acc[rr][4 * k + 3] = fmaf(pr[rr], vv.w, acc[rr][4 * k + 3]);
+            }
+        }
+    }
+}
+
 /* Grid (query tile, run, query head); NT threads; C::SMEM bytes of dynamic shared
  * memory. Loops over runs (grid.y may be capped) and tiles (grid.x may be short), so
  * every row of every run is computed; all loop bounds are block-uniform.
- * Per key tile kt, with offs[kt & 1] ready:
+ * Per key tile kt, with offs[kt & 1] ready and K(kt) in registers:
  *   store K(kt) -> barrier A -> load V(kt) to registers, S = Q K^T, online softmax,
  *   P -> ps, offsets of tile kt+1 -> offs[(kt+1) & 1] -> barrier B -> store V(kt) ->
- *   barrier C -> load K(kt+1) to registers, O += P V -> barrier D. */
+ *   barrier C -> load K(kt+1) to registers, O += P V -> barrier D.
+ * ps and kvs were last read before the previous barrier D; offs[(kt+1) & 1] last by
+ * V(kt-1)'s load, before barrier B of tile kt-1. */
 template <int HDP, bool F16>
 __global__ void __launch_bounds__(NT, pre_cfg<HDP, F16>::MIN_BLOCKS)
     attn_prefill_tile(const pre_params_t p)
 {
     typedef pre_cfg<HDP, F16> C;
-    constexpr int BQ = C::BQ, BK = C::BK, CC = C::CC, NCV = C::NCV;
-    constexpr int QS = C::QS, KS = C::KS, PS = C::PS;
+    constexpr int BQ = C::BQ, BK = C::BK;
     extern __shared__ float4 pre_smem[];
-    float *qs = reinterpret_cast<float *>(pre_smem); /* [BQ][QS] */
-    float *kvs = qs + BQ * QS;                        /* [BK][KS], K then V */
-    float *ps = kvs + BK * KS;                        /* [BK][PS], P transposed */
-    int64_t *offs = reinterpret_cast<int64_t *>(ps + BK * PS); /* [2][BK] */
+    float *qs = reinterpret_cast<float *>(pre_smem);           /* [BQ][QS] */
+    float *kvs = qs + BQ * C::QS;                              /* [BK][KS], K then V */
+    float *ps = kvs + BK * C::KS;                              /* [BK][PS], P transposed */
+    int64_t *offs = reinterpret_cast<int64_t *>(ps + BK * C::PS); /* [2][BK] */
 
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int h = blockIdx.z, g = h / p.G, hd = p.hd;
-
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    const int h = blockIdx.z, g = h / p.G;
     for (int64_t run = blockIdx.y; run < p.n_runs; run += gridDim.y) {
         const int t0 = p.runs[3 * run], n = p.runs[3 * run + 1];
-        if (n <= 0)
-            continue;
-        const int P0 = p.pos[t0];
-        const int32_t *tbl = p.bt + (int64_t)p.seq[t0] * p.bt_stride;
+        const int P0 = n > 0 ? p.pos[t0] : 0;
+        const int32_t *tbl = p.bt + (int64_t)(n > 0 ? p.seq[t0] : 0) * p.bt_stride;
         for (int q0 = blockIdx.x * BQ; q0 < n; q0 += gridDim.x * BQ) {
             const int nr = cmin(BQ, n - q0);   /* real rows in this tile */
             const int kmax = P0 + q0 + nr - 1; /* last key any real row sees */
-            /* Q tile, zero-padded (rows past nr, elements past hd), and the offsets of
-             * key tile 0. Safe to overwrite: the previous tile ended with barrier D. */
-            for (int j = tid; j < BQ * HDP; j += NT) {
-                const int r = j / HDP, d = j % HDP;
-                qs[r * QS + d] = (r < nr && d < hd)
-                                     ? p.q[((int64_t)(t0 + q0 + r) * p.n_heads + h) * hd + d]
-                                     : 0.0f;
-            }
+            pre_stage_q<C>(p, qs, t0, q0, nr, h); /* after the last tile's barrier D */
             pre_offsets<BK>(p, tbl, g, 0, kmax, offs);
             /* Padding rows take the last real row's position so they stay finite. */
             int rowpos[4];
-#pragma unroll
-            for (int rr = 0; rr < 4; rr++)
-                rowpos[rr] = P0 + q0 + cmin(ty * 4 + rr, nr - 1);
-            float m[4], l[4], acc[4][4 * NCV];
+            float m[4], l[4], acc[4][4 * C::NCV];
 #pragma unroll
             for (int rr = 0; rr < 4; rr++) {
+                rowpos[rr] = P0 + q0 + cmin(ty * 4 + rr, nr - 1);
                 m[rr] = -INFINITY;
                 l[rr] = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 4 * NCV; j++)
+                for (int j = 0; j < 4 * C::NCV; j++)
                     acc[rr][j] = 0.0f;
             }
-            __syncthreads(); /* offsets of tile 0 visible */
+            __syncthreads(); /* Q and the offsets of tile 0 visible */
             typename raw4<F16>::type pre[C::NU];
-            pre_load<HDP, F16>(p.k, offs, hd, pre);
+            pre_load<HDP, F16>(p.k, offs, p.hd, pre);
             const int ntiles = kmax / BK + 1;
             for (int kt = 0; kt < ntiles; kt++) {
                 const int kb = kt * BK;
-                const int64_t *off_cur = offs + (kt & 1) * BK;
+                int64_t *off_next = offs + ((kt + 1) & 1) * BK;
                 pre_store<HDP, F16>(kvs, pre);
-                __syncthreads(); /* A: K tile (and Q) visible */
-                pre_load<HDP, F16>(p.v, off_cur, hd, pre); /* V, in flight during S */
-
-                float sc[4][CC];
+                __syncthreads(); /* A: K tile visible */
+                pre_load<HDP, F16>(p.v, offs + (kt & 1) * BK, p.hd, pre); /* during S */
+                float sc[4][C::CC];
+                pre_scores<C>(qs, kvs, p.hd, ty, tx, sc);
+                pre_softmax<C>(sc, kb, tx, rowpos, p.scale, m, l, acc);
 #pragma unroll
-                for (int rr = 0; rr < 4; rr++)
-#pragma unroll
-                    for (int cc = 0; cc < CC; cc++)
-                        sc[rr][cc] = 0.0f;
-#pragma unroll 1
-                for (int d = 0; d < hd; d += 4) {
-                    float4 qv[4], kv[CC];
-#pragma unroll
-                    for (int rr = 0; rr < 4; rr++)
-                        qv[rr] = *reinterpret_cast<const float4 *>(qs + (ty * 4 + rr) * QS + d);
-#pragma unroll
-                    for (int cc = 0; cc < CC; cc++)
-                        kv[cc] = *reinterpret_cast<const float4 *>(kvs + (tx + 16 * cc) * KS + d);
-#pragma unroll
-                    for (int rr = 0; rr < 4; rr++)
-#pragma unroll
-                        for (int cc = 0; cc < CC; cc++) {
-                            float s = sc[rr][cc];
-                            s = fmaf(qv[rr].x, kv[cc].x, s);
-                            s = fmaf(qv[rr].y, kv[cc].y, s);
-                            s = fmaf(qv[rr].z, kv[cc].z, s);
-                            s = fmaf(qv[rr].w, kv[cc].w, s);
-                            sc[rr][cc] = s;
-                        }
-                }
-
-                /* Online softmax; the 16 tx lanes of a row are one half-warp. */
-#pragma unroll
-                for (int rr = 0; rr < 4; rr++) {
-                    float mt = -INFINITY;
-#pragma unroll
-                    for (int cc = 0; cc < CC; cc++) {
-                        const bool ok = kb + tx + 16 * cc <= rowpos[rr];
-                        sc[rr][cc] = ok ? sc[rr][cc] * p.scale : -INFINITY;
-                        mt = fmaxf(mt, sc[rr][cc]);
-                    }
-#pragma unroll
-                    for (int off = 8; off >= 1; off >>= 1)
-                        mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, off));
-                    /* Finite: key 0 of tile 0 is visible to every row. */
-                    const float mn = fmaxf(m[rr], mt);
-                    const float alpha = expf(m[rr] - mn); /* 0 on the first tile */
-                    float rs = 0.0f;
-#pragma unroll
-                    for (int cc = 0; cc < CC; cc++) {
-                        const bool ok = kb + tx + 16 * cc <= rowpos[rr];
-                        const float e = ok ? expf(sc[rr][cc] - mn) : 0.0f;
-                        sc[rr][cc] = e;
-                        rs += e;
-                    }
-#pragma unroll
-                    for (int off = 8; off >= 1; off >>= 1)
-                        rs += __shfl_xor_sync(FULL_MASK, rs, off);
-                    l[rr] = l[rr] * alpha + rs;
-#pragma unroll
-                    for (int j = 0; j < 4 * NCV; j++)
-                        acc[rr][j] *= alpha;
-                    m[rr] = mn;
-                }
-                /* P transposed; ps was last read before barrier D of the previous
-                 * tile. The other offsets buffer was last read by V(kt-1)'s load,
-                 * before barrier C of the previous tile. */
-#pragma unroll
-                for (int cc = 0; cc < CC; cc++)
-                    *reinterpret_cast<float4 *>(ps + (tx + 16 * cc) * PS + ty * 4) =
+                for (int cc = 0; cc < C::CC; cc++)
+                    *reinterpret_cast<float4 *>(ps + (tx + 16 * cc) * C::PS + ty * 4) =
                         make_float4(sc[0][cc], sc[1][cc], sc[2][cc], sc[3][cc]);
                 if (kt + 1 < ntiles)
-                    pre_offsets<BK>(p, tbl, g, kb + BK, kmax, offs + ((kt + 1) & 1) * BK);
+                    pre_offsets<BK>(p, tbl, g, kb + BK, kmax, off_next);
                 __syncthreads(); /* B: everyone is done with K */
                 pre_store<HDP, F16>(kvs, pre);
                 __syncthreads(); /* C: V, P and the next offsets visible */
-                if (kt + 1 < ntiles) /* K(kt+1), in flight during PV */
-                    pre_load<HDP, F16>(p.k, offs + ((kt + 1) & 1) * BK, hd, pre);
-
-                const int cn = cmin(BK, kmax - kb + 1); /* keys past kmax have P = 0 */
-                for (int c = 0; c < cn; c++) {
-                    const float4 pv = *reinterpret_cast<const float4 *>(ps + c * PS + ty * 4);
-#pragma unroll
-                    for (int k = 0; k < NCV; k++) {
-                        const float4 vv =
-                            *reinterpret_cast<const float4 *>(kvs + c * KS + k * 64 + tx * 4);
-                        float *a0 = acc[0] + 4 * k, *a1 = acc[1] + 4 * k;
-                        float *a2 = acc[2] + 4 * k, *a3 = acc[3] + 4 * k;
-                        a0[0] = fmaf(pv.x, vv.x, a0[0]);
-                        a0[1] = fmaf(pv.x, vv.y, a0[1]);
-                        a0[2] = fmaf(pv.x, vv.z, a0[2]);
-                        a0[3] = fmaf(pv.x, vv.w, a0[3]);
-                        a1[0] = fmaf(pv.y, vv.x, a1[0]);
-                        a1[1] = fmaf(pv.y, vv.y, a1[1]);
-                        a1[2] = fmaf(pv.y, vv.z, a1[2]);
-                        a1[3] = fmaf(pv.y, vv.w, a1[3]);
-                        a2[0] = fmaf(pv.z, vv.x, a2[0]);
-                        a2[1] = fmaf(pv.z, vv.y, a2[1]);
-                        a2[2] = fmaf(pv.z, vv.z, a2[2]);
-                        a2[3] = fmaf(pv.z, vv.w, a2[3]);
-                        a3[0] = fmaf(pv.w, vv.x, a3[0]);
-                        a3[1] = fmaf(pv.w, vv.y, a3[1]);
-                        a3[2] = fmaf(pv.w, vv.z, a3[2]);
-                        a3[3] = fmaf(pv.w, vv.w, a3[3]);
-                    }
-                }
-                __syncthreads(); /* D: done with V and P before the next tile's stores */
+                if (kt + 1 < ntiles)
+                    pre_load<HDP, F16>(p.k, off_next, p.hd, pre); /* during PV */
+                /* Keys past kmax have P = 0 for every row: skip them. */
+                pre_pv<C>(ps, kvs, cmin(BK, kmax - kb + 1), ty, tx, acc);
+                __syncthreads(); /* D: done with V and P */
             }
 #pragma unroll
             for (int rr = 0; rr < 4; rr++) {
                 const int r = ty * 4 + rr;
                 if (r >= nr)
                     continue;
-                float *o = p.out + ((int64_t)(t0 + q0 + r) * p.n_heads + h) * hd;
+                float *o = p.out + ((int64_t)(t0 + q0 + r) * p.n_heads + h) * p.hd;
 #pragma unroll
-                for (int k = 0; k < NCV; k++)
+                for (int k = 0; k < C::NCV; k++)
 #pragma unroll
                     for (int jj = 0; jj < 4; jj++) {
                         const int d = k * 64 + tx * 4 + jj;
-                        if (d < hd)
+                        if (d < p.hd)
                             o[d] = acc[rr][4 * k + jj] / l[rr];
                     }
             }
@@ -721,7 +797,9 @@ static bool attn_args_ok(const pd_attn_args_t *a)
         return false;
     if (a->kv_dtype != PD_DTYPE_F32 && a->kv_dtype != PD_DTYPE_F16)
         return false;
-    if (a->head_dim < 32 || a->head_dim > 256 || a->head_dim % 32 != 0)
+    /* head_dim a multiple of 8 up to 256: the lanes' vector loads (at most 8
+     * elements) then never straddle a row's end (small models: stories260K's is 8) */
+    if (a->head_dim < 8 || a->head_dim > 256 || a->head_dim % 8 != 0)
         return false;
     if (a->n_heads < 1 || a->n_heads > 65535 || a->n_kv_heads < 1 ||
         a->n_heads % a->n_kv_heads != 0 || a->n_heads / a->n_kv_heads > 16)
@@ -819,7 +897,7 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
     p.G = a->n_heads / a->n_kv_heads;
     p.ns_max = (int)ns;
     p.scale = a->scale;
-    const int hdp = pow2_at_least(a->head_dim), gp = pow2_at_least(p.G);
+    const int hdp = cmax(32, pow2_at_least(a->head_dim)), gp = pow2_at_least(p.G);
     dim3 grid((unsigned)n_q, (unsigned)a->n_kv_heads, (unsigned)ns);
     const bool ok = a->kv_dtype == PD_DTYPE_F16 ? launch_decode_hd<true>(s, grid, hdp, gp, p)
                                                 : launch_decode_hd<false>(s, grid, hdp, gp, p);

@@ -39,6 +39,10 @@ typedef struct cuda_kernels {
     int32_t *meta_host; /* the plan being built */
     int32_t *plan_prev; /* the plan on the device now ([plan_elems]) */
     size_t meta_host_elems, plan_elems;
+    int32_t *plan_pin; /* pinned copy the plan uploads from ([plan_pin_elems]) */
+    size_t plan_pin_elems;
+    cudaEvent_t plan_ev; /* recorded after each plan upload */
+    bool plan_ev_set;
     int32_t *ids; /* argmax output */
     size_t ids_bytes;
     char name[96];
@@ -400,17 +404,30 @@ static void k_attention(pd_kernels_t *k, const pd_attn_args_t *a)
         t = e;
     }
     /* Every layer of a forward pass has the same plan: upload it only when it changed
-     * (once per pass), and wait for that copy, since the host buffer is rebuilt by the
-     * next call. */
+     * (once per pass), asynchronously from a pinned copy that is rewritten only once
+     * the previous upload from it has finished (its event; long done by then). */
     size_t elems = (size_t)T * 4;
     if (c->plan_elems != elems ||
         memcmp(c->plan_prev, c->meta_host, elems * sizeof(int32_t))) {
         c->plan_elems = 0;
-        if (failed(c, cudaMemcpyAsync(c->meta, c->meta_host, elems * sizeof(int32_t),
+        if (c->plan_ev_set && failed(c, cudaEventSynchronize(c->plan_ev), "plan event"))
+            return;
+        if (c->plan_pin_elems < elems) {
+            cudaFreeHost(c->plan_pin);
+            c->plan_pin = NULL;
+            c->plan_pin_elems = 0;
+            if (failed(c, cudaMallocHost((void **)&c->plan_pin, 2 * elems * sizeof(int32_t)),
+                       "pinned plan buffer"))
+                return;
+            c->plan_pin_elems = 2 * elems;
+        }
+        memcpy(c->plan_pin, c->meta_host, elems * sizeof(int32_t));
+        if (failed(c, cudaMemcpyAsync(c->meta, c->plan_pin, elems * sizeof(int32_t),
                                       cudaMemcpyHostToDevice, c->s),
                    "attention plan upload") ||
-            failed(c, cudaStreamSynchronize(c->s), "attention plan upload"))
+            failed(c, cudaEventRecord(c->plan_ev, c->s), "plan event"))
             return;
+        c->plan_ev_set = true;
         memcpy(c->plan_prev, c->meta_host, elems * sizeof(int32_t));
         c->plan_elems = elems;
     }
@@ -452,6 +469,9 @@ static void k_destroy(pd_kernels_t *k)
     cudaFree(c->attn);
     cudaFree(c->meta);
     cudaFree(c->ids);
+    cudaFreeHost(c->plan_pin);
+    if (c->plan_ev)
+        cudaEventDestroy(c->plan_ev);
     free(c->meta_host);
     free(c->plan_prev);
     if (c->blas)
@@ -489,6 +509,7 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights, pd_ker
     if (failed(c, cudaSetDevice(device), "cudaSetDevice") ||
         failed(c, cudaGetDeviceProperties(&prop, device), "device properties") ||
         failed(c, cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking), "stream") ||
+        failed(c, cudaEventCreateWithFlags(&c->plan_ev, cudaEventDisableTiming), "event") ||
         blas_failed(c, cublasCreate(&c->blas), "cublasCreate") ||
         blas_failed(c, cublasSetStream(c->blas, c->s), "cublasSetStream")) {
         k_destroy(&c->k);

@@ -87,7 +87,7 @@ int64_t pdc_attn_decode_scratch(const pd_attn_args_t *a, int64_t n_q, int64_t ma
  * queries q_idx[0..n_q) (device; indices into the batch, NULL: all T), each over its
  * own context 0..pos[t], split along the context (flash-decoding): one pass of
  * partials into scratch, one pass folding them. max_ctx bounds pos[t] + 1 for the
- * listed queries. KV dtype F32 or F16; head_dim a multiple of 32, at most 256. */
+ * listed queries. KV dtype F32 or F16; head_dim a multiple of 8, at most 256. */
 cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a, const int32_t *q_idx,
                             int64_t n_q, int64_t max_ctx, float *scratch);
 /* Paged attention for runs of consecutive queries of one sequence (prompt chunks):

@@ -19,13 +19,14 @@
 
 #include "kernels/cuda/cuda_internal.h"
 
-namespace {
+namespace
+{
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kThreads = 256;       /* element-wise and small row kernels */
-constexpr int kRowThreads = 512;    /* rmsnorm, softmax */
-constexpr int kWideThreads = 1024;  /* argmax, sampling: rows of a whole vocabulary */
-constexpr int64_t kGridCap = 4096;  /* grid-stride kernels: enough blocks to fill a GPU */
+constexpr int kThreads = 256;      /* element-wise and small row kernels */
+constexpr int kRowThreads = 512;   /* rmsnorm, softmax */
+constexpr int kWideThreads = 1024; /* argmax, sampling: rows of a whole vocabulary */
+constexpr int64_t kGridCap = 4096; /* grid-stride kernels: enough blocks to fill a GPU */
 constexpr int64_t kRowGridCap = 65535;
 
 /* ---- launch helpers ---- */
@@ -90,8 +91,7 @@ __device__ float block_max(float v, float *red /* [32] */)
 }
 
 /* op 0: min, op 1: max, over ints. */
-template <int kMax>
-__device__ int block_minmax_int(int v, int *red /* [32] */)
+template <int kMax> __device__ int block_minmax_int(int v, int *red /* [32] */)
 {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int o = 16; o > 0; o >>= 1) {
@@ -276,7 +276,8 @@ __global__ void __launch_bounds__(kRowThreads)
     }
 }
 
-__global__ void __launch_bounds__(kRowThreads) softmax_kernel(float *x, int64_t T, int64_t n)
+__global__ void __launch_bounds__(kRowThreads)
+    softmax_kernel(float *x, int64_t T, int64_t n)
 {
     __shared__ float red[32];
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
@@ -328,8 +329,8 @@ __global__ void __launch_bounds__(kThreads)
 
 /* ---- element-wise ---- */
 
-__global__ void __launch_bounds__(kThreads) silu_mul_kernel(float *gate, const float *up,
-                                                            int64_t n)
+__global__ void __launch_bounds__(kThreads)
+    silu_mul_kernel(float *gate, const float *up, int64_t n)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -340,7 +341,8 @@ __global__ void __launch_bounds__(kThreads) silu_mul_kernel(float *gate, const f
     }
 }
 
-__global__ void __launch_bounds__(kThreads) add_kernel(float *y, const float *x, int64_t n)
+__global__ void __launch_bounds__(kThreads)
+    add_kernel(float *y, const float *x, int64_t n)
 {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
@@ -446,14 +448,10 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kMvWarps = 8;
 constexpr int kMvThreads = kMvWarps * 32;
 constexpr int kMvXFloats = 8192; /* TG * K */
-/* Resident blocks per SM the kernel is built for (float dtypes: <= 64 registers a
- * thread, quantized: <= 80, room for the pipelined round; shared memory <= 45 KiB a
- * block); the grid is capped at this many per SM and the blocks loop over row
- * groups, so x is staged once per block when n_in <= K. */
-__host__ __device__ constexpr int mv_blocks_per_sm(int dt)
-{
-    return dt == PD_DTYPE_Q8_0 || dt == PD_DTYPE_Q4_0 ? 3 : 4;
-}
+/* Resident blocks per SM the kernel is built for (<= 64 registers a thread, shared
+ * memory <= 45 KiB a block); the grid is capped at this many per SM and the blocks
+ * loop over row groups, so x is staged once per block when n_in <= K. */
+constexpr int kMvBlocksPerSm = 4;
 
 template <int DT> struct MvQuant {
     static constexpr int kBlockBytes = DT == PD_DTYPE_Q8_0 ? 34 : 18;
@@ -485,8 +483,8 @@ __device__ __forceinline__ float2 half2_bits_to_f32(uint32_t u, bool bf16)
 
 /* The uint4 g0 + lane, g0 + 32 + lane, ... (U of them) of a chunk of G (zeros past G). */
 template <int U>
-__device__ __forceinline__ void vec_round_load(uint4 (&r)[U], const uint4 *wv, int g0, int G,
-                                               int lane)
+__device__ __forceinline__ void vec_round_load(uint4 (&r)[U], const uint4 *wv, int g0,
+                                               int G, int lane)
 {
 #pragma unroll
     for (int u = 0; u < U; u++) {
@@ -513,7 +511,8 @@ __device__ __forceinline__ void mv_f32_vec(const uint4 *wv, int G, const float *
                 const float w2 = __uint_as_float(r[u].z), w3 = __uint_as_float(r[u].w);
 #pragma unroll
                 for (int t = 0; t < TG; t++) {
-                    const float4 xv = *reinterpret_cast<const float4 *>(xs + t * kstride + 4 * g);
+                    const float4 xv =
+                        *reinterpret_cast<const float4 *>(xs + t * kstride + 4 * g);
                     acc[t] = fmaf(w0, xv.x, acc[t]);
                     acc[t] = fmaf(w1, xv.y, acc[t]);
                     acc[t] = fmaf(w2, xv.z, acc[t]);
@@ -565,8 +564,9 @@ __device__ __forceinline__ void mv_half_vec(const uint4 *wv, int G, const float 
 
 /* Float dtypes, any alignment: lane-strided scalar loads of the kc columns. */
 template <int DT, int TG>
-__device__ __forceinline__ void mv_float_scalar(const uint8_t *rowc, int kc, const float *xs,
-                                                int kstride, int lane, float (&acc)[TG])
+__device__ __forceinline__ void mv_float_scalar(const uint8_t *rowc, int kc,
+                                                const float *xs, int kstride, int lane,
+                                                float (&acc)[TG])
 {
 #pragma unroll 4
     for (int j = lane; j < kc; j += 32) {
@@ -600,7 +600,8 @@ __device__ __forceinline__ void quant_block_dot(const uint16_t *bq, const float 
             const float f3 = byte_magic(v, 3) - 8388736.0f;
 #pragma unroll
             for (int t = 0; t < TG; t++) {
-                const float4 xv = *reinterpret_cast<const float4 *>(xb + t * kstride + 4 * q);
+                const float4 xv =
+                    *reinterpret_cast<const float4 *>(xb + t * kstride + 4 * q);
                 s[t] = fmaf(f0, xv.x, s[t]);
                 s[t] = fmaf(f1, xv.y, s[t]);
                 s[t] = fmaf(f2, xv.z, s[t]);
@@ -623,7 +624,8 @@ __device__ __forceinline__ void quant_block_dot(const uint16_t *bq, const float 
             const float h3 = byte_magic(hi, 3) - 8388616.0f;
 #pragma unroll
             for (int t = 0; t < TG; t++) {
-                const float4 xl = *reinterpret_cast<const float4 *>(xb + t * kstride + 4 * q);
+                const float4 xl =
+                    *reinterpret_cast<const float4 *>(xb + t * kstride + 4 * q);
                 const float4 xh =
                     *reinterpret_cast<const float4 *>(xb + t * kstride + 16 + 4 * q);
                 s[t] = fmaf(l0, xl.x, s[t]);
@@ -652,7 +654,8 @@ __device__ __forceinline__ void quant_round_load(uint4 (&r)[MvQuant<DT>::kLoads]
     using Q = MvQuant<DT>;
     const int nblk = min(Q::kSub * 32, nb - b0);
     const int n16 = nblk * Q::kBlockBytes / 16;
-    const uint4 *src = reinterpret_cast<const uint4 *>(rowc + (int64_t)b0 * Q::kBlockBytes);
+    const uint4 *src =
+        reinterpret_cast<const uint4 *>(rowc + (int64_t)b0 * Q::kBlockBytes);
 #pragma unroll
     for (int q = 0; q < Q::kLoads; q++) {
         const int idx = lane + 32 * q;
@@ -662,19 +665,22 @@ __device__ __forceinline__ void quant_round_load(uint4 (&r)[MvQuant<DT>::kLoads]
 
 /* Quantized rows: the nb blocks of this chunk from rowc, kSub * 32 at a time through
  * the warp's stage; lane l takes blocks l, l + 32, ... (ascending, whatever kSub).
- * Aligned rows are software-pipelined: the next round's loads are issued before this
- * round's blocks are dequantized, so a warp always has a round in flight; r holds the
- * first round, loaded by the caller before it staged x (unused for unaligned rows). */
+ * r holds the first round of an aligned row, loaded by the caller before it staged x
+ * (unused for unaligned rows). Issuing the next round before dequantizing this one
+ * (software pipelining) was measured slower: it needs the registers of a fourth
+ * resident block per SM. */
 template <int DT, int TG, bool kVec>
-__device__ __forceinline__ void mv_quant(const uint8_t *rowc, int nb, const float *xs,
-                                         int kstride, uint8_t *stage, int lane,
-                                         float (&acc)[TG], uint4 (&r)[MvQuant<DT>::kLoads])
+__device__ __forceinline__ void
+mv_quant(const uint8_t *rowc, int nb, const float *xs, int kstride, uint8_t *stage,
+         int lane, float (&acc)[TG], uint4 (&r)[MvQuant<DT>::kLoads])
 {
     using Q = MvQuant<DT>;
     constexpr int kStep = Q::kSub * 32;
     for (int b0 = 0; b0 < nb; b0 += kStep) {
         const int nblk = min(kStep, nb - b0);
         if constexpr (kVec) {
+            if (b0 > 0)
+                quant_round_load<DT>(r, rowc, b0, nb, lane);
             const int n16 = nblk * Q::kBlockBytes / 16;
 #pragma unroll
             for (int q = 0; q < Q::kLoads; q++) {
@@ -690,10 +696,6 @@ __device__ __forceinline__ void mv_quant(const uint8_t *rowc, int nb, const floa
                     __ldg(reinterpret_cast<const unsigned short *>(src) + idx);
         }
         __syncwarp();
-        if constexpr (kVec) {
-            if (b0 + kStep < nb) /* warp-uniform */
-                quant_round_load<DT>(r, rowc, b0 + kStep, nb, lane);
-        }
 #pragma unroll
         for (int sub = 0; sub < Q::kSub; sub++) {
             const int j = lane + 32 * sub;
@@ -711,7 +713,8 @@ __device__ __forceinline__ void mv_quant(const uint8_t *rowc, int nb, const floa
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
 {
     const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem)
+                 : "memory");
 }
 
 __device__ __forceinline__ void cp_async_wait_all()
@@ -751,12 +754,12 @@ __device__ __forceinline__ void mv_stage_x(float *xs, int kstride, const float *
 }
 
 template <int DT, int TG, bool kVec>
-__global__ void __launch_bounds__(kMvThreads, mv_blocks_per_sm(DT))
+__global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
     matvec_kernel(const uint8_t *w, int64_t row_bytes, int64_t n_in, int64_t n_out,
                   const float *x, int64_t T, float *y, int chunk, int kstride, bool x_vec)
 {
     constexpr bool kQuant = is_quant(DT);
-    constexpr int kU = TG == 1 ? 8 : TG <= 4 ? 4 : 2; /* uint4 loads in flight per lane */
+    constexpr int kU = TG == 1 ? 6 : TG <= 4 ? 4 : 2; /* uint4 loads in flight per lane */
     /* a chunk starts k0 / kElemsPer * kBytesPer bytes into the row (k0 is a multiple of
      * 1024); kElemsPer16: elements per uint4 of the float dtypes */
     constexpr int kElemsPer = kQuant ? PD_QK : 1;
@@ -770,7 +773,8 @@ __global__ void __launch_bounds__(kMvThreads, mv_blocks_per_sm(DT))
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     uint8_t *stage = nullptr;
     if constexpr (kQuant) /* after xs: TG * kstride * 4 is a multiple of 144 bytes */
-        stage = mv_smem + (size_t)TG * kstride * 4 + (size_t)warp * MvQuant<DT>::kStageBytes;
+        stage =
+            mv_smem + (size_t)TG * kstride * 4 + (size_t)warp * MvQuant<DT>::kStageBytes;
 
     const int64_t n_groups = (T + TG - 1) / TG;
     const int64_t n_rg = (n_out + kMvWarps - 1) / kMvWarps;
@@ -812,13 +816,15 @@ __global__ void __launch_bounds__(kMvThreads, mv_blocks_per_sm(DT))
                 if (!valid)
                     continue;
                 if constexpr (kQuant) {
-                    mv_quant<DT, TG, kVec>(wc, kc / PD_QK, xs, kstride, stage, lane, acc, r);
+                    mv_quant<DT, TG, kVec>(wc, kc / PD_QK, xs, kstride, stage, lane, acc,
+                                           r);
                 } else if constexpr (kVec && DT == PD_DTYPE_F32) {
-                    mv_f32_vec<TG, kU>(reinterpret_cast<const uint4 *>(wc), kc / 4, xs, kstride,
-                                       lane, acc, r);
+                    mv_f32_vec<TG, kU>(reinterpret_cast<const uint4 *>(wc), kc / 4, xs,
+                                       kstride, lane, acc, r);
                 } else if constexpr (kVec) {
-                    mv_half_vec<TG, kU, DT == PD_DTYPE_BF16>(reinterpret_cast<const uint4 *>(wc),
-                                                             kc / 8, xs, kstride, lane, acc, r);
+                    mv_half_vec<TG, kU, DT == PD_DTYPE_BF16>(
+                        reinterpret_cast<const uint4 *>(wc), kc / 8, xs, kstride, lane,
+                        acc, r);
                 } else {
                     mv_float_scalar<DT, TG>(wc, kc, xs, kstride, lane, acc);
                 }
@@ -850,7 +856,7 @@ cudaError_t matvec_launch(cudaStream_t s, const void *w, int64_t n_in, int64_t n
     const bool vec = aligned16(w) && row_bytes % 16 == 0;
     const bool x_vec = aligned16(x) && n_in % 4 == 0;
     const int64_t n_rg = (n_out + kMvWarps - 1) / kMvWarps;
-    const int64_t cap = (int64_t)sms * mv_blocks_per_sm(DT);
+    const int64_t cap = (int64_t)sms * kMvBlocksPerSm;
     const int64_t n_groups = (T + TG - 1) / TG;
     dim3 grid((unsigned)(n_rg < cap ? n_rg : cap),
               (unsigned)(n_groups < kRowGridCap ? n_groups : kRowGridCap));
@@ -1123,7 +1129,8 @@ __global__ void __launch_bounds__(kWideThreads)
 /* ---- entry points ---- */
 
 extern "C" cudaError_t pdc_get_rows(cudaStream_t s, pd_dtype_t dtype, const void *w,
-                                    int64_t ne0, const int32_t *ids, int64_t n, float *out)
+                                    int64_t ne0, const int32_t *ids, int64_t n,
+                                    float *out)
 {
     if (!dtype_ok(dtype, ne0) || ne0 < 0)
         return cudaErrorInvalidValue;
@@ -1169,8 +1176,8 @@ extern "C" cudaError_t pdc_rope(cudaStream_t s, float *x, const int32_t *pos, in
     const int64_t total = T * n_heads * (head_dim / 2);
     if (T <= 0 || total == 0)
         return cudaSuccess;
-    rope_kernel<<<grid_for(total, kThreads), kThreads, 0, s>>>(x, pos, T, n_heads, head_dim,
-                                                               theta);
+    rope_kernel<<<grid_for(total, kThreads), kThreads, 0, s>>>(x, pos, T, n_heads,
+                                                               head_dim, theta);
     return cudaGetLastError();
 }
 
@@ -1182,7 +1189,8 @@ extern "C" cudaError_t pdc_softmax(cudaStream_t s, float *x, int64_t T, int64_t 
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t pdc_silu_mul(cudaStream_t s, float *gate, const float *up, int64_t n)
+extern "C" cudaError_t pdc_silu_mul(cudaStream_t s, float *gate, const float *up,
+                                    int64_t n)
 {
     if (n <= 0)
         return cudaSuccess;
@@ -1242,8 +1250,8 @@ extern "C" cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *
     return cudaErrorInvalidValue;
 }
 
-extern "C" cudaError_t pdc_f32_to_half(cudaStream_t s, pd_dtype_t dst_dtype, const float *src,
-                                       void *dst, int64_t n)
+extern "C" cudaError_t pdc_f32_to_half(cudaStream_t s, pd_dtype_t dst_dtype,
+                                       const float *src, void *dst, int64_t n)
 {
     if (dst_dtype != PD_DTYPE_F16 && dst_dtype != PD_DTYPE_BF16)
         return cudaErrorInvalidValue;
@@ -1254,8 +1262,8 @@ extern "C" cudaError_t pdc_f32_to_half(cudaStream_t s, pd_dtype_t dst_dtype, con
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t pdc_half_to_f32(cudaStream_t s, pd_dtype_t src_dtype, const void *src,
-                                       float *dst, int64_t n)
+extern "C" cudaError_t pdc_half_to_f32(cudaStream_t s, pd_dtype_t src_dtype,
+                                       const void *src, float *dst, int64_t n)
 {
     if (src_dtype != PD_DTYPE_F16 && src_dtype != PD_DTYPE_BF16)
         return cudaErrorInvalidValue;
@@ -1302,15 +1310,19 @@ static cudaError_t kv_copy(cudaStream_t s, bool scatter, void *cache, int64_t ro
     if (row_bytes % 16 == 0 && aligned16(cache) && aligned16(rows)) {
         uint4 *c = static_cast<uint4 *>(cache), *r = static_cast<uint4 *>(rows);
         if (scatter)
-            kv_copy_kernel<uint4, true><<<g, kThreads, 0, s>>>(c, row_bytes / 16, slots, n, r);
+            kv_copy_kernel<uint4, true>
+                <<<g, kThreads, 0, s>>>(c, row_bytes / 16, slots, n, r);
         else
-            kv_copy_kernel<uint4, false><<<g, kThreads, 0, s>>>(c, row_bytes / 16, slots, n, r);
+            kv_copy_kernel<uint4, false>
+                <<<g, kThreads, 0, s>>>(c, row_bytes / 16, slots, n, r);
     } else {
         uint32_t *c = static_cast<uint32_t *>(cache), *r = static_cast<uint32_t *>(rows);
         if (scatter)
-            kv_copy_kernel<uint32_t, true><<<g, kThreads, 0, s>>>(c, row_bytes / 4, slots, n, r);
+            kv_copy_kernel<uint32_t, true>
+                <<<g, kThreads, 0, s>>>(c, row_bytes / 4, slots, n, r);
         else
-            kv_copy_kernel<uint32_t, false><<<g, kThreads, 0, s>>>(c, row_bytes / 4, slots, n, r);
+            kv_copy_kernel<uint32_t, false>
+                <<<g, kThreads, 0, s>>>(c, row_bytes / 4, slots, n, r);
     }
     return cudaGetLastError();
 }

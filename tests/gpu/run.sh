@@ -19,7 +19,7 @@ OUT=${1:-$SRC/build-gpu/report}
 BUILD=${PD_GPU_BUILD:-$SRC/build-gpu}
 export PD_SHARED_DIR=${PD_SHARED_DIR:-$SRC/../shared}
 mkdir -p "$OUT"
-REPORT=$OUT/report.md
+REPORT=${PD_GPU_REPORT:-$OUT/report.md}
 STATUS=0
 step() { echo "== $*" | tee -a "$REPORT"; }
 fail() { echo "FAILED: $*" | tee -a "$REPORT"; STATUS=1; }
@@ -45,7 +45,7 @@ t0=$(date +%s)
 if ! { cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPD_CUDA=ON -DPD_WERROR=OFF \
         -DPD_CUDA_ARCHS="$ARCH" -DPD_BUILD_TESTS=OFF -DPD_BUILD_SERVICE=$SERVICE \
         > "$OUT/build.log" 2>&1 &&
-       cmake --build "$BUILD" -j"$(nproc)" --target pdctl test_cuda_ops bench_cuda \
+       cmake --build "$BUILD" -j"$(nproc)" --target pdctl test_cuda_ops test_cuda_handoff bench_cuda \
         >> "$OUT/build.log" 2>&1; }; then
     tail -40 "$OUT/build.log" | tee -a "$REPORT"
     fail "build"
@@ -65,6 +65,15 @@ else
 fi
 grep -E "^(FAIL|ok)" "$OUT/ops.log" | sed 's/^/    /' >> "$REPORT"
 
+# ---- 1b. the KV handoff between two GPU engines ----
+step "1b. test_cuda_handoff (prefill engine mirrored to host, decode engine staged)"
+if timeout 120 "$BIN/test_cuda_handoff" "$PD_SHARED_DIR" > "$OUT/handoff.log" 2>&1; then
+    tail -1 "$OUT/handoff.log" | tee -a "$REPORT"
+else
+    fail "test_cuda_handoff"
+    tail -20 "$OUT/handoff.log" | tee -a "$REPORT"
+fi
+
 # ---- 2. golden and BF16 ----
 step "2. golden ids on --device cuda; BF16 against F32"
 MODEL_DIR=$BUILD/models
@@ -77,17 +86,6 @@ else
     grep -E "^FAIL|Error|error" "$OUT/golden.log" | head -20 | tee -a "$REPORT"
 fi
 grep BF16_REPORT "$OUT/golden.log" | tee -a "$REPORT"
-
-# ---- 3. kernel benchmarks ----
-step "3. bench_cuda"
-q=""
-[ "$QUICK" = 1 ] && q=--quick
-if timeout 300 "$BIN/bench_cuda" $q > "$OUT/bench_cuda.json" 2> "$OUT/bench_cuda.err"; then
-    cat "$OUT/bench_cuda.json" | tee -a "$REPORT"
-else
-    fail "bench_cuda"
-    tail -20 "$OUT/bench_cuda.err" | tee -a "$REPORT"
-fi
 
 # ---- 4. end to end: mkmodel 1B, BF16 on the GPU ----
 step "4. pdctl generate, mkmodel 1B (F32 file, --weight-dtype bf16, KV f16)"
@@ -134,6 +132,17 @@ for rep in range(3):
          "load_ms": j["timings"]["load_ms"]})
 print(json.dumps(res, indent=1))
 EOF
+
+# ---- 3. kernel benchmarks ----
+step "3. bench_cuda"
+q=""
+[ "$QUICK" = 1 ] && q=--quick
+if timeout 300 "$BIN/bench_cuda" $q > "$OUT/bench_cuda.json" 2> "$OUT/bench_cuda.err"; then
+    cat "$OUT/bench_cuda.json" | tee -a "$REPORT"
+else
+    fail "bench_cuda"
+    tail -20 "$OUT/bench_cuda.err" | tee -a "$REPORT"
+fi
 
 # ---- 5. the PyTorch peer ----
 step "5. PyTorch eager, the same shapes"
