@@ -147,8 +147,8 @@ int main(int argc, char **argv)
 
     /* 2. matvec, T = 1, the 1B preset's matrices (dim 2048, hidden 8192, kv 512,
      * vocab 32000), BF16 */
-    const int64_t shapes[][2] = {{2048, 2048}, {512, 2048}, {8192, 2048}, {2048, 8192},
-                                 {32000, 2048}};
+    const int64_t shapes[][2] = {
+        {2048, 2048}, {512, 2048}, {8192, 2048}, {2048, 8192}, {32000, 2048}};
     const char *names[] = {"wq_wo", "wk_wv", "gate_up", "down", "output"};
     printf(",\n \"matvec_bf16_T1\": {");
     double bytes_all = 0, time_all = 0;
@@ -208,7 +208,8 @@ int main(int argc, char **argv)
         }
         for (int64_t i = 0; i < n_blocks; i++) /* strided: not in memory order */
             tab[i] = (int32_t)((i * 7919) % n_blocks);
-        int32_t *dpos = dalloc(S * 4), *dseq = dalloc(S * 4), *dtab = dalloc(n_blocks * 4);
+        int32_t *dpos = dalloc(S * 4), *dseq = dalloc(S * 4),
+                *dtab = dalloc(n_blocks * 4);
         cudaMemcpy(dpos, pos, S * 4, cudaMemcpyHostToDevice);
         cudaMemcpy(dseq, seq, S * 4, cudaMemcpyHostToDevice);
         cudaMemcpy(dtab, tab, n_blocks * 4, cudaMemcpyHostToDevice);

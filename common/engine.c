@@ -35,15 +35,15 @@ struct req {
     int32_t cached_tokens, preemptions;
     double arrival_s, first_token_s;
     bool prefill_only;
-    int32_t spec_k;      /* most tokens proposed per step (0: no speculation) */
-    int32_t *draft;      /* [spec_k] this step's proposal */
+    int32_t spec_k; /* most tokens proposed per step (0: no speculation) */
+    int32_t *draft; /* [spec_k] this step's proposal */
     int32_t n_draft;
-    int32_t n_logits; /* rows of logits this step (1 + n_draft, or 0) */
+    int32_t n_logits;              /* rows of logits this step (1 + n_draft, or 0) */
     int32_t d_computed, n_dblocks; /* the draft model's KV: positions, blocks held */
     int32_t d_room;                /* proposals wanted from the draft this step */
     int64_t spec_proposed, spec_accepted;
-    double spec_acc;    /* acceptance estimate (exponential average) */
-    int32_t spec_idle;  /* steps since it last proposed with adaptive k = 0 */
+    double spec_acc;     /* acceptance estimate (exponential average) */
+    int32_t spec_idle;   /* steps since it last proposed with adaptive k = 0 */
     int32_t *pre_blocks; /* a prefilled request's blocks until it starts */
     int32_t n_pre;
     int finish_now; /* 0, or 1 + the finish of a prefilled request done at add */
@@ -79,7 +79,7 @@ struct pd_engine {
      * (the logits stay there), or of a draft pass */
     int32_t *row_ids;
     bool greedy_step; /* this step's tokens come from row_ids */
-    req_t **sched;                       /* [max_seqs] scheduled this step */
+    req_t **sched;    /* [max_seqs] scheduled this step */
     int32_t n_sched;
     bool in_step;
     pd_engine_stats_t stats;
@@ -169,7 +169,8 @@ static pd_status_t draft_new(pd_engine_t *e, const pd_model_t *dm)
                 pd_tokenizer_n_vocab(b) == nv;
     for (int32_t i = 0; same && i < nv; i++) {
         size_t la = 0, lb = 0;
-        const char *pa = pd_tokenizer_piece(a, i, &la), *pb = pd_tokenizer_piece(b, i, &lb);
+        const char *pa = pd_tokenizer_piece(a, i, &la),
+                   *pb = pd_tokenizer_piece(b, i, &lb);
         same = la == lb && (!la || memcmp(pa, pb, la) == 0);
     }
     if (!same) {
@@ -258,7 +259,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     int64_t max_logits = (int64_t)e->max_seqs * (1 + e->spec_k);
     pd_llm_opts_t lo = {.max_ctx = e->max_len,
                         .max_batch_tokens = e->max_T,
-                        .max_logits = (int32_t)(max_logits < e->max_T ? max_logits : e->max_T),
+                        .max_logits =
+                            (int32_t)(max_logits < e->max_T ? max_logits : e->max_T),
                         .no_private_kv = true};
     st = pd_llm_new(model, kernels, &lo, &e->llm);
     size_t T = (size_t)e->max_T, S = (size_t)e->max_seqs;
@@ -369,7 +371,8 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
         return st;
     int32_t n_pre = q->kv_blocks ? (q->n_prompt + e->bs - 1) / e->bs : 0;
     if (q->kv_blocks) {
-        if (q->prefill_only || q->first_token < 0 || q->first_token >= e->cfg.vocab_size) {
+        if (q->prefill_only || q->first_token < 0 ||
+            q->first_token >= e->cfg.vocab_size) {
             PD_LOG_ERROR("request refused: a prefilled request with first token %d "
                          "(vocabulary %d)%s",
                          q->first_token, e->cfg.vocab_size,
@@ -408,7 +411,9 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     r->n_prompt = r->n_tokens = q->n_prompt;
     r->max_tokens = max_tokens;
     r->prefill_only = q->prefill_only;
-    r->spec_k = q->spec_k < 0 ? 0 : q->spec_k == 0 || q->spec_k > e->spec_k ? e->spec_k : q->spec_k;
+    r->spec_k = q->spec_k < 0                             ? 0
+                : q->spec_k == 0 || q->spec_k > e->spec_k ? e->spec_k
+                                                          : q->spec_k;
     r->spec_acc = 0.6; /* optimistic until it has history */
     if (q->prefill_only)
         r->spec_k = 0;
@@ -758,7 +763,8 @@ static void draft_propose(pd_engine_t *e)
         int32_t c = r->n_tokens - r->d_computed, avail = e->max_T - t;
         bool full = c <= avail;
         int32_t take = full ? c : avail;
-        if (take <= 0 || !dgrow(e, r, r->d_computed + take + (full ? r->d_room - 1 : 0))) {
+        if (take <= 0 ||
+            !dgrow(e, r, r->d_computed + take + (full ? r->d_room - 1 : 0))) {
             r->d_room = 0;
             continue;
         }
@@ -1073,9 +1079,8 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         req_t *r = e->sched[i];
         for (int32_t j = 0; j < r->sched; j++, t++) {
             /* a proposal follows the pending token */
-            e->ids[t] = j < r->sched - r->n_draft
-                            ? r->tokens[r->n_computed + j]
-                            : r->draft[j - (r->sched - r->n_draft)];
+            e->ids[t] = j < r->sched - r->n_draft ? r->tokens[r->n_computed + j]
+                                                  : r->draft[j - (r->sched - r->n_draft)];
             e->pos[t] = r->n_computed + j;
             e->seq[t] = r->slot;
         }

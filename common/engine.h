@@ -97,7 +97,6 @@ typedef struct pd_engine_opts {
     } on_layer;
 } pd_engine_opts_t;
 
-
 typedef enum pd_engine_finish {
     PD_ENGINE_FINISH_STOP = PD_FINISH_STOP,     /* EOS, BOS or a stop id */
     PD_ENGINE_FINISH_LENGTH = PD_FINISH_LENGTH, /* max_tokens or the context */
@@ -116,7 +115,7 @@ typedef struct pd_engine_result {
     int32_t n_gen, n_prompt;
     int32_t cached_tokens; /* prompt tokens served by the prefix cache (first start) */
     int32_t preemptions;
-    int64_t spec_proposed, spec_accepted; /* speculative tokens proposed, accepted */
+    int64_t spec_proposed, spec_accepted;      /* speculative tokens proposed, accepted */
     double arrival_s, first_token_s, finish_s; /* engine clock, seconds */
     /* A prefill_only request that finished with its first token: the blocks holding
      * its prompt's KV (ceil(n_prompt / block_size)), one reference each now owned by

@@ -15,7 +15,7 @@ struct pd_kv_pool {
     int64_t row_elems;
     pd_dtype_t dtype;
     size_t es, layer_bytes;
-    uint8_t *k, *v; /* [n_layers][n_blocks][block_size][row_elems] */
+    uint8_t *k, *v;    /* [n_layers][n_blocks][block_size][row_elems] */
     pd_kernels_t *dev; /* a device backend, or NULL */
     pd_kv_host_t host;
     uint8_t *dk, *dv; /* device storage, laid out as k and v */
@@ -483,7 +483,8 @@ uint64_t pd_kv_checksum(const pd_kv_pool_t *p, const int32_t *blocks, int32_t n_
         for (int kv = 0; kv < 2; kv++) {
             const uint8_t *base = (kv ? p->v : p->k) + (size_t)l * p->layer_bytes;
             for (int32_t pos = 0; pos < n_tokens; pos += p->block_size) {
-                int32_t n = n_tokens - pos < p->block_size ? n_tokens - pos : p->block_size;
+                int32_t n =
+                    n_tokens - pos < p->block_size ? n_tokens - pos : p->block_size;
                 int32_t b = blocks[pos / p->block_size];
                 XXH3_64bits_update(&st, base + (size_t)b * bbytes, (size_t)n * row);
             }

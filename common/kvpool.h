@@ -106,7 +106,8 @@ pd_kv_host_t pd_kv_pool_host(const pd_kv_pool_t *p);
  * done when it returns. PD_OK doing nothing on a host
  * pool; PD_ERR_INVALID without a host copy or for a bad block id; PD_ERR_IO when the
  * device fails. */
-pd_status_t pd_kv_pool_download(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n);
+pd_status_t pd_kv_pool_download(pd_kv_pool_t *p, int layer, const int32_t *ids,
+                                int32_t n);
 pd_status_t pd_kv_pool_upload(pd_kv_pool_t *p, int layer, const int32_t *ids, int32_t n);
 int64_t pd_kv_pool_row_elems(const pd_kv_pool_t *p); /* n_kv_heads * head_dim */
 pd_kv_pool_stats_t pd_kv_pool_stats(const pd_kv_pool_t *p);

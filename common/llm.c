@@ -35,15 +35,15 @@ struct pd_llm {
     void *layer_user;
     /* A device backend (k->device): the buffers above except slots, own_table, own_seq
      * and logits are device memory, the weights are device copies in dw, and each pass
-     * uploads its batch description into the d_ arrays. */
+     * uploads its batch description into stage_d (upload_batch). */
     bool dev;
-    pd_model_weights_t dw; /* what the kernels read: the model's weights or copies */
+    pd_model_weights_t dw;      /* what the kernels read: the model's weights or copies */
     int32_t *stage_h, *stage_d; /* the packed batch description, host and device */
-    size_t stage_cap;            /* int32 elements of each */
+    size_t stage_cap;           /* int32 elements of each */
     bool stage_pinned;
-    int32_t *d_slots;            /* into stage_d: the slots of this pass */
-    float *d_logits;       /* [max_logits][vocab] */
-    int32_t *touched;      /* [max_T] blocks the pass writes (host mirrors) */
+    int32_t *d_slots; /* into stage_d: the slots of this pass */
+    float *d_logits;  /* [max_logits][vocab] */
+    int32_t *touched; /* [max_T] blocks the pass writes (host mirrors) */
     int32_t n_touched;
     bool logits_pinned;
 };
@@ -146,7 +146,7 @@ static pd_status_t upload_weights(pd_llm_t *l)
 
 static void free_buffers(pd_llm_t *l)
 {
-    float **bufs[] = {&l->x,  &l->xb, &l->xb2, &l->q,  &l->kk,       &l->vv,
+    float **bufs[] = {&l->x,   &l->xb, &l->xb2, &l->q,  &l->kk,      &l->vv,
                       &l->att, &l->hb, &l->hb2, &l->xo, &l->d_logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         free_buf(l, *bufs[i]);
@@ -237,10 +237,11 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
             l->logits = aligned_alloc(64, (nl + 63) / 64 * 64);
         fail |= !l->logits;
         if (l->dev) {
-            l->d_logits = alloc_floats(l, (size_t)l->max_logits, (size_t)c->vocab_size,
-                                       &fail);
+            l->d_logits =
+                alloc_floats(l, (size_t)l->max_logits, (size_t)c->vocab_size, &fail);
             if (l->logits && l->k->pin) /* not pinned: slower copies, still right */
-                l->logits_pinned = l->k->pin(l->k, l->logits, (nl + 63) / 64 * 64) == PD_OK;
+                l->logits_pinned =
+                    l->k->pin(l->k, l->logits, (nl + 63) / 64 * 64) == PD_OK;
         }
         l->own_seq = calloc(T, sizeof *l->own_seq);
         l->slots = malloc(T * sizeof *l->slots);
@@ -300,7 +301,8 @@ static pd_status_t check_batch(pd_llm_t *l, const pd_kv_pool_t *pool,
     if (l->dev != (pd_kv_pool_device(pool) != NULL)) {
         PD_LOG_ERROR("forward batch: the kv pool is in %s memory, the kernels compute on "
                      "the %s",
-                     pd_kv_pool_device(pool) ? "device" : "host", l->dev ? "device" : "host");
+                     pd_kv_pool_device(pool) ? "device" : "host",
+                     l->dev ? "device" : "host");
         return PD_ERR_INVALID;
     }
     if (pd_kv_pool_row_elems(pool) != l->kv_dim || b->n_seqs < 1 || b->bt_stride < 1) {
@@ -365,8 +367,8 @@ static pd_status_t upload_batch(pd_llm_t *l, const pd_llm_batch_t *b, pd_llm_bat
         size_t cap = need + need / 2;
         l->stage_h = malloc(cap * sizeof(int32_t));
         l->stage_d = k->alloc(k, cap * sizeof(int32_t));
-        l->stage_pinned = l->stage_h && k->pin &&
-                          k->pin(k, l->stage_h, cap * sizeof(int32_t)) == PD_OK;
+        l->stage_pinned =
+            l->stage_h && k->pin && k->pin(k, l->stage_h, cap * sizeof(int32_t)) == PD_OK;
         l->stage_cap = l->stage_h && l->stage_d ? cap : 0;
         if (!l->stage_cap)
             return PD_ERR_NOMEM;

@@ -547,7 +547,8 @@ static int setup(worker_t *w)
     /* on a GPU the pool keeps a pinned host copy that the transfers read (prefill:
      * every layer mirrored as it finishes) or write (decode: moved to the device when
      * the request is admitted) */
-    w->o.eo.kv_host = w->o.role == PD_WORKER_PREFILL ? PD_KV_HOST_MIRROR : PD_KV_HOST_STAGING;
+    w->o.eo.kv_host =
+        w->o.role == PD_WORKER_PREFILL ? PD_KV_HOST_MIRROR : PD_KV_HOST_STAGING;
     w->o.eo.on_layer.fn = wk_on_layer;
     w->o.eo.on_layer.user = w;
     if (w->o.spec_on == 2 && w->o.role == PD_WORKER_DECODE) {

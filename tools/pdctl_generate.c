@@ -24,45 +24,46 @@
 static void usage(FILE *f)
 {
     fprintf(
-        f, "usage: pdctl generate --model M [--tokenizer T] --prompt P [--max-tokens N]\n"
-           "         [--temperature X] [--top-p X] [--top-k N] [--min-p X] [--seed N]\n"
-           "         [--threads N] [--ignore-eos] [--format text|json]\n"
-           "         [--ctx N] [--batch N] [--isa auto|scalar|avx2|avx512]\n"
-           "         [--kv-dtype auto|f32|f16] [--load copy|mmap]\n"
-           "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
-           "  M is a .gguf file, or a llama2.c checkpoint with its tokenizer.bin as T.\n"
-           "  Defaults: --max-tokens 256, --temperature 0 (greedy), top-p 1, top-k 0 "
-           "(off),\n"
-           "  min-p 0 (off), a random seed (printed in json), one thread per CPU,\n"
-           "  --ctx the model's context, --batch 512 (prompt tokens per forward pass),\n"
-           "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the "
-           "weights\n"
-           "  into memory on transparent huge pages; mmap maps the file instead).\n"
-           "  --device: where the model runs (cpu; cuda = GPU 0); --weight-dtype bf16\n"
-           "  converts F32 matrices to BF16 as they are uploaded to the GPU.\n"
-           "\n"
-           "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
-           "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
-           "         [--no-prefix-cache] [--spec ngram|draft|off] [--spec-k N]\n"
-           "         [--draft-model D]\n"
-           "         [and the options above]\n"
-           "  Runs every prompt of FILE (one JSON object a line: \"prompt\" or "
-           "\"prompt_ids\",\n"
-           "  optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", "
-           "\"min_p\", \"seed\",\n"
-           "  \"ignore_eos\", \"arrival_step\") through one batching engine with up "
-           "to N\n"
-           "  sequences in flight (default 16), request i arriving at step i*K (default "
-           "1),\n"
-           "  and prints one JSON line per prompt in input order, then a summary line.\n"
-           "  --kv-memory: the KV cache budget, e.g. 64MiB or 2GiB (default: room for N "
-           "full\n"
-           "  contexts, at most 1GiB); --block-size: positions per KV block (16);\n"
-           "  --batch: the token budget of one step (512); --spec ngram: speculative\n"
-           "  decoding of greedy requests by n-gram prompt lookup, up to --spec-k (4)\n"
-           "  proposed tokens per step, verified in the same pass (output unchanged);\n"
-           "  --draft-model D (same vocabulary; implies --spec draft): proposals from D;\n"
-           "  --spec-fixed: always --spec-k proposals (k is adaptive otherwise).\n");
+        f,
+        "usage: pdctl generate --model M [--tokenizer T] --prompt P [--max-tokens N]\n"
+        "         [--temperature X] [--top-p X] [--top-k N] [--min-p X] [--seed N]\n"
+        "         [--threads N] [--ignore-eos] [--format text|json]\n"
+        "         [--ctx N] [--batch N] [--isa auto|scalar|avx2|avx512]\n"
+        "         [--kv-dtype auto|f32|f16] [--load copy|mmap]\n"
+        "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
+        "  M is a .gguf file, or a llama2.c checkpoint with its tokenizer.bin as T.\n"
+        "  Defaults: --max-tokens 256, --temperature 0 (greedy), top-p 1, top-k 0 "
+        "(off),\n"
+        "  min-p 0 (off), a random seed (printed in json), one thread per CPU,\n"
+        "  --ctx the model's context, --batch 512 (prompt tokens per forward pass),\n"
+        "  --kv-dtype auto (f32 for f32 models, else f16), --load copy (read the "
+        "weights\n"
+        "  into memory on transparent huge pages; mmap maps the file instead).\n"
+        "  --device: where the model runs (cpu; cuda = GPU 0); --weight-dtype bf16\n"
+        "  converts F32 matrices to BF16 as they are uploaded to the GPU.\n"
+        "\n"
+        "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
+        "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
+        "         [--no-prefix-cache] [--spec ngram|draft|off] [--spec-k N]\n"
+        "         [--draft-model D]\n"
+        "         [and the options above]\n"
+        "  Runs every prompt of FILE (one JSON object a line: \"prompt\" or "
+        "\"prompt_ids\",\n"
+        "  optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", "
+        "\"min_p\", \"seed\",\n"
+        "  \"ignore_eos\", \"arrival_step\") through one batching engine with up "
+        "to N\n"
+        "  sequences in flight (default 16), request i arriving at step i*K (default "
+        "1),\n"
+        "  and prints one JSON line per prompt in input order, then a summary line.\n"
+        "  --kv-memory: the KV cache budget, e.g. 64MiB or 2GiB (default: room for N "
+        "full\n"
+        "  contexts, at most 1GiB); --block-size: positions per KV block (16);\n"
+        "  --batch: the token budget of one step (512); --spec ngram: speculative\n"
+        "  decoding of greedy requests by n-gram prompt lookup, up to --spec-k (4)\n"
+        "  proposed tokens per step, verified in the same pass (output unchanged);\n"
+        "  --draft-model D (same vocabulary; implies --spec draft): proposals from D;\n"
+        "  --spec-fixed: always --spec-k proposals (k is adaptive otherwise).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -154,8 +155,7 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
                 return -1;
             }
             a->bf16_weights = !strcmp(val, "bf16");
-        }
-        else if (!strcmp(o, "--kv-dtype"))
+        } else if (!strcmp(o, "--kv-dtype"))
             a->kv_dtype = val;
         else if (!strcmp(o, "--load"))
             a->load = val;
@@ -407,8 +407,8 @@ int pd_cmd_generate(int argc, char **argv)
     pd_gen_spec_counts_t sc = {0};
     bool spec = a.spec || a.draft_model;
     pd_status_t gst =
-        spec ? pd_generate_spec(&a, m, k, prompt_ids, (int32_t)n_prompt, on_token, &s, ids,
-                                &st, &sc)
+        spec ? pd_generate_spec(&a, m, k, prompt_ids, (int32_t)n_prompt, on_token, &s,
+                                ids, &st, &sc)
              : pd_generate(llm, smp, prompt_ids, (int32_t)n_prompt, pd_tokenizer_eos(tok),
                            pd_tokenizer_bos(tok), &go, on_token, &s, ids, &st);
     size_t n = pd_detok_flush(&s.detok, s.piece, s.piece_cap);

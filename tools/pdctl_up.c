@@ -299,13 +299,13 @@ static int parse(up_t *u, int argc, char **argv)
         else if (!strcmp(a, "--device"))
             u->device = v;
         else if (!strcmp(a, "--weight-dtype"))
-            bad = strcmp(v, "auto") && strcmp(v, "bf16") ? -1 : ((u->weight_dtype = v), 0);
+            bad =
+                strcmp(v, "auto") && strcmp(v, "bf16") ? -1 : ((u->weight_dtype = v), 0);
         else if (!strcmp(a, "--spec-k")) {
             int k = 0;
             bad = parse_int(v, 0, 64, &k);
             u->spec_k = v;
-        }
-        else if (!strcmp(a, "--bin-dir"))
+        } else if (!strcmp(a, "--bin-dir"))
             u->bin_dir = v;
         else if (!strcmp(a, "--log-dir"))
             u->log_dir = v;

@@ -145,9 +145,8 @@ static pd_status_t k_to_host(pd_kernels_t *k, void *dst, const void *src, size_t
 {
     cuda_kernels_t *c = ck_of(k);
     select_dev(c);
-    if (bytes &&
-        failed(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->s),
-               "copy to the host"))
+    if (bytes && failed(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->s),
+                        "copy to the host"))
         return PD_ERR_IO;
     if (failed(c, cudaStreamSynchronize(c->s), "stream") || c->failed)
         return PD_ERR_IO;
@@ -188,7 +187,8 @@ static void k_unpin(pd_kernels_t *k, void *p)
 
 /* F32 matrices become BF16 when asked, converted on the device in slices so the F32
  * copy never needs the whole tensor's room. */
-static pd_status_t k_upload_tensor(pd_kernels_t *k, const pd_tensor_t *w, pd_tensor_t *dev)
+static pd_status_t k_upload_tensor(pd_kernels_t *k, const pd_tensor_t *w,
+                                   pd_tensor_t *dev)
 {
     cuda_kernels_t *c = ck_of(k);
     select_dev(c);
@@ -218,12 +218,11 @@ static pd_status_t k_upload_tensor(pd_kernels_t *k, const pd_tensor_t *w, pd_ten
         const float *src = (const float *)w->data;
         for (int64_t i = 0; i < n && !c->failed; i += slice) {
             int64_t m = n - i < slice ? n - i : slice;
-            if (!failed(c, cudaMemcpy(tmp, src + i, (size_t)m * sizeof(float),
-                                      cudaMemcpyHostToDevice),
+            if (!failed(c,
+                        cudaMemcpy(tmp, src + i, (size_t)m * sizeof(float),
+                                   cudaMemcpyHostToDevice),
                         "weight upload"))
-                failed(c,
-                       pdc_f32_to_half(c->s, PD_DTYPE_BF16, tmp,
-                                       (uint16_t *)p + i, m),
+                failed(c, pdc_f32_to_half(c->s, PD_DTYPE_BF16, tmp, (uint16_t *)p + i, m),
                        "bf16 conversion");
             failed(c, cudaStreamSynchronize(c->s), "bf16 conversion");
         }
@@ -277,8 +276,8 @@ static void k_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int6
                 "gemm");
 }
 
-static void k_get_rows(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *ids, int64_t n,
-                       float *out)
+static void k_get_rows(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *ids,
+                       int64_t n, float *out)
 {
     cuda_kernels_t *c = ck_of(k);
     select_dev(c);
@@ -322,8 +321,9 @@ static void k_add(pd_kernels_t *k, float *y, const float *x, int64_t n)
     failed(c, pdc_add(c->s, y, x, n), "add");
 }
 
-static void k_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype, int64_t row_elems,
-                       const int32_t *slots, int64_t T, const float *src)
+static void k_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
+                       int64_t row_elems, const int32_t *slots, int64_t T,
+                       const float *src)
 {
     cuda_kernels_t *c = ck_of(k);
     select_dev(c);
@@ -416,14 +416,16 @@ static void k_attention(pd_kernels_t *k, const pd_attn_args_t *a)
             cudaFreeHost(c->plan_pin);
             c->plan_pin = NULL;
             c->plan_pin_elems = 0;
-            if (failed(c, cudaMallocHost((void **)&c->plan_pin, 2 * elems * sizeof(int32_t)),
+            if (failed(c,
+                       cudaMallocHost((void **)&c->plan_pin, 2 * elems * sizeof(int32_t)),
                        "pinned plan buffer"))
                 return;
             c->plan_pin_elems = 2 * elems;
         }
         memcpy(c->plan_pin, c->meta_host, elems * sizeof(int32_t));
-        if (failed(c, cudaMemcpyAsync(c->meta, c->plan_pin, elems * sizeof(int32_t),
-                                      cudaMemcpyHostToDevice, c->s),
+        if (failed(c,
+                   cudaMemcpyAsync(c->meta, c->plan_pin, elems * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, c->s),
                    "attention plan upload") ||
             failed(c, cudaEventRecord(c->plan_ev, c->s), "plan event"))
             return;
@@ -481,7 +483,8 @@ static void k_destroy(pd_kernels_t *k)
     free(c);
 }
 
-extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights, pd_kernels_t **k_p)
+extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
+                                           pd_kernels_t **k_p)
 {
     if (!k_p)
         return PD_ERR_INVALID;
@@ -509,7 +512,8 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights, pd_ker
     if (failed(c, cudaSetDevice(device), "cudaSetDevice") ||
         failed(c, cudaGetDeviceProperties(&prop, device), "device properties") ||
         failed(c, cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking), "stream") ||
-        failed(c, cudaEventCreateWithFlags(&c->plan_ev, cudaEventDisableTiming), "event") ||
+        failed(c, cudaEventCreateWithFlags(&c->plan_ev, cudaEventDisableTiming),
+               "event") ||
         blas_failed(c, cublasCreate(&c->blas), "cublasCreate") ||
         blas_failed(c, cublasSetStream(c->blas, c->s), "cublasSetStream")) {
         k_destroy(&c->k);

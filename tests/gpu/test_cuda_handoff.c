@@ -42,7 +42,7 @@ typedef struct req {
     int32_t prompt[MAX_POS], n_prompt;
     int32_t want[MAX_POS], n_want, exact;
     /* prefill side */
-    int32_t done_end[64]; /* per layer: rows already copied */
+    int32_t done_end[64];     /* per layer: rows already copied */
     uint8_t *k_rows, *v_rows; /* [n_layers][n_prompt][row] as copied at the hooks */
     int32_t first, kv[64], n_kv;
     uint64_t rng[4];
@@ -59,7 +59,8 @@ static size_t row_bytes, layer_bytes, block_bytes;
 static int32_t bs = 16;
 
 /* The layer hook: copy the rows this layer finished from the host copy. */
-static void on_layer(void *user, int32_t layer, const pd_engine_progress_t *seqs, int32_t n)
+static void on_layer(void *user, int32_t layer, const pd_engine_progress_t *seqs,
+                     int32_t n)
 {
     (void)user;
     for (int32_t i = 0; i < n; i++) {
@@ -149,8 +150,9 @@ int main(int argc, char **argv)
     pd_model_t *model = NULL;
     pd_kernels_t *k = NULL;
     if (n_reqs == 0 || pd_model_open(path, NULL, &model) != PD_OK ||
-        (argc > 2 && !strcmp(argv[2], "cpu") ? pd_kernels_cpu_new(2, NULL, &k)
-                                              : pd_kernels_cuda_new(0, false, &k)) != PD_OK) {
+        (argc > 2 && !strcmp(argv[2], "cpu")
+             ? pd_kernels_cpu_new(2, NULL, &k)
+             : pd_kernels_cuda_new(0, false, &k)) != PD_OK) {
         fprintf(stderr, "test_cuda_handoff: no golden lines, model or GPU\n");
         return 1;
     }
@@ -163,17 +165,21 @@ int main(int argc, char **argv)
                            .kv_host = PD_KV_HOST_MIRROR,
                            .no_prefix_cache = true, /* every row passes a hook */
                            .on_layer = {on_layer, NULL}};
-    pd_engine_opts_t dopt = {
-        .max_num_seqs = 16, .kv_blocks = 512, .eos = -1, .bos = -1, .kv_host = PD_KV_HOST_STAGING};
+    pd_engine_opts_t dopt = {.max_num_seqs = 16,
+                             .kv_blocks = 512,
+                             .eos = -1,
+                             .bos = -1,
+                             .kv_host = PD_KV_HOST_STAGING};
     pd_engine_t *P = NULL, *D = NULL;
-    if (pd_engine_new(model, k, &po, &P) != PD_OK || pd_engine_new(model, k, &dopt, &D) != PD_OK) {
+    if (pd_engine_new(model, k, &po, &P) != PD_OK ||
+        pd_engine_new(model, k, &dopt, &D) != PD_OK) {
         fprintf(stderr, "test_cuda_handoff: cannot create the engines\n");
         return 1;
     }
     ppool = pd_engine_kv(P);
     pd_kv_pool_t *dpool = pd_engine_kv(D);
-    check(!k->device ||
-              (pd_kv_pool_device(ppool) == k && pd_kv_pool_host(ppool) == PD_KV_HOST_MIRROR),
+    check(!k->device || (pd_kv_pool_device(ppool) == k &&
+                         pd_kv_pool_host(ppool) == PD_KV_HOST_MIRROR),
           "%s", "the prefill pool is not a mirrored device pool");
     row_bytes = pd_kv_pool_row_bytes(ppool);
     layer_bytes = pd_kv_pool_layer_bytes(ppool);
@@ -215,8 +221,10 @@ int main(int argc, char **argv)
                 size_t off = (size_t)l * dlb + (size_t)dst[p / bs] * block_bytes +
                              (size_t)(p % bs) * row_bytes;
                 size_t src = ((size_t)l * (size_t)r->n_prompt + (size_t)p) * row_bytes;
-                memcpy((uint8_t *)pd_kv_pool_k(dpool, 0) + off, r->k_rows + src, row_bytes);
-                memcpy((uint8_t *)pd_kv_pool_v(dpool, 0) + off, r->v_rows + src, row_bytes);
+                memcpy((uint8_t *)pd_kv_pool_k(dpool, 0) + off, r->k_rows + src,
+                       row_bytes);
+                memcpy((uint8_t *)pd_kv_pool_v(dpool, 0) + off, r->v_rows + src,
+                       row_bytes);
             }
         check(pd_kv_checksum(ppool, r->kv, r->n_prompt) ==
                   pd_kv_checksum(dpool, dst, r->n_prompt),

@@ -226,7 +226,8 @@ static void test_elementwise(pd_kernels_t *k, pd_kernels_t *cpu)
     const int64_t T = 7, n = 768;
     float *x = rand_vec(T * n, 3.0f), *w = rand_vec(n, 1.0f);
     float *a = malloc(T * n * 4), *b = malloc(T * n * 4);
-    float *dx = dev_put(x, T * n * 4), *dw = dev_put(w, n * 4), *dout = dev_put(NULL, T * n * 4);
+    float *dx = dev_put(x, T * n * 4), *dw = dev_put(w, n * 4),
+          *dout = dev_put(NULL, T * n * 4);
     /* rmsnorm */
     k->rmsnorm(k, dout, dx, dw, T, n, 1e-5f);
     dev_get(a, dout, T * n * 4);
@@ -562,7 +563,7 @@ int main(void)
     test_attention(k, cpu, PD_DTYPE_F32, 64, 8, 2);
     test_attention(k, cpu, PD_DTYPE_F16, 128, 32, 8);
     test_attention(k, cpu, PD_DTYPE_F32, 128, 4, 4);
-    test_attention(k, cpu, PD_DTYPE_F32, 8, 8, 4);  /* stories260K's heads */
+    test_attention(k, cpu, PD_DTYPE_F32, 8, 8, 4);   /* stories260K's heads */
     test_attention(k, cpu, PD_DTYPE_F16, 40, 16, 1); /* odd sizes, a group of 16 */
     test_sampling(k);
     if (k->sync(k) != PD_OK) {
