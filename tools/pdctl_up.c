@@ -141,6 +141,33 @@ static int n_alive(up_t *u, bool routers)
     return n;
 }
 
+/* Prints the last error line (else the last line) of every exited child's log, so a
+ * start that fails says why without opening the logs (a worker asked for a GPU this
+ * machine lacks, a model it cannot read). */
+static void report_exits(const up_t *u)
+{
+    for (int i = 0; i < u->n_kids; i++) {
+        const child_t *c = &u->kids[i];
+        if (!c->exited)
+            continue;
+        char path[PATH_MAX + 40], line[512], last[512] = "", err[512] = "";
+        snprintf(path, sizeof path, "%s/%s.log", u->logdir, c->name);
+        FILE *f = fopen(path, "r");
+        while (f && fgets(line, sizeof line, f)) {
+            line[strcspn(line, "\n")] = 0;
+            if (!line[0])
+                continue;
+            snprintf(last, sizeof last, "%s", line);
+            if (strstr(line, "error"))
+                snprintf(err, sizeof err, "%s", line);
+        }
+        if (f)
+            fclose(f);
+        if (err[0] || last[0])
+            fprintf(stderr, "pdctl up: %s: %s\n", c->name, err[0] ? err : last);
+    }
+}
+
 /* Signals every live child of one kind and waits up to timeout_s for them. */
 static void stop_kind(up_t *u, bool routers, int sig, double timeout_s)
 {
@@ -212,6 +239,7 @@ static int wait_ready(up_t *u)
         if (n_alive(u, true) == 0 || n_alive(u, false) < u->n_prefill + u->n_decode) {
             fprintf(stderr, "pdctl up: a process exited while starting (logs in %s)\n",
                     u->logdir);
+            report_exits(u);
             goto out;
         }
         if (now_s() >= next_ask) {

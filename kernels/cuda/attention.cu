@@ -6,8 +6,8 @@
  * is read from memory once per group. A K/V row is read by a few lanes with vector
  * loads (16 bytes where registers allow); each lane keeps the group's q slices in
  * registers, so one loaded element feeds one FMA per head. The per-head dot products
- * are reduced across the row's lanes with a transposing butterfly (G - 1 shuffles for G
- * heads instead of G log2(lanes)). Scores then probabilities live in shared memory;
+ * are reduced across the row's lanes with a transposing butterfly (about G shuffles
+ * for G heads instead of G log2(lanes)). Scores then probabilities live in shared memory;
  * the V pass accumulates per lane, then per warp, then across warps in fixed order.
  * Partials go to scratch [n_q][n_heads][n_splits][head_dim + 2] and a second kernel
  * folds them in split order as dispatch.c's attn_fold does. Every reduction order is
@@ -63,7 +63,7 @@ __device__ __forceinline__ float warp_sum(float v)
 }
 
 /* E consecutive cache elements at element offset off, as floats. The caller
- * guarantees alignment to E elements (rows are multiples of 32 elements, bases 16-byte
+ * guarantees alignment to E elements (rows are multiples of 8 elements, bases 16-byte
  * aligned): F32 E = 2 (8 B), 4 (16 B), 8 (2 x 16 B); F16 E = 2 (4 B), 4 (8 B), 8 (16 B). */
 template <int E, bool F16>
 __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (&f)[E])
@@ -115,9 +115,10 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
 
 /* ---- decode: split partials ---------------------------------------------------- */
 
-/* The lane layout of one decode instantiation. HDP: head_dim rounded up to a power of
- * two (32..256; head_dim a multiple of 8; lanes past head_dim load nothing); GP: group size rounded up to a power
- * of two (1..16; heads past the group compute zeros that nobody writes).
+/* The lane layout of one decode instantiation. HDP: head_dim (a multiple of 8) rounded
+ * up to a power of two, 32..256; lanes past head_dim load nothing (E divides 8, so a
+ * lane's elements are all inside the row or all past it). GP: group size rounded up to
+ * a power of two (1..16; heads past the group compute zeros that nobody writes).
  * E: elements of a row per lane: 16 bytes where the q registers (GP * E) stay <= 64,
  * fewer for large groups, and never so few that a row needs more than 32 lanes.
  * LPR lanes read one row, RPW rows per warp at a time; GP <= LPR lets the butterfly
@@ -487,7 +488,7 @@ __global__ void __launch_bounds__(NT) attn_decode_fold(const fold_params_t p)
  * k*64 + tx*4 + 0..3 (k < NCV). Shared memory: Q [BQ][QS], K or V [BK][KS], P
  * transposed [BK][PS] (floats; the +4 pads make the float4 accesses conflict-free),
  * then the element offsets of the K/V tile rows [2][BK] (int64, double-buffered by
- * tile parity). HDP >= 64 (head_dim 32 runs in the 64 layout). A K/V tile moves as
+ * tile parity). HDP >= 64 (head_dim <= 64 runs in the 64 layout). A K/V tile moves as
  * 4-element units: thread tid takes column (tid % (HDP/4)) * 4 of rows
  * tid / (HDP/4) + k * RSTEP, k < NU. */
 template <int HDP_, bool F16_> struct pre_cfg {

@@ -1,6 +1,7 @@
-"""--device on a machine without a GPU (CI): `pdctl generate --device cuda` and a worker
-started with --device cuda end with exit status 1 and one clear line saying why (no GPU
-here, or a build without the CUDA backend), never a crash; a malformed --device and
+"""--device on a machine without a GPU (CI): `pdctl generate --device cuda`, a worker
+started with --device cuda and `pdctl up --device cuda` end with exit status 1 and a
+clear line saying why (no GPU here, or a build without the CUDA backend), never a crash
+or a hang; a malformed --device and
 --weight-dtype are refused the same way; --device cpu is the default's output exactly.
 On a machine with a GPU the cuda runs instead must give the CPU's golden ids (the full
 GPU checks are tests/gpu/run.sh)."""
@@ -62,4 +63,12 @@ if os.path.exists(dec) and no_gpu:
     err = p.stderr.decode(errors="replace")
     f.check(p.returncode == 1 and any(r in err for r in REASONS),
             f"pd-decode --device cuda: exit {p.returncode}, stderr {err[-300:]!r}")
+# pdctl up --device cuda without a GPU: exits 1 and says why (the workers' reason)
+if os.path.exists(os.path.join(BIN, "pd-router")) and no_gpu:
+    p = run([require(PDCTL), "up", "--model", model, "--port", "0", "--device", "cuda",
+             "--ready-timeout", "30"], timeout=90)
+    err = p.stderr.decode(errors="replace")
+    f.check(p.returncode == 1 and "exited while starting" in err and
+            any(r in err for r in REASONS),
+            f"pdctl up --device cuda: exit {p.returncode}, stderr {err[-400:]!r}")
 f.finish()
