@@ -31,13 +31,22 @@
 
 #include "kernels/cuda/cuda_internal.h"
 
-#define NT 256 /* threads per block, both kernels */
-#define NW (NT / 32)
+#define NT        256 /* threads per block, both kernels */
+#define NW        (NT / 32)
 #define FULL_MASK 0xffffffffu
 
-__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
-__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
-__host__ __device__ constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+__host__ __device__ constexpr int cmin(int a, int b)
+{
+    return a < b ? a : b;
+}
+__host__ __device__ constexpr int cmax(int a, int b)
+{
+    return a > b ? a : b;
+}
+__host__ __device__ constexpr int ilog2(int x)
+{
+    return x <= 1 ? 0 : 1 + ilog2(x / 2);
+}
 
 __device__ __forceinline__ float h2f(unsigned int bits)
 {
@@ -64,7 +73,8 @@ __device__ __forceinline__ float warp_sum(float v)
 
 /* E consecutive cache elements at element offset off, as floats. The caller
  * guarantees alignment to E elements (rows are multiples of 8 elements, bases 16-byte
- * aligned): F32 E = 2 (8 B), 4 (16 B), 8 (2 x 16 B); F16 E = 2 (4 B), 4 (8 B), 8 (16 B). */
+ * aligned): F32 E = 2 (8 B), 4 (16 B), 8 (2 x 16 B); F16 E = 2 (4 B), 4 (8 B), 8 (16 B).
+ */
 template <int E, bool F16>
 __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (&f)[E])
 {
@@ -198,7 +208,8 @@ typedef struct dec_lane {
 } dec_lane_t;
 
 /* Row r (< nv) handled by this lane at unrolled step u of the pass starting at base. */
-template <class C> __device__ __forceinline__ int dec_row(const dec_lane_t &ln, int base, int u)
+template <class C>
+__device__ __forceinline__ int dec_row(const dec_lane_t &ln, int base, int u)
 {
     return base + u * (NW * C::RPW) + ln.warp * C::RPW + ln.rig;
 }
@@ -207,8 +218,8 @@ template <class C> __device__ __forceinline__ int dec_row(const dec_lane_t &ln, 
  * shared memory, zero-padded to [GP][HDP]; then each lane's q slices into registers. */
 template <class C>
 __device__ __forceinline__ void dec_stage(const dec_params_t &p, dec_smem<C> &sm,
-                                          const dec_lane_t &ln, int t, int g, int p0, int nv,
-                                          float (&qf)[C::GP][C::E])
+                                          const dec_lane_t &ln, int t, int g, int p0,
+                                          int nv, float (&qf)[C::GP][C::E])
 {
     const int32_t *tbl = p.bt + (int64_t)p.seq[t] * p.bt_stride;
     for (int j = ln.tid; j < nv; j += NT) {
@@ -417,8 +428,9 @@ __global__ void __launch_bounds__(NT, dec_cfg<HDP, GP, F16>::MIN_BLOCKS)
     __syncthreads();
     float acc[C::GP][C::E];
     dec_values<C>(p, sm, ln, nv, acc);
-    float *part = p.scratch + (((int64_t)qi * p.n_heads + (int64_t)g * p.G) * p.ns_max + split) *
-                                  (int64_t)(p.hd + 2);
+    float *part =
+        p.scratch + (((int64_t)qi * p.n_heads + (int64_t)g * p.G) * p.ns_max + split) *
+                        (int64_t)(p.hd + 2);
     dec_write<C>(p, sm, ln, acc, part);
 }
 
@@ -502,7 +514,8 @@ template <int HDP_, bool F16_> struct pre_cfg {
     static constexpr int RSTEP = NT / (HDP / 4);
     static constexpr int NU = BK / RSTEP;
     static constexpr int FLOATS = BQ * QS + BK * KS + BK * PS;
-    static constexpr int SMEM = FLOATS * (int)sizeof(float) + 2 * BK * (int)sizeof(int64_t);
+    static constexpr int SMEM =
+        FLOATS * (int)sizeof(float) + 2 * BK * (int)sizeof(int64_t);
     static constexpr int MIN_BLOCKS = HDP <= 128 ? 2 : 1;
     static_assert(BQ == 64 && NT == 256, "16 x 16 threads, 4 rows each");
     static_assert(NU * RSTEP == BK && NU * NT * 4 == BK * HDP && NCV >= 1, "tile units");
@@ -520,13 +533,17 @@ typedef struct pre_params {
 } pre_params_t;
 
 template <bool F16> struct raw4;
-template <> struct raw4<false> { typedef float4 type; }; /* 4 F32 elements */
-template <> struct raw4<true> { typedef uint2 type; };   /* 4 F16 elements */
+template <> struct raw4<false> {
+    typedef float4 type;
+}; /* 4 F32 elements */
+template <> struct raw4<true> {
+    typedef uint2 type;
+}; /* 4 F16 elements */
 
 /* offs[c] = element offset of key kb + c (kv head g) in the cache, -1 past kmax. */
 template <int BK>
-__device__ __forceinline__ void pre_offsets(const pre_params_t &p, const int32_t *tbl, int g,
-                                            int kb, int kmax, int64_t *offs)
+__device__ __forceinline__ void pre_offsets(const pre_params_t &p, const int32_t *tbl,
+                                            int g, int kb, int kmax, int64_t *offs)
 {
     const int c = threadIdx.x;
     if (c < BK) {
@@ -543,8 +560,9 @@ __device__ __forceinline__ void pre_offsets(const pre_params_t &p, const int32_t
 /* This thread's units of a K or V tile into registers; rows past kmax and columns past
  * hd are zeros (V rows must be finite: P = 0 multiplies them). */
 template <int HDP, bool F16>
-__device__ __forceinline__ void pre_load(const void *cache, const int64_t *offs, int hd,
-                                         typename raw4<F16>::type (&pre)[pre_cfg<HDP, F16>::NU])
+__device__ __forceinline__ void
+pre_load(const void *cache, const int64_t *offs, int hd,
+         typename raw4<F16>::type (&pre)[pre_cfg<HDP, F16>::NU])
 {
     typedef pre_cfg<HDP, F16> C;
     const int c0 = threadIdx.x / (HDP / 4), d = (threadIdx.x % (HDP / 4)) * 4;
@@ -568,8 +586,8 @@ __device__ __forceinline__ void pre_load(const void *cache, const int64_t *offs,
 }
 
 template <int HDP, bool F16>
-__device__ __forceinline__ void pre_store(float *kvs,
-                                          const typename raw4<F16>::type (&pre)[pre_cfg<HDP, F16>::NU])
+__device__ __forceinline__ void
+pre_store(float *kvs, const typename raw4<F16>::type (&pre)[pre_cfg<HDP, F16>::NU])
 {
     typedef pre_cfg<HDP, F16> C;
     const int c0 = threadIdx.x / (HDP / 4), d = (threadIdx.x % (HDP / 4)) * 4;
@@ -587,8 +605,8 @@ __device__ __forceinline__ void pre_store(float *kvs,
 
 /* The Q tile (rows t0+q0.. of head h), zero past nr rows and hd elements. */
 template <class C>
-__device__ __forceinline__ void pre_stage_q(const pre_params_t &p, float *qs, int t0, int q0,
-                                            int nr, int h)
+__device__ __forceinline__ void pre_stage_q(const pre_params_t &p, float *qs, int t0,
+                                            int q0, int nr, int h)
 {
     for (int j = threadIdx.x; j < C::BQ * C::HDP; j += NT) {
         const int r = j / C::HDP, d = j % C::HDP;
@@ -600,8 +618,8 @@ __device__ __forceinline__ void pre_stage_q(const pre_params_t &p, float *qs, in
 
 /* sc[rr][cc] = dot(Q row ty*4+rr, K row tx+16cc) over hd. */
 template <class C>
-__device__ __forceinline__ void pre_scores(const float *qs, const float *kvs, int hd, int ty,
-                                           int tx, float (&sc)[4][C::CC])
+__device__ __forceinline__ void pre_scores(const float *qs, const float *kvs, int hd,
+                                           int ty, int tx, float (&sc)[4][C::CC])
 {
 #pragma unroll
     for (int rr = 0; rr < 4; rr++)
@@ -635,9 +653,9 @@ __device__ __forceinline__ void pre_scores(const float *qs, const float *kvs, in
  * rescaled; sc becomes P. The 16 tx lanes of a row are one half-warp (xor 1..8); every
  * lane of the warp reaches each shuffle. */
 template <class C>
-__device__ __forceinline__ void pre_softmax(float (&sc)[4][C::CC], int kb, int tx,
-                                            const int (&rowpos)[4], float scale, float (&m)[4],
-                                            float (&l)[4], float (&acc)[4][4 * C::NCV])
+__device__ __forceinline__ void
+pre_softmax(float (&sc)[4][C::CC], int kb, int tx, const int (&rowpos)[4], float scale,
+            float (&m)[4], float (&l)[4], float (&acc)[4][4 * C::NCV])
 {
 #pragma unroll
     for (int rr = 0; rr < 4; rr++) {
@@ -712,9 +730,9 @@ __global__ void __launch_bounds__(NT, pre_cfg<HDP, F16>::MIN_BLOCKS)
     typedef pre_cfg<HDP, F16> C;
     constexpr int BQ = C::BQ, BK = C::BK;
     extern __shared__ float4 pre_smem[];
-    float *qs = reinterpret_cast<float *>(pre_smem);           /* [BQ][QS] */
-    float *kvs = qs + BQ * C::QS;                              /* [BK][KS], K then V */
-    float *ps = kvs + BK * C::KS;                              /* [BK][PS], P transposed */
+    float *qs = reinterpret_cast<float *>(pre_smem); /* [BQ][QS] */
+    float *kvs = qs + BQ * C::QS;                    /* [BK][KS], K then V */
+    float *ps = kvs + BK * C::KS;                    /* [BK][PS], P transposed */
     int64_t *offs = reinterpret_cast<int64_t *>(ps + BK * C::PS); /* [2][BK] */
 
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -724,8 +742,8 @@ __global__ void __launch_bounds__(NT, pre_cfg<HDP, F16>::MIN_BLOCKS)
         const int P0 = n > 0 ? p.pos[t0] : 0;
         const int32_t *tbl = p.bt + (int64_t)(n > 0 ? p.seq[t0] : 0) * p.bt_stride;
         for (int q0 = blockIdx.x * BQ; q0 < n; q0 += gridDim.x * BQ) {
-            const int nr = cmin(BQ, n - q0);   /* real rows in this tile */
-            const int kmax = P0 + q0 + nr - 1; /* last key any real row sees */
+            const int nr = cmin(BQ, n - q0);      /* real rows in this tile */
+            const int kmax = P0 + q0 + nr - 1;    /* last key any real row sees */
             pre_stage_q<C>(p, qs, t0, q0, nr, h); /* after the last tile's barrier D */
             pre_offsets<BK>(p, tbl, g, 0, kmax, offs);
             /* Padding rows take the last real row's position so they stay finite. */
@@ -846,12 +864,23 @@ template <int HDP, bool F16>
 static bool launch_decode_gp(cudaStream_t s, dim3 grid, int gp, const dec_params_t &p)
 {
     switch (gp) {
-    case 1: launch_decode<HDP, 1, F16>(s, grid, p); return true;
-    case 2: launch_decode<HDP, 2, F16>(s, grid, p); return true;
-    case 4: launch_decode<HDP, 4, F16>(s, grid, p); return true;
-    case 8: launch_decode<HDP, 8, F16>(s, grid, p); return true;
-    case 16: launch_decode<HDP, 16, F16>(s, grid, p); return true;
-    default: return false;
+    case 1:
+        launch_decode<HDP, 1, F16>(s, grid, p);
+        return true;
+    case 2:
+        launch_decode<HDP, 2, F16>(s, grid, p);
+        return true;
+    case 4:
+        launch_decode<HDP, 4, F16>(s, grid, p);
+        return true;
+    case 8:
+        launch_decode<HDP, 8, F16>(s, grid, p);
+        return true;
+    case 16:
+        launch_decode<HDP, 16, F16>(s, grid, p);
+        return true;
+    default:
+        return false;
     }
 }
 
@@ -860,11 +889,16 @@ static bool launch_decode_hd(cudaStream_t s, dim3 grid, int hdp, int gp,
                              const dec_params_t &p)
 {
     switch (hdp) {
-    case 32: return launch_decode_gp<32, F16>(s, grid, gp, p);
-    case 64: return launch_decode_gp<64, F16>(s, grid, gp, p);
-    case 128: return launch_decode_gp<128, F16>(s, grid, gp, p);
-    case 256: return launch_decode_gp<256, F16>(s, grid, gp, p);
-    default: return false;
+    case 32:
+        return launch_decode_gp<32, F16>(s, grid, gp, p);
+    case 64:
+        return launch_decode_gp<64, F16>(s, grid, gp, p);
+    case 128:
+        return launch_decode_gp<128, F16>(s, grid, gp, p);
+    case 256:
+        return launch_decode_gp<256, F16>(s, grid, gp, p);
+    default:
+        return false;
     }
 }
 
@@ -900,8 +934,9 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
     p.scale = a->scale;
     const int hdp = cmax(32, pow2_at_least(a->head_dim)), gp = pow2_at_least(p.G);
     dim3 grid((unsigned)n_q, (unsigned)a->n_kv_heads, (unsigned)ns);
-    const bool ok = a->kv_dtype == PD_DTYPE_F16 ? launch_decode_hd<true>(s, grid, hdp, gp, p)
-                                                : launch_decode_hd<false>(s, grid, hdp, gp, p);
+    const bool ok = a->kv_dtype == PD_DTYPE_F16
+                        ? launch_decode_hd<true>(s, grid, hdp, gp, p)
+                        : launch_decode_hd<false>(s, grid, hdp, gp, p);
     if (!ok)
         return cudaErrorInvalidValue; /* unreachable after attn_args_ok */
 

@@ -16,12 +16,62 @@
  * backend's GPU first (cudaSetDevice is per thread). */
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/log.h"
 #include "kernels/cuda/cuda_internal.h"
+
+/* cuBLAS is opened when the first CUDA backend is made, not linked: its libraries
+ * weigh about 200 MiB of resident memory once loaded, which every CPU-only process of
+ * a CUDA build would otherwise pay (and a CPU host without them could not start the
+ * binaries at all). PD_CUBLAS_SONAME and PD_CUBLAS_PATH come from the build. */
+#ifndef PD_CUBLAS_SONAME
+#define PD_CUBLAS_SONAME "libcublas.so"
+#endif
+#ifndef PD_CUBLAS_PATH
+#define PD_CUBLAS_PATH PD_CUBLAS_SONAME
+#endif
+static struct cublas_api {
+    decltype(&cublasCreate_v2) create;
+    decltype(&cublasDestroy_v2) destroy;
+    decltype(&cublasSetStream_v2) set_stream;
+    decltype(&cublasSetMathMode) set_math_mode;
+    /* the C entry point (C++ also sees an overload taking a cudaDataType) */
+    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                              int, const void *, const void *, cudaDataType, int,
+                              const void *, cudaDataType, int, const void *, void *,
+                              cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+    bool ok;
+    char why[256];
+} blas_api;
+static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+
+static void blas_open(void)
+{
+    void *h = dlopen(PD_CUBLAS_SONAME, RTLD_NOW | RTLD_LOCAL);
+    if (!h)
+        h = dlopen(PD_CUBLAS_PATH, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *e = dlerror();
+        snprintf(blas_api.why, sizeof blas_api.why, "%s", e ? e : "not found");
+        return;
+    }
+    blas_api.create = (decltype(blas_api.create))dlsym(h, "cublasCreate_v2");
+    blas_api.destroy = (decltype(blas_api.destroy))dlsym(h, "cublasDestroy_v2");
+    blas_api.set_stream = (decltype(blas_api.set_stream))dlsym(h, "cublasSetStream_v2");
+    blas_api.set_math_mode = (decltype(blas_api.set_math_mode))dlsym(h, "cublasSetMathMode");
+    blas_api.gemm_ex = (decltype(blas_api.gemm_ex))dlsym(h, "cublasGemmEx");
+    blas_api.ok = blas_api.create && blas_api.destroy && blas_api.set_stream &&
+                  blas_api.set_math_mode && blas_api.gemm_ex;
+    if (!blas_api.ok)
+        snprintf(blas_api.why, sizeof blas_api.why, "%s lacks a cuBLAS v2 entry point",
+                 PD_CUBLAS_SONAME);
+    /* the handle stays open for the process: backends come and go, the library not */
+}
 
 typedef struct cuda_kernels {
     pd_kernels_t k; /* first: the ops table the engine holds */
@@ -269,7 +319,7 @@ static void k_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int6
     /* row-major y[T][n_out] = x[T][n_in] W^T is, column-major, Y (n_out x T) =
      * W' (n_in x n_out)^T X' (n_in x T) */
     blas_failed(c,
-                cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)T,
+                blas_api.gemm_ex(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)T,
                              (int)n_in, &one, w->data, dt, (int)n_in, c->half_x, dt,
                              (int)n_in, &zero, y, CUDA_R_32F, (int)n_out,
                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -477,7 +527,7 @@ static void k_destroy(pd_kernels_t *k)
     free(c->meta_host);
     free(c->plan_prev);
     if (c->blas)
-        cublasDestroy(c->blas);
+        blas_api.destroy(c->blas);
     if (c->s)
         cudaStreamDestroy(c->s);
     free(c);
@@ -503,6 +553,12 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
                      device, n, n == 1 ? "" : "s", n - 1);
         return PD_ERR_UNSUPPORTED;
     }
+    pthread_once(&blas_once, blas_open);
+    if (!blas_api.ok) {
+        PD_LOG_ERROR("--device cuda: cannot load cuBLAS (%s): %s", PD_CUBLAS_SONAME,
+                     blas_api.why);
+        return PD_ERR_UNSUPPORTED;
+    }
     cuda_kernels_t *c = (cuda_kernels_t *)calloc(1, sizeof *c);
     if (!c)
         return PD_ERR_NOMEM;
@@ -514,14 +570,14 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
         failed(c, cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking), "stream") ||
         failed(c, cudaEventCreateWithFlags(&c->plan_ev, cudaEventDisableTiming),
                "event") ||
-        blas_failed(c, cublasCreate(&c->blas), "cublasCreate") ||
-        blas_failed(c, cublasSetStream(c->blas, c->s), "cublasSetStream")) {
+        blas_failed(c, blas_api.create(&c->blas), "cublasCreate") ||
+        blas_failed(c, blas_api.set_stream(c->blas, c->s), "cublasSetStream")) {
         k_destroy(&c->k);
         return PD_ERR_UNSUPPORTED;
     }
     /* F32 products never go to cuBLAS (see the file comment); the half ones accumulate
      * in F32 (CUBLAS_COMPUTE_32F) whatever the math mode. */
-    cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH);
+    blas_api.set_math_mode(c->blas, CUBLAS_DEFAULT_MATH);
     snprintf(c->name, sizeof c->name, "cuda");
     pd_kernels_t *k = &c->k;
     k->name = c->name;
