@@ -854,7 +854,9 @@ static int32_t schedule_step(pd_engine_t *e)
             /* prefilled: its prompt's KV is in hand (in the host copy of a device
              * pool, where the transfer put it); only the first token to compute */
             if (pd_kv_pool_upload(e->kv, -1, r->pre_blocks, r->n_pre) != PD_OK)
-                PD_LOG_ERROR("request %llu: its KV could not be moved to the device",
+                PD_LOG_ERROR("request %llu: its KV could not be moved to the device "
+                             "(the device's error is sticky: this step's pass fails and "
+                             "ends its requests with an error)",
                              (unsigned long long)r->id);
             memcpy(row_of(e, r), r->pre_blocks, (size_t)r->n_pre * sizeof *r->pre_blocks);
             r->n_blocks = r->n_pre;
@@ -914,13 +916,6 @@ static void commit_full_blocks(pd_engine_t *e, req_t *r)
     }
 }
 
-/* Verifies a proposal: at each row the target's token is drawn against the proposed
- * one (pd_sampler_sample_spec: greedy keeps it when it is the argmax, sampling accepts
- * it with the target's probability and otherwise draws from the rest), kept while
- * accepted; the first rejection's draw (or a draw after the last proposed) is the
- * bonus. Returns the tokens emitted (accepted + 1); the KV of rejected positions stays
- * behind n_computed, to be overwritten. Finishes the request on a stop token or at its
- * length, so r may be gone when it returns -1. */
 /* The token of logit row `row` for r: the device's argmax in a greedy step, else r's
  * sampler on the row (against `proposed` when accepted is not NULL). */
 static int32_t draw(pd_engine_t *e, req_t *r, int32_t row, const float *logits,
@@ -937,6 +932,13 @@ static int32_t draw(pd_engine_t *e, req_t *r, int32_t row, const float *logits,
                     : pd_sampler_sample(r->sampler, x);
 }
 
+/* Verifies a proposal: at each row the target's token is drawn against the proposed
+ * one (pd_sampler_sample_spec: greedy keeps it when it is the argmax, sampling accepts
+ * it with the target's probability and otherwise draws from the rest), kept while
+ * accepted; the first rejection's draw (or a draw after the last proposed) is the
+ * bonus. Returns the tokens emitted (accepted + 1); the KV of rejected positions stays
+ * behind n_computed, to be overwritten. Finishes the request on a stop token or at its
+ * length, so r may be gone when it returns -1. */
 static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
 {
     int32_t emitted = 0;
