@@ -163,7 +163,9 @@ static void drop_all(worker_t *w)
 static void on_register_reply(worker_t *w, uint64_t rid, const Pd__RegisterReply *r,
                               int *exit_code)
 {
-    if (rid != w->reg_seq)
+    if (!r->accepted && rid == 0 && !w->registered)
+        return; /* a late task message refused while a registration is in flight */
+    if (rid != w->reg_seq && rid != 0)
         return; /* about an earlier registration (e.g. heartbeats queued while stopped) */
     if (r->accepted) {
         if (!w->registered)

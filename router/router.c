@@ -123,8 +123,8 @@ static void process_lost(pd_router_t *rt)
     }
 }
 
-static void reply_register(pd_router_t *rt, const pd_rpc_msg_t *m, bool accepted,
-                           uint64_t worker_id, const char *reason)
+static void reply_register_id(pd_router_t *rt, const pd_rpc_msg_t *m, uint64_t request_id,
+                              bool accepted, uint64_t worker_id, const char *reason)
 {
     Pd__RegisterReply rr = PD__REGISTER_REPLY__INIT;
     rr.accepted = accepted;
@@ -132,11 +132,18 @@ static void reply_register(pd_router_t *rt, const pd_rpc_msg_t *m, bool accepted
     rr.worker_id = worker_id;
     rr.heartbeat_ms = rt->o.heartbeat_ms;
     Pd__Envelope env;
-    pd_rpc_envelope_init(&env, PD__METHOD__REGISTER_REPLY,
-                         m->env ? m->env->request_id : m->err_request_id);
+    pd_rpc_envelope_init(&env, PD__METHOD__REGISTER_REPLY, request_id);
     env.register_reply = &rr;
     if (pd_rpc_send(rt->worker, m->ident, m->ident_len, &env, NULL, 0) != 0)
         PD_LOG_INFO("REGISTER_REPLY to a worker failed: %s", zmq_strerror(errno));
+}
+
+/* The reply to a REGISTER or HEARTBEAT: under the message's own request id. */
+static void reply_register(pd_router_t *rt, const pd_rpc_msg_t *m, bool accepted,
+                           uint64_t worker_id, const char *reason)
+{
+    reply_register_id(rt, m, m->env ? m->env->request_id : m->err_request_id, accepted,
+                      worker_id, reason);
 }
 
 /* ---- workers ---- */
@@ -253,7 +260,10 @@ static void on_worker(pd_router_t *rt, pd_rpc_msg_t *m)
         if (!w) { /* fenced off: nothing is relayed */
             PD_LOG_INFO("%s from an unregistered worker dropped: register again",
                         pd_rpc_method_name(meth));
-            reply_register(rt, m, false, 0, "unknown worker: register again");
+            /* request id 0: this refusal answers no registration. Echoing the task
+             * id would read, at a worker whose registration number happens to equal
+             * it, as the refusal of its new registration (and it would exit). */
+            reply_register_id(rt, m, 0, false, 0, "unknown worker: register again");
             return;
         }
         w->last_seen_ms = pd_rpc_mono_ms();

@@ -62,8 +62,12 @@ def test_decode_dies_midstream(f, make):
     f.check("lost: silent for" in c.log(), "the death is logged")
     # the dead worker is fenced off: its late chunk is not relayed, it must register
     dA.task_msg(pb.TOKEN_CHUNK, t1, "token_chunk", pb.TokenChunk(index=3, ids=[666]))
-    rep = dA.expect(pb.REGISTER_REPLY).register_reply
+    e = dA.expect(pb.REGISTER_REPLY)
+    rep = e.register_reply
     f.check(not rep.accepted, "a dead worker is told to register again")
+    # ... with request id 0, never the task id: a worker whose registration number
+    # equals the task id would take it for the refusal of its new registration
+    f.check(e.request_id == 0, f"the refusal carries request id {e.request_id}, not 0")
     handshake(p, dB, t2, 103, [31, 32, 33, 34])
     # D numbers from first_index, the first token included; a repeat of old indices
     dB.task_msg(pb.TOKEN_CHUNK, t2, "token_chunk", pb.TokenChunk(index=2, ids=[102, 103, 104]))
