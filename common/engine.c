@@ -852,8 +852,10 @@ static int32_t schedule_step(pd_engine_t *e)
         bool prefilled = r->pre_blocks != NULL;
         if (prefilled) {
             /* prefilled: its prompt's KV is in hand (in the host copy of a device
-             * pool, where the transfer put it); only the first token to compute */
-            if (pd_kv_pool_upload(e->kv, -1, r->pre_blocks, r->n_pre) != PD_OK)
+             * pool, where the transfer put it, or with no host copy already in the
+             * device pool: CUDA IPC); only the first token to compute */
+            if (pd_kv_pool_host(e->kv) != PD_KV_HOST_NONE &&
+                pd_kv_pool_upload(e->kv, -1, r->pre_blocks, r->n_pre) != PD_OK)
                 PD_LOG_ERROR("request %llu: its KV could not be moved to the device "
                              "(the device's error is sticky: this step's pass fails and "
                              "ends its requests with an error)",

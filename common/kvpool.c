@@ -9,6 +9,7 @@
 #include <xxhash.h>
 
 #include "common/log.h"
+#include "kernels/sum64.h"
 
 struct pd_kv_pool {
     int32_t n_blocks, block_size, n_layers;
@@ -468,6 +469,34 @@ size_t pd_kv_pool_layer_bytes(const pd_kv_pool_t *p)
 int32_t pd_kv_pool_n_layers(const pd_kv_pool_t *p)
 {
     return p->n_layers;
+}
+
+uint64_t pd_kv_checksum_sum64(const pd_kv_pool_t *p, const int32_t *blocks,
+                              int32_t n_tokens)
+{
+    if (p->dev && p->host == PD_KV_HOST_NONE) {
+        PD_LOG_ERROR("kv checksum of a device pool without a host copy");
+        return 0;
+    }
+    size_t row = pd_kv_pool_row_bytes(p), words = row / 4;
+    uint64_t sum = 0, i = 0; /* i: the word's index in the covered sequence */
+    for (int32_t l = 0; l < p->n_layers; l++) {
+        for (int kv = 0; kv < 2; kv++) {
+            const uint8_t *base = (kv ? p->v : p->k) + (size_t)l * p->layer_bytes;
+            for (int32_t pos = 0; pos < n_tokens; pos++) {
+                const uint8_t *r =
+                    base + ((size_t)blocks[pos / p->block_size] * (size_t)p->block_size +
+                            (size_t)(pos % p->block_size)) *
+                               row;
+                for (size_t j = 0; j < words; j++, i++) {
+                    uint32_t w;
+                    memcpy(&w, r + 4 * j, 4);
+                    sum += pd_sum64_mix(w, i);
+                }
+            }
+        }
+    }
+    return sum;
 }
 
 uint64_t pd_kv_checksum(const pd_kv_pool_t *p, const int32_t *blocks, int32_t n_tokens)

@@ -144,6 +144,13 @@ void pd_kv_pool_clear_cache(pd_kv_pool_t *p);
  * (ceil(n_tokens / block_size) ids), in position order. Both ends of a transfer
  * compute it from their own blocks. */
 uint64_t pd_kv_checksum(const pd_kv_pool_t *p, const int32_t *blocks, int32_t n_tokens);
+/* The device transports' checksum: PD-SUM64 (kernels/sum64.h) over the words
+ * pd_kv_checksum covers, in its order (word j of position p of layer l, K then V, is
+ * word ((l * 2 + kv) * n_tokens + p) * row_words + j). Reads the host storage or host
+ * copy; pd_devxfer_kv_sum64 computes the same on the device, where a device transport
+ * leaves the rows. Rows are whole 32-bit words for every supported dtype. */
+uint64_t pd_kv_checksum_sum64(const pd_kv_pool_t *p, const int32_t *blocks,
+                              int32_t n_tokens);
 /* Bytes of one position's row (n_kv_heads * head_dim elements) and one layer's K (or
  * V) region of the pool: block b of layer l starts at l * layer_bytes + b *
  * block_bytes_per_layer from pd_kv_pool_k/v(p, 0). */

@@ -127,6 +127,18 @@ static void send_register(worker_t *w)
         src.len_k = src.len_v = (uint64_t)w->layer_bytes * (uint64_t)w->n_layers;
         r.ucx = &src;
     }
+    r.device = (char *)(w->o.device ? w->o.device : "cpu");
+    Pd__DeviceSource ds = PD__DEVICE_SOURCE__INIT;
+    if (w->xfer) {
+        ds.node = w->node;
+        ds.gpu = w->gpu;
+        ds.ipc_k.data = w->ipc_k;
+        ds.ipc_k.len = PD_IPC_HANDLE_BYTES;
+        ds.ipc_v.data = w->ipc_v;
+        ds.ipc_v.len = PD_IPC_HANDLE_BYTES;
+        ds.len_k = ds.len_v = (uint64_t)w->ipc_len;
+        r.device_source = &ds;
+    }
     r.max_seq_len = (uint32_t)pd_engine_max_seq_len(w->engine);
     r.vocab = (uint32_t)w->vocab;
     r.pid = (uint32_t)getpid();
@@ -356,7 +368,8 @@ static void usage(FILE *f, pd_worker_role_t role)
         "usage: %s --model M [--tokenizer T] [--router ENDPOINT] [--name NAME]\n"
         "         [--threads N] [--max-num-seqs N] [--batch N] [--kv-memory SIZE]\n"
         "         [--kv-blocks N] [--block-size N] [--kv-dtype auto|f32|f16]\n"
-        "         [--no-prefix-cache] [--kv-transport ucx|zmq] [--kv-layerwise-min N]\n"
+        "         [--no-prefix-cache] [--kv-transport ucx|zmq|cuda-ipc]\n"
+        "         [--kv-layerwise-min N]\n"
         "         [--drain-timeout S]%s [--log-level L]\n"
         "         [--spec ngram|draft|off] [--spec-k N] [--draft-model D]\n"
         "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
@@ -367,8 +380,10 @@ static void usage(FILE *f, pd_worker_role_t role)
         "  30 s to drain on SIGTERM. --spec ngram: speculative decoding of greedy\n"
         "  requests by n-gram prompt lookup, up to --spec-k (4) tokens a step;\n"
         "  --draft-model D (same vocabulary): proposals from D (decode workers).\n"
-        "  --device cuda: the engine and its KV pool on the GPU; the KV moves through\n"
-        "  a pinned host copy of the pool (KV layout and transfers as on a CPU).\n",
+        "  --device cuda: the engine and its KV pool on the GPU; over ucx and zmq the\n"
+        "  KV moves through a pinned host copy of the pool (KV layout and transfers as\n"
+        "  on a CPU); --kv-transport cuda-ipc (every worker on GPUs of one node)\n"
+        "  copies it from GPU to GPU through CUDA IPC, with no host copy.\n",
         n, role == PD_WORKER_DECODE ? " [--local-prefill]" : "",
         role == PD_WORKER_PREFILL ? "prefill" : "decode");
 }
@@ -467,6 +482,8 @@ static int parse_value(wopts_t *o, const char *a, const char *v)
             o->transport = PD__KV_TRANSPORT__UCX;
         else if (!strcmp(v, "zmq"))
             o->transport = PD__KV_TRANSPORT__ZMQ;
+        else if (!strcmp(v, "cuda-ipc"))
+            o->transport = PD__KV_TRANSPORT__CUDA_IPC;
         else
             bad = 1;
     } else if (!strcmp(a, "--log-level")) {
@@ -526,10 +543,50 @@ static int parse_args(int argc, char **argv, pd_worker_role_t role, wopts_t *o)
         return -1;
     }
     o->eo.spec_k = o->spec_on > 0 ? (o->spec_k > 0 ? o->spec_k : 4) : 0;
+    if (o->transport == PD__KV_TRANSPORT__CUDA_IPC && pd_device_index(o->device) < 0) {
+        fprintf(stderr,
+                "%s: --kv-transport cuda-ipc needs --device cuda or cuda:N (it copies "
+                "the KV between GPU memories)\n",
+                argv[0]);
+        return -1;
+    }
     if (!o->model) {
         fprintf(stderr, "%s: --model is required\n", argv[0]);
         return -1;
     }
+    return 0;
+}
+
+/* The CUDA IPC transport: a copy stream for each thread that touches the KV outside
+ * the engine (the I/O thread copies and checks, the engine thread checksums the
+ * prefill's rows), the pool's handles for readers, and this node's id. */
+static int setup_ipc(worker_t *w)
+{
+    int dev = pd_device_index(w->o.device);
+    pd_kernels_t *pk = pd_kv_pool_device(w->kv);
+    if (!pk || dev < 0) {
+        PD_LOG_ERROR("worker: the cuda-ipc transport needs the KV pool on a GPU");
+        return -1;
+    }
+    if (pd_devxfer_new(dev, &w->xfer) != PD_OK || pd_devxfer_new(dev, &w->xfer_eng) != PD_OK)
+        return -1;
+    size_t total = w->layer_bytes * (size_t)w->n_layers;
+    if (pd_devxfer_export(w->xfer, pd_kv_pool_compute_k(w->kv, 0), w->ipc_k) != PD_OK ||
+        pd_devxfer_export(w->xfer, pd_kv_pool_compute_v(w->kv, 0), w->ipc_v) != PD_OK)
+        return -1;
+    w->ipc_len = total;
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (!f || !fgets(w->node, sizeof w->node, f)) {
+        PD_LOG_ERROR("worker: cannot read this node's boot id "
+                     "(/proc/sys/kernel/random/boot_id), which names the node to the "
+                     "router for the cuda-ipc transport");
+        if (f)
+            fclose(f);
+        return -1;
+    }
+    fclose(f);
+    w->node[strcspn(w->node, "\n")] = 0;
+    snprintf(w->gpu, sizeof w->gpu, "%s", w->o.device);
     return 0;
 }
 
@@ -551,6 +608,9 @@ static int setup(worker_t *w)
      * the request is admitted) */
     w->o.eo.kv_host =
         w->o.role == PD_WORKER_PREFILL ? PD_KV_HOST_MIRROR : PD_KV_HOST_STAGING;
+    /* ... except with CUDA IPC, where the decode worker copies from GPU to GPU */
+    if (w->o.transport == PD__KV_TRANSPORT__CUDA_IPC)
+        w->o.eo.kv_host = PD_KV_HOST_NONE;
     w->o.eo.on_layer.fn = wk_on_layer;
     w->o.eo.on_layer.user = w;
     if (w->o.spec_on == 2 && w->o.role == PD_WORKER_DECODE) {
@@ -576,6 +636,8 @@ static int setup(worker_t *w)
             pd_ucx_region_new(w->ucx, pd_kv_pool_v(w->kv, 0), total, &w->reg_v) != PD_OK)
             return -1;
     }
+    if (w->o.transport == PD__KV_TRANSPORT__CUDA_IPC && setup_ipc(w) != 0)
+        return -1;
     w->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (w->evfd < 0 || pipe(w->sigpipe) != 0) {
         PD_LOG_ERROR("worker: eventfd/pipe: %s", strerror(errno));
@@ -632,7 +694,7 @@ static void teardown(worker_t *w)
         w->peers = p->next;
         if (p->p)
             pd_ucx_peer_destroy(&p->p);
-        wk_peer_free_desc(p);
+        wk_peer_free_desc(w, p);
         free(p);
     }
     pthread_mutex_lock(&w->mu);
@@ -651,6 +713,8 @@ static void teardown(worker_t *w)
         pd_ucx_region_destroy(&w->reg_v);
     if (w->ucx)
         pd_ucx_destroy(&w->ucx);
+    pd_devxfer_destroy(&w->xfer);
+    pd_devxfer_destroy(&w->xfer_eng);
     if (w->sock)
         zmq_close(w->sock);
     if (w->zctx)
@@ -816,7 +880,9 @@ int pd_worker_main(int argc, char **argv, pd_worker_role_t role)
             PD_LOG_INFO("worker %s: %s, %d KV blocks of %d, transport %s, router %s",
                         w->o.name, role == PD_WORKER_PREFILL ? "prefill" : "decode",
                         pd_kv_pool_n_blocks(w->kv), w->bs,
-                        w->o.transport == PD__KV_TRANSPORT__UCX ? "ucx" : "zmq",
+                        w->o.transport == PD__KV_TRANSPORT__UCX        ? "ucx"
+                        : w->o.transport == PD__KV_TRANSPORT__CUDA_IPC ? "cuda-ipc"
+                                                                       : "zmq",
                         w->o.router);
             code = run(w);
         }

@@ -1,7 +1,7 @@
 /* worker_decode.c - the decode side of a worker: blocks reserved for a task, the
- * prompt's KV read from the prefill worker (UCX gets, coalesced per run of blocks) or
- * copied from KV_DATA, checked against KV_DONE's checksum, the request admitted, and
- * its tokens sent back in TOKEN_CHUNKs. See worker_impl.h. */
+ * prompt's KV read from the prefill worker (UCX gets or CUDA IPC copies, coalesced per
+ * run of blocks) or copied from KV_DATA, checked against KV_DONE's checksum, the
+ * request admitted, and its tokens sent back in TOKEN_CHUNKs. See worker_impl.h. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -17,8 +17,13 @@
 
 /* ---- I/O thread: the decode side ----------------------------------------- */
 
-void wk_peer_free_desc(peer_t *pe)
+void wk_peer_free_desc(worker_t *w, peer_t *pe)
 {
+    for (int kv = 0; kv < 2; kv++) {
+        pd_devxfer_close(w->xfer, pe->dev[kv]);
+        pe->dev[kv] = NULL;
+    }
+    pe->ipc = false;
     free(pe->addr);
     free(pe->rkey[0]);
     free(pe->rkey[1]);
@@ -98,6 +103,45 @@ static void get_done(void *user, pd_status_t st)
         t->get_failed = true;
 }
 
+/* The peer entry of prefill worker wid, made if there is none. */
+static peer_t *peer_entry(worker_t *w, uint64_t wid)
+{
+    for (peer_t *pe = w->peers; pe; pe = pe->next)
+        if (pe->wid == wid)
+            return pe;
+    peer_t *pe = calloc(1, sizeof *pe);
+    if (!pe)
+        return NULL;
+    pe->wid = wid;
+    pe->next = w->peers;
+    w->peers = pe;
+    return pe;
+}
+
+/* The CUDA IPC peer of prefill worker wid, described by src: its two handles, mapped
+ * when the first read is due. A changed description replaces the old one. */
+static peer_t *peer_get_ipc(worker_t *w, uint64_t wid, const Pd__DeviceSource *src)
+{
+    size_t total = w->layer_bytes * (size_t)w->n_layers;
+    if (!src || src->ipc_k.len != PD_IPC_HANDLE_BYTES ||
+        src->ipc_v.len != PD_IPC_HANDLE_BYTES || src->len_k != src->len_v ||
+        src->len_k != (uint64_t)total || !src->node || strcmp(src->node, w->node))
+        return NULL; /* the router checked the node; the length is the layout's */
+    peer_t *pe = peer_entry(w, wid);
+    if (!pe)
+        return NULL;
+    if (pe->ipc && !memcmp(pe->handle[0], src->ipc_k.data, PD_IPC_HANDLE_BYTES) &&
+        !memcmp(pe->handle[1], src->ipc_v.data, PD_IPC_HANDLE_BYTES))
+        return pe;
+    wk_peer_free_desc(w, pe);
+    memcpy(pe->handle[0], src->ipc_k.data, PD_IPC_HANDLE_BYTES);
+    memcpy(pe->handle[1], src->ipc_v.data, PD_IPC_HANDLE_BYTES);
+    pe->ipc = true;
+    pe->len[0] = pe->len[1] = src->len_k;
+    pe->layer_bytes = w->layer_bytes;
+    return pe;
+}
+
 /* The peer entry of prefill worker wid, described by src (a changed description, as
  * after the worker registered again, replaces the old one and its endpoint). */
 static peer_t *peer_get(worker_t *w, uint64_t wid, const Pd__UcxSource *src)
@@ -105,30 +149,21 @@ static peer_t *peer_get(worker_t *w, uint64_t wid, const Pd__UcxSource *src)
     if (!src || !src->worker_address.len || !src->rkey_k.len || !src->rkey_v.len ||
         !src->len_k)
         return NULL;
-    peer_t *pe = NULL;
-    for (pe = w->peers; pe; pe = pe->next)
-        if (pe->wid == wid)
-            break;
-    if (pe && pe->addr_len == src->worker_address.len &&
+    peer_t *pe = peer_entry(w, wid);
+    if (!pe)
+        return NULL;
+    if (pe->addr && pe->addr_len == src->worker_address.len &&
         !memcmp(pe->addr, src->worker_address.data, pe->addr_len) &&
         pe->base[0] == src->base_k && pe->base[1] == src->base_v)
         return pe;
-    if (!pe) {
-        pe = calloc(1, sizeof *pe);
-        if (!pe)
-            return NULL;
-        pe->wid = wid;
-        pe->next = w->peers;
-        w->peers = pe;
-    }
     if (pe->p)
         pd_ucx_peer_destroy(&pe->p);
-    wk_peer_free_desc(pe);
+    wk_peer_free_desc(w, pe);
     pe->addr = dup_bytes(&src->worker_address);
     pe->rkey[0] = dup_bytes(&src->rkey_k);
     pe->rkey[1] = dup_bytes(&src->rkey_v);
     if (!pe->addr || !pe->rkey[0] || !pe->rkey[1]) {
-        wk_peer_free_desc(pe);
+        wk_peer_free_desc(w, pe);
         return NULL;
     }
     pe->addr_len = src->worker_address.len;
@@ -156,9 +191,38 @@ static bool peer_connect(worker_t *w, peer_t *pe)
                            pe->len, &pe->p) == PD_OK;
 }
 
+/* CUDA IPC: maps the peer's pool (once). */
+static bool peer_map(worker_t *w, peer_t *pe)
+{
+    for (int kv = 0; kv < 2; kv++)
+        if (!pe->dev[kv] &&
+            pd_devxfer_open(w->xfer, pe->handle[kv], (void **)&pe->dev[kv]) != PD_OK)
+            return false;
+    return true;
+}
+
+/* CUDA IPC: one run of blocks of one layer, K and V, copied from the peer's GPU memory
+ * into this pool's (whose blocks are reserved: the engine does not touch them). */
+static bool ipc_copy(worker_t *w, dtask_t *t, int32_t l, int32_t b, int32_t e, size_t bb)
+{
+    size_t len = (size_t)(e - b) * bb;
+    uint64_t roff = (uint64_t)l * t->peer->layer_bytes + (uint64_t)t->src[b] * bb;
+    if (roff + len > t->peer->len[0])
+        return false;
+    for (int kv = 0; kv < 2; kv++) {
+        uint8_t *dst = (uint8_t *)(kv ? pd_kv_pool_compute_v(w->kv, l)
+                                      : pd_kv_pool_compute_k(w->kv, l)) +
+                       (size_t)t->blocks[b] * bb;
+        if (pd_devxfer_copy(w->xfer, dst, t->peer->dev[kv] + roff, len) != PD_OK)
+            return false;
+    }
+    return true;
+}
+
 /* Reads what has been announced and not read yet: per layer, whole blocks (the last,
  * partial one once the prompt is complete), runs of consecutive block ids on both
- * sides coalesced into one get per K and V. */
+ * sides coalesced into one get (UCX) or copy (CUDA IPC) per K and V. The IPC copies
+ * of one call are waited for before it returns: GPU to GPU they take microseconds. */
 static void dtask_pull(worker_t *w, dtask_t *t)
 {
     if (t->state != D_PULLING || !t->peer || t->get_failed)
@@ -168,9 +232,11 @@ static void dtask_pull(worker_t *w, dtask_t *t)
         due = t->ready[l] > t->pulled[l];
     if (!due)
         return;
-    if (!peer_connect(w, t->peer)) {
-        PD_LOG_ERROR("worker: task %llu: cannot reach prefill worker %llu over UCX",
-                     (unsigned long long)t->task, (unsigned long long)t->prefill_wid);
+    bool ipc = t->peer->ipc;
+    if (ipc ? !peer_map(w, t->peer) : !peer_connect(w, t->peer)) {
+        PD_LOG_ERROR("worker: task %llu: cannot reach prefill worker %llu over %s",
+                     (unsigned long long)t->task, (unsigned long long)t->prefill_wid,
+                     ipc ? "CUDA IPC" : "UCX");
         t->get_failed = true;
         return;
     }
@@ -193,14 +259,26 @@ static void dtask_pull(worker_t *w, dtask_t *t)
                    t->blocks[e] == t->blocks[e - 1] + 1)
                 e++;
             size_t len = (size_t)(e - b) * bb;
+            if (!t->t_first_get)
+                t->t_first_get = now_s();
+            if (ipc) {
+                if (!ipc_copy(w, t, l, b, e, bb)) {
+                    PD_LOG_ERROR("worker: task %llu: a CUDA IPC copy failed",
+                                 (unsigned long long)t->task);
+                    t->get_failed = true;
+                    break;
+                }
+                t->bytes_read += 2 * (int64_t)len;
+                w->kv_bytes += 2 * (int64_t)len;
+                b = e;
+                continue;
+            }
             for (int kv = 0; kv < 2; kv++) {
                 uint64_t roff =
                     (uint64_t)l * t->peer->layer_bytes + (uint64_t)t->src[b] * bb;
                 uint8_t *dst =
                     (uint8_t *)(kv ? pd_kv_pool_v(w->kv, l) : pd_kv_pool_k(w->kv, l)) +
                     (size_t)t->blocks[b] * bb;
-                if (!t->t_first_get)
-                    t->t_first_get = now_s();
                 t->outstanding++;
                 t->bytes_read += (int64_t)len;
                 pd_status_t st = pd_ucx_get(t->peer->p, kv, roff, dst, len,
@@ -214,8 +292,12 @@ static void dtask_pull(worker_t *w, dtask_t *t)
             }
             b = e;
         }
+        if (t->get_failed)
+            break;
         t->pulled[l] = target;
     }
+    if (ipc && pd_devxfer_wait(w->xfer) != PD_OK)
+        t->get_failed = true;
 }
 
 static void chunk_push(dtask_t *t, int32_t tok, uint32_t index, const uint64_t *rng)
@@ -284,7 +366,16 @@ bool wk_dtask_check(worker_t *w, dtask_t *t)
         if (t->pulled[l] < t->n_prompt)
             return false;
     double t_read = now_s();
-    uint64_t sum = pd_kv_checksum(w->kv, t->blocks, t->n_prompt);
+    uint64_t sum = 0;
+    if (t->peer && t->peer->ipc) {
+        if (pd_devxfer_kv_sum64(w->xfer, pd_kv_pool_compute_k(w->kv, 0),
+                                pd_kv_pool_compute_v(w->kv, 0), w->layer_bytes,
+                                w->n_layers, w->bs, w->row_bytes, t->blocks, t->n_prompt,
+                                &sum) != PD_OK)
+            sum = ~t->checksum; /* logged; fails the check below */
+    } else {
+        sum = pd_kv_checksum(w->kv, t->blocks, t->n_prompt);
+    }
     if (t->bytes_read > 0 && t_read > t->t_first_get)
         PD_LOG_INFO("worker: task %llu: KV of %d tokens, %lld bytes read in %.3f ms "
                     "(%.3f GB/s), the last %.3f ms after KV_DONE",
@@ -441,6 +532,15 @@ void wk_on_decode_task(worker_t *w, const Pd__Envelope *env)
                            "the task names no UCX address for its prefill worker");
             return;
         }
+    } else if (w->o.transport == PD__KV_TRANSPORT__CUDA_IPC) {
+        t->peer = peer_get_ipc(w, t->prefill_wid, dt->device_source);
+        if (!t->peer) {
+            wk_dtask_free(t);
+            wk_send_failed(w, env->request_id, PD__ERROR_CODE__UNAVAILABLE,
+                           "the task names no CUDA IPC pool of this node and this KV "
+                           "layout for its prefill worker");
+            return;
+        }
     }
     msg_t *c = wk_new_msg(CMD_RESERVE, t->task);
     if (!c) {
@@ -521,7 +621,7 @@ void wk_on_kv_done(worker_t *w, const Pd__Envelope *env)
         return;
     if (d->n_tokens != (uint32_t)t->n_prompt || d->n_rng_state != 4 ||
         d->first_token < 0 || d->first_token >= w->vocab ||
-        (w->o.transport == PD__KV_TRANSPORT__UCX &&
+        (w->o.transport != PD__KV_TRANSPORT__ZMQ &&
          (d->n_src_blocks != (size_t)(t->n_prompt + w->bs - 1) / (size_t)w->bs ||
           !take_src(t, d->src_blocks, d->n_src_blocks)))) {
         PD_LOG_ERROR("worker: task %llu: a malformed KV_DONE",

@@ -89,10 +89,18 @@ static void etask_remove(worker_t *w, etask_t *t)
 void wk_on_layer(void *user, int32_t layer, const pd_engine_progress_t *seqs, int32_t n)
 {
     worker_t *w = user;
+    bool synced = !w->xfer_eng; /* host transports: the mirror copy already waited */
     for (int32_t i = 0; i < n; i++) {
         etask_t *t = seqs[i].user;
         if (!t || t->kind != K_PREFILL || !t->layerwise)
             continue;
+        if (!synced) {
+            /* CUDA IPC: readers copy straight from the device pool, so the layer's
+             * rows must be written before it is announced */
+            synced = true;
+            if (w->kernels->sync(w->kernels) != PD_OK)
+                return; /* the pass fails with this error and fails its tasks */
+        }
         msg_t *m = wk_new_msg(EV_LAYER, t->task);
         if (!m)
             continue;
@@ -124,6 +132,27 @@ static void on_token(void *user, uint64_t id, int32_t tok)
     emit(w, m);
 }
 
+/* KV_DONE's checksum of a prefilled prompt: XXH3 over the host copy, or with CUDA IPC
+ * PD-SUM64 over the device rows the reader copies (after the engine's stream has
+ * written them). PD_ERR_IO when the GPU fails (logged). */
+static pd_status_t prefill_checksum(worker_t *w, const pd_engine_result_t *r,
+                                    uint64_t *sum)
+{
+    if (!w->xfer_eng) {
+        *sum = pd_kv_checksum(w->kv, r->kv_blocks, r->n_prompt);
+        return PD_OK;
+    }
+    pd_status_t st = w->kernels->sync(w->kernels);
+    if (st == PD_OK)
+        st = pd_devxfer_kv_sum64(w->xfer_eng, pd_kv_pool_compute_k(w->kv, 0),
+                                 pd_kv_pool_compute_v(w->kv, 0), w->layer_bytes,
+                                 w->n_layers, w->bs, w->row_bytes, r->kv_blocks,
+                                 r->n_prompt, sum);
+    if (st != PD_OK)
+        PD_LOG_ERROR("worker: the KV checksum of a prefilled prompt failed on the GPU");
+    return st;
+}
+
 static void on_finish(void *user, const pd_engine_result_t *r)
 {
     etask_t *t = user;
@@ -134,24 +163,25 @@ static void on_finish(void *user, const pd_engine_result_t *r)
         w->queued_prefill -= t->n_prompt;
     msg_t *m = NULL;
     if (t->kind == K_PREFILL && r->kv_blocks) {
+        pd_status_t st = PD_ERR_NOMEM;
         m = wk_new_msg(EV_PREFILLED, t->task);
         if (m) {
             m->a = r->ids[0];
             m->n_blocks = r->n_kv_blocks;
             m->blocks = wk_dup_ids(r->kv_blocks, r->n_kv_blocks);
-            m->checksum = pd_kv_checksum(w->kv, r->kv_blocks, r->n_prompt);
+            st = m->blocks ? prefill_checksum(w, r, &m->checksum) : PD_ERR_NOMEM;
             memcpy(m->rng, r->rng_state, sizeof m->rng);
             m->has_rng = true;
             m->cached = r->cached_tokens;
             m->b = r->n_prompt;
         }
-        if (!m || !m->blocks) {
-            /* out of memory: give the blocks back and fail the task */
+        if (st != PD_OK) {
+            /* out of memory, or the GPU failed: give the blocks back, fail the task */
             pd_kv_pool_release(w->kv, r->kv_blocks, r->n_kv_blocks);
             wk_msg_free(m);
             m = wk_new_msg(EV_FAILED, t->task);
             if (m)
-                m->st = PD_ERR_NOMEM;
+                m->st = st;
         }
     } else if (r->finish == PD_ENGINE_FINISH_ERROR) {
         m = wk_new_msg(EV_FAILED, t->task);

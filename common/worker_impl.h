@@ -19,6 +19,7 @@
 #include "common/model.h"
 #include "common/rpc.h"
 #include "common/worker.h"
+#include "kernels/devxfer.h"
 
 #define MAX_DATA_FRAME  (64u << 20)
 #define KV_DATA_POS     256 /* positions per KV_DATA frame */
@@ -141,6 +142,13 @@ typedef struct worker {
     ptask_t *ptasks;
     peer_t *peers;
     int64_t kv_bytes;
+
+    /* CUDA IPC transport: copy streams (I/O thread, engine thread), this pool's
+     * handles and length, the node's boot id and the GPU's name */
+    pd_devxfer_t *xfer, *xfer_eng;
+    uint8_t ipc_k[PD_IPC_HANDLE_BYTES], ipc_v[PD_IPC_HANDLE_BYTES];
+    size_t ipc_len;
+    char node[64], gpu[32];
     int sigpipe[2];
 } worker_t;
 
@@ -173,6 +181,10 @@ struct peer {
     uint8_t *addr, *rkey[2];
     size_t addr_len, rkey_len[2];
     uint64_t base[2], len[2];
+    /* CUDA IPC transport: the pool's handles, mapped at the first read (dev[]) */
+    bool ipc;
+    uint8_t handle[2][PD_IPC_HANDLE_BYTES];
+    uint8_t *dev[2];
 };
 
 enum { D_RESERVING = 1, D_PULLING, D_RUNNING };
@@ -246,7 +258,7 @@ void wk_on_kv_target(worker_t *w, uint64_t task);
 void wk_on_prefill_task(worker_t *w, const Pd__Envelope *env);
 
 /* worker_decode.c: the decode side */
-void wk_peer_free_desc(peer_t *pe);
+void wk_peer_free_desc(worker_t *w, peer_t *pe);
 dtask_t *wk_dtask_find(worker_t *w, uint64_t task);
 void wk_dtask_free(dtask_t *t);
 void wk_peer_close(worker_t *w, peer_t *pe);

@@ -24,7 +24,7 @@ static void usage(FILE *f)
         "[--local-prefill-max N]\n"
         "         [--heartbeat-ms N] [--dead-ms N] [--lease-ms N] [--max-retries N]\n"
         "         [--max-frame-bytes SIZE] [--block-size N] [--kv-dtype f32|f16]\n"
-        "         [--kv-transport ucx|zmq] [--kv-layerwise-min N]\n"
+        "         [--kv-transport ucx|zmq|cuda-ipc] [--kv-layerwise-min N]\n"
         "         [--drain-timeout DUR] [--queue-timeout DUR]\n"
         "         [--log-level error|warn|info|debug] [--print-digest] [--help]\n"
         "Defaults: policy prefix-aware, local prefill off (0), heartbeat 100 ms, dead\n"
@@ -136,9 +136,12 @@ static int parse_flag(args_t *a, const char *f, const char *v)
         o->block_size = (uint32_t)n;
     else if (!strcmp(f, "--kv-dtype") && (!strcmp(v, "f32") || !strcmp(v, "f16")))
         o->kv_dtype = strcmp(v, "f32") ? 1 : 0; /* pd_dtype_t F32 0, F16 1 */
-    else if (!strcmp(f, "--kv-transport") && (!strcmp(v, "ucx") || !strcmp(v, "zmq")))
-        o->kv_transport =
-            strcmp(v, "ucx") ? PD__KV_TRANSPORT__ZMQ : PD__KV_TRANSPORT__UCX;
+    else if (!strcmp(f, "--kv-transport") && !strcmp(v, "ucx"))
+        o->kv_transport = PD__KV_TRANSPORT__UCX;
+    else if (!strcmp(f, "--kv-transport") && !strcmp(v, "zmq"))
+        o->kv_transport = PD__KV_TRANSPORT__ZMQ;
+    else if (!strcmp(f, "--kv-transport") && !strcmp(v, "cuda-ipc"))
+        o->kv_transport = PD__KV_TRANSPORT__CUDA_IPC;
     else if (!strcmp(f, "--kv-layerwise-min") && !parse_u64(v, 0, 1u << 30, &n))
         ; /* the workers' flag; nothing for the router to do */
     else if (!strcmp(f, "--drain-timeout") && !parse_duration_ms(v, &n))

@@ -79,6 +79,12 @@ static void worker_free(pd_worker_t *w)
     free(w->ucx.worker_address.data);
     free(w->ucx.rkey_k.data);
     free(w->ucx.rkey_v.data);
+    if (w->has_dev) { /* else node and gpu are protobuf-c's static empty string */
+        free(w->dev.ipc_k.data);
+        free(w->dev.ipc_v.data);
+        free(w->dev.node);
+        free(w->dev.gpu);
+    }
     free(w);
 }
 
@@ -145,6 +151,19 @@ pd_worker_t *pd_registry_add(pd_registry_t *reg, const void *ident, size_t ident
         w->ucx.base_v = r->ucx->base_v;
         w->ucx.len_k = r->ucx->len_k;
         w->ucx.len_v = r->ucx->len_v;
+    }
+    pd__device_source__init(&w->dev);
+    if (r->device_source) {
+        const Pd__DeviceSource *d = r->device_source;
+        w->has_dev = true;
+        w->dev.ipc_k = bytes_dup(d->ipc_k);
+        w->dev.ipc_v = bytes_dup(d->ipc_v);
+        w->dev.len_k = d->len_k;
+        w->dev.len_v = d->len_v;
+        w->dev.node = strdup(d->node ? d->node : "");
+        w->dev.gpu = strdup(d->gpu ? d->gpu : "");
+        if (!w->dev.node || !w->dev.gpu)
+            abort(); /* as the allocations above: the registry has no way to refuse */
     }
     reg->w[reg->n++] = w;
     return w;

@@ -63,6 +63,9 @@ typedef struct pd_worker {
     /* The worker's UCX source (its own copies of the bytes). */
     bool has_ucx;
     Pd__UcxSource ucx;
+    /* The worker's CUDA IPC source (its own copies), with the CUDA IPC transport. */
+    bool has_dev;
+    Pd__DeviceSource dev;
     uint32_t max_seq_len;
 } pd_worker_t;
 

@@ -259,6 +259,8 @@ static void send_tasks(pd_router_t *rt, pd_req_t *r, pd_worker_t *p, pd_worker_t
     dt.prefill_worker_id = p ? p->id : 0;
     if (p && p->has_ucx && rt->o.kv_transport == PD__KV_TRANSPORT__UCX)
         dt.source = &p->ucx;
+    if (p && p->has_dev && rt->o.kv_transport == PD__KV_TRANSPORT__CUDA_IPC)
+        dt.device_source = &p->dev;
     dt.kv_transport = rt->o.kv_transport;
     dt.lease_ms = rt->o.lease_ms;
     dt.local_prefill = r->local;

@@ -49,9 +49,10 @@ void pd_router_opts_default(pd_router_opts_t *o)
 
 static const char *transport_name(Pd__KvTransport t)
 {
-    return t == PD__KV_TRANSPORT__UCX   ? "ucx"
-           : t == PD__KV_TRANSPORT__ZMQ ? "zmq"
-                                        : "none";
+    return t == PD__KV_TRANSPORT__UCX        ? "ucx"
+           : t == PD__KV_TRANSPORT__ZMQ      ? "zmq"
+           : t == PD__KV_TRANSPORT__CUDA_IPC ? "cuda-ipc"
+                                             : "none";
 }
 
 static const char *role_name(Pd__Role r)
@@ -148,6 +149,39 @@ static void reply_register(pd_router_t *rt, const pd_rpc_msg_t *m, bool accepted
 
 /* ---- workers ---- */
 
+/* The CUDA IPC transport's part of a registration: a worker on a GPU, on the node of
+ * the workers before it (IPC handles open only there), and a prefill worker's two
+ * handles. */
+static bool check_register_ipc(pd_router_t *rt, const Pd__Register *rg, char *why,
+                               size_t cap)
+{
+    const Pd__DeviceSource *d = rg->device_source;
+    if (!rg->device || strncmp(rg->device, "cuda", 4)) {
+        snprintf(why, cap,
+                 "the cuda-ipc KV transport needs workers on a GPU (--device cuda); this "
+                 "one is on %s",
+                 rg->device && rg->device[0] ? rg->device : "cpu");
+    } else if (!d || !d->node || !d->node[0] || strlen(d->node) >= sizeof rt->ipc_node) {
+        snprintf(why, cap, "%s",
+                 "cuda-ipc transport without a device source (a node id of 1..79 bytes)");
+    } else if (rt->ipc_node[0] && strcmp(d->node, rt->ipc_node)) {
+        snprintf(why, cap,
+                 "on node %.40s, but the cluster's cuda-ipc workers are on node %.40s "
+                 "(CUDA IPC works within one node: use --kv-transport ucx across nodes)",
+                 d->node, rt->ipc_node);
+    } else if (rg->role == PD__ROLE__PREFILL &&
+               (d->ipc_k.len != 64 || d->ipc_v.len != 64 || !d->len_k ||
+                d->len_k != d->len_v || !rg->layout || !rg->layout->n_layers ||
+                d->len_k % rg->layout->n_layers)) {
+        snprintf(why, cap, "%s",
+                 "cuda-ipc prefill worker without two 64-byte IPC handles and equal K/V "
+                 "pool lengths, whole layers each");
+    } else {
+        return true;
+    }
+    return false;
+}
+
 static bool check_register(pd_router_t *rt, const Pd__Register *rg, char *why, size_t cap)
 {
     const Pd__KvLayout *l = rg->layout;
@@ -186,6 +220,8 @@ static bool check_register(pd_router_t *rt, const Pd__Register *rg, char *why, s
                rg->kv_transport == PD__KV_TRANSPORT__UCX &&
                (!rg->ucx || !rg->ucx->worker_address.len)) {
         snprintf(why, cap, "%s", "UCX transport without a UCX worker address");
+    } else if (rg->kv_transport == PD__KV_TRANSPORT__CUDA_IPC) {
+        return check_register_ipc(rt, rg, why, cap);
     } else {
         return true;
     }
@@ -213,6 +249,8 @@ static void on_register(pd_router_t *rt, const pd_rpc_msg_t *m)
         rt->block_size = rg->layout->block_size;
     if (rt->kv_dtype < 0)
         rt->kv_dtype = (int)rg->layout->dtype;
+    if (!rt->ipc_node[0] && rg->kv_transport == PD__KV_TRANSPORT__CUDA_IPC)
+        snprintf(rt->ipc_node, sizeof rt->ipc_node, "%s", rg->device_source->node);
     pd_worker_t *w = pd_registry_add(rt->reg, m->ident, m->ident_len, rg, now);
     PD_LOG_INFO("worker %s registered: %s%s, id %" PRIu64 ", %u KV blocks of %u", w->name,
                 role_name(w->role), w->can_prefill ? " (can prefill)" : "", w->id,

@@ -36,6 +36,7 @@ struct pd_router {
     pd_registry_t *reg;
     uint32_t block_size; /* 0 until fixed by a flag or the first worker */
     int kv_dtype;        /* -1 until fixed */
+    char ipc_node[80];   /* CUDA IPC transport: the node of the first worker ("" until) */
     uint64_t *lost;      /* workers declared lost whose requests await re-running */
     size_t n_lost, cap_lost;
 

@@ -36,6 +36,7 @@ typedef struct up {
     const char *model, *tokenizer, *transport, *policy, *kv_memory, *bin_dir, *log_dir;
     const char *spec, *spec_k, *draft_model;
     const char *device, *weight_dtype; /* passed to every worker */
+    const char *layerwise_min;         /* --kv-layerwise-min, to every worker */
     int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
     child_t kids[MAX_CHILDREN];
     int n_kids;
@@ -47,9 +48,10 @@ static void usage(FILE *f)
     fprintf(
         f, "usage: pdctl up --model M [--tokenizer T] [--draft-model D] [--prefill N]\n"
            "                [--decode N]\n"
-           "                [--port P] [--kv-transport ucx|zmq] [--threads N]\n"
+           "                [--port P] [--kv-transport ucx|zmq|cuda-ipc] [--threads N]\n"
            "                [--policy prefix-aware|least-loaded|round-robin]\n"
-           "                [--local-prefill-max N] [--kv-memory SIZE] [--bin-dir DIR]\n"
+           "                [--local-prefill-max N] [--kv-memory SIZE]\n"
+           "                [--kv-layerwise-min N] [--bin-dir DIR]\n"
            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
            "                [--spec ngram|draft|off] [--spec-k N]\n"
            "                [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
@@ -58,7 +60,9 @@ static void usage(FILE *f)
            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
            "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
            "  threads per worker (default: the CPUs divided among the workers).\n"
-           "  --device: where every worker runs its engine (cuda: all on GPU 0).\n");
+           "  --device: where every worker runs its engine (cuda: all on GPU 0).\n"
+           "  --kv-memory, --kv-layerwise-min, --device, --weight-dtype and\n"
+           "  --kv-transport go to every worker as the workers' flags.\n");
 }
 
 static double now_s(void)
@@ -313,11 +317,18 @@ static int parse(up_t *u, int argc, char **argv)
         else if (!strcmp(a, "--ready-timeout"))
             bad = parse_int(v, 1, 3600, &u->ready_s);
         else if (!strcmp(a, "--kv-transport"))
-            bad = strcmp(v, "ucx") && strcmp(v, "zmq") ? -1 : ((u->transport = v), 0);
+            bad = strcmp(v, "ucx") && strcmp(v, "zmq") && strcmp(v, "cuda-ipc")
+                      ? -1
+                      : ((u->transport = v), 0);
         else if (!strcmp(a, "--policy"))
             u->policy = v;
         else if (!strcmp(a, "--kv-memory"))
             u->kv_memory = v;
+        else if (!strcmp(a, "--kv-layerwise-min")) {
+            int k = 0;
+            bad = parse_int(v, 0, 1 << 30, &k);
+            u->layerwise_min = v;
+        }
         else if (!strcmp(a, "--spec"))
             bad = strcmp(v, "ngram") && strcmp(v, "draft") && strcmp(v, "off")
                       ? -1
@@ -348,6 +359,12 @@ static int parse(up_t *u, int argc, char **argv)
     }
     if (!u->model) {
         fprintf(stderr, "pdctl up: --model is required\n");
+        return -1;
+    }
+    if (u->transport && !strcmp(u->transport, "cuda-ipc") &&
+        (!u->device || strncmp(u->device, "cuda", 4))) {
+        fprintf(stderr, "pdctl up: --kv-transport cuda-ipc needs --device cuda or cuda:N "
+                        "(it copies the KV between GPU memories)\n");
         return -1;
     }
     if (u->n_prefill == 0 && u->local_prefill_max < 0)
@@ -469,6 +486,10 @@ static int start_workers(up_t *u)
         if (u->kv_memory) {
             argv[n++] = "--kv-memory";
             argv[n++] = (char *)u->kv_memory;
+        }
+        if (u->layerwise_min) {
+            argv[n++] = "--kv-layerwise-min";
+            argv[n++] = (char *)u->layerwise_min;
         }
         if (u->device) {
             argv[n++] = "--device";

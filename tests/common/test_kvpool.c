@@ -1,7 +1,8 @@
 /* test_kvpool.c - the paged KV pool on its own: sizing from a budget, all-or-nothing
  * allocation, reference counts, the prefix cache (hits need the same tokens and the
  * same parent; committed blocks survive until an allocation evicts them, least
- * recently freed first, a sequence's tail before its head), and release errors. */
+ * recently freed first, a sequence's tail before its head), release errors, and the
+ * device transports' PD-SUM64 checksum. */
 #include <check.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +10,7 @@
 #include "common/kvpool.h"
 #include "common/log.h"
 #include "common/model.h"
+#include "kernels/sum64.h"
 #include "support/pdcheck.h"
 
 static pd_model_t *model;
@@ -175,10 +177,76 @@ START_TEST(eviction_order)
 }
 END_TEST
 
+/* Row pos of a sequence with block table bt, layer l, K (kv 0) or V. */
+static uint8_t *row_at(pd_kv_pool_t *p, const int32_t *bt, int l, int kv, int pos)
+{
+    int32_t bs = pd_kv_pool_block_size(p);
+    uint8_t *base = kv ? pd_kv_pool_v(p, l) : pd_kv_pool_k(p, l);
+    return base + ((size_t)bt[pos / bs] * (size_t)bs + (size_t)(pos % bs)) *
+                      pd_kv_pool_row_bytes(p);
+}
+
+/* PD-SUM64 is the documented sum over the covered words in their documented order:
+ * the same rows in other blocks give the same sum, a flipped bit or two swapped rows
+ * change it, and rows past n_tokens do not count. */
+START_TEST(sum64_checksum)
+{
+    pd_kv_pool_t *p = pool_of(8, 4);
+    const int32_t a[3] = {5, 2, 7}, b[3] = {1, 3, 0};
+    const int n = 10, L = pd_kv_pool_n_layers(p);
+    size_t row = pd_kv_pool_row_bytes(p), words = row / 4;
+    ck_assert_uint_eq(row % 4, 0);
+    uint64_t x = 88172645463325252ull; /* xorshift64: arbitrary contents */
+    for (int l = 0; l < L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int pos = 0; pos < 12; pos++) { /* 12: the partial block's tail too */
+                uint8_t *r = row_at(p, a, l, kv, pos);
+                for (size_t i = 0; i < row; i++) {
+                    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+                    r[i] = (uint8_t)x;
+                }
+                if (pos < n)
+                    memcpy(row_at(p, b, l, kv, pos), r, row);
+            }
+    /* the oracle: every covered word gathered in order, then summed */
+    size_t total = (size_t)L * 2 * (size_t)n * words;
+    uint32_t *all = malloc(total * sizeof *all);
+    ck_assert_ptr_nonnull(all);
+    size_t k = 0;
+    for (int l = 0; l < L; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int pos = 0; pos < n; pos++, k += words)
+                memcpy(all + k, row_at(p, a, l, kv, pos), row);
+    uint64_t want = 0;
+    for (size_t i = 0; i < total; i++)
+        want += pd_sum64_mix(all[i], i);
+    free(all);
+    uint64_t sa = pd_kv_checksum_sum64(p, a, n);
+    ck_assert_uint_eq(sa, want);
+    ck_assert_uint_eq(pd_kv_checksum_sum64(p, b, n), sa);
+    ck_assert_uint_ne(pd_kv_checksum_sum64(p, a, n - 1), sa);
+
+    row_at(p, a, L - 1, 1, 11)[0] ^= 0xff; /* past n_tokens: not covered */
+    ck_assert_uint_eq(pd_kv_checksum_sum64(p, a, n), sa);
+    row_at(p, b, 0, 1, 3)[row - 1] ^= 0x01; /* one bit of V, layer 0 */
+    ck_assert_uint_ne(pd_kv_checksum_sum64(p, b, n), sa);
+    row_at(p, b, 0, 1, 3)[row - 1] ^= 0x01;
+    ck_assert_uint_eq(pd_kv_checksum_sum64(p, b, n), sa);
+    uint8_t *tmp = malloc(row); /* two rows swapped */
+    ck_assert_ptr_nonnull(tmp);
+    memcpy(tmp, row_at(p, b, 1, 0, 2), row);
+    memcpy(row_at(p, b, 1, 0, 2), row_at(p, b, 1, 0, 6), row);
+    memcpy(row_at(p, b, 1, 0, 6), tmp, row);
+    free(tmp);
+    ck_assert_uint_ne(pd_kv_checksum_sum64(p, b, n), sa);
+    pd_kv_pool_destroy(&p);
+}
+END_TEST
+
 int main(void)
 {
     TCase *tc = pd_test_tcase("core", 30, setup, teardown);
     PD_TEST_ADD(tc, sized_from_budget, alloc_all_or_nothing_and_release,
-                prefix_cache_hits_and_misses, eviction_order);
+                prefix_cache_hits_and_misses, eviction_order, sum64_checksum);
     return pd_test_run("kvpool", tc);
 }

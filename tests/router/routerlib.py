@@ -191,6 +191,8 @@ class FakeWorker(Peer):
                     setattr(r.layout, lk, lv)
             elif k == "no_ucx":
                 r.ClearField("ucx")
+            elif k == "device_source":
+                r.device_source.CopyFrom(pb.DeviceSource(**v))
             else:
                 setattr(r, k, v)
         return r

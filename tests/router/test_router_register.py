@@ -1,6 +1,8 @@
 """pd-router: worker registration accepted and refused (version, digest, layout,
-block size, dtype, transport, role, UCX address), with the reasons in the reply and
-the log; heartbeats from unknown workers; HEALTH; the bound-endpoint line; exit 0."""
+block size, dtype, transport, role, UCX address; with --kv-transport cuda-ipc the GPU,
+the node and the IPC handles, and the prefill worker's handles relayed in the decode
+task), with the reasons in the reply and the log; heartbeats from unknown workers;
+HEALTH; the bound-endpoint line; exit 0."""
 import subprocess
 
 from routerlib import ROUTER, MODEL, pb, envelope, model_digest, run
@@ -81,6 +83,55 @@ def test_flags_fix_layout(f, make):
     f.check(c.stop() == 0, "exit 0")
 
 
+def test_cuda_ipc(f, make):
+    c = make("--kv-transport", "cuda-ipc")
+    n_layers = c.layout["n_layers"]
+    pool = 4096 * n_layers
+
+    def source(node="node-a", k=b"k" * 64, v=b"v" * 64, length=pool):
+        return dict(node=node, ipc_k=k, ipc_v=v, len_k=length, len_v=length, gpu="cuda:0")
+
+    cases = [
+        ("on the CPU", pb.PREFILL, dict(device="cpu", device_source=source()), "GPU"),
+        ("no device", pb.PREFILL, dict(device_source=source()), "GPU"),
+        ("no source", pb.PREFILL, dict(device="cuda"), "device source"),
+        ("no node", pb.DECODE, dict(device="cuda", device_source=source(node="")), "node"),
+        ("short handle", pb.PREFILL,
+         dict(device="cuda", device_source=source(k=b"k" * 10)), "64-byte"),
+        ("partial layers", pb.PREFILL,
+         dict(device="cuda", device_source=source(length=pool + 1)), "whole layers"),
+        ("ucx worker", pb.PREFILL, dict(device="cuda", device_source=source(),
+                                        kv_transport=pb.UCX), "transport"),
+    ]
+    for i, (what, role, over, word) in enumerate(cases):
+        rep = c.worker(role, f"bad{i}", transport=pb.CUDA_IPC).register(**over)
+        f.check(not rep.accepted, f"{what}: refused")
+        f.check(word.lower() in rep.reason.lower(), f"{what}: reason {rep.reason!r}")
+
+    p = c.worker(pb.PREFILL, "p0", transport=pb.CUDA_IPC)
+    rep = p.register(device="cuda:1", device_source=source())
+    f.check(rep.accepted, f"cuda-ipc prefill worker accepted: {rep}")
+    other = c.worker(pb.DECODE, "d-other-node", transport=pb.CUDA_IPC)
+    rep = other.register(device="cuda", device_source=source(node="node-b", k=b"", v=b""))
+    f.check(not rep.accepted and "node-b" in rep.reason and "node-a" in rep.reason,
+            f"a decode worker on another node refused: {rep.reason!r}")
+    d = c.worker(pb.DECODE, "d0", transport=pb.CUDA_IPC)
+    rep = d.register(device="cuda", device_source=source(k=b"", v=b""))
+    f.check(rep.accepted, f"cuda-ipc decode worker (no handles needed) accepted: {rep}")
+
+    cl = c.client()
+    cl.generate(3, prompt="Once upon a time", max_tokens=4)
+    dt = d.expect(pb.DECODE_TASK).decode_task
+    p.expect(pb.PREFILL_TASK)
+    f.check(dt.kv_transport == pb.CUDA_IPC and dt.prefill_worker_id == p.id,
+            f"decode task: transport {dt.kv_transport}, prefill {dt.prefill_worker_id}")
+    f.check(dt.HasField("device_source") and dt.device_source.ipc_k == b"k" * 64 and
+            dt.device_source.ipc_v == b"v" * 64 and dt.device_source.node == "node-a" and
+            dt.device_source.len_k == pool, "D gets P's IPC handles, node and length")
+    f.check(not dt.HasField("source"), "no UCX source with cuda-ipc")
+    f.check(c.stop() == 0, "exit 0")
+
+
 def test_cli(f, make):
     p = subprocess.run([ROUTER, "--model", MODEL, "--policy", "fastest"],
                        capture_output=True, timeout=30)
@@ -99,4 +150,4 @@ def test_cli(f, make):
 
 
 if __name__ == "__main__":
-    run([test_accept_and_refuse, test_flags_fix_layout, test_cli])
+    run([test_accept_and_refuse, test_flags_fix_layout, test_cuda_ipc, test_cli])

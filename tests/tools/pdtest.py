@@ -47,6 +47,38 @@ def golden_lines():
     return lines
 
 
+def start_up(args, out_path, timeout=90):
+    """Starts `pdctl up ARGS` with stdout into out_path; waits (at most timeout
+    seconds) for its ready line. Returns (process, client endpoint or None: it exited
+    or never got ready); the caller stops the process (stop_up)."""
+    import time
+    out = open(out_path, "w+")
+    up = subprocess.Popen([require(PDCTL), "up", *map(str, args)], stdout=out,
+                          stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and up.poll() is None:
+        out.seek(0)
+        for line in out.read().splitlines():
+            if "ready" in line and "client endpoint" in line:
+                out.close()
+                return up, line.split("client endpoint")[1].split()[0]
+        time.sleep(0.1)
+    out.close()
+    return up, None
+
+
+def stop_up(up, timeout=90):
+    """SIGINT to `pdctl up`, then its exit status (None: it had to be killed)."""
+    import signal
+    up.send_signal(signal.SIGINT)
+    try:
+        return up.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        up.wait(10)
+        return None
+
+
 def cpu_flags():
     with open("/proc/cpuinfo") as f:
         for line in f:

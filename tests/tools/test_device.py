@@ -2,7 +2,9 @@
 started with --device cuda and `pdctl up --device cuda` end with exit status 1 and a
 clear line saying why (no GPU here, or a build without the CUDA backend), never a crash
 or a hang; a malformed --device and
---weight-dtype are refused the same way; --device cpu is the default's output exactly.
+--weight-dtype are refused the same way; --kv-transport cuda-ipc without --device cuda
+is a usage error that says why, and with it (no GPU) exits 1 like any --device cuda;
+--device cpu is the default's output exactly.
 On a machine with a GPU the cuda runs instead must give the CPU's golden ids (the full
 GPU checks are tests/gpu/run.sh)."""
 import os
@@ -63,6 +65,29 @@ if os.path.exists(dec) and no_gpu:
     err = p.stderr.decode(errors="replace")
     f.check(p.returncode == 1 and any(r in err for r in REASONS),
             f"pd-decode --device cuda: exit {p.returncode}, stderr {err[-300:]!r}")
+# the cuda-ipc KV transport copies between GPU memories: on the CPU it is refused
+for tool in ("pd-prefill", "pd-decode"):
+    path = os.path.join(BIN, tool)
+    if not os.path.exists(path):
+        continue
+    p = run([path, "--model", model, "--router", "tcp://127.0.0.1:1", "--kv-transport",
+             "cuda-ipc"])
+    err = p.stderr.decode(errors="replace")
+    f.check(p.returncode == 2 and "cuda-ipc needs --device cuda" in err,
+            f"{tool} --kv-transport cuda-ipc on the CPU: exit {p.returncode}, {err[-300:]!r}")
+    if no_gpu:
+        p = run([path, "--model", model, "--router", "tcp://127.0.0.1:1", "--kv-transport",
+                 "cuda-ipc", "--device", "cuda"])
+        err = p.stderr.decode(errors="replace")
+        f.check(p.returncode == 1 and any(r in err for r in REASONS),
+                f"{tool} cuda-ipc --device cuda, no GPU: exit {p.returncode}, {err[-300:]!r}")
+if os.path.exists(os.path.join(BIN, "pd-router")):
+    p = run([require(PDCTL), "up", "--model", model, "--port", "0", "--kv-transport",
+             "cuda-ipc", "--ready-timeout", "30"], timeout=90)
+    err = p.stderr.decode(errors="replace")
+    f.check(p.returncode == 2 and "cuda-ipc needs --device cuda" in err,
+            f"pdctl up --kv-transport cuda-ipc on the CPU: exit {p.returncode}, "
+            f"stderr {err[-400:]!r}")
 # pdctl up --device cuda without a GPU: exits 1 and says why (the workers' reason)
 if os.path.exists(os.path.join(BIN, "pd-router")) and no_gpu:
     p = run([require(PDCTL), "up", "--model", model, "--port", "0", "--device", "cuda",

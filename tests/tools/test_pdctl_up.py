@@ -10,9 +10,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
-from pdtest import BIN, MODELS, Failures, golden_lines, require
+from pdtest import BIN, MODELS, Failures, golden_lines, require, start_up, stop_up
 
 f = Failures()
 PDCTL = require(os.path.join(BIN, "pdctl"))
@@ -42,20 +41,11 @@ def alive(pid):
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    out = open(os.path.join(tmp, "up.out"), "w+")
-    up = subprocess.Popen([PDCTL, "up", "--model", model, "--prefill", "1", "--decode", "2",
-                           "--port", "0", "--threads", "1", "--log-dir",
-                           os.path.join(tmp, "logs")], stdout=out, stderr=subprocess.PIPE)
+    up, endpoint = start_up(["--model", model, "--prefill", "1", "--decode", "2", "--port",
+                             "0", "--threads", "1", "--log-dir", os.path.join(tmp, "logs")],
+                            os.path.join(tmp, "up.out"))
     kids = []
     try:
-        endpoint = None
-        deadline = time.time() + 90
-        while time.time() < deadline and endpoint is None and up.poll() is None:
-            out.seek(0)
-            for line in out.read().splitlines():
-                if "ready" in line and "client endpoint" in line:
-                    endpoint = line.split("client endpoint")[1].split()[0]
-            time.sleep(0.1)
         f.check(endpoint is not None, f"pdctl up never printed a ready endpoint "
                                       f"(status {up.poll()})")
         kids = children_of(up.pid)
@@ -99,12 +89,7 @@ with tempfile.TemporaryDirectory() as tmp:
                     p.stdout.decode() == ref.stdout.decode()[len("Tom and his dog"):],
                     f"example client: {p.returncode} {p.stdout[:80]!r} {p.stderr[-300:]!r}")
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            rc = up.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            rc = None
+        rc = stop_up(up)
         f.check(rc == 0, f"pdctl up exited with {rc} after SIGINT: {up.stderr.read()[-800:]}")
         left = [k for k in kids if alive(k)]
         f.check(not left, f"processes left behind: {left}")

@@ -1,0 +1,95 @@
+"""On a GPU (run by tests/gpu/run.sh when the service was built, not CTest): the
+disaggregated cluster with both workers on the GPU. For each KV transport (ucx: the
+pinned host copies over UCX; cuda-ipc: GPU to GPU through CUDA IPC, no host copy),
+`pdctl up --device cuda --prefill 1 --decode 1` serves every stories260K golden line
+with its exact greedy ids through `pdctl complete`, alone and 16 in flight, with a
+prompt long enough for layer-wise streaming (--kv-layerwise-min 8); the decode
+worker's log must show KV reads for every request and no checksum mismatch; Ctrl-C
+stops the cluster with status 0. Needs only pdctl and the Python standard library (a
+GPU host may have no pyzmq). PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests;
+PD_TEST_DEVICE=cpu PD_TEST_TRANSPORTS=ucx runs the same on the CPU (a check of the
+test itself)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+from pdtest import MODELS, PDCTL, Failures, golden_lines, require, start_up, stop_up  # noqa
+
+f = Failures()
+DEV = os.environ.get("PD_TEST_DEVICE", "cuda")
+model = require(os.path.join(MODELS, "stories260K.gguf"))
+lines = [g for g in golden_lines() if g["model"].startswith("stories260K")]
+
+
+def complete(endpoint, g):
+    n = len(g["greedy_ids"])
+    p = subprocess.run([PDCTL, "complete", "--router", endpoint, "--prompt", g["prompt"],
+                        "--max-tokens", str(n), "--ignore-eos", "--format", "json"],
+                       capture_output=True, timeout=120)
+    if p.returncode != 0:
+        return None, p.stderr.decode(errors="replace")[-300:]
+    return json.loads(p.stdout), ""
+
+
+def check(what, g, out, err):
+    if not f.check(out is not None, f"{what}: complete failed: {err}"):
+        return
+    want = g["greedy_ids"][: g["exact_prefix"]]
+    f.check(out["ids"][: len(want)] == want and len(out["ids"]) == len(g["greedy_ids"]),
+            f"{what}: ids differ from golden")
+
+
+def cluster(transport):
+    tmp = tempfile.mkdtemp(prefix=f"pd_gpu_cluster_{transport}_")
+    logs = os.path.join(tmp, "logs")
+    up, endpoint = start_up(["--model", model, "--prefill", "1", "--decode", "1", "--port",
+                             "0", "--threads", "2", "--device", DEV, "--kv-transport",
+                             transport, "--kv-layerwise-min", "8", "--log-dir", logs],
+                            os.path.join(tmp, "up.out"), timeout=120)
+    try:
+        if not f.check(endpoint is not None,
+                       f"{transport}: pdctl up never got ready (status {up.poll()})"):
+            return
+        for g in lines:
+            out_, err = complete(endpoint, g)
+            check(f"{transport} alone {g['prompt']!r}", g, out_, err)
+        results = [None] * 16
+        threads = []
+        for i in range(16):
+            g = lines[i % len(lines)]
+
+            def run(i=i, g=g):
+                results[i] = complete(endpoint, g)
+            threads.append(threading.Thread(target=run))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        for i, r in enumerate(results):
+            g = lines[i % len(lines)]
+            check(f"{transport} 16 in flight #{i}", g, *(r or (None, "no answer")))
+    finally:
+        rc = stop_up(up)
+        f.check(rc == 0, f"{transport}: pdctl up exited with {rc}: "
+                         f"{up.stderr.read()[-500:]!r}")
+    text = ""
+    for path in glob.glob(os.path.join(logs, "decode*")):
+        with open(path, errors="replace") as fh:
+            text += fh.read()
+    reads = text.count("bytes read in")  # the pulling transports log each read
+    f.check(transport == "zmq" or reads >= len(lines) + 16,
+            f"{transport}: the decode log shows {reads} KV reads, expected "
+            f"{len(lines) + 16} (logs in {logs})")
+    f.check("checksum" not in text.lower() or "mismatch" not in text.lower(),
+            f"{transport}: a KV checksum mismatch in the decode log ({logs})")
+    print(f"{transport}: {reads} KV reads; logs in {logs}")
+
+
+for transport in os.environ.get("PD_TEST_TRANSPORTS", "ucx,cuda-ipc").split(","):
+    cluster(transport)
+f.finish()
