@@ -88,6 +88,7 @@ struct pd_engine {
     int32_t spec_k, ngram_min, ngram_max;
     bool spec_fixed;
     double spec_rho;
+    bool cuda_graphs; /* passed to both llms */
     /* the draft model's side (draft_model given) */
     pd_llm_t *dllm;
     pd_kv_pool_t *dkv;
@@ -184,7 +185,8 @@ static pd_status_t draft_new(pd_engine_t *e, const pd_model_t *dm)
     pd_llm_opts_t lo = {.max_ctx = e->dmax_ctx,
                         .max_batch_tokens = e->max_T,
                         .max_logits = e->max_seqs,
-                        .no_private_kv = true};
+                        .no_private_kv = true,
+                        .cuda_graphs = e->cuda_graphs};
     pd_kv_pool_opts_t po = {
         .block_size = e->bs, .n_blocks = pd_kv_pool_n_blocks(e->kv), .device = e->k};
     size_t rows = (size_t)e->max_seqs * (size_t)e->max_blocks;
@@ -227,6 +229,7 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
     e->eos = o.eos;
     e->bos = o.bos;
     e->prefix_cache = !o.no_prefix_cache;
+    e->cuda_graphs = o.cuda_graphs;
 
     pd_kv_pool_opts_t po = {
         .block_size = e->bs, .kv_type = o.kv_type, .device = kernels, .host = o.kv_host};
@@ -261,7 +264,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
                         .max_batch_tokens = e->max_T,
                         .max_logits =
                             (int32_t)(max_logits < e->max_T ? max_logits : e->max_T),
-                        .no_private_kv = true};
+                        .no_private_kv = true,
+                        .cuda_graphs = o.cuda_graphs};
     st = pd_llm_new(model, kernels, &lo, &e->llm);
     size_t T = (size_t)e->max_T, S = (size_t)e->max_seqs;
     if (st == PD_OK) {

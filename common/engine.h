@@ -65,6 +65,10 @@ typedef struct pd_engine_opts {
      * (transfers are served from there). */
     pd_kv_host_t kv_host;
     bool no_prefix_cache;
+    /* Replay repeated decode passes as CUDA graphs (pd_llm_opts_t.cuda_graphs), for
+     * the model's llm and the draft model's; ignored on the CPU backend. Off by
+     * default. */
+    bool cuda_graphs;
     /* The tokenizer's EOS and BOS ids (pd_tokenizer_eos/bos), which end a request
      * unless it ignores EOS; negative: none. */
     int32_t eos, bos;

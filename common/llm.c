@@ -1,7 +1,12 @@
 /* llm.c - see llm.h. The pass follows llama2.c's run.c step by step (RMSNorm,
  * Q/K/V projections, interleaved RoPE, causal grouped-query attention over the
  * cache, output projection and residual, RMSNorm, SwiGLU FFN and residual), with
- * every op over all T rows at once through the ops table. Threading: one caller. */
+ * every op over all T rows at once through the ops table.
+ * On a device a pass is: the batch description up in one copy (upload_batch), the ops
+ * (compute_ops: embedding to output matmul, no copy and no wait among them), then the
+ * logits or their argmax down. With graphs the middle part is what is recorded and
+ * replayed (compute); the copies on either side stay outside it, so each launch reads
+ * the step's own batch from the same device addresses. Threading: one caller. */
 #include "common/llm.h"
 
 #include <math.h>
@@ -10,6 +15,36 @@
 
 #include "common/log.h"
 #include "common/sampler.h"
+
+/* ---- CUDA graphs: the cache (see llm.h) ---- */
+#define GRAPH_SLOTS 32  /* graphs kept per llm */
+#define GRAPH_MAX_T 512 /* larger passes are bound by their arithmetic, not launches */
+
+/* Everything that changes a pass's launches or their arguments: the shapes, where the
+ * batch description lands (the staging buffer, at offsets fixed by T, n_out and
+ * n_seqs * bt_stride), the pool's cache, attention's host-derived key and the
+ * backend's scratch generation. The llm's own buffers and weights never move. */
+typedef struct graph_key {
+    int64_t T, n_out, n_seqs, bt_stride, block_size;
+    uint64_t attn, gen;
+    const void *pool, *k0, *v0, *k_last, *stage;
+    pd_dtype_t kv_dtype;
+    bool ids;
+} graph_key_t;
+
+typedef enum slot_state {
+    SLOT_FREE = 0,
+    SLOT_SEEN,   /* ran once, op by op */
+    SLOT_READY,  /* exec holds its graph */
+    SLOT_FAILED, /* recording failed: runs op by op until evicted */
+} slot_state_t;
+
+typedef struct graph_slot {
+    graph_key_t key;
+    slot_state_t state;
+    void *exec;
+    uint64_t used; /* tick of the last use (least recently used goes first) */
+} graph_slot_t;
 
 struct pd_llm {
     const pd_model_t *model;
@@ -46,6 +81,11 @@ struct pd_llm {
     int32_t *touched; /* [max_T] blocks the pass writes (host mirrors) */
     int32_t n_touched;
     bool logits_pinned;
+    /* CUDA graphs (opts.cuda_graphs and a backend that records) */
+    bool graphs;
+    graph_slot_t gslots[GRAPH_SLOTS];
+    uint64_t gtick, ggen; /* use counter; the generation the slots were checked at */
+    pd_llm_graph_stats_t gstats;
 };
 
 /* a * b elements of elem bytes in the backend's memory (device buffers for a device
@@ -144,8 +184,11 @@ static pd_status_t upload_weights(pd_llm_t *l)
     return PD_OK;
 }
 
+static void graphs_clear(pd_llm_t *l);
+
 static void free_buffers(pd_llm_t *l)
 {
+    graphs_clear(l); /* first: they name the buffers below */
     float **bufs[] = {&l->x,   &l->xb, &l->xb2, &l->q,  &l->kk,      &l->vv,
                       &l->att, &l->hb, &l->hb2, &l->xo, &l->d_logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
@@ -180,6 +223,14 @@ pd_status_t pd_llm_new(const pd_model_t *model, pd_kernels_t *kernels,
     l->model = model;
     l->k = kernels;
     l->dev = kernels->device;
+    if (opts && opts->cuda_graphs && l->dev) {
+        pd_kernels_t *k = kernels;
+        l->graphs = k->graph_attn_key && k->graph_generation && k->graph_begin &&
+                    k->graph_end && k->graph_launch && k->graph_destroy;
+        if (!l->graphs)
+            PD_LOG_INFO("llm: the %s backend cannot record graphs; passes run op by op",
+                        k->name);
+    }
     l->dw = *pd_model_weights(model);
     l->cfg = *pd_model_config(model);
     const pd_model_config_t *c = &l->cfg;
@@ -461,6 +512,217 @@ static void layer_forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t 
     k->add(k, l->x, l->xb2, T * c->dim);
 }
 
+/* The ops of a pass: the embedding, every layer and, with logit rows, the output
+ * matmul into l->logits (host) or l->d_logits (device). On a device nothing here
+ * copies or waits unless the pool mirrors to the host or a layer hook is set (which
+ * keep a pass from being recorded). */
+static pd_status_t compute_ops(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *db,
+                               const pd_llm_batch_t *b, const int32_t *slots)
+{
+    const pd_model_config_t *c = &l->cfg;
+    const pd_model_weights_t *mw = &l->dw;
+    pd_kernels_t *k = l->k;
+    bool mirror = pd_kv_pool_host(pool) == PD_KV_HOST_MIRROR;
+    pd_status_t st;
+
+    k->get_rows(k, &mw->tok_embd, db->ids, b->T, l->x);
+    for (int layer = 0; layer < c->n_layers; layer++) {
+        layer_forward(l, pool, db, b, slots, layer);
+        /* a prefill worker serves the layer's KV from the host copy */
+        if (mirror && (st = pd_kv_pool_download(pool, layer, l->touched, l->n_touched)))
+            return st;
+        if (l->on_layer)
+            l->on_layer(l->layer_user, layer);
+    }
+    if (b->n_out == 0)
+        return PD_OK;
+    if (l->dev) { /* the rows that need logits, gathered on the device */
+        pd_tensor_t xs = {.dtype = PD_DTYPE_F32,
+                          .n_dims = 2,
+                          .ne = {c->dim, b->T, 1, 1},
+                          .data = l->x,
+                          .nbytes = (size_t)b->T * (size_t)c->dim * sizeof(float)};
+        k->get_rows(k, &xs, db->out_rows, b->n_out, l->xo);
+    } else {
+        for (int64_t i = 0; i < b->n_out; i++)
+            memcpy(l->xo + i * c->dim, l->x + (int64_t)b->out_rows[i] * c->dim,
+                   (size_t)c->dim * sizeof(float));
+    }
+    k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim, c->norm_eps);
+    k->matmul(k, &mw->output, l->xo, b->n_out, l->dev ? l->d_logits : l->logits);
+    return PD_OK;
+}
+
+/* ---- CUDA graphs: the cache ---- */
+
+static bool key_eq(const graph_key_t *a, const graph_key_t *b)
+{
+    return a->T == b->T && a->n_out == b->n_out && a->n_seqs == b->n_seqs &&
+           a->bt_stride == b->bt_stride && a->block_size == b->block_size &&
+           a->attn == b->attn && a->gen == b->gen && a->pool == b->pool &&
+           a->k0 == b->k0 && a->v0 == b->v0 && a->k_last == b->k_last &&
+           a->stage == b->stage && a->kv_dtype == b->kv_dtype && a->ids == b->ids;
+}
+
+static void slot_clear(pd_llm_t *l, graph_slot_t *s)
+{
+    if (s->exec)
+        l->k->graph_destroy(l->k, s->exec);
+    memset(s, 0, sizeof *s);
+}
+
+static void graphs_clear(pd_llm_t *l)
+{
+    for (int i = 0; i < GRAPH_SLOTS; i++)
+        slot_clear(l, &l->gslots[i]);
+}
+
+/* The key of a pass (after upload_batch: the staging buffer is part of it); false:
+ * the pass must run op by op. */
+static bool graph_key_of(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
+                         bool ids, graph_key_t *key)
+{
+    pd_kernels_t *k = l->k;
+    if (!l->graphs || l->on_layer || b->T > GRAPH_MAX_T ||
+        pd_kv_pool_host(pool) == PD_KV_HOST_MIRROR)
+        return false;
+    uint64_t attn = k->graph_attn_key(k, b->T, b->pos, b->seq);
+    if (!attn)
+        return false; /* a prompt run: its attention plan is this batch's alone */
+    memset(key, 0, sizeof *key); /* key_eq compares fields, but keep it tidy */
+    key->T = b->T;
+    key->n_out = b->n_out;
+    key->n_seqs = b->n_seqs;
+    key->bt_stride = b->bt_stride;
+    key->block_size = pd_kv_pool_block_size(pool);
+    key->attn = attn;
+    key->gen = k->graph_generation(k);
+    key->pool = pool;
+    key->k0 = pd_kv_pool_compute_k(pool, 0);
+    key->v0 = pd_kv_pool_compute_v(pool, 0);
+    key->k_last = pd_kv_pool_compute_k(pool, l->cfg.n_layers - 1);
+    key->stage = l->stage_d;
+    key->kv_dtype = pd_kv_pool_dtype(pool);
+    key->ids = ids;
+    return true;
+}
+
+/* Graphs recorded before the backend moved a buffer of its own name the old one:
+ * drop them (they could never match again anyway). */
+static void graphs_drop_stale(pd_llm_t *l, uint64_t gen)
+{
+    if (gen == l->ggen)
+        return;
+    for (int i = 0; i < GRAPH_SLOTS; i++)
+        if (l->gslots[i].state != SLOT_FREE && l->gslots[i].key.gen != gen) {
+            l->gstats.dropped += l->gslots[i].exec != NULL;
+            slot_clear(l, &l->gslots[i]);
+        }
+    l->ggen = gen;
+}
+
+static graph_slot_t *graph_find(pd_llm_t *l, const graph_key_t *key)
+{
+    for (int i = 0; i < GRAPH_SLOTS; i++)
+        if (l->gslots[i].state != SLOT_FREE && key_eq(&l->gslots[i].key, key))
+            return &l->gslots[i];
+    return NULL;
+}
+
+/* A free slot, else the least recently used one, emptied. */
+static graph_slot_t *graph_slot_take(pd_llm_t *l)
+{
+    graph_slot_t *v = &l->gslots[0];
+    for (int i = 0; i < GRAPH_SLOTS; i++) {
+        graph_slot_t *s = &l->gslots[i];
+        if (s->state == SLOT_FREE)
+            return s;
+        if (s->used < v->used)
+            v = s;
+    }
+    l->gstats.dropped += v->exec != NULL;
+    slot_clear(l, v);
+    return v;
+}
+
+/* The second pass of a key: recorded (nothing runs), then launched; op by op when
+ * the recording or its launch fails (the backend logged why), and from then on for
+ * this key. */
+static pd_status_t record(pd_llm_t *l, graph_slot_t *s, pd_kv_pool_t *pool,
+                          const pd_llm_batch_t *db, const pd_llm_batch_t *b,
+                          const int32_t *slots)
+{
+    pd_kernels_t *k = l->k;
+    if (k->graph_begin(k) == PD_OK) {
+        void *g = NULL;
+        pd_status_t st = compute_ops(l, pool, db, b, slots);
+        pd_status_t est = k->graph_end(k, &g);
+        /* the generation cannot move while recording (scratch refuses to grow), but
+         * a graph naming moved scratch must never run: check */
+        if (st == PD_OK && est == PD_OK && k->graph_generation(k) == s->key.gen &&
+            k->graph_launch(k, g) == PD_OK) {
+            s->exec = g;
+            s->state = SLOT_READY;
+            l->gstats.captures++;
+            return PD_OK;
+        }
+        k->graph_destroy(k, g);
+        s->state = SLOT_FAILED;
+    }
+    l->gstats.fallbacks++;
+    return compute_ops(l, pool, db, b, slots);
+}
+
+/* compute_ops, through a graph where the key allows (llm.h). */
+static pd_status_t compute(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *db,
+                           const pd_llm_batch_t *b, const int32_t *slots, bool ids)
+{
+    pd_kernels_t *k = l->k;
+    graph_key_t key;
+    if (!graph_key_of(l, pool, b, ids, &key)) {
+        l->gstats.eager++;
+        return compute_ops(l, pool, db, b, slots);
+    }
+    graphs_drop_stale(l, key.gen);
+    graph_slot_t *s = graph_find(l, &key);
+    if (!s) {
+        /* First sight: op by op, which also grows the backend's scratch to this key's
+         * shapes; the key keeps the generation after that growth. */
+        l->gstats.eager++;
+        pd_status_t st = compute_ops(l, pool, db, b, slots);
+        key.gen = k->graph_generation(k);
+        s = graph_slot_take(l);
+        s->key = key;
+        s->state = SLOT_SEEN;
+        s->used = ++l->gtick;
+        return st;
+    }
+    s->used = ++l->gtick;
+    if (s->state == SLOT_SEEN)
+        return record(l, s, pool, db, b, slots);
+    if (s->state == SLOT_READY) {
+        if (k->graph_launch(k, s->exec) == PD_OK) {
+            l->gstats.replays++;
+            return PD_OK;
+        }
+        k->graph_destroy(k, s->exec);
+        s->exec = NULL;
+        s->state = SLOT_FAILED;
+        l->gstats.fallbacks++;
+        return compute_ops(l, pool, db, b, slots);
+    }
+    l->gstats.eager++; /* SLOT_FAILED */
+    return compute_ops(l, pool, db, b, slots);
+}
+
+void pd_llm_graph_stats(const pd_llm_t *l, pd_llm_graph_stats_t *stats_p)
+{
+    *stats_p = l->gstats;
+    stats_p->cached = 0;
+    for (int i = 0; i < GRAPH_SLOTS; i++)
+        stats_p->cached += l->gslots[i].state == SLOT_READY;
+}
+
 static pd_status_t forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t *b,
                            const float **logits_p, int32_t *ids)
 {
@@ -468,7 +730,6 @@ static pd_status_t forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t
     if (st != PD_OK)
         return st;
     const pd_model_config_t *c = &l->cfg;
-    const pd_model_weights_t *mw = &l->dw;
     pd_kernels_t *k = l->k;
     pd_llm_batch_t db = *b; /* the batch as the kernels read it */
     const int32_t *slots = l->slots;
@@ -478,33 +739,12 @@ static pd_status_t forward(pd_llm_t *l, pd_kv_pool_t *pool, const pd_llm_batch_t
             return st;
         slots = l->d_slots;
     }
-    bool mirror = pd_kv_pool_host(pool) == PD_KV_HOST_MIRROR;
+    st = compute(l, pool, &db, b, slots, ids != NULL);
+    if (st != PD_OK)
+        return st;
 
-    k->get_rows(k, &mw->tok_embd, db.ids, b->T, l->x);
-    for (int layer = 0; layer < c->n_layers; layer++) {
-        layer_forward(l, pool, &db, b, slots, layer);
-        /* a prefill worker serves the layer's KV from the host copy */
-        if (mirror && (st = pd_kv_pool_download(pool, layer, l->touched, l->n_touched)))
-            return st;
-        if (l->on_layer)
-            l->on_layer(l->layer_user, layer);
-    }
-
+    /* outside any graph: the argmax copies to the host and waits */
     if (b->n_out > 0) {
-        if (l->dev) { /* the rows that need logits, gathered on the device */
-            pd_tensor_t xs = {.dtype = PD_DTYPE_F32,
-                              .n_dims = 2,
-                              .ne = {c->dim, b->T, 1, 1},
-                              .data = l->x,
-                              .nbytes = (size_t)b->T * (size_t)c->dim * sizeof(float)};
-            k->get_rows(k, &xs, db.out_rows, b->n_out, l->xo);
-        } else {
-            for (int64_t i = 0; i < b->n_out; i++)
-                memcpy(l->xo + i * c->dim, l->x + (int64_t)b->out_rows[i] * c->dim,
-                       (size_t)c->dim * sizeof(float));
-        }
-        k->rmsnorm(k, l->xo, l->xo, mw->output_norm.data, b->n_out, c->dim, c->norm_eps);
-        k->matmul(k, &mw->output, l->xo, b->n_out, l->dev ? l->d_logits : l->logits);
         if (l->dev && ids)
             st = k->argmax(k, l->d_logits, b->n_out, c->vocab_size, ids);
         else if (l->dev)

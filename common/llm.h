@@ -12,6 +12,9 @@
  * passes its shared pool and block tables (pd_llm_forward_batch).
  * Every buffer is sized at creation for max_batch_tokens rows, so a forward pass
  * allocates nothing.
+ * CUDA graphs (opts.cuda_graphs, a device backend that can record): a pass whose shape
+ * repeats is recorded once and then launched as one graph (pd_llm_forward_batch has
+ * the rules); the results are the same bits either way.
  * Ownership: the llm borrows the model and the kernels (both must outlive it) and owns
  * its activations, logits and private pool. Threading: one thread drives an llm; the
  * kernels fan out over their own pool. */
@@ -36,6 +39,9 @@ typedef struct pd_llm_opts {
     bool no_private_kv; /* true: none (only pd_llm_forward_batch is used) */
     int32_t block_size; /* KV positions per block; <= 0: 16 */
     pd_kv_type_t kv_type;
+    /* Record passes as CUDA graphs and replay them when their shape repeats (a device
+     * backend with kernels/ops.h's graph members; ignored otherwise). Off by default. */
+    bool cuda_graphs;
 } pd_llm_opts_t;
 
 /* A varlen batch. Token t (id ids[t]) sits at position pos[t] of sequence seq[t],
@@ -67,7 +73,16 @@ pd_kv_pool_t *pd_llm_private_kv(pd_llm_t *llm);
  * [n_out][vocab] in *logits_p, valid until the next call. PD_ERR_RANGE for T outside
  * [1, max_batch_tokens], n_out > max_logits, a position outside max_ctx or the block
  * tables, a bad sequence index or block id, or a token id outside the vocabulary;
- * nothing is written to the cache then. */
+ * nothing is written to the cache then.
+ * With cuda_graphs, a pass is recorded only when nothing in it is planned on the host
+ * for that very batch: no layer hook, a pool that is not PD_KV_HOST_MIRROR, T <= 512,
+ * and no prompt run for the attention's prefill kernel (ops.h graph_attn_key: decode
+ * tokens, speculative rows and short prompt tails qualify). Its key: T, n_out, n_seqs,
+ * bt_stride, the ids path or not, the pool (and its cache addresses), the staging
+ * buffer, attention's key (the decode split count) and the backend's generation. The
+ * first pass of a key runs op by op (it sizes the backend's scratch), the second is
+ * recorded and launched, later ones are launched (at most 32 graphs, least recently
+ * used dropped first). A failed recording or launch runs the pass op by op. */
 pd_status_t pd_llm_forward_batch(pd_llm_t *llm, pd_kv_pool_t *pool,
                                  const pd_llm_batch_t *batch, const float **logits_p);
 /* As pd_llm_forward_batch, but returns only the argmax of each logit row in
@@ -75,6 +90,18 @@ pd_status_t pd_llm_forward_batch(pd_llm_t *llm, pd_kv_pool_t *pool,
  * device the argmax runs there and the logits never cross to the host. */
 pd_status_t pd_llm_forward_batch_ids(pd_llm_t *llm, pd_kv_pool_t *pool,
                                      const pd_llm_batch_t *batch, int32_t *ids);
+
+/* What the graph cache did so far (pd_llm_forward_batch); all zero without graphs
+ * except eager. */
+typedef struct pd_llm_graph_stats {
+    int64_t captures;  /* passes recorded, then launched from their graph */
+    int64_t replays;   /* passes launched from a graph recorded earlier */
+    int64_t fallbacks; /* recordings or launches that failed: run op by op */
+    int64_t eager;     /* passes run op by op: not eligible, or the first of a key */
+    int64_t dropped;   /* graphs evicted (least recently used) or gone stale */
+    int32_t cached;    /* graphs held now */
+} pd_llm_graph_stats_t;
+void pd_llm_graph_stats(const pd_llm_t *llm, pd_llm_graph_stats_t *stats_p);
 
 /* Called by pd_llm_forward_batch after layer `layer` of the batch is done: its K/V
  * rows for every token of the batch are in the pool from then on (the KV transfer

@@ -372,7 +372,7 @@ static void usage(FILE *f, pd_worker_role_t role)
         "         [--kv-layerwise-min N]\n"
         "         [--drain-timeout S]%s [--log-level L]\n"
         "         [--spec ngram|draft|off] [--spec-k N] [--draft-model D]\n"
-        "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
+        "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16] [--cuda-graphs]\n"
         "  Joins the router at ENDPOINT (its worker endpoint; default\n"
         "  tcp://127.0.0.1:5556) as a %s worker. Defaults: one thread per CPU,\n"
         "  64 sequences, 512 tokens per step, a KV pool of 1 GiB at most, blocks of\n"
@@ -383,7 +383,9 @@ static void usage(FILE *f, pd_worker_role_t role)
         "  --device cuda: the engine and its KV pool on the GPU; over ucx and zmq the\n"
         "  KV moves through a pinned host copy of the pool (KV layout and transfers as\n"
         "  on a CPU); --kv-transport cuda-ipc (every worker on GPUs of one node)\n"
-        "  copies it from GPU to GPU through CUDA IPC, with no host copy.\n",
+        "  copies it from GPU to GPU through CUDA IPC, with no host copy.\n"
+        "  --cuda-graphs: repeated decode passes replay as CUDA graphs (off by\n"
+        "  default; ignored on the CPU).\n",
         n, role == PD_WORKER_DECODE ? " [--local-prefill]" : "",
         role == PD_WORKER_PREFILL ? "prefill" : "decode");
 }
@@ -521,6 +523,10 @@ static int parse_args(int argc, char **argv, pd_worker_role_t role, wopts_t *o)
             o->local_prefill = true;
             continue;
         }
+        if (!strcmp(a, "--cuda-graphs")) {
+            o->eo.cuda_graphs = true;
+            continue;
+        }
         if (i + 1 >= argc) {
             fprintf(stderr, "%s: %s needs a value (or is unknown)\n", argv[0], a);
             return -1;
@@ -568,7 +574,8 @@ static int setup_ipc(worker_t *w)
         PD_LOG_ERROR("worker: the cuda-ipc transport needs the KV pool on a GPU");
         return -1;
     }
-    if (pd_devxfer_new(dev, &w->xfer) != PD_OK || pd_devxfer_new(dev, &w->xfer_eng) != PD_OK)
+    if (pd_devxfer_new(dev, &w->xfer) != PD_OK ||
+        pd_devxfer_new(dev, &w->xfer_eng) != PD_OK)
         return -1;
     size_t total = w->layer_bytes * (size_t)w->n_layers;
     if (pd_devxfer_export(w->xfer, pd_kv_pool_compute_k(w->kv, 0), w->ipc_k) != PD_OK ||

@@ -103,7 +103,8 @@ struct pd_kernels {
     void (*attention)(pd_kernels_t *k, const pd_attn_args_t *a);
 
     /* ---- Memory (device backends). device false (the CPU backend): every pointer is
-     * host memory and the members below are NULL. device true (CUDA): activations,
+     * host memory and the members below (graphs included) are NULL. device true
+     * (CUDA): activations,
      * weights and the KV cache live in device memory, reached through these. */
     bool device;
     /* Device memory (aligned to 256 bytes) or NULL; free accepts NULL. */
@@ -131,6 +132,46 @@ struct pd_kernels {
     /* Waits until every op enqueued so far has finished; PD_ERR_IO (logged) when one
      * failed on the device. */
     pd_status_t (*sync)(pd_kernels_t *k);
+
+    /* ---- Graphs (device backends that can record a sequence of ops and launch it
+     * again as one unit: CUDA graphs). NULL on the CPU backend, and all NULL on a
+     * device backend that cannot record; the caller then runs every op itself. A
+     * recorded sequence replays the same kernels with the same arguments, so a launch
+     * gives the same bits as the ops it recorded would have; whatever differs from one
+     * launch to the next must be in device memory the kernels read, written by a copy
+     * enqueued before the launch. */
+    /* A value that, with the args' pointers and sizes, fixes what attention enqueues
+     * for a batch of T queries at positions pos_host[0..T) of rows seq_host[0..T) (host
+     * memory, as pd_attn_args_t.pos_host/seq_host): two batches with the same nonzero
+     * value get the same launches with the same arguments (the CUDA backend: the
+     * number of decode splits of the longest context). 0: the launches would carry a
+     * plan computed on the host for this very batch (prompt runs), which a replay
+     * would not refresh; such a pass must not be recorded. */
+    uint64_t (*graph_attn_key)(pd_kernels_t *k, int64_t T, const int32_t *pos_host,
+                               const int32_t *seq_host);
+    /* Changes whenever the backend frees or moves a buffer of its own that a recorded
+     * op may pass to its kernels (scratch, workspaces): a graph recorded under another
+     * value may name freed memory and must never be launched. */
+    uint64_t (*graph_generation)(pd_kernels_t *k);
+    /* Starts recording on the calling thread: the ops enqueued from now until
+     * graph_end are recorded, not run. Between the two only the compute ops above may
+     * be called (no copies, argmax, to_host, sync, alloc or free), and an op that would
+     * have to grow the backend's scratch fails the recording instead. PD_OK:
+     * recording; otherwise nothing started (logged, unless an earlier failure of the
+     * backend, which the next ops report, is the reason) and the ops run as usual. */
+    pd_status_t (*graph_begin)(pd_kernels_t *k);
+    /* Ends recording. PD_OK: *graph_p is an executable graph of the recorded ops, none
+     * of which has run yet. Otherwise *graph_p = NULL, the recording is dropped (none
+     * of its ops ran, and its failure is not remembered as a failure of the backend:
+     * the next ops run normally), the reason is logged (WARN the first time, DEBUG
+     * after), and the caller runs the same ops again one by one. */
+    pd_status_t (*graph_end)(pd_kernels_t *k, void **graph_p);
+    /* Enqueues graph, ordered as an op after everything enqueued before it. An error
+     * (logged as graph_end's) enqueues nothing and is not remembered: the caller may
+     * run the ops one by one instead. */
+    pd_status_t (*graph_launch)(pd_kernels_t *k, void *graph);
+    /* Releases a graph once the launches enqueued with it are done; accepts NULL. */
+    void (*graph_destroy)(pd_kernels_t *k, void *graph);
 
     /* Releases everything; called through pd_kernels_destroy(). */
     void (*destroy)(pd_kernels_t *k);

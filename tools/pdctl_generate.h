@@ -19,6 +19,7 @@ typedef struct gen_args {
     const char *model, *tokenizer, *prompt, *format, *isa, *kv_dtype, *load;
     const char *device;  /* --device cpu|cuda|cuda:N (NULL: cpu) */
     bool bf16_weights;   /* --weight-dtype bf16 (CUDA) */
+    bool cuda_graphs;    /* --cuda-graphs (CUDA; ignored on the CPU) */
     int32_t max_tokens, threads, ctx, batch;
     pd_sampler_params_t sp;
     bool seed_given, ignore_eos;

@@ -420,6 +420,7 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
     json_object_object_add(s, "parallel", json_object_new_int(a->parallel));
     json_object_object_add(s, "threads", json_object_new_int(k->n_threads));
     json_object_object_add(s, "isa", json_object_new_string(k->name));
+    json_object_object_add(s, "cuda_graphs", json_object_new_boolean(a->cuda_graphs));
     json_object_object_add(o, "summary", s);
     printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
     json_object_put(o);
@@ -488,6 +489,7 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
                                                           : 0,
                            .draft_model = draft,
                            .spec_fixed_k = a->spec_fixed,
+                           .cuda_graphs = a->cuda_graphs,
                            .eos = pd_tokenizer_eos(tok),
                            .bos = pd_tokenizer_bos(tok)};
     if (a->kv_dtype && strcmp(a->kv_dtype, "auto"))

@@ -67,6 +67,7 @@ pd_status_t pd_generate_spec(const gen_args_t *a, const pd_model_t *m, pd_kernel
                            .spec_k = a->spec_k > 0 ? a->spec_k : 4,
                            .draft_model = draft,
                            .spec_fixed_k = a->spec_fixed,
+                           .cuda_graphs = a->cuda_graphs,
                            .eos = pd_tokenizer_eos(tok),
                            .bos = pd_tokenizer_bos(tok)};
     if (a->kv_dtype && strcmp(a->kv_dtype, "auto"))

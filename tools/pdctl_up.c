@@ -36,6 +36,7 @@ typedef struct up {
     const char *model, *tokenizer, *transport, *policy, *kv_memory, *bin_dir, *log_dir;
     const char *spec, *spec_k, *draft_model;
     const char *device, *weight_dtype; /* passed to every worker */
+    bool cuda_graphs;                  /* --cuda-graphs, passed to every worker */
     const char *layerwise_min;         /* --kv-layerwise-min, to every worker */
     int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
     child_t kids[MAX_CHILDREN];
@@ -55,12 +56,15 @@ static void usage(FILE *f)
            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
            "                [--spec ngram|draft|off] [--spec-k N]\n"
            "                [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
+           "                [--cuda-graphs]\n"
            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
            "  and N decode workers (default 1 each) on this machine, waits until all\n"
            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
            "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
            "  threads per worker (default: the CPUs divided among the workers).\n"
            "  --device: where every worker runs its engine (cuda: all on GPU 0).\n"
+           "  --cuda-graphs: the workers replay repeated decode passes as CUDA graphs\n"
+           "  (off by default; accepted and ignored on the CPU).\n"
            "  --kv-memory, --kv-layerwise-min, --device, --weight-dtype and\n"
            "  --kv-transport go to every worker as the workers' flags.\n");
 }
@@ -292,6 +296,10 @@ static int parse(up_t *u, int argc, char **argv)
             usage(stdout);
             return 1;
         }
+        if (!strcmp(a, "--cuda-graphs")) { /* the one flag without a value */
+            u->cuda_graphs = true;
+            continue;
+        }
         if (i + 1 >= argc) {
             fprintf(stderr, "pdctl up: %s needs a value (or is unknown)\n", a);
             return -1;
@@ -499,6 +507,8 @@ static int start_workers(up_t *u)
             argv[n++] = "--weight-dtype";
             argv[n++] = (char *)u->weight_dtype;
         }
+        if (u->cuda_graphs)
+            argv[n++] = "--cuda-graphs";
         if (!prefill && u->local_prefill_max >= 0)
             argv[n++] = "--local-prefill";
         if (!prefill && u->spec) {

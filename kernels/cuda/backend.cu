@@ -6,6 +6,17 @@
  * next sync (or to_host) returns PD_ERR_IO, so the engine ends the step with an error
  * instead of carrying on with garbage.
  *
+ * Graphs (ops.h): graph_begin puts the stream into capture mode
+ * (cudaStreamCaptureModeThreadLocal: only this thread's unsafe calls break it, so a
+ * transfer thread allocating meanwhile does not); while capturing, a failed call is
+ * kept as the capture's error instead of failing the backend, scratch never grows
+ * (that would sync and free memory a recorded kernel names) and graph_end drops the
+ * recording and clears the error, so the caller reruns the ops eagerly. The buffers
+ * of the backend's own that a recorded op may name (matmul and attention scratch)
+ * move only in grow(), which bumps the generation; decode-only attention takes no
+ * plan from the host (graph_attn_key's rule keeps the others out). cuBLAS gets a fixed
+ * workspace at creation (under capture it must not allocate one per call).
+ *
  * Matrix products: F32 weights always go through pdc_matvec, whose row (o, t) is the
  * same arithmetic whatever T is (batch invariant, as the CPU backend: the exact mode
  * the golden tests run). F16/BF16 weights go through pdc_matvec up to 8 rows (decode:
@@ -40,6 +51,7 @@ static struct cublas_api {
     decltype(&cublasDestroy_v2) destroy;
     decltype(&cublasSetStream_v2) set_stream;
     decltype(&cublasSetMathMode) set_math_mode;
+    decltype(&cublasSetWorkspace_v2) set_workspace; /* NULL in an old cuBLAS: no graphs */
     /* the C entry point (C++ also sees an overload taking a cudaDataType) */
     cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
                               int, const void *, const void *, cudaDataType, int,
@@ -65,6 +77,8 @@ static void blas_open(void)
     blas_api.set_stream = (decltype(blas_api.set_stream))dlsym(h, "cublasSetStream_v2");
     blas_api.set_math_mode = (decltype(blas_api.set_math_mode))dlsym(h, "cublasSetMathMode");
     blas_api.gemm_ex = (decltype(blas_api.gemm_ex))dlsym(h, "cublasGemmEx");
+    blas_api.set_workspace =
+        (decltype(blas_api.set_workspace))dlsym(h, "cublasSetWorkspace_v2");
     blas_api.ok = blas_api.create && blas_api.destroy && blas_api.set_stream &&
                   blas_api.set_math_mode && blas_api.gemm_ex;
     if (!blas_api.ok)
@@ -95,6 +109,14 @@ typedef struct cuda_kernels {
     bool plan_ev_set;
     int32_t *ids; /* argmax output */
     size_t ids_bytes;
+    void *blas_ws; /* cuBLAS's workspace, fixed for the backend's life */
+    /* Graphs: recording in progress, the first failure while recording (cap_err, or
+     * cap_blas for a cuBLAS status) and what failed. */
+    bool capturing, graph_warned;
+    cudaError_t cap_err;
+    int cap_blas;
+    const char *cap_what;
+    uint64_t gen; /* bumped when a buffer a recording may name moves (grow) */
     char name[96];
 } cuda_kernels_t;
 
@@ -103,11 +125,26 @@ static cuda_kernels_t *ck_of(pd_kernels_t *k)
     return (cuda_kernels_t *)k;
 }
 
+/* While recording, the first failure belongs to the recording (graph_end drops it and
+ * the ops run again eagerly, where a real failure shows as usual). */
+static void capture_failed(cuda_kernels_t *c, cudaError_t err, int blas, const char *what)
+{
+    if (c->cap_err == cudaSuccess && !c->cap_blas) {
+        c->cap_err = err;
+        c->cap_blas = blas;
+        c->cap_what = what;
+    }
+}
+
 /* Records the first failure; true when err is a failure. */
 static bool failed(cuda_kernels_t *c, cudaError_t err, const char *what)
 {
     if (err == cudaSuccess)
         return false;
+    if (c->capturing) {
+        capture_failed(c, err, 0, what);
+        return true;
+    }
     if (!c->failed)
         PD_LOG_ERROR("cuda: %s failed: %s", what, cudaGetErrorString(err));
     c->failed = true;
@@ -118,6 +155,10 @@ static bool blas_failed(cuda_kernels_t *c, cublasStatus_t st, const char *what)
 {
     if (st == CUBLAS_STATUS_SUCCESS)
         return false;
+    if (c->capturing) {
+        capture_failed(c, cudaSuccess, (int)st, what);
+        return true;
+    }
     if (!c->failed)
         PD_LOG_ERROR("cublas: %s failed: status %d", what, (int)st);
     c->failed = true;
@@ -126,15 +167,30 @@ static bool blas_failed(cuda_kernels_t *c, cublasStatus_t st, const char *what)
 
 static void select_dev(cuda_kernels_t *c)
 {
+    if (c->capturing) /* graph_begin selected it, on this thread (ThreadLocal capture) */
+        return;
     failed(c, cudaSetDevice(c->device), "cudaSetDevice");
 }
 
 /* Grows a device scratch buffer to at least want bytes (rare: outside every hot
- * path once the largest shape has been seen). */
-static bool grow(cuda_kernels_t *c, void **p, size_t *have, size_t want, const char *what)
+ * path once the largest shape has been seen). Moving a buffer that a recording may
+ * name (recorded: the matmul and decode attention scratch) bumps the generation:
+ * graphs recorded before name the old one. The plans and the argmax output never
+ * reach a recording (plan_upload and argmax are refused or outside it), so their
+ * growth leaves the graphs alone. Never while recording: the sync and the free cannot
+ * be recorded, and the caller's first pass of each shape runs eagerly, so a recording
+ * that needs more room than that pass left has gone wrong. */
+static bool grow(cuda_kernels_t *c, void **p, size_t *have, size_t want, bool recorded,
+                 const char *what)
 {
     if (*have >= want)
         return true;
+    if (c->capturing) {
+        capture_failed(c, cudaErrorStreamCaptureUnsupported, 0, what);
+        return false;
+    }
+    if (recorded)
+        c->gen++;
     if (*p) {
         failed(c, cudaStreamSynchronize(c->s), "sync before growing scratch");
         cudaFree(*p);
@@ -310,7 +366,7 @@ static void k_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int6
         return;
     }
     size_t need = (size_t)T * (size_t)n_in * 2;
-    if (!grow(c, &c->half_x, &c->half_x_bytes, need, "activation scratch"))
+    if (!grow(c, &c->half_x, &c->half_x_bytes, need, true, "activation scratch"))
         return;
     if (failed(c, pdc_f32_to_half(c->s, w->dtype, x, c->half_x, T * n_in), "convert x"))
         return;
@@ -384,28 +440,83 @@ static void k_kv_write(pd_kernels_t *k, void *cache, pd_dtype_t kv_dtype,
  * kernel; every other query to the split-context decode kernel. */
 #define PREFILL_RUN_MIN 16
 
-static bool meta_room(cuda_kernels_t *c, size_t elems)
+/* The attention plan of a batch of T queries (host copies of pos and seq): its prompt
+ * runs into runs[3 * r..] (t0, n, 0) and its other queries into q_idx[], each unless
+ * NULL (then only counted); max_ctx: the longest context of the listed queries. */
+typedef struct attn_plan {
+    int64_t n_q, n_runs, max_run, max_ctx;
+} attn_plan_t;
+
+static attn_plan_t attn_scan(int64_t T, const int32_t *pos, const int32_t *seq,
+                             int32_t *q_idx, int32_t *runs)
 {
-    if (c->meta_host_elems < elems) {
-        size_t n = elems + elems / 4;
-        int32_t *p = (int32_t *)realloc(c->meta_host, n * sizeof *p);
-        int32_t *q = p ? (int32_t *)realloc(c->plan_prev, n * sizeof *q) : NULL;
-        if (p)
-            c->meta_host = p;
-        if (q)
-            c->plan_prev = q;
-        if (!p || !q) {
-            if (!c->failed)
-                PD_LOG_ERROR("cuda: out of host memory for attention plans");
-            c->failed = true;
-            return false;
+    attn_plan_t p = {0, 0, 0, 0};
+    for (int64_t t = 0; t < T;) {
+        int64_t e = t + 1;
+        while (e < T && seq[e] == seq[t] && (int64_t)pos[e] == (int64_t)pos[e - 1] + 1)
+            e++;
+        if (e - t >= PREFILL_RUN_MIN) {
+            if (runs) {
+                runs[3 * p.n_runs] = (int32_t)t;
+                runs[3 * p.n_runs + 1] = (int32_t)(e - t);
+                runs[3 * p.n_runs + 2] = 0;
+            }
+            p.n_runs++;
+            p.max_run = e - t > p.max_run ? e - t : p.max_run;
+        } else {
+            for (int64_t i = t; i < e; i++) {
+                if (q_idx)
+                    q_idx[p.n_q] = (int32_t)i;
+                p.n_q++;
+                if ((int64_t)pos[i] + 1 > p.max_ctx)
+                    p.max_ctx = (int64_t)pos[i] + 1;
+            }
         }
-        c->meta_host_elems = n;
-        c->plan_elems = 0; /* nothing cached */
+        t = e;
+    }
+    return p;
+}
+
+/* Host room for a plan of elems int32 (the one being built, and a copy of the one on
+ * the device). */
+static bool plan_host_room(cuda_kernels_t *c, size_t elems)
+{
+    if (c->meta_host_elems >= elems)
+        return true;
+    size_t n = elems + elems / 4;
+    int32_t *p = (int32_t *)realloc(c->meta_host, n * sizeof *p);
+    int32_t *q = p ? (int32_t *)realloc(c->plan_prev, n * sizeof *q) : NULL;
+    if (p)
+        c->meta_host = p;
+    if (q)
+        c->plan_prev = q;
+    if (!p || !q) {
+        if (!c->failed)
+            PD_LOG_ERROR("cuda: out of host memory for attention plans");
+        c->failed = true;
+        return false;
+    }
+    c->meta_host_elems = n;
+    c->plan_elems = 0; /* nothing cached */
+    return true;
+}
+
+/* Puts the plan in meta_host[0..elems) on the device (c->meta), unless it is there
+ * already: every layer of a forward pass has the same plan, so it goes up once per
+ * pass, asynchronously from a pinned copy that is rewritten only once the previous
+ * upload from it has finished (its event; long done by then). Never while recording:
+ * a recorded copy would replay this pass's plan (graph_attn_key keeps such passes
+ * out). */
+static bool plan_upload(cuda_kernels_t *c, size_t elems)
+{
+    if (c->capturing) {
+        capture_failed(c, cudaErrorStreamCaptureUnsupported, 0, "attention plan upload");
+        return false;
     }
     size_t have = c->meta_elems * sizeof(int32_t);
     int32_t *before = c->meta;
-    if (!grow(c, (void **)&c->meta, &have, elems * sizeof(int32_t), "attention plans")) {
+    if (!grow(c, (void **)&c->meta, &have, elems * sizeof(int32_t), false,
+              "attention plans")) {
         c->meta_elems = 0;
         c->plan_elems = 0;
         return false;
@@ -413,6 +524,31 @@ static bool meta_room(cuda_kernels_t *c, size_t elems)
     if (c->meta != before)
         c->plan_elems = 0; /* a new buffer holds no plan */
     c->meta_elems = have / sizeof(int32_t);
+    if (c->plan_elems == elems &&
+        !memcmp(c->plan_prev, c->meta_host, elems * sizeof(int32_t)))
+        return true;
+    c->plan_elems = 0;
+    if (c->plan_ev_set && failed(c, cudaEventSynchronize(c->plan_ev), "plan event"))
+        return false;
+    if (c->plan_pin_elems < elems) {
+        cudaFreeHost(c->plan_pin);
+        c->plan_pin = NULL;
+        c->plan_pin_elems = 0;
+        if (failed(c, cudaMallocHost((void **)&c->plan_pin, 2 * elems * sizeof(int32_t)),
+                   "pinned plan buffer"))
+            return false;
+        c->plan_pin_elems = 2 * elems;
+    }
+    memcpy(c->plan_pin, c->meta_host, elems * sizeof(int32_t));
+    if (failed(c,
+               cudaMemcpyAsync(c->meta, c->plan_pin, elems * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, c->s),
+               "attention plan upload") ||
+        failed(c, cudaEventRecord(c->plan_ev, c->s), "plan event"))
+        return false;
+    c->plan_ev_set = true;
+    memcpy(c->plan_prev, c->meta_host, elems * sizeof(int32_t));
+    c->plan_elems = elems;
     return true;
 }
 
@@ -427,72 +563,35 @@ static void k_attention(pd_kernels_t *k, const pd_attn_args_t *a)
         return;
     }
     int64_t T = a->T;
+    if (T <= 0)
+        return;
     /* meta_host: [0, T) decode query list, then [T, 4T) runs (t0, n, 0) */
-    if (!meta_room(c, (size_t)T * 4))
+    if (!plan_host_room(c, (size_t)T * 4))
         return;
     int32_t *q_idx = c->meta_host, *runs = c->meta_host + T;
     memset(c->meta_host, 0, (size_t)T * 4 * sizeof(int32_t));
-    int64_t n_q = 0, n_runs = 0, max_run = 0, max_ctx = 0;
-    for (int64_t t = 0; t < T;) {
-        int64_t e = t + 1;
-        while (e < T && a->seq_host[e] == a->seq_host[t] &&
-               a->pos_host[e] == a->pos_host[e - 1] + 1)
-            e++;
-        if (e - t >= PREFILL_RUN_MIN) {
-            runs[3 * n_runs] = (int32_t)t;
-            runs[3 * n_runs + 1] = (int32_t)(e - t);
-            runs[3 * n_runs + 2] = 0;
-            n_runs++;
-            max_run = e - t > max_run ? e - t : max_run;
-        } else {
-            for (int64_t i = t; i < e; i++) {
-                q_idx[n_q++] = (int32_t)i;
-                if (a->pos_host[i] + 1 > max_ctx)
-                    max_ctx = a->pos_host[i] + 1;
-            }
-        }
-        t = e;
-    }
-    /* Every layer of a forward pass has the same plan: upload it only when it changed
-     * (once per pass), asynchronously from a pinned copy that is rewritten only once
-     * the previous upload from it has finished (its event; long done by then). */
-    size_t elems = (size_t)T * 4;
-    if (c->plan_elems != elems ||
-        memcmp(c->plan_prev, c->meta_host, elems * sizeof(int32_t))) {
-        c->plan_elems = 0;
-        if (c->plan_ev_set && failed(c, cudaEventSynchronize(c->plan_ev), "plan event"))
+    attn_plan_t p = attn_scan(T, a->pos_host, a->seq_host, q_idx, runs);
+    /* Without prompt runs every query decodes, in batch order, and the kernels need no
+     * list (q_idx NULL: the same indices, the same bits): a decode pass then copies
+     * nothing from the host, and only its shapes and the split count reach the
+     * launches (graph_attn_key). */
+    const int32_t *d_q_idx = NULL;
+    if (p.n_runs) {
+        if (!plan_upload(c, (size_t)T * 4))
             return;
-        if (c->plan_pin_elems < elems) {
-            cudaFreeHost(c->plan_pin);
-            c->plan_pin = NULL;
-            c->plan_pin_elems = 0;
-            if (failed(c,
-                       cudaMallocHost((void **)&c->plan_pin, 2 * elems * sizeof(int32_t)),
-                       "pinned plan buffer"))
-                return;
-            c->plan_pin_elems = 2 * elems;
-        }
-        memcpy(c->plan_pin, c->meta_host, elems * sizeof(int32_t));
-        if (failed(c,
-                   cudaMemcpyAsync(c->meta, c->plan_pin, elems * sizeof(int32_t),
-                                   cudaMemcpyHostToDevice, c->s),
-                   "attention plan upload") ||
-            failed(c, cudaEventRecord(c->plan_ev, c->s), "plan event"))
-            return;
-        c->plan_ev_set = true;
-        memcpy(c->plan_prev, c->meta_host, elems * sizeof(int32_t));
-        c->plan_elems = elems;
-    }
-    if (n_runs)
-        failed(c, pdc_attn_prefill(c->s, a, c->meta + T, n_runs, max_run),
+        failed(c, pdc_attn_prefill(c->s, a, c->meta + T, p.n_runs, p.max_run),
                "prefill attention");
-    if (n_q) {
-        size_t need = (size_t)pdc_attn_decode_scratch(a, n_q, max_ctx) * sizeof(float);
+        d_q_idx = c->meta;
+    }
+    if (p.n_q) {
+        size_t need =
+            (size_t)pdc_attn_decode_scratch(a, p.n_q, p.max_ctx) * sizeof(float);
         size_t have = c->attn_floats * sizeof(float);
-        if (!grow(c, (void **)&c->attn, &have, need, "attention scratch"))
+        bool ok = grow(c, (void **)&c->attn, &have, need, true, "attention scratch");
+        c->attn_floats = have / sizeof(float); /* 0 when a failed grow freed it */
+        if (!ok)
             return;
-        c->attn_floats = have / sizeof(float);
-        failed(c, pdc_attn_decode(c->s, a, c->meta, n_q, max_ctx, c->attn),
+        failed(c, pdc_attn_decode(c->s, a, d_q_idx, p.n_q, p.max_ctx, c->attn),
                "decode attention");
     }
 }
@@ -504,7 +603,7 @@ static pd_status_t k_argmax(pd_kernels_t *k, const float *logits, int64_t rows,
     select_dev(c);
     if (rows <= 0)
         return PD_OK;
-    if (!grow(c, (void **)&c->ids, &c->ids_bytes, (size_t)rows * sizeof(int32_t),
+    if (!grow(c, (void **)&c->ids, &c->ids_bytes, (size_t)rows * sizeof(int32_t), false,
               "argmax output"))
         return PD_ERR_NOMEM;
     if (failed(c, pdc_argmax(c->s, logits, rows, vocab, c->ids), "argmax"))
@@ -512,10 +611,156 @@ static pd_status_t k_argmax(pd_kernels_t *k, const float *logits, int64_t rows,
     return k_to_host(k, ids_host, c->ids, (size_t)rows * sizeof(int32_t));
 }
 
+/* ---- graphs ---- */
+
+/* The split count of the decode kernel (attention.cu's decode_splits) is all that a
+ * decode-only batch's host data gives its launches; prompt runs carry a plan. */
+static uint64_t k_graph_attn_key(pd_kernels_t *k, int64_t T, const int32_t *pos_host,
+                                 const int32_t *seq_host)
+{
+    (void)k;
+    if (T < 1 || !pos_host || !seq_host)
+        return 0;
+    attn_plan_t p = attn_scan(T, pos_host, seq_host, NULL, NULL);
+    if (p.n_runs || p.n_q != T || p.max_ctx < 1)
+        return 0;
+    return (uint64_t)((p.max_ctx + PDC_ATTN_SPLIT - 1) / PDC_ATTN_SPLIT);
+}
+
+static uint64_t k_graph_generation(pd_kernels_t *k)
+{
+    return ck_of(k)->gen;
+}
+
+/* A failed recording or launch: the pass runs eagerly, so one warning is enough. */
+static void graph_warn(cuda_kernels_t *c, const char *what, const char *why)
+{
+    if (!c->graph_warned)
+        PD_LOG_WARN("cuda graph: %s failed (%s); such passes run op by op", what, why);
+    else
+        PD_LOG_DEBUG("cuda graph: %s failed (%s)", what, why);
+    c->graph_warned = true;
+}
+
+static pd_status_t k_graph_begin(pd_kernels_t *k)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (c->capturing || c->failed)
+        return PD_ERR_INVALID; /* a failed backend runs eagerly and reports it there */
+    /* An error left by an earlier call would show up inside the recording: leave it to
+     * the eager ops, whose first launch reports it as usual. */
+    cudaError_t err = cudaPeekAtLastError();
+    if (err != cudaSuccess)
+        return PD_ERR_IO;
+    err = cudaStreamBeginCapture(c->s, cudaStreamCaptureModeThreadLocal);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        graph_warn(c, "cudaStreamBeginCapture", cudaGetErrorString(err));
+        return PD_ERR_IO;
+    }
+    c->capturing = true;
+    c->cap_err = cudaSuccess;
+    c->cap_blas = 0;
+    c->cap_what = NULL;
+    return PD_OK;
+}
+
+static pd_status_t k_graph_end(pd_kernels_t *k, void **graph_p)
+{
+    cuda_kernels_t *c = ck_of(k);
+    *graph_p = NULL;
+    if (!c->capturing)
+        return PD_ERR_INVALID;
+    c->capturing = false;
+    /* Ends the capture whatever happened inside it (an invalidated capture ends with a
+     * NULL graph); only then is the stream usable again. */
+    cudaGraph_t g = NULL;
+    cudaError_t err = cudaStreamEndCapture(c->s, &g);
+    const char *what = "cudaStreamEndCapture";
+    char why[96];
+    snprintf(why, sizeof why, "%s", cudaGetErrorString(err));
+    /* The stream must have left capture mode, or nothing can run on it any more. */
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(c->s, &cs) != cudaSuccess ||
+        cs != cudaStreamCaptureStatusNone) {
+        if (!c->failed)
+            PD_LOG_ERROR("cuda graph: the stream is still capturing after "
+                         "cudaStreamEndCapture (%s)",
+                         why);
+        c->failed = true;
+        if (err == cudaSuccess)
+            err = cudaErrorStreamCaptureInvalidated;
+    }
+    if (c->cap_err != cudaSuccess || c->cap_blas) {
+        what = c->cap_what ? c->cap_what : "an op";
+        if (c->cap_blas)
+            snprintf(why, sizeof why, "cuBLAS status %d", c->cap_blas);
+        else
+            snprintf(why, sizeof why, "%s", cudaGetErrorString(c->cap_err));
+        err = c->cap_err != cudaSuccess ? c->cap_err : cudaErrorUnknown;
+    } else if (err == cudaSuccess && !g) {
+        err = cudaErrorStreamCaptureInvalidated;
+        snprintf(why, sizeof why, "no graph");
+    }
+    cudaGraphExec_t x = NULL;
+    if (err == cudaSuccess) {
+        err = cudaGraphInstantiate(&x, g, 0);
+        if (err != cudaSuccess) {
+            x = NULL;
+            what = "cudaGraphInstantiate";
+            snprintf(why, sizeof why, "%s", cudaGetErrorString(err));
+        }
+    }
+    if (g)
+        cudaGraphDestroy(g); /* the executable graph keeps what it needs */
+    if (err != cudaSuccess) {
+        /* Capture errors are not sticky: clear the one a failed call left, so that the
+         * eager rerun does not report it as its own. */
+        (void)cudaGetLastError();
+        graph_warn(c, what, why);
+        return PD_ERR_IO;
+    }
+    *graph_p = (void *)x;
+    return PD_OK;
+}
+
+static pd_status_t k_graph_launch(pd_kernels_t *k, void *graph)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    if (!graph || c->capturing)
+        return PD_ERR_INVALID;
+    cudaError_t err = cudaGraphLaunch((cudaGraphExec_t)graph, c->s);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        graph_warn(c, "cudaGraphLaunch", cudaGetErrorString(err));
+        return PD_ERR_IO;
+    }
+    return PD_OK;
+}
+
+static void k_graph_destroy(pd_kernels_t *k, void *graph)
+{
+    if (!graph)
+        return;
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    cudaStreamSynchronize(c->s); /* no launch of it may still be in flight */
+    cudaGraphExecDestroy((cudaGraphExec_t)graph);
+}
+
 static void k_destroy(pd_kernels_t *k)
 {
     cuda_kernels_t *c = ck_of(k);
     cudaSetDevice(c->device);
+    if (c->capturing) { /* not through the llm; never leave the stream capturing */
+        cudaGraph_t g = NULL;
+        if (cudaStreamEndCapture(c->s, &g) == cudaSuccess && g)
+            cudaGraphDestroy(g);
+        (void)cudaGetLastError();
+        c->capturing = false;
+    }
     cudaStreamSynchronize(c->s);
     cudaFree(c->half_x);
     cudaFree(c->attn);
@@ -528,9 +773,40 @@ static void k_destroy(pd_kernels_t *k)
     free(c->plan_prev);
     if (c->blas)
         blas_api.destroy(c->blas);
+    cudaFree(c->blas_ws); /* after the handle that uses it */
     if (c->s)
         cudaStreamDestroy(c->s);
     free(c);
+}
+
+/* cuBLAS's workspace, fixed for the backend's life and set after its stream
+ * (cublasSetStream resets it): without one, a recorded GEMM would name a workspace
+ * cuBLAS allocated for that capture. The size cuBLAS's documentation recommends: 32
+ * MiB from Hopper on, 4 MiB before. False (logged): no graphs, nothing else changes. */
+static bool blas_workspace(cuda_kernels_t *c, const cudaDeviceProp *prop)
+{
+    if (!blas_api.set_workspace) {
+        PD_LOG_INFO("cuda: this cuBLAS has no cublasSetWorkspace: no CUDA graphs");
+        return false;
+    }
+    size_t bytes = (size_t)(prop->major >= 9 ? 32 : 4) << 20;
+    cudaError_t err = cudaMalloc(&c->blas_ws, bytes);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        c->blas_ws = NULL;
+        PD_LOG_WARN("cuda: no memory for cuBLAS's workspace (%s): no CUDA graphs",
+                    cudaGetErrorString(err));
+        return false;
+    }
+    cublasStatus_t st = blas_api.set_workspace(c->blas, c->blas_ws, bytes);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        cudaFree(c->blas_ws);
+        c->blas_ws = NULL;
+        PD_LOG_WARN("cuda: cublasSetWorkspace failed (status %d): no CUDA graphs",
+                    (int)st);
+        return false;
+    }
+    return true;
 }
 
 extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
@@ -578,6 +854,7 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
     /* F32 products never go to cuBLAS (see the file comment); the half ones accumulate
      * in F32 (CUBLAS_COMPUTE_32F) whatever the math mode. */
     blas_api.set_math_mode(c->blas, CUBLAS_DEFAULT_MATH);
+    bool graphs = blas_workspace(c, &prop);
     snprintf(c->name, sizeof c->name, "cuda");
     pd_kernels_t *k = &c->k;
     k->name = c->name;
@@ -603,6 +880,14 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
     k->upload_tensor = k_upload_tensor;
     k->argmax = k_argmax;
     k->sync = k_sync;
+    if (graphs) {
+        k->graph_attn_key = k_graph_attn_key;
+        k->graph_generation = k_graph_generation;
+        k->graph_begin = k_graph_begin;
+        k->graph_end = k_graph_end;
+        k->graph_launch = k_graph_launch;
+        k->graph_destroy = k_graph_destroy;
+    }
     k->destroy = k_destroy;
     PD_LOG_INFO("kernels: cuda backend, GPU %d: %s (sm_%d%d, %d SMs, %.1f GiB)%s", device,
                 prop.name, prop.major, prop.minor, prop.multiProcessorCount,

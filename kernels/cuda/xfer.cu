@@ -95,9 +95,8 @@ extern "C" pd_status_t pd_devxfer_export(pd_devxfer_t *x, void *base,
     return PD_OK;
 }
 
-extern "C" pd_status_t pd_devxfer_open(pd_devxfer_t *x,
-                                       const uint8_t handle[PD_IPC_HANDLE_BYTES],
-                                       void **remote)
+extern "C" pd_status_t
+pd_devxfer_open(pd_devxfer_t *x, const uint8_t handle[PD_IPC_HANDLE_BYTES], void **remote)
 {
     if (!x || !handle || !remote)
         return PD_ERR_INVALID;
@@ -118,9 +117,10 @@ extern "C" pd_status_t pd_devxfer_open(pd_devxfer_t *x,
     cudaIpcMemHandle_t h;
     memcpy(&h, handle, PD_IPC_HANDLE_BYTES);
     if (failed(cudaSetDevice(x->device), "cudaSetDevice") ||
-        failed(cudaIpcOpenMemHandle(&m->base, h, cudaIpcMemLazyEnablePeerAccess),
-               "cudaIpcOpenMemHandle (the prefill worker must be on this node, alive, and "
-               "another process)")) {
+        failed(
+            cudaIpcOpenMemHandle(&m->base, h, cudaIpcMemLazyEnablePeerAccess),
+            "cudaIpcOpenMemHandle (the prefill worker must be on this node, alive, and "
+            "another process)")) {
         cudaGetLastError(); /* not sticky: clear it so the engine does not see it */
         free(m);
         pthread_mutex_unlock(&map_mu);

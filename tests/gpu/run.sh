@@ -3,11 +3,17 @@
 # few minutes on a GPU machine. Builds what it needs (CUDA backend, pdctl, the GPU
 # programs; the service only if its libraries are there), then runs:
 #   1. test_cuda_ops       every CUDA op against a reference (stated error bounds)
+#   1c. test_cuda_graphs   decode passes replayed as CUDA graphs, bit for bit
+#   1d. test_cuda_xfer     PD-SUM64 on the device; CUDA IPC between two processes
+#   1e. test_cluster_gpu.py (service built) golden ids through router + GPU workers
+#                          over ucx (pinned host copies) and cuda-ipc
 #   2. test_golden_gpu.py  golden ids on --device cuda alone, batched, speculative;
-#                          BF16 against F32 agreement on mkmodel 110M
+#                          BF16 against F32 agreement on mkmodel 110M; then the
+#                          golden checks again with --cuda-graphs
 #   3. bench_cuda          copy bandwidth, matvec, paged attention, prefill GEMMs
 #   4. end to end          decode tokens/s of mkmodel 1B (F32 file, BF16 on the GPU)
-#                          at 1, 8, 64 and 256 sequences; prefill tokens/s at 2048
+#                          at 1, 8, 64 and 256 sequences, without and with
+#                          --cuda-graphs (the same ids); prefill tokens/s at 2048
 #   5. bench/torch_peer.py the same shapes in PyTorch eager (if torch is there)
 # and writes REPORT (default build-gpu/report/report.md) with every figure and each
 # step's status. Exit status: 0 when every check passed.
@@ -45,7 +51,9 @@ t0=$(date +%s)
 if ! { cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPD_CUDA=ON -DPD_WERROR=OFF \
         -DPD_CUDA_ARCHS="$ARCH" -DPD_BUILD_TESTS=OFF -DPD_BUILD_SERVICE=$SERVICE \
         > "$OUT/build.log" 2>&1 &&
-       cmake --build "$BUILD" -j"$(nproc)" --target pdctl test_cuda_ops test_cuda_handoff bench_cuda \
+       cmake --build "$BUILD" -j"$(nproc)" --target pdctl test_cuda_ops test_cuda_handoff \
+        test_cuda_graphs test_cuda_xfer bench_cuda \
+        $([ "$SERVICE" = ON ] && echo pd-router pd-prefill pd-decode) \
         >> "$OUT/build.log" 2>&1; }; then
     tail -40 "$OUT/build.log" | tee -a "$REPORT"
     fail "build"
@@ -74,6 +82,36 @@ else
     tail -20 "$OUT/handoff.log" | tee -a "$REPORT"
 fi
 
+# ---- 1c. CUDA graphs against the same passes op by op ----
+step "1c. test_cuda_graphs (decode passes replayed as CUDA graphs, bit for bit)"
+if timeout 120 "$BIN/test_cuda_graphs" "$PD_SHARED_DIR" > "$OUT/graphs.log" 2>&1; then
+    tail -1 "$OUT/graphs.log" | tee -a "$REPORT"
+else
+    fail "test_cuda_graphs"
+    grep -E "^FAIL|WARN|ERROR" "$OUT/graphs.log" | head -20 | tee -a "$REPORT"
+fi
+grep -E "graphs on:" "$OUT/graphs.log" | sed 's/^/    /' | tee -a "$REPORT"
+
+# ---- 1d. the device KV transport ----
+step "1d. test_cuda_xfer (PD-SUM64 on the device, CUDA IPC between two processes)"
+if timeout 120 "$BIN/test_cuda_xfer" "$PD_SHARED_DIR" > "$OUT/xfer.log" 2>&1; then
+    tail -1 "$OUT/xfer.log" | tee -a "$REPORT"
+else
+    fail "test_cuda_xfer"
+    grep -E "^FAIL|ERROR|error" "$OUT/xfer.log" | head -20 | tee -a "$REPORT"
+fi
+
+# ---- 1e. the cluster on the GPU (needs the service's libraries) ----
+step "1e. test_cluster_gpu.py (router + GPU workers, ucx and cuda-ipc)"
+if [ "$SERVICE" != ON ]; then
+    fail "no ZeroMQ/UCX/libuv/protobuf-c here: the GPU cluster was not run"
+elif timeout 600 python3 "$SRC/tests/gpu/test_cluster_gpu.py" > "$OUT/cluster.log" 2>&1; then
+    tail -1 "$OUT/cluster.log" | tee -a "$REPORT"
+else
+    fail "test_cluster_gpu.py"
+    grep -E "^FAIL|Error|error" "$OUT/cluster.log" | head -20 | tee -a "$REPORT"
+fi
+
 # ---- 2. golden and BF16 ----
 step "2. golden ids on --device cuda; BF16 against F32"
 MODEL_DIR=$BUILD/models
@@ -86,6 +124,14 @@ else
     grep -E "^FAIL|Error|error" "$OUT/golden.log" | head -20 | tee -a "$REPORT"
 fi
 grep BF16_REPORT "$OUT/golden.log" | tee -a "$REPORT"
+step "2b. golden ids on --device cuda with --cuda-graphs"
+if PD_TEST_CUDA_GRAPHS=1 MODEL_DIR=$MODEL_DIR timeout 600 \
+        python3 "$SRC/tests/gpu/test_golden_gpu.py" > "$OUT/golden_graphs.log" 2>&1; then
+    tail -1 "$OUT/golden_graphs.log" | tee -a "$REPORT"
+else
+    fail "test_golden_gpu.py with --cuda-graphs"
+    grep -E "^FAIL|Error|error|WARN" "$OUT/golden_graphs.log" | head -20 | tee -a "$REPORT"
+fi
 
 # ---- 4. end to end: mkmodel 1B, BF16 on the GPU ----
 step "4. pdctl generate, mkmodel 1B (F32 file, --weight-dtype bf16, KV f16)"
@@ -98,6 +144,7 @@ pdctl, model, out, quick = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] ==
 common = ["--model", model, "--device", "cuda", "--weight-dtype", "bf16", "--kv-dtype",
           "f16", "--ignore-eos", "--temperature", "0", "--format", "json"]
 res = {}
+rc = 0
 words = "the cat sat on a mat and looked at the sun while a dog ran by".split()
 for n in (1, 8, 64, 256):
     path = f"{out}/decode{n}.jsonl"
@@ -105,18 +152,31 @@ for n in (1, 8, 64, 256):
         for i in range(n):
             p = " ".join(words[(i + j) % len(words)] for j in range(12))
             fh.write(json.dumps({"prompt": p, "max_tokens": 32 if quick else 128}) + "\n")
-    p = subprocess.run([pdctl, "generate", *common, "--prompts", path, "--parallel", str(n),
-                        "--arrival-steps", "0", "--kv-memory", "8GiB", "--batch", "2048"],
-                       capture_output=True, timeout=300)
-    rows = [json.loads(l) for l in p.stdout.decode().splitlines() if l.strip()]
-    s = [r["summary"] for r in rows if "summary" in r]
-    if p.returncode or not s:
-        print(f"decode {n}: failed rc {p.returncode}: {p.stderr.decode()[-500:]}")
-        continue
-    s = s[0]
-    res[f"decode_{n}"] = {"gen_tokens": s["gen_tokens"], "wall_s": s["wall_s"],
-                          "tokens_per_s": s["gen_tokens_per_s"],
-                          "steps_per_s": s["decode_steps"] / s["wall_s"]}
+    ids = {}
+    for graphs in (False, True):
+        key = f"decode_{n}" + ("_graphs" if graphs else "")
+        p = subprocess.run([pdctl, "generate", *common, "--prompts", path, "--parallel",
+                            str(n), "--arrival-steps", "0", "--kv-memory", "8GiB", "--batch",
+                            "2048", *(["--cuda-graphs"] if graphs else [])],
+                           capture_output=True, timeout=300)
+        rows = [json.loads(l) for l in p.stdout.decode().splitlines() if l.strip()]
+        s = [r["summary"] for r in rows if "summary" in r]
+        if p.returncode or not s:
+            print(f"{key}: failed rc {p.returncode}: {p.stderr.decode()[-500:]}")
+            continue
+        s = s[0]
+        ids[graphs] = {r["index"]: r["ids"] for r in rows if "index" in r}
+        res[key] = {"gen_tokens": s["gen_tokens"], "wall_s": s["wall_s"],
+                    "tokens_per_s": s["gen_tokens_per_s"],
+                    "steps_per_s": s["decode_steps"] / s["wall_s"]}
+    if len(ids) == 2 and ids[False] != ids[True]:
+        print(f"FAILED: decode {n}: the ids with --cuda-graphs differ from those without")
+        rc = 3
+    a, b = res.get(f"decode_{n}"), res.get(f"decode_{n}_graphs")
+    if a and b:
+        print(f"decode {n:3d} sequences: {a['tokens_per_s']:9.1f} tokens/s op by op, "
+              f"{b['tokens_per_s']:9.1f} with --cuda-graphs "
+              f"({b['tokens_per_s'] / a['tokens_per_s']:.2f}x)", flush=True)
 prompt = " ".join(words[j % len(words)] for j in range(1900))
 for rep in range(3):
     p = subprocess.run([pdctl, "generate", *common, "--prompt", prompt, "--max-tokens", "1",
@@ -131,7 +191,9 @@ for rep in range(3):
          "tokens_per_s": j["timings"]["prompt_tokens_per_s"],
          "load_ms": j["timings"]["load_ms"]})
 print(json.dumps(res, indent=1))
+sys.exit(rc)
 EOF
+[ "${PIPESTATUS[0]}" = 0 ] || fail "end to end (--cuda-graphs changed the ids, or the script failed)"
 
 # ---- 3. kernel benchmarks ----
 step "3. bench_cuda"

@@ -61,8 +61,8 @@ static uint8_t pattern(size_t i)
 static void sum64_pool(pd_kernels_t *k, pd_devxfer_t *x, const pd_model_t *model,
                        int32_t bs, int32_t n_blocks)
 {
-    pd_kv_pool_opts_t o = {.block_size = bs, .n_blocks = n_blocks, .device = k,
-                           .host = PD_KV_HOST_STAGING};
+    pd_kv_pool_opts_t o = {
+        .block_size = bs, .n_blocks = n_blocks, .device = k, .host = PD_KV_HOST_STAGING};
     pd_kv_pool_t *p = NULL;
     CHECK(pd_kv_pool_new(model, &o, &p) == PD_OK, "device pool of %d blocks", n_blocks);
     if (!p)
@@ -84,9 +84,9 @@ static void sum64_pool(pd_kernels_t *k, pd_devxfer_t *x, const pd_model_t *model
         if (n < 1 || n > n_blocks * bs)
             continue;
         uint64_t want = pd_kv_checksum_sum64(p, all, n), got = 0;
-        pd_status_t st = pd_devxfer_kv_sum64(x, pd_kv_pool_compute_k(p, 0),
-                                             pd_kv_pool_compute_v(p, 0), layer, L, bs, row,
-                                             all, n, &got);
+        pd_status_t st =
+            pd_devxfer_kv_sum64(x, pd_kv_pool_compute_k(p, 0), pd_kv_pool_compute_v(p, 0),
+                                layer, L, bs, row, all, n, &got);
         CHECK(st == PD_OK && got == want,
               "sum64 bs %d, %d tokens: device %016llx, host %016llx (%s)", bs, n,
               (unsigned long long)got, (unsigned long long)want, pd_status_str(st));
@@ -183,8 +183,8 @@ static void ipc(const char *self)
         const size_t off[3] = {0, 4096 * 3 + 64, IPC_BYTES - 65536};
         const size_t len[3] = {65536, 1 << 20, 65536};
         for (int i = 0; i < 3 && remote; i++)
-            CHECK(pd_devxfer_copy(x, local + off[i], (uint8_t *)remote + off[i], len[i]) ==
-                      PD_OK,
+            CHECK(pd_devxfer_copy(x, local + off[i], (uint8_t *)remote + off[i],
+                                  len[i]) == PD_OK,
                   "copy %d", i);
         CHECK(pd_devxfer_wait(x) == PD_OK, "wait for the copies");
         cudaMemcpy(h, local, IPC_BYTES, cudaMemcpyDeviceToHost);

@@ -7,7 +7,9 @@ report: `mkmodel` 110M (F32) greedy on the GPU in F32 and with --weight-dtype bf
 the first tokens must agree on at least half the prompts, and the disagreement rate
 (first token, and the mean position of the first difference) is printed as JSON for
 the report. PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests; MODEL_DIR (optional)
-where to write the generated model."""
+where to write the generated model. PD_TEST_CUDA_GRAPHS=1: every golden run (alone,
+batched, speculative) with --cuda-graphs, which must not change a single id; the BF16
+report is left out then."""
 import json
 import os
 import subprocess
@@ -19,6 +21,8 @@ from pdtest import MODELS, PDCTL, Failures, generate_json, golden_lines, pdctl, 
 
 f = Failures()
 DEV = os.environ.get("PD_TEST_DEVICE", "cuda")
+GRAPHS = os.environ.get("PD_TEST_CUDA_GRAPHS") == "1"
+GOPT = ["--cuda-graphs"] if GRAPHS else []
 TMP = tempfile.mkdtemp(prefix="pd_gpu_golden_")
 lines = golden_lines()
 
@@ -47,9 +51,11 @@ for g in lines:
     for margs, label in model_variants(g):
         for batch in (512, 3):
             what = f"{g['model']} {g['prompt']!r} {label} batch={batch}"
+            if GRAPHS:
+                what += " graphs"
             out = generate_json("--model", *margs, "--prompt", g["prompt"], "--max-tokens",
                                 n, "--temperature", 0, "--ignore-eos", "--device", DEV,
-                                "--batch", batch)
+                                "--batch", batch, *GOPT)
             f.check(out["prompt_ids"] == g["prompt_ids"], f"{what}: prompt_ids")
             check_ids(what, g, out["ids"])
 
@@ -73,16 +79,20 @@ for model, gs in by_model.items():
     for mode, extra in modes:
         _, out, err = pdctl("generate", "--model", *margs, "--prompts", path, "--parallel",
                             16, "--arrival-steps", 2, "--ignore-eos", "--temperature", 0,
-                            "--format", "json", "--device", DEV, *extra, timeout=600)
+                            "--format", "json", "--device", DEV, *extra, *GOPT, timeout=600)
         rows = [json.loads(l) for l in out.decode().splitlines() if l.strip()]
         res = [r for r in rows if "index" in r]
-        f.check(len(res) == 2 * len(gs), f"{model} {mode}: {len(res)} results")
+        label = mode + (" graphs" if GRAPHS else "")
+        f.check(len(res) == 2 * len(gs), f"{model} {label}: {len(res)} results")
         for r in res:
             g = gs[r["index"] % len(gs)]
-            check_ids(f"{model} batched {mode} #{r['index']}", g, r["ids"])
+            check_ids(f"{model} batched {label} #{r['index']}", g, r["ids"])
         summ = [r["summary"] for r in rows if "summary" in r]
         if summ and mode != "plain":
-            f.check(summ[0]["spec"]["proposed"] > 0, f"{model} {mode}: nothing proposed")
+            f.check(summ[0]["spec"]["proposed"] > 0, f"{model} {label}: nothing proposed")
+
+if GRAPHS:  # the BF16 report does not change with graphs (test_cuda_graphs checks that)
+    f.finish()  # exits
 
 # BF16 against F32 on a random 110M model (no golden: agreement is reported)
 mdir = os.environ.get("MODEL_DIR", TMP)

@@ -4,7 +4,8 @@ clear line saying why (no GPU here, or a build without the CUDA backend), never 
 or a hang; a malformed --device and
 --weight-dtype are refused the same way; --kv-transport cuda-ipc without --device cuda
 is a usage error that says why, and with it (no GPU) exits 1 like any --device cuda;
---device cpu is the default's output exactly.
+--device cpu is the default's output exactly, and so is --cuda-graphs on the CPU (where
+it is accepted and ignored; the workers take it too).
 On a machine with a GPU the cuda runs instead must give the CPU's golden ids (the full
 GPU checks are tests/gpu/run.sh)."""
 import os
@@ -30,6 +31,8 @@ default = generate_json(*base[1:])
 f.check(cpu["ids"] == default["ids"], "--device cpu differs from the default")
 f.check(cpu["ids"][: g["exact_prefix"]] == g["greedy_ids"][: g["exact_prefix"]],
         "--device cpu: not the golden ids")
+graphs = generate_json(*base[1:], "--cuda-graphs")
+f.check(graphs["ids"] == default["ids"], "--cuda-graphs on the CPU changes the output")
 
 no_gpu = False
 for dev in ("cuda", "cuda:0", "cuda:3"):
@@ -65,6 +68,13 @@ if os.path.exists(dec) and no_gpu:
     err = p.stderr.decode(errors="replace")
     f.check(p.returncode == 1 and any(r in err for r in REASONS),
             f"pd-decode --device cuda: exit {p.returncode}, stderr {err[-300:]!r}")
+# --cuda-graphs is a flag the workers take (ignored on the CPU): no usage error
+for tool in ("pd-prefill", "pd-decode"):
+    path = os.path.join(BIN, tool)
+    if os.path.exists(path):
+        p = run([path, "--model", model, "--cuda-graphs", "--help"])
+        f.check(p.returncode == 0 and b"--cuda-graphs" in p.stdout,
+                f"{tool} --cuda-graphs: exit {p.returncode}")
 # the cuda-ipc KV transport copies between GPU memories: on the CPU it is refused
 for tool in ("pd-prefill", "pd-decode"):
     path = os.path.join(BIN, tool)
