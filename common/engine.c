@@ -572,6 +572,21 @@ int32_t pd_engine_max_seq_len(const pd_engine_t *e)
     return e->max_len;
 }
 
+void pd_engine_graph_stats(const pd_engine_t *e, pd_llm_graph_stats_t *stats_p)
+{
+    pd_llm_graph_stats(e->llm, stats_p);
+    if (e->dllm) {
+        pd_llm_graph_stats_t d;
+        pd_llm_graph_stats(e->dllm, &d);
+        stats_p->captures += d.captures;
+        stats_p->replays += d.replays;
+        stats_p->fallbacks += d.fallbacks;
+        stats_p->eager += d.eager;
+        stats_p->dropped += d.dropped;
+        stats_p->cached += d.cached;
+    }
+}
+
 /* ---- scheduling -------------------------------------------------------------------- */
 
 static int32_t *row_of(pd_engine_t *e, const req_t *r)

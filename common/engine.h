@@ -210,6 +210,9 @@ pd_engine_stats_t pd_engine_stats(const pd_engine_t *e);
 pd_kv_pool_t *pd_engine_kv(pd_engine_t *e);
 /* The longest sequence (prompt plus output) one request may reach. */
 int32_t pd_engine_max_seq_len(const pd_engine_t *e);
+/* The CUDA graph caches' counters (pd_llm_graph_stats) of the target and the draft
+ * llm, added up. */
+void pd_engine_graph_stats(const pd_engine_t *e, pd_llm_graph_stats_t *stats_p);
 /* The engine clock (monotonic seconds since creation). */
 double pd_engine_now(const pd_engine_t *e);
 

@@ -618,8 +618,12 @@ static int setup(worker_t *w)
     /* ... except with CUDA IPC, where the decode worker copies from GPU to GPU */
     if (w->o.transport == PD__KV_TRANSPORT__CUDA_IPC)
         w->o.eo.kv_host = PD_KV_HOST_NONE;
-    w->o.eo.on_layer.fn = wk_on_layer;
-    w->o.eo.on_layer.user = w;
+    /* layer-wise announcements are the prefill side's; a decode worker sets no hook,
+     * which also leaves its decode passes free to replay as CUDA graphs */
+    if (w->o.role == PD_WORKER_PREFILL) {
+        w->o.eo.on_layer.fn = wk_on_layer;
+        w->o.eo.on_layer.user = w;
+    }
     if (w->o.spec_on == 2 && w->o.role == PD_WORKER_DECODE) {
         /* the decode worker computes the draft's KV of each prompt itself: the draft
          * is small, and its prompt pass is the first catch-up (docs/architecture.md) */
@@ -678,6 +682,14 @@ static void teardown(worker_t *w)
         pthread_cond_signal(&w->cond);
         pthread_mutex_unlock(&w->mu);
         pthread_join(w->engine_thread, NULL);
+    }
+    if (w->engine && w->o.eo.cuda_graphs) {
+        pd_llm_graph_stats_t g;
+        pd_engine_graph_stats(w->engine, &g);
+        PD_LOG_INFO("worker %s: cuda graphs: %lld recorded, %lld replayed, %lld failed, "
+                    "%lld passes op by op, %lld dropped",
+                    w->o.name, (long long)g.captures, (long long)g.replays,
+                    (long long)g.fallbacks, (long long)g.eager, (long long)g.dropped);
     }
     /* the engine is gone: drop the I/O side without commands */
     while (w->dtasks) {

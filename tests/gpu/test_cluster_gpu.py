@@ -5,13 +5,15 @@ pinned host copies over UCX; cuda-ipc: GPU to GPU through CUDA IPC, no host copy
 with its exact greedy ids through `pdctl complete`, alone and 16 in flight, with a
 prompt long enough for layer-wise streaming (--kv-layerwise-min 8); the decode
 worker's log must show KV reads for every request and no checksum mismatch; Ctrl-C
-stops the cluster with status 0. Needs only pdctl and the Python standard library (a
+stops the cluster with status 0. Then cuda-ipc once more with --cuda-graphs: the same
+ids, and the decode worker's exit line must show graph replays and no failed one. Needs only pdctl and the Python standard library (a
 GPU host may have no pyzmq). PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests;
 PD_TEST_DEVICE=cpu PD_TEST_TRANSPORTS=ucx runs the same on the CPU (a check of the
 test itself)."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,12 +46,13 @@ def check(what, g, out, err):
             f"{what}: ids differ from golden")
 
 
-def cluster(transport):
+def cluster(transport, graphs=False):
     tmp = tempfile.mkdtemp(prefix=f"pd_gpu_cluster_{transport}_")
     logs = os.path.join(tmp, "logs")
     up, endpoint = start_up(["--model", model, "--prefill", "1", "--decode", "1", "--port",
                              "0", "--threads", "2", "--device", DEV, "--kv-transport",
-                             transport, "--kv-layerwise-min", "8", "--log-dir", logs],
+                             transport, "--kv-layerwise-min", "8", "--log-dir", logs,
+                             *(["--cuda-graphs"] if graphs else [])],
                             os.path.join(tmp, "up.out"), timeout=120)
     try:
         if not f.check(endpoint is not None,
@@ -87,9 +90,18 @@ def cluster(transport):
             f"{len(lines) + 16} (logs in {logs})")
     f.check("checksum" not in text.lower() or "mismatch" not in text.lower(),
             f"{transport}: a KV checksum mismatch in the decode log ({logs})")
-    print(f"{transport}: {reads} KV reads; logs in {logs}")
+    if graphs:
+        m = re.search(r"cuda graphs: (\d+) recorded, (\d+) replayed, (\d+) failed", text)
+        f.check(m is not None, f"{transport} --cuda-graphs: no graph counters in the decode "
+                               f"log ({logs})")
+        if m and DEV != "cpu":
+            f.check(int(m.group(2)) > 0 and int(m.group(3)) == 0,
+                    f"{transport} --cuda-graphs: {m.group(0)}: no replay, or a failure")
+    print(f"{transport}{' graphs' if graphs else ''}: {reads} KV reads; logs in {logs}")
 
 
-for transport in os.environ.get("PD_TEST_TRANSPORTS", "ucx,cuda-ipc").split(","):
+transports = os.environ.get("PD_TEST_TRANSPORTS", "ucx,cuda-ipc").split(",")
+for transport in transports:
     cluster(transport)
+cluster(transports[-1], graphs=True)
 f.finish()
