@@ -46,27 +46,29 @@ typedef struct up {
 
 static void usage(FILE *f)
 {
-    fprintf(
-        f, "usage: pdctl up --model M [--tokenizer T] [--draft-model D] [--prefill N]\n"
-           "                [--decode N]\n"
-           "                [--port P] [--kv-transport ucx|zmq|cuda-ipc] [--threads N]\n"
-           "                [--policy prefix-aware|least-loaded|round-robin]\n"
-           "                [--local-prefill-max N] [--kv-memory SIZE]\n"
-           "                [--kv-layerwise-min N] [--bin-dir DIR]\n"
-           "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
-           "                [--spec ngram|draft|off] [--spec-k N]\n"
-           "                [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
-           "                [--cuda-graphs]\n"
-           "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
-           "  and N decode workers (default 1 each) on this machine, waits until all\n"
-           "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
-           "  SIGTERM, which drains the workers and stops everything. --threads: kernel\n"
-           "  threads per worker (default: the CPUs divided among the workers).\n"
-           "  --device: where every worker runs its engine (cuda: all on GPU 0).\n"
-           "  --cuda-graphs: the workers replay repeated decode passes as CUDA graphs\n"
-           "  (off by default; accepted and ignored on the CPU).\n"
-           "  --kv-memory, --kv-layerwise-min, --device, --weight-dtype and\n"
-           "  --kv-transport go to every worker as the workers' flags.\n");
+    fprintf(f,
+            "usage: pdctl up --model M [--tokenizer T] [--draft-model D] [--prefill N]\n"
+            "                [--decode N]\n"
+            "                [--port P] [--kv-transport ucx|zmq|cuda-ipc]\n"
+            "                [--threads N]\n"
+            "                [--policy prefix-aware|least-loaded|round-robin]\n"
+            "                [--local-prefill-max N] [--kv-memory SIZE]\n"
+            "                [--kv-layerwise-min N] [--bin-dir DIR]\n"
+            "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
+            "                [--spec ngram|draft|off] [--spec-k N]\n"
+            "                [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
+            "                [--cuda-graphs]\n"
+            "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
+            "  and N decode workers (default 1 each) on this machine, waits until all\n"
+            "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
+            "  SIGTERM, which drains the decode workers, then the prefill workers, and\n"
+            "  stops the router. --threads: kernel threads per worker (default: the\n"
+            "  CPUs divided among the workers).\n"
+            "  --device: where every worker runs its engine (cuda: all on GPU 0).\n"
+            "  --cuda-graphs: the workers replay repeated decode passes as CUDA graphs\n"
+            "  (off by default; accepted and ignored on the CPU).\n"
+            "  --kv-memory, --kv-layerwise-min, --device, --weight-dtype and\n"
+            "  --kv-transport go to every worker as the workers' flags.\n");
 }
 
 static double now_s(void)
@@ -176,25 +178,44 @@ static void report_exits(const up_t *u)
     }
 }
 
+/* A live child of this kind: the router, or the workers whose name starts with
+ * prefix ("prefill", "decode"). */
+static bool of_kind(const child_t *c, bool router, const char *prefix)
+{
+    return !c->exited && c->is_router == router &&
+           (router || !strncmp(c->name, prefix, strlen(prefix)));
+}
+
 /* Signals every live child of one kind and waits up to timeout_s for them. */
-static void stop_kind(up_t *u, bool routers, int sig, double timeout_s)
+static void stop_kind(up_t *u, bool router, const char *prefix, int sig, double timeout_s)
 {
     for (int i = 0; i < u->n_kids; i++)
-        if (!u->kids[i].exited && u->kids[i].is_router == routers)
+        if (of_kind(&u->kids[i], router, prefix))
             kill(u->kids[i].pid, sig);
     double end = now_s() + timeout_s;
-    while (n_alive(u, routers) && now_s() < end) {
+    for (;;) {
+        int n = 0;
+        for (int i = 0; i < u->n_kids; i++)
+            n += of_kind(&u->kids[i], router, prefix);
+        if (!n || now_s() >= end)
+            break;
         usleep(20000);
         reap(u);
     }
 }
 
+/* Decode workers first: while they drain, the prefill workers still serve the KV of
+ * the tasks being pulled, and with cuda-ipc a prefill worker frees its exported pool
+ * only after every reader has closed its mapping (CUDA leaves a free before the
+ * importer's close undefined). Then the prefill workers, then the router. */
 static void stop_all(up_t *u, int drain_s)
 {
-    stop_kind(u, false, SIGTERM, drain_s);
-    stop_kind(u, false, SIGKILL, 5);
-    stop_kind(u, true, SIGTERM, 10);
-    stop_kind(u, true, SIGKILL, 5);
+    stop_kind(u, false, "decode", SIGTERM, drain_s);
+    stop_kind(u, false, "decode", SIGKILL, 5);
+    stop_kind(u, false, "prefill", SIGTERM, drain_s);
+    stop_kind(u, false, "prefill", SIGKILL, 5);
+    stop_kind(u, true, "", SIGTERM, 10);
+    stop_kind(u, true, "", SIGKILL, 5);
 }
 
 /* Reads the router's "pd-router: client EP worker EP" line. */
@@ -336,8 +357,7 @@ static int parse(up_t *u, int argc, char **argv)
             int k = 0;
             bad = parse_int(v, 0, 1 << 30, &k);
             u->layerwise_min = v;
-        }
-        else if (!strcmp(a, "--spec"))
+        } else if (!strcmp(a, "--spec"))
             bad = strcmp(v, "ngram") && strcmp(v, "draft") && strcmp(v, "off")
                       ? -1
                       : ((u->spec = v), 0);
