@@ -18,7 +18,8 @@
 # and writes REPORT (default build-gpu/report/report.md) with every figure and each
 # step's status. Exit status: 0 when every check passed.
 # usage: tests/gpu/run.sh [REPORT_DIR]   env: PD_SHARED_DIR (default ../shared),
-#        PD_GPU_QUICK=1 (fewer repetitions), PD_CUDA_ARCHS (default: this GPU's)
+#        PD_GPU_QUICK=1 (fewer repetitions), PD_CUDA_ARCHS (default: this GPU's),
+#        PD_GPU_STEPS=1d,1e,2b (only those steps after the build; default all)
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${1:-$SRC/build-gpu/report}
@@ -28,6 +29,8 @@ mkdir -p "$OUT"
 REPORT=${PD_GPU_REPORT:-$OUT/report.md}
 STATUS=0
 step() { echo "== $*" | tee -a "$REPORT"; }
+# PD_GPU_STEPS=1d,1e,2b (say): only those steps after the build (default: all)
+want() { [ -z "${PD_GPU_STEPS:-}" ] || [[ ",$PD_GPU_STEPS," == *",$1,"* ]]; }
 fail() { echo "FAILED: $*" | tee -a "$REPORT"; STATUS=1; }
 : > "$REPORT"
 step "pdserve GPU report, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git -C "$SRC" rev-parse --short HEAD 2>/dev/null)"
@@ -63,8 +66,11 @@ echo "built in $(( $(date +%s) - t0 )) s" | tee -a "$REPORT"
 BIN=$BUILD/bin
 export PD_BIN_DIR=$BIN
 QUICK=${PD_GPU_QUICK:-0}
+q=""
+[ "$QUICK" = 1 ] && q=--quick
 
 # ---- 1. ops ----
+if want 1; then
 step "1. test_cuda_ops"
 if timeout 300 "$BIN/test_cuda_ops" > "$OUT/ops.log" 2>&1; then
     tail -1 "$OUT/ops.log" | tee -a "$REPORT"
@@ -72,8 +78,10 @@ else
     fail "test_cuda_ops (rc $?)"
 fi
 grep -E "^(FAIL|ok)" "$OUT/ops.log" | sed 's/^/    /' >> "$REPORT"
+fi
 
 # ---- 1b. the KV handoff between two GPU engines ----
+if want 1b; then
 step "1b. test_cuda_handoff (prefill engine mirrored to host, decode engine staged)"
 if timeout 120 "$BIN/test_cuda_handoff" "$PD_SHARED_DIR" > "$OUT/handoff.log" 2>&1; then
     tail -1 "$OUT/handoff.log" | tee -a "$REPORT"
@@ -81,8 +89,10 @@ else
     fail "test_cuda_handoff"
     tail -20 "$OUT/handoff.log" | tee -a "$REPORT"
 fi
+fi
 
 # ---- 1c. CUDA graphs against the same passes op by op ----
+if want 1c; then
 step "1c. test_cuda_graphs (decode passes replayed as CUDA graphs, bit for bit)"
 if timeout 120 "$BIN/test_cuda_graphs" "$PD_SHARED_DIR" > "$OUT/graphs.log" 2>&1; then
     tail -1 "$OUT/graphs.log" | tee -a "$REPORT"
@@ -91,8 +101,10 @@ else
     grep -E "^FAIL|WARN|ERROR" "$OUT/graphs.log" | head -20 | tee -a "$REPORT"
 fi
 grep -E "graphs on:" "$OUT/graphs.log" | sed 's/^/    /' | tee -a "$REPORT"
+fi
 
 # ---- 1d. the device KV transport ----
+if want 1d; then
 step "1d. test_cuda_xfer (PD-SUM64 on the device, CUDA IPC between two processes)"
 if timeout 120 "$BIN/test_cuda_xfer" "$PD_SHARED_DIR" > "$OUT/xfer.log" 2>&1; then
     tail -1 "$OUT/xfer.log" | tee -a "$REPORT"
@@ -100,8 +112,10 @@ else
     fail "test_cuda_xfer"
     grep -E "^FAIL|ERROR|error" "$OUT/xfer.log" | head -20 | tee -a "$REPORT"
 fi
+fi
 
 # ---- 1e. the cluster on the GPU (needs the service's libraries) ----
+if want 1e; then
 step "1e. test_cluster_gpu.py (router + GPU workers, ucx and cuda-ipc)"
 if [ "$SERVICE" != ON ]; then
     fail "no ZeroMQ/UCX/libuv/protobuf-c here: the GPU cluster was not run"
@@ -111,8 +125,10 @@ else
     fail "test_cluster_gpu.py"
     grep -E "^FAIL|Error|error" "$OUT/cluster.log" | head -20 | tee -a "$REPORT"
 fi
+fi
 
 # ---- 2. golden and BF16 ----
+if want 2; then
 step "2. golden ids on --device cuda; BF16 against F32"
 MODEL_DIR=$BUILD/models
 mkdir -p "$MODEL_DIR"
@@ -124,6 +140,9 @@ else
     grep -E "^FAIL|Error|error" "$OUT/golden.log" | head -20 | tee -a "$REPORT"
 fi
 grep BF16_REPORT "$OUT/golden.log" | tee -a "$REPORT"
+fi
+# ---- 2b. golden with graphs ----
+if want 2b; then
 step "2b. golden ids on --device cuda with --cuda-graphs"
 if PD_TEST_CUDA_GRAPHS=1 MODEL_DIR=$MODEL_DIR timeout 600 \
         python3 "$SRC/tests/gpu/test_golden_gpu.py" > "$OUT/golden_graphs.log" 2>&1; then
@@ -132,8 +151,10 @@ else
     fail "test_golden_gpu.py with --cuda-graphs"
     grep -E "^FAIL|Error|error|WARN" "$OUT/golden_graphs.log" | head -20 | tee -a "$REPORT"
 fi
+fi
 
 # ---- 4. end to end: mkmodel 1B, BF16 on the GPU ----
+if want 4; then
 step "4. pdctl generate, mkmodel 1B (F32 file, --weight-dtype bf16, KV f16)"
 M1B=$MODEL_DIR/m1b-f32.gguf
 [ -f "$M1B" ] || "$BIN/pdctl" mkmodel --preset 1B --dtype f32 --ctx 4096 -o "$M1B" \
@@ -194,19 +215,21 @@ print(json.dumps(res, indent=1))
 sys.exit(rc)
 EOF
 [ "${PIPESTATUS[0]}" = 0 ] || fail "end to end (--cuda-graphs changed the ids, or the script failed)"
+fi
 
 # ---- 3. kernel benchmarks ----
+if want 3; then
 step "3. bench_cuda"
-q=""
-[ "$QUICK" = 1 ] && q=--quick
 if timeout 300 "$BIN/bench_cuda" $q > "$OUT/bench_cuda.json" 2> "$OUT/bench_cuda.err"; then
     cat "$OUT/bench_cuda.json" | tee -a "$REPORT"
 else
     fail "bench_cuda"
     tail -20 "$OUT/bench_cuda.err" | tee -a "$REPORT"
 fi
+fi
 
 # ---- 5. the PyTorch peer ----
+if want 5; then
 step "5. PyTorch eager, the same shapes"
 if python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
     timeout 400 python3 "$SRC/bench/torch_peer.py" ${q:+--quick} > "$OUT/torch.json" \
@@ -214,6 +237,7 @@ if python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; the
         { fail "torch_peer.py"; tail -20 "$OUT/torch.err" | tee -a "$REPORT"; }
 else
     echo "no PyTorch with CUDA here: peer not measured" | tee -a "$REPORT"
+fi
 fi
 
 step "done: status $STATUS"
