@@ -119,14 +119,18 @@ static peer_t *peer_entry(worker_t *w, uint64_t wid)
 }
 
 /* The CUDA IPC peer of prefill worker wid, described by src: its two handles, mapped
- * when the first read is due. A changed description replaces the old one. */
+ * when the first read is due. A changed description replaces the old one. The peer's
+ * pool may hold another number of blocks than this one: its layer stride is its own
+ * length over the layers (as over UCX), and every copy is checked against it. */
 static peer_t *peer_get_ipc(worker_t *w, uint64_t wid, const Pd__DeviceSource *src)
 {
-    size_t total = w->layer_bytes * (size_t)w->n_layers;
+    size_t bb = w->row_bytes * (size_t)w->bs;
     if (!src || src->ipc_k.len != PD_IPC_HANDLE_BYTES ||
         src->ipc_v.len != PD_IPC_HANDLE_BYTES || src->len_k != src->len_v ||
-        src->len_k != (uint64_t)total || !src->node || strcmp(src->node, w->node))
-        return NULL; /* the router checked the node; the length is the layout's */
+        !src->len_k || src->len_k % (uint64_t)w->n_layers ||
+        (src->len_k / (uint64_t)w->n_layers) % bb || !src->node ||
+        strcmp(src->node, w->node))
+        return NULL; /* the router checked the node; whole blocks of whole layers */
     peer_t *pe = peer_entry(w, wid);
     if (!pe)
         return NULL;
@@ -138,7 +142,7 @@ static peer_t *peer_get_ipc(worker_t *w, uint64_t wid, const Pd__DeviceSource *s
     memcpy(pe->handle[1], src->ipc_v.data, PD_IPC_HANDLE_BYTES);
     pe->ipc = true;
     pe->len[0] = pe->len[1] = src->len_k;
-    pe->layer_bytes = w->layer_bytes;
+    pe->layer_bytes = (size_t)(src->len_k / (uint64_t)w->n_layers);
     return pe;
 }
 
@@ -206,9 +210,9 @@ static bool peer_map(worker_t *w, peer_t *pe)
 static bool ipc_copy(worker_t *w, dtask_t *t, int32_t l, int32_t b, int32_t e, size_t bb)
 {
     size_t len = (size_t)(e - b) * bb;
+    if (t->src[b] < 0 || (uint64_t)t->src[b] * bb + len > t->peer->layer_bytes)
+        return false; /* the run must lie inside one layer of the peer's pool */
     uint64_t roff = (uint64_t)l * t->peer->layer_bytes + (uint64_t)t->src[b] * bb;
-    if (roff + len > t->peer->len[0])
-        return false;
     for (int kv = 0; kv < 2; kv++) {
         uint8_t *dst = (uint8_t *)(kv ? pd_kv_pool_compute_v(w->kv, l)
                                       : pd_kv_pool_compute_k(w->kv, l)) +

@@ -6,7 +6,10 @@ with its exact greedy ids through `pdctl complete`, alone and 16 in flight, with
 prompt long enough for layer-wise streaming (--kv-layerwise-min 8); the decode
 worker's log must show KV reads for every request and no checksum mismatch; Ctrl-C
 stops the cluster with status 0. Then cuda-ipc once more with --cuda-graphs: the same
-ids, and the decode worker's exit line must show graph replays and no failed one. Needs only pdctl and the Python standard library (a
+ids, and the decode worker's exit line must show graph replays and no failed one. Last,
+a cluster started by hand whose prefill and decode pools differ in size (300 and 97
+blocks: the reader must use the peer's own layer stride), every golden line exact and
+SIGTERM ending every process with status 0. Needs only pdctl and the Python standard library (a
 GPU host may have no pyzmq). PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests;
 PD_TEST_DEVICE=cpu PD_TEST_TRANSPORTS=ucx runs the same on the CPU (a check of the
 test itself)."""
@@ -14,6 +17,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -100,8 +104,50 @@ def cluster(transport, graphs=False):
     print(f"{transport}{' graphs' if graphs else ''}: {reads} KV reads; logs in {logs}")
 
 
+def uneven_pools(transport):
+    """pd-router, pd-prefill --kv-blocks 300, pd-decode --kv-blocks 97, by hand."""
+    tmp = tempfile.mkdtemp(prefix=f"pd_gpu_uneven_{transport}_")
+    bins = os.path.dirname(PDCTL)
+    procs = []
+    try:
+        router = subprocess.Popen([os.path.join(bins, "pd-router"), "--model", model,
+                                   "--client-endpoint", "tcp://127.0.0.1:0",
+                                   "--worker-endpoint", "tcp://127.0.0.1:0",
+                                   "--kv-transport", transport],
+                                  stdout=subprocess.PIPE,
+                                  stderr=open(os.path.join(tmp, "router.log"), "w"))
+        procs.append(router)
+        line = router.stdout.readline().decode()  # the first line names the endpoints
+        m = re.match(r"pd-router: client (\S+) worker (\S+)", line)
+        if not f.check(m is not None, f"uneven {transport}: router line {line!r}"):
+            return
+        client, worker = m.group(1), m.group(2)
+        for role, blocks in (("prefill", 300), ("decode", 97)):
+            procs.append(subprocess.Popen(
+                [os.path.join(bins, f"pd-{role}"), "--model", model, "--router", worker,
+                 "--device", DEV, "--kv-transport", transport, "--kv-blocks", str(blocks),
+                 "--kv-layerwise-min", "8", "--threads", "2"],
+                stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(tmp, f"{role}.log"), "w")))
+        for g in lines:  # the router queues a request until both workers registered
+            out_, err = complete(client, g)
+            check(f"uneven pools {transport} {g['prompt']!r}", g, out_, err)
+    finally:
+        for p in reversed(procs):  # decode, prefill, router: readers before the pool
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+            f.check(p.returncode == 0, f"uneven {transport}: a process exited with "
+                                       f"{p.returncode} (logs in {tmp})")
+
+
 transports = os.environ.get("PD_TEST_TRANSPORTS", "ucx,cuda-ipc").split(",")
 for transport in transports:
     cluster(transport)
 cluster(transports[-1], graphs=True)
+uneven_pools(transports[-1])
 f.finish()
