@@ -29,6 +29,18 @@ mkdir -p "$OUT"
 REPORT=${PD_GPU_REPORT:-$OUT/report.md}
 STATUS=0
 step() { echo "== $*" | tee -a "$REPORT"; }
+# run_test LABEL LOG SECONDS CMD...: CMD, time-bounded, into $OUT/LOG; the report gets
+# its last line, or on a failure its error lines
+run_test() {
+    local label=$1 log=$OUT/$2 secs=$3
+    shift 3
+    if timeout "$secs" "$@" > "$log" 2>&1; then
+        tail -1 "$log" | tee -a "$REPORT"
+    else
+        fail "$label (status $?)"
+        grep -E "^FAIL|ERROR|WARN|[Ee]rror" "$log" | head -20 | tee -a "$REPORT"
+    fi
+}
 # PD_GPU_STEPS=1d,1e,2b (say): only those steps after the build (default: all)
 want() { [ -z "${PD_GPU_STEPS:-}" ] || [[ ",$PD_GPU_STEPS," == *",$1,"* ]]; }
 fail() { echo "FAILED: $*" | tee -a "$REPORT"; STATUS=1; }
@@ -68,50 +80,33 @@ export PD_BIN_DIR=$BIN
 QUICK=${PD_GPU_QUICK:-0}
 q=""
 [ "$QUICK" = 1 ] && q=--quick
+MODEL_DIR=$BUILD/models # generated models (mkmodel), kept between runs
+mkdir -p "$MODEL_DIR"
 
 # ---- 1. ops ----
 if want 1; then
 step "1. test_cuda_ops"
-if timeout 300 "$BIN/test_cuda_ops" > "$OUT/ops.log" 2>&1; then
-    tail -1 "$OUT/ops.log" | tee -a "$REPORT"
-else
-    fail "test_cuda_ops (rc $?)"
-fi
+run_test test_cuda_ops ops.log 300 "$BIN/test_cuda_ops"
 grep -E "^(FAIL|ok)" "$OUT/ops.log" | sed 's/^/    /' >> "$REPORT"
 fi
 
 # ---- 1b. the KV handoff between two GPU engines ----
 if want 1b; then
 step "1b. test_cuda_handoff (prefill engine mirrored to host, decode engine staged)"
-if timeout 120 "$BIN/test_cuda_handoff" "$PD_SHARED_DIR" > "$OUT/handoff.log" 2>&1; then
-    tail -1 "$OUT/handoff.log" | tee -a "$REPORT"
-else
-    fail "test_cuda_handoff"
-    tail -20 "$OUT/handoff.log" | tee -a "$REPORT"
-fi
+run_test test_cuda_handoff handoff.log 120 "$BIN/test_cuda_handoff" "$PD_SHARED_DIR"
 fi
 
 # ---- 1c. CUDA graphs against the same passes op by op ----
 if want 1c; then
 step "1c. test_cuda_graphs (decode passes replayed as CUDA graphs, bit for bit)"
-if timeout 120 "$BIN/test_cuda_graphs" "$PD_SHARED_DIR" > "$OUT/graphs.log" 2>&1; then
-    tail -1 "$OUT/graphs.log" | tee -a "$REPORT"
-else
-    fail "test_cuda_graphs"
-    grep -E "^FAIL|WARN|ERROR" "$OUT/graphs.log" | head -20 | tee -a "$REPORT"
-fi
+run_test test_cuda_graphs graphs.log 120 "$BIN/test_cuda_graphs" "$PD_SHARED_DIR"
 grep -E "graphs on:" "$OUT/graphs.log" | sed 's/^/    /' | tee -a "$REPORT"
 fi
 
 # ---- 1d. the device KV transport ----
 if want 1d; then
 step "1d. test_cuda_xfer (PD-SUM64 on the device, CUDA IPC between two processes)"
-if timeout 120 "$BIN/test_cuda_xfer" "$PD_SHARED_DIR" > "$OUT/xfer.log" 2>&1; then
-    tail -1 "$OUT/xfer.log" | tee -a "$REPORT"
-else
-    fail "test_cuda_xfer"
-    grep -E "^FAIL|ERROR|error" "$OUT/xfer.log" | head -20 | tee -a "$REPORT"
-fi
+run_test test_cuda_xfer xfer.log 120 "$BIN/test_cuda_xfer" "$PD_SHARED_DIR"
 fi
 
 # ---- 1e. the cluster on the GPU (needs the service's libraries) ----
@@ -119,38 +114,24 @@ if want 1e; then
 step "1e. test_cluster_gpu.py (router + GPU workers, ucx and cuda-ipc)"
 if [ "$SERVICE" != ON ]; then
     fail "no ZeroMQ/UCX/libuv/protobuf-c here: the GPU cluster was not run"
-elif timeout 600 python3 "$SRC/tests/gpu/test_cluster_gpu.py" > "$OUT/cluster.log" 2>&1; then
-    tail -1 "$OUT/cluster.log" | tee -a "$REPORT"
 else
-    fail "test_cluster_gpu.py"
-    grep -E "^FAIL|Error|error" "$OUT/cluster.log" | head -20 | tee -a "$REPORT"
+    run_test test_cluster_gpu.py cluster.log 600 python3 "$SRC/tests/gpu/test_cluster_gpu.py"
 fi
 fi
 
 # ---- 2. golden and BF16 ----
 if want 2; then
 step "2. golden ids on --device cuda; BF16 against F32"
-MODEL_DIR=$BUILD/models
-mkdir -p "$MODEL_DIR"
-if MODEL_DIR=$MODEL_DIR timeout 600 python3 "$SRC/tests/gpu/test_golden_gpu.py" \
-        > "$OUT/golden.log" 2>&1; then
-    tail -1 "$OUT/golden.log" | tee -a "$REPORT"
-else
-    fail "test_golden_gpu.py"
-    grep -E "^FAIL|Error|error" "$OUT/golden.log" | head -20 | tee -a "$REPORT"
-fi
+run_test test_golden_gpu.py golden.log 600 \
+    env MODEL_DIR="$MODEL_DIR" python3 "$SRC/tests/gpu/test_golden_gpu.py"
 grep BF16_REPORT "$OUT/golden.log" | tee -a "$REPORT"
 fi
+
 # ---- 2b. golden with graphs ----
 if want 2b; then
 step "2b. golden ids on --device cuda with --cuda-graphs"
-if PD_TEST_CUDA_GRAPHS=1 MODEL_DIR=$MODEL_DIR timeout 600 \
-        python3 "$SRC/tests/gpu/test_golden_gpu.py" > "$OUT/golden_graphs.log" 2>&1; then
-    tail -1 "$OUT/golden_graphs.log" | tee -a "$REPORT"
-else
-    fail "test_golden_gpu.py with --cuda-graphs"
-    grep -E "^FAIL|Error|error|WARN" "$OUT/golden_graphs.log" | head -20 | tee -a "$REPORT"
-fi
+run_test "test_golden_gpu.py with --cuda-graphs" golden_graphs.log 600 \
+    env PD_TEST_CUDA_GRAPHS=1 MODEL_DIR="$MODEL_DIR" python3 "$SRC/tests/gpu/test_golden_gpu.py"
 fi
 
 # ---- 4. end to end: mkmodel 1B, BF16 on the GPU ----
