@@ -136,7 +136,7 @@ static void send_register(worker_t *w)
         ds.ipc_k.len = PD_IPC_HANDLE_BYTES;
         ds.ipc_v.data = w->ipc_v;
         ds.ipc_v.len = PD_IPC_HANDLE_BYTES;
-        ds.len_k = ds.len_v = (uint64_t)w->ipc_len;
+        ds.len_k = ds.len_v = (uint64_t)w->layer_bytes * (uint64_t)w->n_layers;
         r.device_source = &ds;
     }
     r.max_seq_len = (uint32_t)pd_engine_max_seq_len(w->engine);
@@ -577,11 +577,9 @@ static int setup_ipc(worker_t *w)
     if (pd_devxfer_new(dev, &w->xfer) != PD_OK ||
         pd_devxfer_new(dev, &w->xfer_eng) != PD_OK)
         return -1;
-    size_t total = w->layer_bytes * (size_t)w->n_layers;
     if (pd_devxfer_export(w->xfer, pd_kv_pool_compute_k(w->kv, 0), w->ipc_k) != PD_OK ||
         pd_devxfer_export(w->xfer, pd_kv_pool_compute_v(w->kv, 0), w->ipc_v) != PD_OK)
         return -1;
-    w->ipc_len = total;
     FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
     if (!f || !fgets(w->node, sizeof w->node, f)) {
         PD_LOG_ERROR("worker: cannot read this node's boot id "

@@ -144,10 +144,9 @@ typedef struct worker {
     int64_t kv_bytes;
 
     /* CUDA IPC transport: copy streams (I/O thread, engine thread), this pool's
-     * handles and length, the node's boot id and the GPU's name */
+     * handles, the node's boot id and the GPU's name */
     pd_devxfer_t *xfer, *xfer_eng;
     uint8_t ipc_k[PD_IPC_HANDLE_BYTES], ipc_v[PD_IPC_HANDLE_BYTES];
-    size_t ipc_len;
     char node[64], gpu[32];
     int sigpipe[2];
 } worker_t;

@@ -36,11 +36,6 @@ static pd_status_t no_devxfer(void)
     return PD_ERR_UNSUPPORTED;
 }
 
-bool pd_devxfer_available(void)
-{
-    return false;
-}
-
 pd_status_t pd_devxfer_new(int device, pd_devxfer_t **x_p)
 {
     (void)device;

@@ -15,8 +15,7 @@
  * pd_kv_checksum_sum64 in common/kvpool.h) covers the same rows as the UCX
  * transport's XXH3 checksum, but as a sum of independently mixed 32-bit words, so a
  * GPU computes it in one pass over the blocks in place.
- * Builds without CUDA: every function returns PD_ERR_UNSUPPORTED (logged), and
- * pd_devxfer_available() is false.
+ * Builds without CUDA: every function returns PD_ERR_UNSUPPORTED (logged).
  * Ownership: each pd_devxfer_t belongs to its caller; mappings are counted per handle
  * across the process (a handle opened twice is mapped once), and close drops one
  * count. Threading: one thread per pd_devxfer_t; the mapping table is locked. */
@@ -36,9 +35,6 @@ extern "C" {
 #define PD_IPC_HANDLE_BYTES 64 /* sizeof(cudaIpcMemHandle_t) */
 
 typedef struct pd_devxfer pd_devxfer_t;
-
-/* true in a build with the CUDA backend (a GPU may still be missing). */
-bool pd_devxfer_available(void);
 
 /* The GPU index a --device string names: 0 for "cuda", N for "cuda:N", -1 for "cpu",
  * NULL or anything else. */

@@ -41,11 +41,6 @@ static bool failed(cudaError_t err, const char *what)
     return true;
 }
 
-extern "C" bool pd_devxfer_available(void)
-{
-    return true;
-}
-
 extern "C" pd_status_t pd_devxfer_new(int device, pd_devxfer_t **x_p)
 {
     if (!x_p || device < 0)
