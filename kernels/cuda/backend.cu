@@ -382,6 +382,31 @@ static void k_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int6
                 "gemm");
 }
 
+/* Matvec sizes (decode): one launch over every matrix's rows (pdc_matvec_multi gives
+ * each the bits pdc_matvec would), so the Q/K/V projections and the gate/up pair are
+ * two launches a layer instead of five, and the small K/V rows share the grid with Q
+ * instead of leaving most SMs idle. GEMM sizes: one cuBLAS call each, as k_matmul. */
+static void k_matmul_multi(pd_kernels_t *k, const pd_tensor_t *const *ws,
+                           float *const *ys, int n, const float *x, int64_t T)
+{
+    cuda_kernels_t *c = ck_of(k);
+    select_dev(c);
+    bool half = ws[0]->dtype == PD_DTYPE_F16 || ws[0]->dtype == PD_DTYPE_BF16;
+    if (n < 1 || n > PDC_MV_MULTI_MAX || (half && T > 8)) {
+        for (int m = 0; m < n; m++)
+            k_matmul(k, ws[m], x, T, ys[m]);
+        return;
+    }
+    const void *w[PDC_MV_MULTI_MAX];
+    int64_t n_out[PDC_MV_MULTI_MAX];
+    for (int m = 0; m < n; m++) {
+        w[m] = ws[m]->data;
+        n_out[m] = ws[m]->ne[1];
+    }
+    failed(c, pdc_matvec_multi(c->s, ws[0]->dtype, w, n_out, ys, n, ws[0]->ne[0], x, T),
+           "matvec");
+}
+
 static void k_get_rows(pd_kernels_t *k, const pd_tensor_t *w, const int32_t *ids,
                        int64_t n, float *out)
 {
@@ -860,7 +885,7 @@ extern "C" pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights,
     k->name = c->name;
     k->n_threads = 1;
     k->matmul = k_matmul;
-    k->matmul_multi = NULL;
+    k->matmul_multi = k_matmul_multi;
     k->get_rows = k_get_rows;
     k->rmsnorm = k_rmsnorm;
     k->rope = k_rope;

@@ -46,6 +46,15 @@ cudaError_t pdc_kv_write(cudaStream_t s, void *cache, pd_dtype_t kv_dtype,
  * (decode: T <= 8 reads each weight row once for all T rows); correct for any T. */
 cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *w, int64_t n_in,
                        int64_t n_out, const float *x, int64_t T, float *y);
+/* ys[m] = x W_m^T for m < n (1 <= n <= PDC_MV_MULTI_MAX): n matrices of one dtype and
+ * n_in, ws[m] with n_outs[m] rows, in one launch whose grid spreads the rows of all of
+ * them (the Q/K/V projections, the FFN gate/up pair). ys[m] holds the same bits
+ * pdc_matvec(ws[m], n_outs[m]) would write: a row is computed by the same code in the
+ * same order, whichever launch it is in. */
+#define PDC_MV_MULTI_MAX 4
+cudaError_t pdc_matvec_multi(cudaStream_t s, pd_dtype_t dtype, const void *const *ws,
+                             const int64_t *n_outs, float *const *ys, int n, int64_t n_in,
+                             const float *x, int64_t T);
 /* Conversions of n elements (dst_dtype / src_dtype F16 or BF16), round to nearest
  * even, as pd_f32_to_fp16 / pd_f32_to_bf16 do. */
 cudaError_t pdc_f32_to_half(cudaStream_t s, pd_dtype_t dst_dtype, const float *src,
@@ -90,6 +99,21 @@ int64_t pdc_attn_decode_scratch(const pd_attn_args_t *a, int64_t n_q, int64_t ma
  * listed queries. KV dtype F32 or F16; head_dim a multiple of 8, at most 256. */
 cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a, const int32_t *q_idx,
                             int64_t n_q, int64_t max_ctx, float *scratch);
+/* The decode kernel's variants, compared side by side by tests/gpu and
+ * bench/bench_cuda.c; pdc_attn_decode runs PDC_ATTN_DEC_DEFAULT.
+ * PDC_ATTN_DEC_REGS: each lane loads its K rows, then its V rows, into registers a round
+ *   at a time (the kernel measured in docs/benchmarks.md).
+ * PDC_ATTN_DEC_VSTAGE: the same, except that every V row of the block's split is copied
+ *   into shared memory with cp.async as the block starts, so the V reads are in flight
+ *   during the K pass and the V pass reads shared memory. Same arithmetic in the same
+ *   order: the same bits as REGS. Shapes whose V stage does not fit (more than 64 KiB)
+ *   run REGS. */
+#define PDC_ATTN_DEC_REGS    0
+#define PDC_ATTN_DEC_VSTAGE  1
+#define PDC_ATTN_DEC_DEFAULT PDC_ATTN_DEC_REGS
+cudaError_t pdc_attn_decode_variant(cudaStream_t s, const pd_attn_args_t *a,
+                                    const int32_t *q_idx, int64_t n_q, int64_t max_ctx,
+                                    float *scratch, int variant);
 /* Paged attention for runs of consecutive queries of one sequence (prompt chunks):
  * runs[3 * r + 0] = first batch row t0, runs[3 * r + 1] = length n (rows t0..t0+n-1 of
  * sequence seq[t0] at positions pos[t0]..pos[t0]+n-1), runs[3 * r + 2] unused. Tiled,

@@ -753,10 +753,67 @@ __device__ __forceinline__ void mv_stage_x(float *xs, int kstride, const float *
     }
 }
 
+/* The matrices of one matvec launch (pdc_matvec: one; pdc_matvec_multi: up to
+ * PDC_MV_MULTI_MAX sharing dtype and n_in): rows [start[m], start[m + 1]) of the
+ * launch's row space are the rows of w[m], written to y[m] ([T][start[m + 1] -
+ * start[m]]). Passed by value; members past n are never read. */
+struct MvSegs {
+    const uint8_t *w[PDC_MV_MULTI_MAX];
+    float *y[PDC_MV_MULTI_MAX];
+    int64_t start[PDC_MV_MULTI_MAX + 1];
+    int64_t rows; /* start[n], kept apart: a dynamic index would put the table in local
+                   * memory */
+    int n;
+};
+
+/* Members of the table by a run-time index, read as selects over constant indices
+ * (unrolled): a dynamic index into a kernel parameter would copy the whole table to
+ * local memory. */
+__device__ __forceinline__ int mv_seg_of(const MvSegs &sg, int64_t o)
+{
+    int m = 0; /* the last matrix starting at or before o; empty ones never qualify
+                * (a later matrix starts where they do) unless last, past every row */
+#pragma unroll
+    for (int j = 1; j < PDC_MV_MULTI_MAX; j++)
+        if (j < sg.n && o >= sg.start[j])
+            m = j;
+    return m;
+}
+
+__device__ __forceinline__ int64_t mv_seg_start(const MvSegs &sg, int m)
+{
+    int64_t v = sg.start[0];
+#pragma unroll
+    for (int j = 1; j <= PDC_MV_MULTI_MAX; j++)
+        if (m == j)
+            v = sg.start[j];
+    return v;
+}
+
+__device__ __forceinline__ const uint8_t *mv_seg_w(const MvSegs &sg, int m)
+{
+    const uint8_t *v = sg.w[0];
+#pragma unroll
+    for (int j = 1; j < PDC_MV_MULTI_MAX; j++)
+        if (m == j)
+            v = sg.w[j];
+    return v;
+}
+
+__device__ __forceinline__ float *mv_seg_y(const MvSegs &sg, int m)
+{
+    float *v = sg.y[0];
+#pragma unroll
+    for (int j = 1; j < PDC_MV_MULTI_MAX; j++)
+        if (m == j)
+            v = sg.y[j];
+    return v;
+}
+
 template <int DT, int TG, bool kVec>
 __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
-    matvec_kernel(const uint8_t *w, int64_t row_bytes, int64_t n_in, int64_t n_out,
-                  const float *x, int64_t T, float *y, int chunk, int kstride, bool x_vec)
+    matvec_kernel(const MvSegs sg, int64_t row_bytes, int64_t n_in, const float *x,
+                  int64_t T, int chunk, int kstride, bool x_vec)
 {
     constexpr bool kQuant = is_quant(DT);
     constexpr int kU = TG == 1 ? 6 : TG <= 4 ? 4 : 2; /* uint4 loads in flight per lane */
@@ -776,8 +833,9 @@ __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
         stage =
             mv_smem + (size_t)TG * kstride * 4 + (size_t)warp * MvQuant<DT>::kStageBytes;
 
+    const int64_t n_rows = sg.rows; /* every matrix's rows */
     const int64_t n_groups = (T + TG - 1) / TG;
-    const int64_t n_rg = (n_out + kMvWarps - 1) / kMvWarps;
+    const int64_t n_rg = (n_rows + kMvWarps - 1) / kMvWarps;
     const int64_t n_chunks = (n_in + chunk - 1) / chunk;
     for (int64_t tg = blockIdx.y; tg < n_groups; tg += gridDim.y) {
         const int64_t t0 = tg * TG;
@@ -785,8 +843,10 @@ __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
         bool staged = false; /* block-uniform: xs holds the single chunk of this tg */
         for (int64_t rg = blockIdx.x; rg < n_rg; rg += gridDim.x) {
             const int64_t o = rg * kMvWarps + warp;
-            const bool valid = o < n_out; /* warp-uniform */
-            const uint8_t *wrow = w + (valid ? o : 0) * row_bytes;
+            const bool valid = o < n_rows;              /* warp-uniform */
+            const int m = mv_seg_of(sg, valid ? o : 0); /* the row's matrix */
+            const uint8_t *wrow =
+                mv_seg_w(sg, m) + (valid ? o - mv_seg_start(sg, m) : 0) * row_bytes;
             float acc[TG];
 #pragma unroll
             for (int t = 0; t < TG; t++)
@@ -830,20 +890,28 @@ __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
                 }
             }
             if (valid) {
+                /* found again rather than kept through the loop (registers) */
+                const int m2 = mv_seg_of(sg, o);
+                const int64_t s0 = mv_seg_start(sg, m2),
+                              n_out = mv_seg_start(sg, m2 + 1) - s0;
+                float *y = mv_seg_y(sg, m2) + (o - s0);
 #pragma unroll
                 for (int t = 0; t < TG; t++) {
                     const float v = warp_sum(acc[t]);
                     if (lane == 0 && t < nt)
-                        y[(t0 + t) * n_out + o] = v;
+                        y[(t0 + t) * n_out] = v;
                 }
             }
         }
     }
 }
 
+/* One launch over the matrices of sg (their rows in the grid's row groups); vec: every
+ * matrix's rows are 16-byte aligned (the caller checked; it decides the code path, so
+ * it must be the same for all of them). */
 template <int DT, int TG>
-cudaError_t matvec_launch(cudaStream_t s, const void *w, int64_t n_in, int64_t n_out,
-                          const float *x, int64_t T, float *y, int sms)
+cudaError_t matvec_launch(cudaStream_t s, const MvSegs &sg, bool vec, int64_t n_in,
+                          const float *x, int64_t T, int sms)
 {
     constexpr bool kQuant = is_quant(DT);
     const int chunk = kMvXFloats / TG; /* a multiple of 1024 */
@@ -853,34 +921,32 @@ cudaError_t matvec_launch(cudaStream_t s, const void *w, int64_t n_in, int64_t n
     if constexpr (kQuant)
         smem += (size_t)kMvWarps * MvQuant<DT>::kStageBytes;
     const int64_t row_bytes = row_bytes_of((pd_dtype_t)DT, n_in);
-    const bool vec = aligned16(w) && row_bytes % 16 == 0;
     const bool x_vec = aligned16(x) && n_in % 4 == 0;
-    const int64_t n_rg = (n_out + kMvWarps - 1) / kMvWarps;
+    const int64_t n_rg = (sg.rows + kMvWarps - 1) / kMvWarps;
     const int64_t cap = (int64_t)sms * kMvBlocksPerSm;
     const int64_t n_groups = (T + TG - 1) / TG;
     dim3 grid((unsigned)(n_rg < cap ? n_rg : cap),
               (unsigned)(n_groups < kRowGridCap ? n_groups : kRowGridCap));
-    const uint8_t *wb = static_cast<const uint8_t *>(w);
     if (vec)
         matvec_kernel<DT, TG, true><<<grid, kMvThreads, smem, s>>>(
-            wb, row_bytes, n_in, n_out, x, T, y, chunk, kstride, x_vec);
+            sg, row_bytes, n_in, x, T, chunk, kstride, x_vec);
     else
         matvec_kernel<DT, TG, false><<<grid, kMvThreads, smem, s>>>(
-            wb, row_bytes, n_in, n_out, x, T, y, chunk, kstride, x_vec);
+            sg, row_bytes, n_in, x, T, chunk, kstride, x_vec);
     return cudaGetLastError();
 }
 
 template <int DT>
-cudaError_t matvec_dtype(cudaStream_t s, const void *w, int64_t n_in, int64_t n_out,
-                         const float *x, int64_t T, float *y, int sms)
+cudaError_t matvec_dtype(cudaStream_t s, const MvSegs &sg, bool vec, int64_t n_in,
+                         const float *x, int64_t T, int sms)
 {
     if (T <= 1)
-        return matvec_launch<DT, 1>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_launch<DT, 1>(s, sg, vec, n_in, x, T, sms);
     if (T <= 2)
-        return matvec_launch<DT, 2>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_launch<DT, 2>(s, sg, vec, n_in, x, T, sms);
     if (T <= 4)
-        return matvec_launch<DT, 4>(s, w, n_in, n_out, x, T, y, sms);
-    return matvec_launch<DT, 8>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_launch<DT, 4>(s, sg, vec, n_in, x, T, sms);
+    return matvec_launch<DT, 8>(s, sg, vec, n_in, x, T, sms);
 }
 
 /* ---- argmax and top-p sampling ---- */
@@ -1219,14 +1285,19 @@ extern "C" cudaError_t pdc_kv_write(cudaStream_t s, void *cache, pd_dtype_t kv_d
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *w,
-                                  int64_t n_in, int64_t n_out, const float *x, int64_t T,
-                                  float *y)
+namespace
 {
-    if (!dtype_ok(dtype, n_in) || n_in < 0)
-        return cudaErrorInvalidValue;
-    if (T <= 0 || n_out <= 0)
-        return cudaSuccess;
+
+/* Whether the rows of w take the vector path (16-byte aligned base and rows). */
+bool mv_vec(pd_dtype_t dtype, const void *w, int64_t n_in)
+{
+    return aligned16(w) && row_bytes_of(dtype, n_in) % 16 == 0;
+}
+
+/* The matvec of the matrices in sg (checked by the caller). */
+cudaError_t matvec_run(cudaStream_t s, pd_dtype_t dtype, const MvSegs &sg, bool vec,
+                       int64_t n_in, const float *x, int64_t T)
+{
     int dev = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&dev);
     if (err == cudaSuccess)
@@ -1237,17 +1308,76 @@ extern "C" cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *
         sms = 1;
     switch (dtype) {
     case PD_DTYPE_F32:
-        return matvec_dtype<PD_DTYPE_F32>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_dtype<PD_DTYPE_F32>(s, sg, vec, n_in, x, T, sms);
     case PD_DTYPE_F16:
-        return matvec_dtype<PD_DTYPE_F16>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_dtype<PD_DTYPE_F16>(s, sg, vec, n_in, x, T, sms);
     case PD_DTYPE_BF16:
-        return matvec_dtype<PD_DTYPE_BF16>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_dtype<PD_DTYPE_BF16>(s, sg, vec, n_in, x, T, sms);
     case PD_DTYPE_Q8_0:
-        return matvec_dtype<PD_DTYPE_Q8_0>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_dtype<PD_DTYPE_Q8_0>(s, sg, vec, n_in, x, T, sms);
     case PD_DTYPE_Q4_0:
-        return matvec_dtype<PD_DTYPE_Q4_0>(s, w, n_in, n_out, x, T, y, sms);
+        return matvec_dtype<PD_DTYPE_Q4_0>(s, sg, vec, n_in, x, T, sms);
     }
     return cudaErrorInvalidValue;
+}
+
+} /* namespace */
+
+extern "C" cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *w,
+                                  int64_t n_in, int64_t n_out, const float *x, int64_t T,
+                                  float *y)
+{
+    if (!dtype_ok(dtype, n_in) || n_in < 0)
+        return cudaErrorInvalidValue;
+    if (T <= 0 || n_out <= 0)
+        return cudaSuccess;
+    MvSegs sg = {};
+    sg.w[0] = static_cast<const uint8_t *>(w);
+    sg.y[0] = y;
+    sg.start[1] = sg.rows = n_out;
+    sg.n = 1;
+    return matvec_run(s, dtype, sg, mv_vec(dtype, w, n_in), n_in, x, T);
+}
+
+/* One launch when every matrix takes the same path (vector or not: the paths sum in
+ * different orders, and each matrix must get the bits pdc_matvec gives it), else one
+ * launch per matrix. */
+extern "C" cudaError_t pdc_matvec_multi(cudaStream_t s, pd_dtype_t dtype,
+                                        const void *const *ws, const int64_t *n_outs,
+                                        float *const *ys, int n, int64_t n_in,
+                                        const float *x, int64_t T)
+{
+    if (!ws || !n_outs || !ys || n < 1 || n > PDC_MV_MULTI_MAX ||
+        !dtype_ok(dtype, n_in) || n_in < 0)
+        return cudaErrorInvalidValue;
+    for (int m = 0; m < n; m++)
+        if (!ws[m] || !ys[m] || n_outs[m] < 0)
+            return cudaErrorInvalidValue;
+    if (T <= 0)
+        return cudaSuccess;
+    const bool vec = mv_vec(dtype, ws[0], n_in);
+    bool same = true;
+    for (int m = 1; m < n; m++)
+        same = same && mv_vec(dtype, ws[m], n_in) == vec;
+    if (!same) {
+        for (int m = 0; m < n; m++) {
+            cudaError_t err = pdc_matvec(s, dtype, ws[m], n_in, n_outs[m], x, T, ys[m]);
+            if (err != cudaSuccess)
+                return err;
+        }
+        return cudaSuccess;
+    }
+    MvSegs sg = {};
+    for (int m = 0; m < n; m++) {
+        sg.w[m] = static_cast<const uint8_t *>(ws[m]);
+        sg.y[m] = ys[m];
+        sg.start[m + 1] = sg.start[m] + n_outs[m];
+    }
+    sg.n = n;
+    sg.rows = sg.start[n];
+    if (sg.rows == 0)
+        return cudaSuccess;
+    return matvec_run(s, dtype, sg, vec, n_in, x, T);
 }
 
 extern "C" cudaError_t pdc_f32_to_half(cudaStream_t s, pd_dtype_t dst_dtype,

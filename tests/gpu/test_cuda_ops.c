@@ -6,7 +6,8 @@
  * must stay under the op's stated bound:
  *   matmul (pdc_matvec: F32/F16/BF16/Q8_0/Q4_0 weights, F32 x) 2e-5 of max|y|, the
  *     cuBLAS path (F16/BF16 weights, more than 8 rows: x rounded to the weights'
- *     dtype) 4e-3 (F16) and 3e-2 (BF16) of max|y|;
+ *     dtype) 4e-3 (F16) and 3e-2 (BF16) of max|y|; matmul_multi (pdc_matvec_multi)
+ *     the same bits as matmul of each matrix alone;
  *   get_rows, kv_write, kv gather/scatter, argmax: exact;
  *   rmsnorm, softmax, silu_mul, add: 2e-6 of the row's max; rope 3e-5 (CUDA's
  *     powf/cosf/sinf differ from glibc's by an ulp or two, times angles up to ~4000);
@@ -217,6 +218,152 @@ static void test_matmul(pd_kernels_t *k)
             free((void *)w.data);
             free(deq);
         }
+}
+
+/* matmul_multi (pdc_matvec_multi for matvec sizes): each output the same bits as a
+ * matmul of its matrix alone, for matrices of different heights sharing one launch,
+ * a matrix whose rows are not 16-byte aligned beside aligned ones (the launch splits:
+ * the two paths sum in different orders), and GEMM sizes. */
+static void test_matmul_multi(pd_kernels_t *k)
+{
+    const pd_dtype_t dts[] = {PD_DTYPE_F32, PD_DTYPE_F16, PD_DTYPE_BF16, PD_DTYPE_Q8_0,
+                              PD_DTYPE_Q4_0};
+    /* heights of up to four matrices (0: fewer), the input width */
+    const int64_t sets[][5] = {{2048, 512, 512, 0, 2048}, {100, 8, 257, 3, 512},
+                               {384, 0, 0, 0, 96},        {40, 1000, 0, 0, 1024}};
+    const int64_t Ts[] = {1, 2, 5, 8, 9};
+    for (size_t di = 0; di < 5; di++)
+        for (size_t si = 0; si < 4; si++)
+            for (int shift = 0; shift < 2; shift++) {
+                pd_dtype_t dt = dts[di];
+                int64_t n_in = sets[si][4];
+                bool quant = dt == PD_DTYPE_Q8_0 || dt == PD_DTYPE_Q4_0;
+                if (quant && n_in % 32)
+                    continue;
+                /* shift: matrix 1 placed 2 bytes past an aligned address (not for
+                 * quantized or F32 rows, whose element size or blocks it would split) */
+                if (shift && (quant || dt == PD_DTYPE_F32 || !sets[si][1]))
+                    continue;
+                int n = 0;
+                pd_tensor_t w[4], dw[4];
+                void *base[4] = {NULL};
+                float *deq[4];
+                int ok = 1;
+                for (; n < 4 && sets[si][n]; n++) {
+                    make_weight(dt, sets[si][n], n_in, &w[n], &deq[n]);
+                    size_t off = shift && n == 1 ? 2 : 0;
+                    base[n] = k->alloc(k, w[n].nbytes + 16);
+                    dw[n] = w[n];
+                    dw[n].data = (uint8_t *)base[n] + off;
+                    ok &= base[n] && k->to_device(k, (void *)dw[n].data, w[n].data,
+                                                  w[n].nbytes) == PD_OK;
+                }
+                if (!ok) {
+                    check(0, "multi: upload", 0, 0);
+                    n = 0; /* nothing below runs; the frees do */
+                }
+                for (size_t ti = 0; n && ti < 5; ti++) {
+                    int64_t T = Ts[ti];
+                    float *x = rand_vec(T * n_in, 1.0f), *dx = dev_put(x, T * n_in * 4);
+                    float *dy[4], *dref[4];
+                    const pd_tensor_t *wp[4];
+                    for (int m = 0; m < n; m++) {
+                        size_t bytes = (size_t)(T * dw[m].ne[1] * 4);
+                        dy[m] = dev_put(NULL, bytes);
+                        dref[m] = dev_put(NULL, bytes);
+                        wp[m] = &dw[m];
+                        k->matmul(k, &dw[m], dx, T, dref[m]);
+                    }
+                    k->matmul_multi(k, wp, dy, n, dx, T);
+                    int same = 1;
+                    for (int m = 0; m < n; m++) {
+                        size_t bytes = (size_t)(T * dw[m].ne[1] * 4);
+                        float *a = malloc(bytes), *b = malloc(bytes);
+                        dev_get(a, dy[m], bytes);
+                        dev_get(b, dref[m], bytes);
+                        same &= !memcmp(a, b, bytes);
+                        if (m == 0 && T == 1) { /* and right, not just equal */
+                            float *ref = malloc(bytes);
+                            for (int64_t o = 0; o < dw[0].ne[1]; o++) {
+                                double acc = 0;
+                                for (int64_t i = 0; i < n_in; i++)
+                                    acc += (double)deq[0][o * n_in + i] * x[i];
+                                ref[o] = (float)acc;
+                            }
+                            double e = rel_err(a, ref, dw[0].ne[1]);
+                            check(e <= 2e-5, "matmul_multi matrix 0 against double", e,
+                                  2e-5);
+                            free(ref);
+                        }
+                        free(a);
+                        free(b);
+                        cudaFree(dy[m]);
+                        cudaFree(dref[m]);
+                    }
+                    char what[128];
+                    snprintf(what, sizeof what,
+                             "matmul_multi %s set %zu (%d matrices)%s T=%lld == matmul "
+                             "(bits)",
+                             pd_dtype_name(dt), si, n, shift ? " unaligned" : "",
+                             (long long)T);
+                    check(same, what, 0, 0);
+                    cudaFree(dx);
+                    free(x);
+                }
+                for (int m = 0; m < 4 && sets[si][m]; m++) {
+                    k->free(k, base[m]);
+                    free((void *)w[m].data);
+                    free(deq[m]);
+                }
+            }
+
+    /* pdc_matvec_multi directly: an empty matrix between two others, bad arguments */
+    pd_tensor_t w0, w2;
+    float *q0, *q2;
+    make_weight(PD_DTYPE_BF16, 64, 256, &w0, &q0);
+    make_weight(PD_DTYPE_BF16, 96, 256, &w2, &q2);
+    void *d0 = dev_put(w0.data, w0.nbytes), *d2 = dev_put(w2.data, w2.nbytes);
+    float *x = rand_vec(256, 1.0f), *dx = dev_put(x, 256 * 4);
+    float *dy0 = dev_put(NULL, 64 * 4), *dy2 = dev_put(NULL, 96 * 4);
+    float *r0 = dev_put(NULL, 64 * 4), *r2 = dev_put(NULL, 96 * 4);
+    const void *ws[3] = {d0, d2, d2};
+    int64_t n_outs[3] = {64, 0, 96};
+    float *ys[3] = {dy0, dy2, dy2};
+    cudaError_t e1 = pdc_matvec_multi(0, PD_DTYPE_BF16, ws, n_outs, ys, 3, 256, dx, 1);
+    cudaError_t e2 = pdc_matvec(0, PD_DTYPE_BF16, d0, 256, 64, dx, 1, r0);
+    cudaError_t e3 = pdc_matvec(0, PD_DTYPE_BF16, d2, 256, 96, dx, 1, r2);
+    float a[96], b[96];
+    dev_get(a, dy0, 64 * 4);
+    dev_get(b, r0, 64 * 4);
+    int same = e1 == cudaSuccess && e2 == cudaSuccess && e3 == cudaSuccess &&
+               !memcmp(a, b, 64 * 4);
+    dev_get(a, dy2, 96 * 4);
+    dev_get(b, r2, 96 * 4);
+    same &= !memcmp(a, b, 96 * 4);
+    check(same, "pdc_matvec_multi with an empty matrix between two (bits)", 0, 0);
+    n_outs[1] = -1;
+    check(pdc_matvec_multi(0, PD_DTYPE_BF16, ws, n_outs, ys, 3, 256, dx, 1) ==
+              cudaErrorInvalidValue,
+          "pdc_matvec_multi refuses a negative height", 0, 0);
+    n_outs[1] = 0;
+    check(pdc_matvec_multi(0, PD_DTYPE_BF16, ws, n_outs, ys, 5, 256, dx, 1) ==
+              cudaErrorInvalidValue,
+          "pdc_matvec_multi refuses 5 matrices", 0, 0);
+    check(pdc_matvec_multi(0, PD_DTYPE_Q8_0, ws, n_outs, ys, 2, 250, dx, 1) ==
+              cudaErrorInvalidValue,
+          "pdc_matvec_multi refuses Q8_0 rows of 250", 0, 0);
+    cudaFree(d0);
+    cudaFree(d2);
+    cudaFree(dx);
+    cudaFree(dy0);
+    cudaFree(dy2);
+    cudaFree(r0);
+    cudaFree(r2);
+    free(x);
+    free((void *)w0.data);
+    free((void *)w2.data);
+    free(q0);
+    free(q2);
 }
 
 /* ---- element-wise ops against the CPU backend ---- */
@@ -559,6 +706,7 @@ int main(void)
         return 1;
     }
     test_matmul(k);
+    test_matmul_multi(k);
     test_elementwise(k, cpu);
     test_attention(k, cpu, PD_DTYPE_F32, 64, 8, 2);
     test_attention(k, cpu, PD_DTYPE_F16, 128, 32, 8);
