@@ -2,8 +2,11 @@
  * device-to-device copy bandwidth (the yardstick), the matvec kernel reading BF16
  * weights of the 1B preset's shapes at T = 1 (decode), paged attention (decode
  * kernel) at 4k and 32k contexts, and the prefill products (cuBLAS BF16, T = 2048)
- * in TFLOP/s. Each figure is the median of 7 timed batches of back-to-back calls
- * after a warm-up, timed on the host around a sync. Prints one JSON object.
+ * in TFLOP/s. Also: the whole model's decode weight reads in the engine's launch
+ * order (separate and multi matvecs, op by op and as a CUDA graph), and the decode
+ * attention kernel's variants side by side. Each figure is the median of 7 timed
+ * batches of back-to-back calls after a warm-up, timed on the host around a sync.
+ * Prints one JSON object.
  * usage: bench_cuda [--quick] */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -13,6 +16,7 @@
 #include <time.h>
 
 #include "common/tensor.h"
+#include "kernels/cuda/cuda_internal.h"
 #include "kernels/ops.h"
 
 static double now_s(void)
@@ -114,6 +118,136 @@ static void do_mm(void *p)
     c->k->matmul(c->k, &c->w, c->x, c->T, c->y);
 }
 
+/* The 1B preset's decode weight reads at T = 1, as the engine issues them: 16 layers
+ * of Q, K, V, O, gate, up, down and the output matrix, each layer's weights its own
+ * memory (2 GB in all: nothing stays in L2 between tokens). */
+#define SEQ_LAYERS 16
+typedef struct seq_ctx {
+    pd_kernels_t *k;
+    pd_tensor_t w[SEQ_LAYERS][7], out; /* q k v o gate up down */
+    float *x, *x_ffn, *y[7], *logits;
+    bool multi;
+    void *graph; /* non-NULL: launch this instead */
+} seq_ctx_t;
+
+static void seq_ops(seq_ctx_t *c)
+{
+    pd_kernels_t *k = c->k;
+    for (int l = 0; l < SEQ_LAYERS; l++) {
+        pd_tensor_t *w = c->w[l];
+        if (c->multi) {
+            const pd_tensor_t *qkv[3] = {&w[0], &w[1], &w[2]}, *gu[2] = {&w[4], &w[5]};
+            float *yq[3] = {c->y[0], c->y[1], c->y[2]}, *yg[2] = {c->y[4], c->y[5]};
+            k->matmul_multi(k, qkv, yq, 3, c->x, 1);
+            k->matmul(k, &w[3], c->x, 1, c->y[3]);
+            k->matmul_multi(k, gu, yg, 2, c->x, 1);
+        } else {
+            for (int m = 0; m < 6; m++)
+                k->matmul(k, &w[m], c->x, 1, c->y[m]);
+        }
+        k->matmul(k, &w[6], c->x_ffn, 1, c->y[6]);
+    }
+    k->matmul(k, &c->out, c->x, 1, c->logits);
+}
+
+static void do_seq(void *p)
+{
+    seq_ctx_t *c = p;
+    if (c->graph)
+        c->k->graph_launch(c->k, c->graph);
+    else
+        seq_ops(c);
+}
+
+static pd_tensor_t bf16_matrix(int64_t n_out, int64_t n_in)
+{
+    pd_tensor_t t = {.dtype = PD_DTYPE_BF16,
+                     .n_dims = 2,
+                     .ne = {n_in, n_out, 1, 1},
+                     .nbytes = (size_t)(n_in * n_out * 2)};
+    t.data = drand((size_t)(n_in * n_out), 2);
+    return t;
+}
+
+/* Prints the sequence's figures: plain launches and multi launches, each op by op and
+ * recorded as one CUDA graph; returns 0, or 1 when a graph could not be recorded. */
+static int bench_sequence(pd_kernels_t *k, double copy_bw, int quick)
+{
+    static seq_ctx_t c;
+    const int64_t shape[7][2] = {{2048, 2048}, {512, 2048},  {512, 2048}, {2048, 2048},
+                                 {8192, 2048}, {8192, 2048}, {2048, 8192}};
+    double bytes = 0;
+    c.k = k;
+    for (int l = 0; l < SEQ_LAYERS; l++)
+        for (int m = 0; m < 7; m++) {
+            c.w[l][m] = bf16_matrix(shape[m][0], shape[m][1]);
+            bytes += (double)c.w[l][m].nbytes;
+        }
+    c.out = bf16_matrix(32000, 2048);
+    bytes += (double)c.out.nbytes;
+    c.x = drand(2048, 4);
+    c.x_ffn = drand(8192, 4);
+    for (int m = 0; m < 7; m++)
+        c.y[m] = dalloc((size_t)shape[m][0] * 4);
+    c.logits = dalloc(32000 * 4);
+    const char *names[4] = {"separate", "multi", "separate_graph", "multi_graph"};
+    int rc = 0;
+    printf(",\n \"decode_weights_bf16_T1\": {\"GB_per_token\": %.3f", bytes / 1e9);
+    for (int v = 0; v < 4; v++) {
+        c.multi = v & 1;
+        c.graph = NULL;
+        if (v >= 2) {
+            void *g = NULL;
+            if (!k->graph_begin || k->graph_begin(k) != PD_OK) {
+                rc = 1;
+                continue;
+            }
+            seq_ops(&c);
+            if (k->graph_end(k, &g) != PD_OK || !g) {
+                rc = 1;
+                continue;
+            }
+            c.graph = g;
+        }
+        double t = time_op(k, do_seq, &c, quick ? 5 : 30);
+        printf(", \"%s\": {\"ms_per_token\": %.3f, \"GBps\": %.1f, \"of_copy\": %.3f}",
+               names[v], t * 1e3, bytes / t / 1e9, bytes / t / copy_bw);
+        if (c.graph)
+            k->graph_destroy(k, c.graph);
+    }
+    printf("}");
+    for (int l = 0; l < SEQ_LAYERS; l++)
+        for (int m = 0; m < 7; m++)
+            cudaFree((void *)c.w[l][m].data);
+    cudaFree((void *)c.out.data);
+    cudaFree(c.x);
+    cudaFree(c.x_ffn);
+    for (int m = 0; m < 7; m++)
+        cudaFree(c.y[m]);
+    cudaFree(c.logits);
+    return rc;
+}
+
+/* The decode attention kernel's variants (cuda_internal.h) on the same arguments,
+ * called directly on a stream of this program's own. */
+typedef struct variant_ctx {
+    const pd_attn_args_t *a;
+    cudaStream_t s;
+    float *scratch;
+    int64_t max_ctx;
+    int variant;
+    cudaError_t err;
+} variant_ctx_t;
+
+static void do_variant(void *p)
+{
+    variant_ctx_t *c = p;
+    cudaError_t e = pdc_attn_decode_variant(c->s, c->a, NULL, c->a->T, c->max_ctx,
+                                            c->scratch, c->variant);
+    if (e != cudaSuccess)
+        c->err = e;
+}
+
 typedef struct attn_ctx {
     pd_kernels_t *k;
     pd_attn_args_t a;
@@ -177,10 +311,12 @@ int main(int argc, char **argv)
     printf("},\n \"matvec_bf16_T1_whole_model\": {\"GBps\": %.1f, \"of_copy\": %.3f, "
            "\"ms_per_token\": %.3f}",
            bytes_all / time_all / 1e9, bytes_all / time_all / copy_bw, time_all * 1e3);
+    int graphs_ok = bench_sequence(k, copy_bw, quick) == 0;
 
     /* 3. paged attention, decode queries, F16 cache, 32 heads / 8 KV heads of 64
      * (the 1B preset), block size 16 */
     printf(",\n \"attention_decode_f16\": {");
+    int variants_ok = 1;
     const int64_t ctxs[] = {4096, 32768}, seqs[] = {64, 8};
     for (int ci = 0; ci < 2; ci++) {
         int64_t ctx = ctxs[ci], S = seqs[ci], bs = 16, hd = 64, nh = 32, nkv = 8;
@@ -221,9 +357,30 @@ int main(int argc, char **argv)
         a->seq_host = seq;
         double t = time_op(k, do_attn, &ac, quick ? 3 : 20);
         double bytes = 2.0 * (double)(S * ctx * row * 2);
-        printf("%s\"ctx%lld_x%lld\": {\"us\": %.1f, \"GBps\": %.1f, \"of_copy\": %.3f}",
+        printf("%s\"ctx%lld_x%lld\": {\"us\": %.1f, \"GBps\": %.1f, \"of_copy\": %.3f",
                ci ? ", " : "", (long long)ctx, (long long)S, t * 1e6, bytes / t / 1e9,
                bytes / t / copy_bw);
+        /* the kernel's variants side by side, and whether they agree bit for bit */
+        variant_ctx_t vc = {.a = a, .max_ctx = ctx};
+        cudaStreamCreate(&vc.s);
+        vc.scratch = dalloc((size_t)pdc_attn_decode_scratch(a, S, ctx) * 4);
+        size_t out_bytes = (size_t)(S * nh * hd * 4);
+        float *o0 = malloc(out_bytes), *o1 = malloc(out_bytes);
+        const char *vnames[2] = {"regs", "vstage"};
+        for (int v = 0; v < 2; v++) {
+            vc.variant = v ? PDC_ATTN_DEC_VSTAGE : PDC_ATTN_DEC_REGS;
+            double tv = time_op(k, do_variant, &vc, quick ? 3 : 20);
+            cudaMemcpy(v ? o1 : o0, a->out, out_bytes, cudaMemcpyDeviceToHost);
+            printf(", \"%s\": {\"us\": %.1f, \"of_copy\": %.3f}", vnames[v], tv * 1e6,
+                   bytes / tv / copy_bw);
+        }
+        int same = vc.err == cudaSuccess && !memcmp(o0, o1, out_bytes);
+        variants_ok &= same;
+        printf(", \"variants_same_bits\": %s}", same ? "true" : "false");
+        free(o0);
+        free(o1);
+        cudaFree(vc.scratch);
+        cudaStreamDestroy(vc.s);
         cudaFree((void *)a->k_cache);
         cudaFree((void *)a->v_cache);
         cudaFree((void *)a->q);
@@ -262,8 +419,10 @@ int main(int argc, char **argv)
         cudaFree(m.y);
     }
     printf("},\n \"prefill_gemm_layers_TFLOPs\": %.1f", flop_all / tg_all / 1e12);
-    int ok = k->sync(k) == PD_OK;
-    printf(",\n \"ok\": %s}\n", ok ? "true" : "false");
+    int ok = k->sync(k) == PD_OK && graphs_ok && variants_ok;
+    printf(",\n \"graphs_ok\": %s, \"attention_variants_ok\": %s, \"ok\": %s}\n",
+           graphs_ok ? "true" : "false", variants_ok ? "true" : "false",
+           ok ? "true" : "false");
     pd_kernels_destroy(&k);
     return ok ? 0 : 1;
 }

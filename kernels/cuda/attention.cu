@@ -13,6 +13,14 @@
  * folds them in split order as dispatch.c's attn_fold does. Every reduction order is
  * fixed by (head_dim, group, dtype) alone, so a query's output does not depend on the
  * rest of the batch.
+ * Two variants of the split kernel (pdc_attn_decode_variant), one template: REGS loads
+ * K rows, then V rows, into registers U rows per lane at a time, so a block keeps at
+ * most about 16 KiB in flight; VSTAGE copies every V row of the split into dynamic
+ * shared memory with cp.async as soon as the row offsets are known, so the whole
+ * split's V bytes (up to 64 KiB) are in flight during the K pass and the softmax, and
+ * the V pass reads shared memory. The floats and their order are the same: VSTAGE
+ * gives REGS's bits. Shapes whose stage would pass 64 KiB, and devices that cannot
+ * give a block the stage plus the static shared memory, run REGS.
  *
  * Prefill (pdc_attn_prefill): one block per (64-query tile of a run, query head).
  * Q, K (then V, in the same buffer) and P tiles in dynamic shared memory, 4x4 register
@@ -22,8 +30,10 @@
  * tiles are aligned to absolute positions and fully masked tiles change nothing.
  *
  * Threading: host functions enqueue on the given stream and return; they are called
- * from the engine thread of one backend. The prefill kernels' shared-memory opt-in is
- * set lazily, once per device. */
+ * from the engine thread of one backend. The shared-memory opt-ins (prefill, VSTAGE
+ * decode) are set lazily, once per device and instantiation, before the first launch
+ * (cudaFuncSetAttribute is no stream operation, so this also works under graph
+ * capture). */
 #include <cuda_fp16.h>
 #include <limits.h>
 #include <math.h>
@@ -71,23 +81,34 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
-/* E consecutive cache elements at element offset off, as floats. The caller
- * guarantees alignment to E elements (rows are multiples of 8 elements, bases 16-byte
- * aligned): F32 E = 2 (8 B), 4 (16 B), 8 (2 x 16 B); F16 E = 2 (4 B), 4 (8 B), 8 (16 B).
- */
-template <int E, bool F16>
+/* One vector load: through the read-only cache from global memory (SH false), or a
+ * plain load from shared memory (SH true: the VSTAGE V stage). */
+template <bool SH, class T> __device__ __forceinline__ T ld_vec(const T *p)
+{
+    if constexpr (SH)
+        return *p;
+    else
+        return __ldg(p);
+}
+
+/* E consecutive cache elements at element offset off, as floats, from a cache in global
+ * memory (SH false) or from staged rows in shared memory (SH true); both give the same
+ * floats for the same bits. The caller guarantees alignment to E elements (rows are
+ * multiples of 8 elements, bases 16-byte aligned, staged rows too): F32 E = 2 (8 B),
+ * 4 (16 B), 8 (2 x 16 B); F16 E = 2 (4 B), 4 (8 B), 8 (16 B). */
+template <int E, bool F16, bool SH>
 __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (&f)[E])
 {
     if constexpr (!F16) {
         const float *p = static_cast<const float *>(base) + off;
         if constexpr (E == 2) {
-            float2 v = __ldg(reinterpret_cast<const float2 *>(p));
+            float2 v = ld_vec<SH>(reinterpret_cast<const float2 *>(p));
             f[0] = v.x;
             f[1] = v.y;
         } else {
 #pragma unroll
             for (int j = 0; j < E / 4; j++) {
-                float4 v = __ldg(reinterpret_cast<const float4 *>(p) + j);
+                float4 v = ld_vec<SH>(reinterpret_cast<const float4 *>(p) + j);
                 f[4 * j + 0] = v.x;
                 f[4 * j + 1] = v.y;
                 f[4 * j + 2] = v.z;
@@ -97,11 +118,11 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
     } else {
         const uint16_t *p = static_cast<const uint16_t *>(base) + off;
         if constexpr (E == 2) {
-            unsigned int w = __ldg(reinterpret_cast<const unsigned int *>(p));
+            unsigned int w = ld_vec<SH>(reinterpret_cast<const unsigned int *>(p));
             f[0] = h2f(w);
             f[1] = h2f(w >> 16);
         } else if constexpr (E == 4) {
-            uint2 w = __ldg(reinterpret_cast<const uint2 *>(p));
+            uint2 w = ld_vec<SH>(reinterpret_cast<const uint2 *>(p));
             f[0] = h2f(w.x);
             f[1] = h2f(w.x >> 16);
             f[2] = h2f(w.y);
@@ -109,7 +130,7 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
         } else {
 #pragma unroll
             for (int j = 0; j < E / 8; j++) {
-                uint4 w = __ldg(reinterpret_cast<const uint4 *>(p) + j);
+                uint4 w = ld_vec<SH>(reinterpret_cast<const uint4 *>(p) + j);
                 f[8 * j + 0] = h2f(w.x);
                 f[8 * j + 1] = h2f(w.x >> 16);
                 f[8 * j + 2] = h2f(w.y);
@@ -123,6 +144,21 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
     }
 }
 
+/* 16 bytes global -> shared without a register round trip (sm_80+, as ops_basic.cu's);
+ * complete after cp_async_wait_all() in the issuing thread, visible to the other
+ * threads after a barrier. Both addresses 16-byte aligned. */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all()
+{
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
 /* ---- decode: split partials ---------------------------------------------------- */
 
 /* The lane layout of one decode instantiation. HDP: head_dim (a multiple of 8) rounded
@@ -133,7 +169,12 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
  * fewer for large groups, and never so few that a row needs more than 32 lanes.
  * LPR lanes read one row, RPW rows per warp at a time; GP <= LPR lets the butterfly
  * hand each head to its own lanes. U rows per lane are loaded before any is used (64
- * bytes in flight per lane). HC heads per pass of the cross-warp reduction. */
+ * bytes in flight per lane). HC heads per pass of the cross-warp reduction.
+ * VS_BYTES: the largest V stage of the instantiation (SPLIT rows of HDP elements; a
+ * launch stages rows of head_dim <= HDP); VS_OK: it is at most DEC_VS_MAX, so VSTAGE
+ * is built for this instantiation. As 64 KiB / SPLIT / ES is a power of two, a
+ * head_dim whose stage fits always rounds to an HDP with VS_OK. */
+#define DEC_VS_MAX (64 * 1024)
 template <int HDP_, int GP_, bool F16_> struct dec_cfg {
     static constexpr int HDP = HDP_, GP = GP_;
     static constexpr bool F16 = F16_;
@@ -144,6 +185,8 @@ template <int HDP_, int GP_, bool F16_> struct dec_cfg {
     static constexpr int U = cmin(GP >= 16 ? 4 : 8, cmax(1, 64 / (E * ES)));
     static constexpr int HC = cmin(GP, cmax(1, 512 / HDP));
     static constexpr int MIN_BLOCKS = GP * E <= 32 ? 3 : (GP * E <= 64 ? 2 : 1);
+    static constexpr int VS_BYTES = PDC_ATTN_SPLIT * HDP * ES;
+    static constexpr bool VS_OK = VS_BYTES <= DEC_VS_MAX;
     static_assert(E >= 2 && LPR * E == HDP && LPR <= 32 && GP <= LPR, "lane layout");
     static_assert(GP % HC == 0, "reduction passes");
 };
@@ -199,6 +242,23 @@ template <class C> struct dec_smem {
     static_assert(C::HDP <= DEC_SST, "q staging fits in the score buffer");
 };
 
+/* The second __launch_bounds__ argument. REGS: C::MIN_BLOCKS, as measured. VSTAGE: no
+ * more blocks than the shared memory lets onto an SM (sm_90: 228 KiB per SM, 1 KiB of
+ * it reserved per block; the largest stage of the instantiation), which for the big
+ * stages is fewer than MIN_BLOCKS: asking for more would only cap the registers per
+ * thread below what REGS gets at the occupancy that can really be reached (a spill
+ * risk for nothing). Never more than MIN_BLOCKS, so VSTAGE's register cap is at least
+ * REGS's and it spills no more than REGS does. */
+template <class C, bool VS> constexpr int dec_min_blocks()
+{
+    if constexpr (!VS) {
+        return C::MIN_BLOCKS;
+    } else {
+        constexpr int per_block = C::VS_BYTES + (int)sizeof(dec_smem<C>) + 1024;
+        return cmax(1, cmin(C::MIN_BLOCKS, 228 * 1024 / per_block));
+    }
+}
+
 /* Where a thread sits in the decode layout: warp, row group within the warp (rig), lane
  * within the row (sub) and its first element of a row (e0); inactive lanes lie past
  * head_dim and load nothing. */
@@ -214,12 +274,34 @@ __device__ __forceinline__ int dec_row(const dec_lane_t &ln, int base, int u)
     return base + u * (NW * C::RPW) + ln.warp * C::RPW + ln.rig;
 }
 
-/* Row offsets of the split and the group's q rows (heads g*G.. are consecutive) into
- * shared memory, zero-padded to [GP][HDP]; then each lane's q slices into registers. */
+/* VSTAGE: the split's V rows (kv head g's slice of each, hd elements at sm.row[r])
+ * into vst [nv][hd] of the kv dtype, packed, so 16-byte unit u of the stage is unit
+ * u % upr of row u / upr (rows are hd * ES bytes, a multiple of 16: hd % 8 == 0; the
+ * cache rows are 16-byte aligned as the cache base is). Spread over the whole block,
+ * consecutive threads on consecutive units of a row. Nothing waits here: the copies
+ * stay in flight through the K pass and the softmax, and the kernel waits for them
+ * (cp.async.wait_all, then a barrier) before the V pass. */
 template <class C>
+__device__ __forceinline__ void dec_stage_v(const dec_params_t &p, const dec_smem<C> &sm,
+                                            void *vst, const dec_lane_t &ln, int nv)
+{
+    const int upr = p.hd * C::ES / 16;
+    const int n = nv * upr; /* at most SPLIT * 16 */
+    const char *src = static_cast<const char *>(p.v);
+    char *dst = static_cast<char *>(vst);
+    for (int u = ln.tid; u < n; u += NT) {
+        const int r = u / upr, c = u - r * upr;
+        cp_async16(dst + (int64_t)u * 16, src + sm.row[r] * C::ES + (int64_t)c * 16);
+    }
+}
+
+/* Row offsets of the split and the group's q rows (heads g*G.. are consecutive) into
+ * shared memory, zero-padded to [GP][HDP]; then each lane's q slices into registers.
+ * VS: the V rows' copies into vst start as soon as the row offsets are visible. */
+template <class C, bool VS>
 __device__ __forceinline__ void dec_stage(const dec_params_t &p, dec_smem<C> &sm,
-                                          const dec_lane_t &ln, int t, int g, int p0,
-                                          int nv, float (&qf)[C::GP][C::E])
+                                          void *vst, const dec_lane_t &ln, int t, int g,
+                                          int p0, int nv, float (&qf)[C::GP][C::E])
 {
     const int32_t *tbl = p.bt + (int64_t)p.seq[t] * p.bt_stride;
     for (int j = ln.tid; j < nv; j += NT) {
@@ -233,6 +315,8 @@ __device__ __forceinline__ void dec_stage(const dec_params_t &p, dec_smem<C> &sm
         sm.buf[j] = (h < p.G && e < p.hd) ? p.q[qbase + (int64_t)h * p.hd + e] : 0.0f;
     }
     __syncthreads();
+    if constexpr (VS)
+        dec_stage_v<C>(p, sm, vst, ln, nv);
 #pragma unroll
     for (int h = 0; h < C::GP; h++)
 #pragma unroll
@@ -241,17 +325,20 @@ __device__ __forceinline__ void dec_stage(const dec_params_t &p, dec_smem<C> &sm
     __syncthreads(); /* buf becomes the score buffer */
 }
 
-/* U rows of K or V for this lane (zeros past nv or head_dim). */
-template <class C>
-__device__ __forceinline__ void dec_load_rows(const void *cache, const dec_smem<C> &sm,
-                                              const dec_lane_t &ln, int base, int nv,
-                                              float (&f)[C::U][C::E])
+/* U rows of K or V for this lane (zeros past nv or head_dim): from the cache in
+ * global memory at sm.row[r] (SH false), or from the V stage [nv][hd] in shared
+ * memory (SH true). The same elements either way. */
+template <class C, bool SH>
+__device__ __forceinline__ void dec_load_rows(const void *src, const dec_smem<C> &sm,
+                                              const dec_lane_t &ln, int hd, int base,
+                                              int nv, float (&f)[C::U][C::E])
 {
 #pragma unroll
     for (int u = 0; u < C::U; u++) {
         const int r = dec_row<C>(ln, base, u);
         if (ln.active && r < nv) {
-            load_frag<C::E, C::F16>(cache, sm.row[r] + ln.e0, f[u]);
+            const int64_t off = SH ? (int64_t)r * hd : sm.row[r];
+            load_frag<C::E, C::F16, SH>(src, off + ln.e0, f[u]);
         } else {
 #pragma unroll
             for (int j = 0; j < C::E; j++)
@@ -270,7 +357,7 @@ __device__ __forceinline__ void dec_scores(const dec_params_t &p, dec_smem<C> &s
     constexpr int HPL = C::LPR / C::GP; /* lanes holding each head after reduce_heads */
     for (int base = 0; base < nv; base += NW * C::RPW * C::U) {
         float kf[C::U][C::E];
-        dec_load_rows<C>(p.k, sm, ln, base, nv, kf);
+        dec_load_rows<C, false>(p.k, sm, ln, p.hd, base, nv, kf);
 #pragma unroll
         for (int u = 0; u < C::U; u++) {
             float s[C::GP];
@@ -316,10 +403,12 @@ __device__ __forceinline__ void dec_softmax(dec_smem<C> &sm, const dec_lane_t &l
 }
 
 /* acc[h][j] = sum over this lane's rows (in order) of p[h][r] * v_r[e0 + j], then
- * summed over the warp's row groups (lane bits LPR..16). */
-template <class C>
+ * summed over the warp's row groups (lane bits LPR..16). V rows from the cache (VS
+ * false) or from the stage vst (VS true, complete and visible): the same floats in the
+ * same order, so the same bits. */
+template <class C, bool VS>
 __device__ __forceinline__ void dec_values(const dec_params_t &p, const dec_smem<C> &sm,
-                                           const dec_lane_t &ln, int nv,
+                                           const void *vst, const dec_lane_t &ln, int nv,
                                            float (&acc)[C::GP][C::E])
 {
 #pragma unroll
@@ -329,7 +418,7 @@ __device__ __forceinline__ void dec_values(const dec_params_t &p, const dec_smem
             acc[h][j] = 0.0f;
     for (int base = 0; base < nv; base += NW * C::RPW * C::U) {
         float vf[C::U][C::E];
-        dec_load_rows<C>(p.v, sm, ln, base, nv, vf);
+        dec_load_rows<C, VS>(VS ? vst : p.v, sm, ln, p.hd, base, nv, vf);
 #pragma unroll
         for (int u = 0; u < C::U; u++) {
             const int r = dec_row<C>(ln, base, u);
@@ -395,13 +484,18 @@ __device__ __forceinline__ void dec_write(const dec_params_t &p, dec_smem<C> &sm
 /* Grid (query in the list, kv head, split); NT threads. Positions
  * [split * SPLIT, min((split + 1) * SPLIT, pos + 1)) of the query's sequence. A block
  * whose split starts past pos exits at once, writing nothing: the fold reads only the
- * splits 0..pos / SPLIT. */
-template <int HDP, int GP, bool F16>
-__global__ void __launch_bounds__(NT, dec_cfg<HDP, GP, F16>::MIN_BLOCKS)
+ * splits 0..pos / SPLIT. VS false: REGS, no dynamic shared memory. VS true: VSTAGE,
+ * SPLIT * hd * ES bytes of dynamic shared memory for the V stage; the copies started
+ * in dec_stage are waited for after the softmax, and the barrier before the V pass
+ * makes every thread's copies visible to all. */
+template <int HDP, int GP, bool F16, bool VS>
+__global__ void __launch_bounds__(NT, dec_min_blocks<dec_cfg<HDP, GP, F16>, VS>())
     attn_decode_split(const dec_params_t p)
 {
     typedef dec_cfg<HDP, GP, F16> C;
+    static_assert(!VS || C::VS_OK, "the V stage fits");
     __shared__ dec_smem<C> sm;
+    extern __shared__ float4 dec_vstage[]; /* VS: [nv][hd] of the kv dtype */
 
     const int qi = blockIdx.x, g = blockIdx.y, split = blockIdx.z;
     const int t = p.q_idx ? p.q_idx[qi] : qi;
@@ -421,13 +515,15 @@ __global__ void __launch_bounds__(NT, dec_cfg<HDP, GP, F16>::MIN_BLOCKS)
     ln.active = ln.e0 < p.hd;
 
     float qf[C::GP][C::E];
-    dec_stage<C>(p, sm, ln, t, g, p0, nv, qf);
+    dec_stage<C, VS>(p, sm, dec_vstage, ln, t, g, p0, nv, qf);
     dec_scores<C>(p, sm, ln, nv, qf);
     __syncthreads();
     dec_softmax<C>(sm, ln, nv, p.G);
+    if constexpr (VS)
+        cp_async_wait_all(); /* this thread's V copies, before the barrier */
     __syncthreads();
     float acc[C::GP][C::E];
-    dec_values<C>(p, sm, ln, nv, acc);
+    dec_values<C, VS>(p, sm, dec_vstage, ln, nv, acc);
     float *part =
         p.scratch + (((int64_t)qi * p.n_heads + (int64_t)g * p.G) * p.ns_max + split) *
                         (int64_t)(p.hd + 2);
@@ -854,30 +950,78 @@ extern "C" int64_t pdc_attn_decode_scratch(const pd_attn_args_t *a, int64_t n_q,
     return n_q * a->n_heads * decode_splits(max_ctx) * (a->head_dim + 2);
 }
 
-template <int HDP, int GP, bool F16>
-static void launch_decode(cudaStream_t s, dim3 grid, const dec_params_t &p)
+/* Devices with a lazily set shared-memory opt-in flag per kernel instantiation; a
+ * device past the table sets (or checks) it at every launch. */
+#define MAX_DEVICES 64
+
+/* The dynamic shared-memory opt-in of one VSTAGE instantiation, once per device (as
+ * prefill_opt_in), for its largest stage: whether VSTAGE may run there. false (REGS
+ * runs instead, the same bits): the device cannot give a block the static shared
+ * memory plus that stage (at most 100,544 bytes, group 16 with a 64 KiB stage: sm_80,
+ * sm_86/89 and sm_90 can, with 163, 99 and 227 KiB; a 64 KiB part cannot), or the
+ * opt-in failed. The answer is kept either way. A
+ * failed call's error is taken off the runtime's last error, unless an earlier error
+ * was pending there, so that it does not come back as the launch's status. */
+template <int HDP, int GP, bool F16> static bool decode_vs_opt_in(void)
 {
-    attn_decode_split<HDP, GP, F16><<<grid, NT, 0, s>>>(p);
+    typedef dec_cfg<HDP, GP, F16> C;
+    static signed char state[MAX_DEVICES]; /* 0 not yet asked, 1 VSTAGE, -1 REGS */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess)
+        return false; /* the launch reports it */
+    const bool keep = dev >= 0 && dev < MAX_DEVICES;
+    if (keep && state[dev] != 0)
+        return state[dev] > 0;
+    const bool clean = cudaPeekAtLastError() == cudaSuccess;
+    int optin = 0;
+    bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                     dev) == cudaSuccess;
+    ok = ok && (int64_t)sizeof(dec_smem<C>) + C::VS_BYTES <= (int64_t)optin;
+    ok = ok && cudaFuncSetAttribute(attn_decode_split<HDP, GP, F16, true>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    C::VS_BYTES) == cudaSuccess;
+    if (!ok && clean)
+        (void)cudaGetLastError();
+    if (keep)
+        state[dev] = ok ? 1 : -1;
+    return ok;
+}
+
+/* One split launch: VSTAGE where asked for (vs: the stage of this head_dim fits in
+ * DEC_VS_MAX) and the device takes it, else REGS. */
+template <int HDP, int GP, bool F16>
+static void launch_decode(cudaStream_t s, dim3 grid, const dec_params_t &p, bool vs)
+{
+    typedef dec_cfg<HDP, GP, F16> C;
+    if constexpr (C::VS_OK) { /* only these instantiations have a VSTAGE kernel */
+        if (vs && decode_vs_opt_in<HDP, GP, F16>()) {
+            const size_t bytes = (size_t)PDC_ATTN_SPLIT * (size_t)p.hd * C::ES;
+            attn_decode_split<HDP, GP, F16, true><<<grid, NT, bytes, s>>>(p);
+            return;
+        }
+    }
+    attn_decode_split<HDP, GP, F16, false><<<grid, NT, 0, s>>>(p);
 }
 
 template <int HDP, bool F16>
-static bool launch_decode_gp(cudaStream_t s, dim3 grid, int gp, const dec_params_t &p)
+static bool launch_decode_gp(cudaStream_t s, dim3 grid, int gp, const dec_params_t &p,
+                             bool vs)
 {
     switch (gp) {
     case 1:
-        launch_decode<HDP, 1, F16>(s, grid, p);
+        launch_decode<HDP, 1, F16>(s, grid, p, vs);
         return true;
     case 2:
-        launch_decode<HDP, 2, F16>(s, grid, p);
+        launch_decode<HDP, 2, F16>(s, grid, p, vs);
         return true;
     case 4:
-        launch_decode<HDP, 4, F16>(s, grid, p);
+        launch_decode<HDP, 4, F16>(s, grid, p, vs);
         return true;
     case 8:
-        launch_decode<HDP, 8, F16>(s, grid, p);
+        launch_decode<HDP, 8, F16>(s, grid, p, vs);
         return true;
     case 16:
-        launch_decode<HDP, 16, F16>(s, grid, p);
+        launch_decode<HDP, 16, F16>(s, grid, p, vs);
         return true;
     default:
         return false;
@@ -886,17 +1030,17 @@ static bool launch_decode_gp(cudaStream_t s, dim3 grid, int gp, const dec_params
 
 template <bool F16>
 static bool launch_decode_hd(cudaStream_t s, dim3 grid, int hdp, int gp,
-                             const dec_params_t &p)
+                             const dec_params_t &p, bool vs)
 {
     switch (hdp) {
     case 32:
-        return launch_decode_gp<32, F16>(s, grid, gp, p);
+        return launch_decode_gp<32, F16>(s, grid, gp, p, vs);
     case 64:
-        return launch_decode_gp<64, F16>(s, grid, gp, p);
+        return launch_decode_gp<64, F16>(s, grid, gp, p, vs);
     case 128:
-        return launch_decode_gp<128, F16>(s, grid, gp, p);
+        return launch_decode_gp<128, F16>(s, grid, gp, p, vs);
     case 256:
-        return launch_decode_gp<256, F16>(s, grid, gp, p);
+        return launch_decode_gp<256, F16>(s, grid, gp, p, vs);
     default:
         return false;
     }
@@ -906,6 +1050,19 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
                                        const int32_t *q_idx, int64_t n_q, int64_t max_ctx,
                                        float *scratch)
 {
+    return pdc_attn_decode_variant(s, a, q_idx, n_q, max_ctx, scratch,
+                                   PDC_ATTN_DEC_DEFAULT);
+}
+
+/* The variant is checked before anything else, so an unknown one fails even with no
+ * queries. */
+extern "C" cudaError_t pdc_attn_decode_variant(cudaStream_t s, const pd_attn_args_t *a,
+                                               const int32_t *q_idx, int64_t n_q,
+                                               int64_t max_ctx, float *scratch,
+                                               int variant)
+{
+    if (variant != PDC_ATTN_DEC_REGS && variant != PDC_ATTN_DEC_VSTAGE)
+        return cudaErrorInvalidValue;
     if (n_q <= 0)
         return cudaSuccess;
     if (!attn_args_ok(a) || !scratch || n_q > INT_MAX || max_ctx <= 0)
@@ -933,10 +1090,12 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
     p.ns_max = (int)ns;
     p.scale = a->scale;
     const int hdp = cmax(32, pow2_at_least(a->head_dim)), gp = pow2_at_least(p.G);
+    const bool f16 = a->kv_dtype == PD_DTYPE_F16;
+    const int64_t stage = (int64_t)PDC_ATTN_SPLIT * a->head_dim * (f16 ? 2 : 4);
+    const bool vs = variant == PDC_ATTN_DEC_VSTAGE && stage <= DEC_VS_MAX;
     dim3 grid((unsigned)n_q, (unsigned)a->n_kv_heads, (unsigned)ns);
-    const bool ok = a->kv_dtype == PD_DTYPE_F16
-                        ? launch_decode_hd<true>(s, grid, hdp, gp, p)
-                        : launch_decode_hd<false>(s, grid, hdp, gp, p);
+    const bool ok = f16 ? launch_decode_hd<true>(s, grid, hdp, gp, p, vs)
+                        : launch_decode_hd<false>(s, grid, hdp, gp, p, vs);
     if (!ok)
         return cudaErrorInvalidValue; /* unreachable after attn_args_ok */
 
@@ -954,23 +1113,21 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
     return cudaGetLastError();
 }
 
-#define PRE_MAX_DEVICES 64
-
 /* The dynamic shared-memory opt-in of one prefill instantiation, once per device (the
  * attribute is per device; a device past the table sets it every time). */
 template <int HDP, bool F16> static cudaError_t prefill_opt_in(void)
 {
-    static bool done[PRE_MAX_DEVICES];
+    static bool done[MAX_DEVICES];
     int dev = 0;
     cudaError_t err = cudaGetDevice(&dev);
     if (err != cudaSuccess)
         return err;
-    if (dev >= 0 && dev < PRE_MAX_DEVICES && done[dev])
+    if (dev >= 0 && dev < MAX_DEVICES && done[dev])
         return cudaSuccess;
     err = cudaFuncSetAttribute(attn_prefill_tile<HDP, F16>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                pre_cfg<HDP, F16>::SMEM);
-    if (err == cudaSuccess && dev >= 0 && dev < PRE_MAX_DEVICES)
+    if (err == cudaSuccess && dev >= 0 && dev < MAX_DEVICES)
         done[dev] = true;
     return err;
 }

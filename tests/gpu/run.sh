@@ -5,15 +5,20 @@
 #   1. test_cuda_ops       every CUDA op against a reference (stated error bounds)
 #   1c. test_cuda_graphs   decode passes replayed as CUDA graphs, bit for bit
 #   1d. test_cuda_xfer     PD-SUM64 on the device; CUDA IPC between two processes
+#   1f. test_cuda_attn_stage the decode attention variants (REGS, VSTAGE) bit for bit
 #   1e. test_cluster_gpu.py (service built) golden ids through router + GPU workers
 #                          over ucx (pinned host copies) and cuda-ipc
 #   2. test_golden_gpu.py  golden ids on --device cuda alone, batched, speculative;
 #                          BF16 against F32 agreement on mkmodel 110M; then the
 #                          golden checks again with --cuda-graphs
-#   3. bench_cuda          copy bandwidth, matvec, paged attention, prefill GEMMs
+#   3. bench_cuda          copy bandwidth, matvec (each matrix, and the whole model's
+#                          reads in launch order: separate or multi launches, op by
+#                          op or as one CUDA graph), paged attention (both decode
+#                          variants), prefill GEMMs
 #   4. end to end          decode tokens/s of mkmodel 1B (F32 file, BF16 on the GPU)
 #                          at 1, 8, 64 and 256 sequences, without and with
-#                          --cuda-graphs (the same ids); prefill tokens/s at 2048
+#                          --cuda-graphs (the same ids); prefill tokens/s of a
+#                          1900-token prompt, cold (a new process) and warm
 #   5. bench/torch_peer.py the same shapes in PyTorch eager (if torch is there)
 # and writes REPORT (default build-gpu/report/report.md) with every figure and each
 # step's status. Exit status: 0 when every check passed.
@@ -67,7 +72,7 @@ if ! { cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPD_CUDA=ON -DPD_
         -DPD_CUDA_ARCHS="$ARCH" -DPD_BUILD_TESTS=OFF -DPD_BUILD_SERVICE=$SERVICE \
         > "$OUT/build.log" 2>&1 &&
        cmake --build "$BUILD" -j"$(nproc)" --target pdctl test_cuda_ops test_cuda_handoff \
-        test_cuda_graphs test_cuda_xfer bench_cuda \
+        test_cuda_graphs test_cuda_xfer test_cuda_attn_stage bench_cuda \
         $([ "$SERVICE" = ON ] && echo pd-router pd-prefill pd-decode) \
         >> "$OUT/build.log" 2>&1; }; then
     tail -40 "$OUT/build.log" | tee -a "$REPORT"
@@ -107,6 +112,12 @@ fi
 if want 1d; then
 step "1d. test_cuda_xfer (PD-SUM64 on the device, CUDA IPC between two processes)"
 run_test test_cuda_xfer xfer.log 120 "$BIN/test_cuda_xfer" "$PD_SHARED_DIR"
+fi
+
+# ---- 1f. the decode attention variants ----
+if want 1f; then
+step "1f. test_cuda_attn_stage (decode attention REGS and VSTAGE, bit for bit)"
+run_test test_cuda_attn_stage attn_stage.log 120 "$BIN/test_cuda_attn_stage"
 fi
 
 # ---- 1e. the cluster on the GPU (needs the service's libraries) ----
@@ -192,6 +203,25 @@ for rep in range(3):
         {"prompt_tokens": len(j["prompt_ids"]),
          "tokens_per_s": j["timings"]["prompt_tokens_per_s"],
          "load_ms": j["timings"]["load_ms"]})
+# warm: three different prompts of 1900 tokens one after another in one process (no
+# prefix shared: each starts on another word); the second and third are warm prefills
+path = f"{out}/prefill_warm.jsonl"
+with open(path, "w") as fh:
+    for i in range(3):
+        p = " ".join(words[(i + j) % len(words)] for j in range(1900))
+        fh.write(json.dumps({"prompt": p, "max_tokens": 1}) + "\n")
+p = subprocess.run([pdctl, "generate", *common, "--prompts", path, "--parallel", "1",
+                    "--batch", "4096", "--ctx", "4096", "--kv-memory", "8GiB"],
+                   capture_output=True, timeout=300)
+rows = [json.loads(l) for l in p.stdout.decode().splitlines() if l.strip()]
+warm = [len(r["prompt_ids"]) / (r["timings"]["first_token_ms"] / 1e3)
+        for r in rows if r.get("index", 0) >= 1 and "timings" in r]
+if p.returncode or len(warm) != 2:
+    print(f"warm prefill failed rc {p.returncode}: {p.stderr.decode()[-500:]}")
+else:
+    res["prefill_warm_tokens_per_s"] = warm
+    print(f"prefill 1900 tokens: {warm[0]:.0f} and {warm[1]:.0f} tokens/s warm, "
+          f"{res['prefill'][0]['tokens_per_s']:.0f} cold", flush=True)
 print(json.dumps(res, indent=1))
 sys.exit(rc)
 EOF
