@@ -342,6 +342,8 @@ static void check_timers(worker_t *w)
             wk_ptask_drop(w, t, false);
         }
     }
+    if (w->o.role == PD_WORKER_DECODE)
+        wk_peers_prune(w, now);
     if (!w->registered && now >= w->next_register)
         send_register(w);
     if (w->registered && now >= w->next_heartbeat)
@@ -369,7 +371,7 @@ static void usage(FILE *f, pd_worker_role_t role)
         "         [--threads N] [--max-num-seqs N] [--batch N] [--kv-memory SIZE]\n"
         "         [--kv-blocks N] [--block-size N] [--kv-dtype auto|f32|f16]\n"
         "         [--no-prefix-cache] [--kv-transport ucx|zmq|cuda-ipc]\n"
-        "         [--kv-layerwise-min N]\n"
+        "         [--kv-layerwise-min N] [--kv-peer-idle-ms N]\n"
         "         [--drain-timeout S]%s [--log-level L]\n"
         "         [--spec ngram|draft|off] [--spec-k N] [--draft-model D]\n"
         "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16] [--cuda-graphs]\n"
@@ -377,7 +379,9 @@ static void usage(FILE *f, pd_worker_role_t role)
         "  tcp://127.0.0.1:5556) as a %s worker. Defaults: one thread per CPU,\n"
         "  64 sequences, 512 tokens per step, a KV pool of 1 GiB at most, blocks of\n"
         "  16, the ucx transport, layer-wise KV streaming from 256 prompt tokens,\n"
-        "  30 s to drain on SIGTERM. --spec ngram: speculative decoding of greedy\n"
+        "  30 s to drain on SIGTERM. A decode worker closes its connection to (or\n"
+        "  mapping of) a prefill worker no task has used for --kv-peer-idle-ms\n"
+        "  (60000; 0: never). --spec ngram: speculative decoding of greedy\n"
         "  requests by n-gram prompt lookup, up to --spec-k (4) tokens a step;\n"
         "  --draft-model D (same vocabulary): proposals from D (decode workers).\n"
         "  --device cuda: the engine and its KV pool on the GPU; over ucx and zmq the\n"
@@ -448,6 +452,8 @@ static int parse_value(wopts_t *o, const char *a, const char *v)
         bad = parse_int(v, 1, 1024, &n) || !(o->eo.block_size = (int32_t)n);
     else if (!strcmp(a, "--kv-layerwise-min"))
         bad = parse_int(v, 0, INT_MAX, &n) || ((o->layerwise_min = (int32_t)n), 0);
+    else if (!strcmp(a, "--kv-peer-idle-ms"))
+        bad = parse_int(v, 0, INT_MAX, &n) || ((o->peer_idle_ms = (int)n), 0);
     else if (!strcmp(a, "--drain-timeout"))
         bad = parse_int(v, 0, 86400, &n) || ((o->drain_timeout_s = (int)n), 0);
     else if (!strcmp(a, "--kv-memory"))
@@ -507,6 +513,7 @@ static int parse_args(int argc, char **argv, pd_worker_role_t role, wopts_t *o)
     o->router = "tcp://127.0.0.1:5556";
     o->transport = PD__KV_TRANSPORT__UCX;
     o->layerwise_min = 256;
+    o->peer_idle_ms = 60000;
     o->drain_timeout_s = 30;
     o->eo.eos = o->eo.bos = -1;
     for (int i = 1; i < argc; i++) {

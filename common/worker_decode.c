@@ -106,16 +106,49 @@ static void get_done(void *user, pd_status_t st)
 /* The peer entry of prefill worker wid, made if there is none. */
 static peer_t *peer_entry(worker_t *w, uint64_t wid)
 {
+    uint64_t now = pd_rpc_mono_ms();
     for (peer_t *pe = w->peers; pe; pe = pe->next)
-        if (pe->wid == wid)
+        if (pe->wid == wid) {
+            pe->used_ms = now;
             return pe;
+        }
     peer_t *pe = calloc(1, sizeof *pe);
     if (!pe)
         return NULL;
     pe->wid = wid;
+    pe->used_ms = now;
     pe->next = w->peers;
     w->peers = pe;
     return pe;
+}
+
+/* Closes the peers no task has held for --kv-peer-idle-ms: their UCX endpoints, and
+ * their CUDA IPC mappings, which would otherwise keep a prefill worker's whole device
+ * pool allocated after that worker is gone (it comes back under a new worker id).
+ * A peer still in use is only marked used now; the next task of a closed peer's worker
+ * makes a new one (connecting or mapping again). */
+void wk_peers_prune(worker_t *w, uint64_t now_ms)
+{
+    if (w->o.peer_idle_ms <= 0)
+        return;
+    for (dtask_t *t = w->dtasks; t; t = t->next)
+        if (t->peer)
+            t->peer->used_ms = now_ms;
+    for (peer_t **pp = &w->peers; *pp;) {
+        peer_t *pe = *pp;
+        if (now_ms - pe->used_ms < (uint64_t)w->o.peer_idle_ms) {
+            pp = &pe->next;
+            continue;
+        }
+        PD_LOG_INFO(
+            "worker: closed the peer of prefill worker %llx (%s), unused for %d ms",
+            (unsigned long long)pe->wid, pe->ipc ? "cuda-ipc" : "ucx", w->o.peer_idle_ms);
+        *pp = pe->next;
+        if (pe->p)
+            pd_ucx_peer_destroy(&pe->p);
+        wk_peer_free_desc(w, pe);
+        free(pe);
+    }
 }
 
 /* The CUDA IPC peer of prefill worker wid, described by src: its two handles, mapped
@@ -253,8 +286,10 @@ static void dtask_pull(worker_t *w, dtask_t *t)
         int32_t b0 = t->pulled[l] / w->bs, b1 = (target + w->bs - 1) / w->bs;
         if (b1 > t->n_src || b1 > t->n_blocks) {
             t->get_failed = true; /* the announcement does not match the prompt */
-            PD_LOG_ERROR("worker: task %llu announces %d blocks for %d reserved",
-                         (unsigned long long)t->task, t->n_src, t->n_blocks);
+            PD_LOG_ERROR("worker: task %llu: layer %d needs %d blocks, but the prefill "
+                         "worker announced %d and %d are reserved",
+                         (unsigned long long)t->task, (int)l, (int)b1, t->n_src,
+                         t->n_blocks);
             return;
         }
         for (int32_t b = b0; b < b1;) {
@@ -652,6 +687,15 @@ void wk_on_kv_data(worker_t *w, const pd_rpc_msg_t *msg)
     const Pd__KvData *d = env->kv_data;
     size_t row = w->row_bytes;
     size_t len = msg->has_data ? zmq_msg_size((zmq_msg_t *)&msg->data) : 0;
+    if (w->o.transport != PD__KV_TRANSPORT__ZMQ || !pd_kv_pool_k(w->kv, 0)) {
+        /* only the zmq transport sends rows; a cuda-ipc worker has no host pool */
+        PD_LOG_ERROR("worker: task %llu: KV_DATA, but this worker reads KV over %s",
+                     (unsigned long long)t->task,
+                     w->o.transport == PD__KV_TRANSPORT__UCX ? "ucx" : "cuda-ipc");
+        t->get_failed = true;
+        wk_dtask_check(w, t);
+        return;
+    }
     if (d->layer >= (uint32_t)w->n_layers || d->pos0 != (uint32_t)t->pulled[d->layer] ||
         d->n_pos == 0 || d->pos0 + d->n_pos > (uint32_t)t->n_prompt ||
         len != 2 * (size_t)d->n_pos * row) {

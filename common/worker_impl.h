@@ -35,6 +35,7 @@ typedef struct wopts {
     pd_engine_opts_t eo;
     Pd__KvTransport transport;
     int32_t layerwise_min;
+    int peer_idle_ms; /* --kv-peer-idle-ms: close an unused peer after this (0: never) */
     int drain_timeout_s;
     bool local_prefill;
     int spec_on;    /* --spec: 1 ngram, 2 draft, -1 off, 0 not given */
@@ -184,6 +185,7 @@ struct peer {
     bool ipc;
     uint8_t handle[2][PD_IPC_HANDLE_BYTES];
     uint8_t *dev[2];
+    uint64_t used_ms; /* the last time a task held it (pd_rpc_mono_ms) */
 };
 
 enum { D_RESERVING = 1, D_PULLING, D_RUNNING };
@@ -261,6 +263,7 @@ void wk_peer_free_desc(worker_t *w, peer_t *pe);
 dtask_t *wk_dtask_find(worker_t *w, uint64_t task);
 void wk_dtask_free(dtask_t *t);
 void wk_peer_close(worker_t *w, peer_t *pe);
+void wk_peers_prune(worker_t *w, uint64_t now_ms);
 void wk_dtask_abandon(worker_t *w, dtask_t *t);
 void wk_chunk_flush(worker_t *w, dtask_t *t);
 bool wk_dtask_check(worker_t *w, dtask_t *t);

@@ -186,7 +186,8 @@ void pd_kernels_destroy(pd_kernels_t **k_p);
 
 /* The CUDA backend on GPU `device` (kernels/cuda/backend.cu). bf16_weights: F32
  * matrices are converted to BF16 as they are uploaded (halving their memory and
- * traffic; norms and embeddings stay F32). PD_ERR_UNSUPPORTED (with a logged reason)
+ * traffic), the embedding table among them (it doubles as the output matrix of tied
+ * models); norms stay F32. PD_ERR_UNSUPPORTED (with a logged reason)
  * when this build has no CUDA backend, no GPU is present or `device` does not
  * exist. */
 pd_status_t pd_kernels_cuda_new(int device, bool bf16_weights, pd_kernels_t **k_p);

@@ -53,8 +53,8 @@ static struct cublas_api {
     decltype(&cublasSetMathMode) set_math_mode;
     decltype(&cublasSetWorkspace_v2) set_workspace; /* NULL in an old cuBLAS: no graphs */
     /* the C entry point (C++ also sees an overload taking a cudaDataType) */
-    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
-                              int, const void *, const void *, cudaDataType, int,
+    cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                              int, int, const void *, const void *, cudaDataType, int,
                               const void *, cudaDataType, int, const void *, void *,
                               cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
     bool ok;
@@ -75,7 +75,8 @@ static void blas_open(void)
     blas_api.create = (decltype(blas_api.create))dlsym(h, "cublasCreate_v2");
     blas_api.destroy = (decltype(blas_api.destroy))dlsym(h, "cublasDestroy_v2");
     blas_api.set_stream = (decltype(blas_api.set_stream))dlsym(h, "cublasSetStream_v2");
-    blas_api.set_math_mode = (decltype(blas_api.set_math_mode))dlsym(h, "cublasSetMathMode");
+    blas_api.set_math_mode =
+        (decltype(blas_api.set_math_mode))dlsym(h, "cublasSetMathMode");
     blas_api.gemm_ex = (decltype(blas_api.gemm_ex))dlsym(h, "cublasGemmEx");
     blas_api.set_workspace =
         (decltype(blas_api.set_workspace))dlsym(h, "cublasSetWorkspace_v2");
@@ -376,9 +377,9 @@ static void k_matmul(pd_kernels_t *k, const pd_tensor_t *w, const float *x, int6
      * W' (n_in x n_out)^T X' (n_in x T) */
     blas_failed(c,
                 blas_api.gemm_ex(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)T,
-                             (int)n_in, &one, w->data, dt, (int)n_in, c->half_x, dt,
-                             (int)n_in, &zero, y, CUDA_R_32F, (int)n_out,
-                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                 (int)n_in, &one, w->data, dt, (int)n_in, c->half_x, dt,
+                                 (int)n_in, &zero, y, CUDA_R_32F, (int)n_out,
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                 "gemm");
 }
 
@@ -391,8 +392,10 @@ static void k_matmul_multi(pd_kernels_t *k, const pd_tensor_t *const *ws,
 {
     cuda_kernels_t *c = ck_of(k);
     select_dev(c);
+    if (n < 1)
+        return;
     bool half = ws[0]->dtype == PD_DTYPE_F16 || ws[0]->dtype == PD_DTYPE_BF16;
-    if (n < 1 || n > PDC_MV_MULTI_MAX || (half && T > 8)) {
+    if (n > PDC_MV_MULTI_MAX || (half && T > 8)) {
         for (int m = 0; m < n; m++)
             k_matmul(k, ws[m], x, T, ys[m]);
         return;
@@ -516,9 +519,7 @@ static bool plan_host_room(cuda_kernels_t *c, size_t elems)
     if (q)
         c->plan_prev = q;
     if (!p || !q) {
-        if (!c->failed)
-            PD_LOG_ERROR("cuda: out of host memory for attention plans");
-        c->failed = true;
+        failed(c, cudaErrorMemoryAllocation, "attention plan (host memory)");
         return false;
     }
     c->meta_host_elems = n;
@@ -582,9 +583,9 @@ static void k_attention(pd_kernels_t *k, const pd_attn_args_t *a)
     cuda_kernels_t *c = ck_of(k);
     select_dev(c);
     if (!a->pos_host || !a->seq_host) {
-        if (!c->failed)
-            PD_LOG_ERROR("cuda attention needs the host copies of pos and seq");
-        c->failed = true;
+        /* through failed(): while recording, the recording fails (a graph without
+         * this pass's attention must never be built), otherwise the backend does */
+        failed(c, cudaErrorInvalidValue, "attention (no host copies of pos and seq)");
         return;
     }
     int64_t T = a->T;

@@ -33,11 +33,18 @@ typedef struct mapping {
 static pthread_mutex_t map_mu = PTHREAD_MUTEX_INITIALIZER;
 static mapping_t *maps;
 
+struct sum_params;
+__global__ void kv_sum64(sum_params p); /* below: loaded at pd_devxfer_new */
+
+/* Logs a failed call and takes its error off the thread's last-error slot (a sticky
+ * error stays: every later call reports it), so that it does not come back as the
+ * status of a later, unrelated launch. */
 static bool failed(cudaError_t err, const char *what)
 {
     if (err == cudaSuccess)
         return false;
     PD_LOG_ERROR("cuda transfer: %s: %s", what, cudaGetErrorString(err));
+    (void)cudaGetLastError();
     return true;
 }
 
@@ -50,14 +57,24 @@ extern "C" pd_status_t pd_devxfer_new(int device, pd_devxfer_t **x_p)
     if (!x)
         return PD_ERR_NOMEM;
     x->device = device;
+    /* Everything the first checksum would otherwise do on the fly (allocate its block
+     * table, load the kernel's module lazily) happens here, at start-up, not during a
+     * transfer that may overlap another thread's graph capture. */
+    struct cudaFuncAttributes fa;
     if (failed(cudaSetDevice(device), "cudaSetDevice") ||
         failed(cudaStreamCreateWithFlags(&x->s, cudaStreamNonBlocking), "stream") ||
-        failed(cudaMalloc((void **)&x->d_sum, sizeof *x->d_sum), "checksum buffer")) {
+        failed(cudaMalloc((void **)&x->d_sum, sizeof *x->d_sum), "checksum buffer") ||
+        failed(cudaMalloc((void **)&x->d_blocks, 256 * sizeof(int32_t)),
+               "checksum block table") ||
+        failed(cudaFuncGetAttributes(&fa, kv_sum64), "checksum kernel")) {
+        cudaFree(x->d_blocks);
+        cudaFree(x->d_sum);
         if (x->s)
             cudaStreamDestroy(x->s);
         free(x);
         return PD_ERR_IO;
     }
+    x->cap_blocks = 256;
     *x_p = x;
     return PD_OK;
 }
@@ -264,6 +281,7 @@ extern "C" pd_status_t pd_devxfer_kv_sum64(pd_devxfer_t *x, const void *k_base,
         failed(cudaMemsetAsync(x->d_sum, 0, sizeof *x->d_sum, x->s), "checksum"))
         return PD_ERR_IO;
     dim3 grid((unsigned)nb, (unsigned)n_layers, 2);
+    (void)cudaGetLastError(); /* what the launch reports is its own error alone */
     kv_sum64<<<grid, SUM_THREADS, 0, x->s>>>(p);
     if (failed(cudaGetLastError(), "checksum kernel") ||
         failed(cudaMemcpyAsync(&h, x->d_sum, sizeof h, cudaMemcpyDeviceToHost, x->s),

@@ -3,6 +3,8 @@
   with its exact golden ids, each index exactly once (re-run on the other decode worker
   from the prompt plus the tokens already sent);
 - a prefill worker SIGKILLed with prefills assigned: they are retried on the other one;
+  the decode worker then closes its idle peers (the dead worker's among them) and
+  connects again for the next request;
 - a reservation whose prefill never arrives (the only prefill worker frozen) is
   released by the decode worker at the end of its lease, and the request completes once
   the prefill worker is back (it registers again, having dropped its stale work);
@@ -137,7 +139,13 @@ for transport in ("ucx", "zmq"):
         c.close()
 
 # ---- a prefill worker killed with work assigned ----------------------------------------
-with Cluster(MODEL, 2, 1, "ucx", router_args=FAST + ["--policy", "round-robin"]) as cl:
+def peer_closes(proc):
+    with open(proc.log_path, "rb") as fh:
+        return fh.read().decode(errors="replace").count("closed the peer of prefill worker")
+
+
+with Cluster(MODEL, 2, 1, "ucx", router_args=FAST + ["--policy", "round-robin"],
+             decode_args=["--kv-peer-idle-ms", "300"]) as cl:
     cl.wait_ready()
     c = cl.client()
     start = free_blocks(c)
@@ -153,6 +161,17 @@ with Cluster(MODEL, 2, 1, "ucx", router_args=FAST + ["--policy", "round-robin"])
         retried += bool(r.usage and r.usage.retries)
     f.check(retried > 0, "prefill kill: no prefill was retried")
     blocks_back("prefill kill", c, start, alive_names(c))
+    # the decode worker closes the peers no task holds (the dead worker's too, whose
+    # endpoint, or on a GPU its pool mapping, would otherwise stay for good), and a
+    # later request from the surviving worker connects again
+    deadline = time.time() + 10
+    while time.time() < deadline and peer_closes(cl.decode[0]) < 2:
+        time.sleep(0.1)
+    f.check(peer_closes(cl.decode[0]) >= 2,
+            f"prefill kill: {peer_closes(cl.decode[0])} idle peers closed, not 2")
+    (r,) = c.wait_all([c.generate(prompt=lines[0]["prompt"],
+                                  max_tokens=len(lines[0]["greedy_ids"]))], timeout=60)
+    check_exact("prefill kill, after the idle peers closed", lines[0], r)
     c.close()
 
 # ---- a reservation whose prefill never arrives -----------------------------------------
