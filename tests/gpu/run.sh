@@ -220,7 +220,8 @@ if p.returncode or len(warm) != 2:
     print(f"warm prefill failed rc {p.returncode}: {p.stderr.decode()[-500:]}")
 else:
     res["prefill_warm_tokens_per_s"] = warm
-    print(f"prefill 1900 tokens: {warm[0]:.0f} and {warm[1]:.0f} tokens/s warm, "
+    n_tok = len(rows[1]["prompt_ids"])
+    print(f"prefill {n_tok} tokens: {warm[0]:.0f} and {warm[1]:.0f} tokens/s warm, "
           f"{res['prefill'][0]['tokens_per_s']:.0f} cold", flush=True)
 print(json.dumps(res, indent=1))
 sys.exit(rc)
