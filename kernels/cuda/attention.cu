@@ -40,6 +40,7 @@
 #include <stdint.h>
 
 #include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/cp_async.cuh"
 
 #define NT        256 /* threads per block, both kernels */
 #define NW        (NT / 32)
@@ -142,21 +143,6 @@ __device__ __forceinline__ void load_frag(const void *base, int64_t off, float (
             }
         }
     }
-}
-
-/* 16 bytes global -> shared without a register round trip (sm_80+, as ops_basic.cu's);
- * complete after cp_async_wait_all() in the issuing thread, visible to the other
- * threads after a barrier. Both addresses 16-byte aligned. */
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
-{
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all()
-{
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 /* ---- decode: split partials ---------------------------------------------------- */

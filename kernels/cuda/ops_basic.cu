@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "kernels/cuda/cuda_internal.h"
+#include "kernels/cuda/cp_async.cuh"
 
 namespace
 {
@@ -706,20 +707,6 @@ mv_quant(const uint8_t *rowc, int nb, const float *xs, int kstride, uint8_t *sta
         }
         __syncwarp(); /* the stage is rewritten by the next round */
     }
-}
-
-/* 16 bytes global -> shared without a register round trip (sm_80+); complete after
- * cp_async_wait_all() in the issuing thread, visible to others after a barrier. */
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
-{
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all()
-{
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 /* Columns [k0, k0 + kc) of rows t0.. t0 + TG - 1 of x into xs ([TG][kstride]; zeros for

@@ -244,6 +244,30 @@ static bool all_ff(const float *x, int64_t n)
     return true;
 }
 
+/* The batch's attention over the cache set c: the NQ queries q (device memory), their
+ * output in out, n_heads query heads over the set's N_KV. */
+static pd_attn_args_t batch_args(const cache_set_t *c, const float *q, float *out,
+                                 int n_heads, float scale, const int32_t *d_pos,
+                                 const int32_t *d_seq)
+{
+    return (pd_attn_args_t){.q = q,
+                            .out = out,
+                            .T = NQ,
+                            .pos = d_pos,
+                            .seq = d_seq,
+                            .k_cache = c->dk,
+                            .v_cache = c->dv,
+                            .kv_dtype = c->dt,
+                            .block_tables = c->d_tables,
+                            .n_seqs = NQ,
+                            .bt_stride = c->bt_stride,
+                            .block_size = BS,
+                            .n_heads = n_heads,
+                            .n_kv_heads = N_KV,
+                            .head_dim = c->hd,
+                            .scale = scale};
+}
+
 static void test_shape(const cache_set_t *c, int group, const int32_t *d_pos,
                        const int32_t *d_seq, const int32_t *d_sub)
 {
@@ -254,22 +278,8 @@ static void test_shape(const cache_set_t *c, int group, const int32_t *d_pos,
     float *q = xmalloc(out_bytes);
     for (int64_t i = 0; i < qn; i++)
         q[i] = 3.0f * frand(); /* scores spread over a few units: a peaked softmax */
-    pd_attn_args_t a = {.q = dev_put(q, out_bytes),
-                        .out = dev_alloc(out_bytes),
-                        .T = NQ,
-                        .pos = d_pos,
-                        .seq = d_seq,
-                        .k_cache = c->dk,
-                        .v_cache = c->dv,
-                        .kv_dtype = c->dt,
-                        .block_tables = c->d_tables,
-                        .n_seqs = NQ,
-                        .bt_stride = c->bt_stride,
-                        .block_size = BS,
-                        .n_heads = n_heads,
-                        .n_kv_heads = N_KV,
-                        .head_dim = hd,
-                        .scale = 1.0f / sqrtf((float)hd)};
+    pd_attn_args_t a = batch_args(c, dev_put(q, out_bytes), dev_alloc(out_bytes), n_heads,
+                                  1.0f / sqrtf((float)hd), d_pos, d_seq);
     const int64_t scratch_n = pdc_attn_decode_scratch(&a, NQ, MAX_CTX);
     const size_t scratch_bytes = (size_t)scratch_n * sizeof(float);
     float *d_scratch = dev_alloc(scratch_bytes);
@@ -361,22 +371,8 @@ static void test_bad_variant(const cache_set_t *c, const int32_t *d_pos,
         printf("FAIL out of host memory\n");
         exit(1);
     }
-    pd_attn_args_t a = {.q = dev_put(zeros, out_bytes),
-                        .out = dev_alloc(out_bytes),
-                        .T = NQ,
-                        .pos = d_pos,
-                        .seq = d_seq,
-                        .k_cache = c->dk,
-                        .v_cache = c->dv,
-                        .kv_dtype = c->dt,
-                        .block_tables = c->d_tables,
-                        .n_seqs = NQ,
-                        .bt_stride = c->bt_stride,
-                        .block_size = BS,
-                        .n_heads = N_KV,
-                        .n_kv_heads = N_KV,
-                        .head_dim = hd,
-                        .scale = 1.0f};
+    pd_attn_args_t a = batch_args(c, dev_put(zeros, out_bytes), dev_alloc(out_bytes),
+                                  N_KV, 1.0f, d_pos, d_seq);
     float *d_scratch = dev_alloc((size_t)pdc_attn_decode_scratch(&a, NQ, MAX_CTX) * 4);
     const int bad[] = {2, -1, 1000};
     for (int i = 0; i < 3; i++) {
