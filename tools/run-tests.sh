@@ -17,6 +17,19 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPD_WERROR=ON > /dev/null
 cmake --build build -j"$jobs"
 echo "== tests"
 ctest --test-dir build --output-on-failure -j"$jobs"
+echo "== build without the service (what a GPU host with only CUDA, CMake and Python builds)"
+# the engine, its kernels and pdctl generate must not need ZeroMQ, UCX, libuv or
+# protobuf-c (issue 6): build them with PD_BUILD_SERVICE=OFF, check that pdctl links
+# none of those libraries, and generate a few tokens with it
+cmake -S . -B build-noservice -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPD_WERROR=ON \
+      -DPD_BUILD_SERVICE=OFF -DPD_BUILD_TESTS=OFF -DPD_CUDA=OFF > /dev/null
+cmake --build build-noservice -j"$jobs" --target pdctl
+if ldd build-noservice/bin/pdctl | grep -E "libzmq|libucp|libucs|libuv|libprotobuf-c"; then
+  echo "run-tests: pdctl without the service links a service library (above)" >&2
+  exit 1
+fi
+build-noservice/bin/pdctl generate --model "$root/../shared/models/stories260K.gguf" \
+  --prompt "Once upon a time" --max-tokens 8 > /dev/null
 if [ "${1:-}" != "--no-sanitizers" ]; then
   echo "== build (ASan + UBSan)"
   # without the CUDA backend: it cannot run here (no GPU), the plain build above
