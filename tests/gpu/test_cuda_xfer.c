@@ -104,6 +104,18 @@ static void sum64_pool(pd_kernels_t *k, pd_devxfer_t *x, const pd_model_t *model
     pd_devxfer_kv_sum64(x, pd_kv_pool_compute_k(p, 0), pd_kv_pool_compute_v(p, 0), layer,
                         L, bs, row, all, bs, &after);
     CHECK(before != after, "a flipped byte on the device changes the sum");
+    /* an earlier failed call of this thread (here an allocation no GPU can give) leaves
+     * its error in the thread's last-error slot; the checksum must report its own
+     * launch, not that error (it once failed the next task's check as a mismatch) */
+    void *huge = NULL;
+    CHECK(cudaMalloc(&huge, (size_t)1 << 62) != cudaSuccess, "a 4 EiB allocation fails");
+    uint64_t again = 0;
+    pd_status_t st2 =
+        pd_devxfer_kv_sum64(x, pd_kv_pool_compute_k(p, 0), pd_kv_pool_compute_v(p, 0),
+                            layer, L, bs, row, all, bs, &again);
+    CHECK(st2 == PD_OK && again == after,
+          "sum64 after an unrelated failed call: %s, %016llx against %016llx",
+          pd_status_str(st2), (unsigned long long)again, (unsigned long long)after);
     free(all);
     pd_kv_pool_destroy(&p);
 }
