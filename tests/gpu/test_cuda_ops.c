@@ -366,6 +366,32 @@ static void test_matmul_multi(pd_kernels_t *k)
     free(q2);
 }
 
+/* A recorded attention call that cannot run (no host copies of pos and seq) fails the
+ * recording, so no graph is ever built without the pass's attention, and leaves the
+ * backend working (it used to mark the backend failed and end the recording "fine"). */
+static void test_graph_refusal(pd_kernels_t *k)
+{
+    if (!k->graph_begin || !k->graph_end) {
+        check(0, "graph members present", 0, 0);
+        return;
+    }
+    float *dq = dev_put(NULL, 64 * 4), *dout = dev_put(NULL, 64 * 4);
+    pd_attn_args_t a = {.q = dq, .out = dout, .T = 1, .n_heads = 1, .n_kv_heads = 1,
+                        .head_dim = 64, .block_size = 16, .n_seqs = 1, .bt_stride = 1,
+                        .kv_dtype = PD_DTYPE_F32, .scale = 0.125f};
+    check(k->graph_begin(k) == PD_OK, "graph_begin", 0, 0);
+    k->attention(k, &a);
+    void *g = NULL;
+    pd_status_t st = k->graph_end(k, &g);
+    check(st != PD_OK && g == NULL,
+          "recording an attention without host pos/seq fails the recording", 0, 0);
+    if (g)
+        k->graph_destroy(k, g);
+    check(k->sync(k) == PD_OK, "the backend works after the failed recording", 0, 0);
+    cudaFree(dq);
+    cudaFree(dout);
+}
+
 /* ---- element-wise ops against the CPU backend ---- */
 
 static void test_elementwise(pd_kernels_t *k, pd_kernels_t *cpu)
@@ -714,6 +740,7 @@ int main(void)
     test_attention(k, cpu, PD_DTYPE_F32, 8, 8, 4);   /* stories260K's heads */
     test_attention(k, cpu, PD_DTYPE_F16, 40, 16, 1); /* odd sizes, a group of 16 */
     test_sampling(k);
+    test_graph_refusal(k);
     if (k->sync(k) != PD_OK) {
         n_checks++;
         n_fail++;
