@@ -1042,6 +1042,61 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
 
 /* The variant is checked before anything else, so an unknown one fails even with no
  * queries. */
+/* Whether VSTAGE runs for one instantiation (pdc_attn_decode_vstage_runs). */
+template <int HDP, int GP, bool F16> static bool vs_runs(void)
+{
+    if constexpr (dec_cfg<HDP, GP, F16>::VS_OK)
+        return decode_vs_opt_in<HDP, GP, F16>();
+    else
+        return false;
+}
+
+template <int HDP, bool F16> static bool vs_runs_gp(int gp)
+{
+    switch (gp) {
+    case 1:
+        return vs_runs<HDP, 1, F16>();
+    case 2:
+        return vs_runs<HDP, 2, F16>();
+    case 4:
+        return vs_runs<HDP, 4, F16>();
+    case 8:
+        return vs_runs<HDP, 8, F16>();
+    case 16:
+        return vs_runs<HDP, 16, F16>();
+    default:
+        return false;
+    }
+}
+
+template <bool F16> static bool vs_runs_hd(int hdp, int gp)
+{
+    switch (hdp) {
+    case 32:
+        return vs_runs_gp<32, F16>(gp);
+    case 64:
+        return vs_runs_gp<64, F16>(gp);
+    case 128:
+        return vs_runs_gp<128, F16>(gp);
+    case 256:
+        return vs_runs_gp<256, F16>(gp);
+    default:
+        return false;
+    }
+}
+
+extern "C" int pdc_attn_decode_vstage_runs(const pd_attn_args_t *a)
+{
+    if (!attn_args_ok(a))
+        return -1;
+    const bool f16 = a->kv_dtype == PD_DTYPE_F16;
+    if ((int64_t)PDC_ATTN_SPLIT * a->head_dim * (f16 ? 2 : 4) > DEC_VS_MAX)
+        return 0;
+    const int hdp = cmax(32, pow2_at_least(a->head_dim));
+    const int gp = pow2_at_least(a->n_heads / a->n_kv_heads);
+    return (f16 ? vs_runs_hd<true>(hdp, gp) : vs_runs_hd<false>(hdp, gp)) ? 1 : 0;
+}
+
 extern "C" cudaError_t pdc_attn_decode_variant(cudaStream_t s, const pd_attn_args_t *a,
                                                const int32_t *q_idx, int64_t n_q,
                                                int64_t max_ctx, float *scratch,

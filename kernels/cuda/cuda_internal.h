@@ -114,6 +114,12 @@ cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a, const int32
 cudaError_t pdc_attn_decode_variant(cudaStream_t s, const pd_attn_args_t *a,
                                     const int32_t *q_idx, int64_t n_q, int64_t max_ctx,
                                     float *scratch, int variant);
+/* 1 when PDC_ATTN_DEC_VSTAGE with a's shape (kv dtype, head_dim, group) runs the VSTAGE
+ * kernel on the current device, 0 when it falls back to REGS (the stage does not fit,
+ * or the device refused the shared-memory opt-in, which this call makes if it was not
+ * made yet), -1 for arguments pdc_attn_decode_variant would refuse. Tests and
+ * benchmarks use it to know which kernel they compared. */
+int pdc_attn_decode_vstage_runs(const pd_attn_args_t *a);
 /* Paged attention for runs of consecutive queries of one sequence (prompt chunks):
  * runs[3 * r + 0] = first batch row t0, runs[3 * r + 1] = length n (rows t0..t0+n-1 of
  * sequence seq[t0] at positions pos[t0]..pos[t0]+n-1), runs[3 * r + 2] unused. Tiled,

@@ -12,6 +12,8 @@
  *   - the same for a q_idx subset of three queries (out pre-filled with a NaN pattern,
  *     so rows outside the subset must keep it), whose rows also equal the full batch's;
  *   - pdc_attn_decode gives PDC_ATTN_DEC_DEFAULT's bits;
+ *   - VSTAGE really runs where its stage fits (pdc_attn_decode_vstage_runs), REGS
+ *     elsewhere;
  *   - REGS within 1e-4 (of the query's largest |out|) of a double-precision host
  *     reference on the same cache values, so both variants cannot be wrong alike;
  * and an unknown variant returns cudaErrorInvalidValue. Scratch is filled with NaNs
@@ -287,6 +289,15 @@ static void test_shape(const cache_set_t *c, int group, const int32_t *d_pos,
           *dflt = xmalloc(out_bytes);
     float *sregs = xmalloc(out_bytes), *svst = xmalloc(out_bytes);
     char what[128];
+
+    /* VSTAGE must really run where its stage fits (every GPU this backend builds for,
+     * sm_80 and up, gives a block the largest one), or the bit checks below would
+     * compare REGS with itself */
+    const int fits =
+        (int64_t)PDC_ATTN_SPLIT * hd * (c->dt == PD_DTYPE_F16 ? 2 : 4) <= 64 * 1024;
+    const int runs = pdc_attn_decode_vstage_runs(&a);
+    check(runs == fits, "%s hd %d group %d: VSTAGE runs %d, expected %d", dn, hd, group,
+          runs, fits);
 
     /* the whole batch */
     snprintf(what, sizeof what, "%s hd %d group %d batch REGS", dn, hd, group);

@@ -228,21 +228,25 @@ static void test_matmul_multi(pd_kernels_t *k)
 {
     const pd_dtype_t dts[] = {PD_DTYPE_F32, PD_DTYPE_F16, PD_DTYPE_BF16, PD_DTYPE_Q8_0,
                               PD_DTYPE_Q4_0};
-    /* heights of up to four matrices (0: fewer), the input width */
+    /* heights of up to four matrices (0: fewer), the input width. Rows of 98 floats
+     * (392 bytes) or halves (196), and of 96 quantized elements (102 or 54 bytes), are
+     * not multiples of 16 bytes: several matrices in one launch on the scalar path */
     const int64_t sets[][5] = {{2048, 512, 512, 0, 2048}, {100, 8, 257, 3, 512},
-                               {384, 0, 0, 0, 96},        {40, 1000, 0, 0, 1024}};
+                               {384, 0, 0, 0, 96},        {40, 1000, 0, 0, 1024},
+                               {100, 40, 3, 0, 98},       {64, 30, 7, 0, 96}};
     const int64_t Ts[] = {1, 2, 5, 8, 9};
     for (size_t di = 0; di < 5; di++)
-        for (size_t si = 0; si < 4; si++)
+        for (size_t si = 0; si < sizeof sets / sizeof *sets; si++)
             for (int shift = 0; shift < 2; shift++) {
                 pd_dtype_t dt = dts[di];
                 int64_t n_in = sets[si][4];
                 bool quant = dt == PD_DTYPE_Q8_0 || dt == PD_DTYPE_Q4_0;
                 if (quant && n_in % 32)
                     continue;
-                /* shift: matrix 1 placed 2 bytes past an aligned address (not for
-                 * quantized or F32 rows, whose element size or blocks it would split) */
-                if (shift && (quant || dt == PD_DTYPE_F32 || !sets[si][1]))
+                /* shift: matrix 1 placed one element past an aligned address (2 bytes
+                 * for halves, 4 for floats; not for quantized rows, whose 2-byte block
+                 * scales it would misalign) */
+                if (shift && (quant || !sets[si][1]))
                     continue;
                 int n = 0;
                 pd_tensor_t w[4], dw[4];
@@ -251,7 +255,7 @@ static void test_matmul_multi(pd_kernels_t *k)
                 int ok = 1;
                 for (; n < 4 && sets[si][n]; n++) {
                     make_weight(dt, sets[si][n], n_in, &w[n], &deq[n]);
-                    size_t off = shift && n == 1 ? 2 : 0;
+                    size_t off = shift && n == 1 ? (dt == PD_DTYPE_F32 ? 4 : 2) : 0;
                     base[n] = k->alloc(k, w[n].nbytes + 16);
                     dw[n] = w[n];
                     dw[n].data = (uint8_t *)base[n] + off;
@@ -317,30 +321,51 @@ static void test_matmul_multi(pd_kernels_t *k)
                 }
             }
 
-    /* pdc_matvec_multi directly: an empty matrix between two others, bad arguments */
+    /* pdc_matvec_multi directly: an empty matrix first, between the two others and
+     * last, at T = 1 and 3; then bad arguments */
     pd_tensor_t w0, w2;
     float *q0, *q2;
     make_weight(PD_DTYPE_BF16, 64, 256, &w0, &q0);
     make_weight(PD_DTYPE_BF16, 96, 256, &w2, &q2);
     void *d0 = dev_put(w0.data, w0.nbytes), *d2 = dev_put(w2.data, w2.nbytes);
-    float *x = rand_vec(256, 1.0f), *dx = dev_put(x, 256 * 4);
-    float *dy0 = dev_put(NULL, 64 * 4), *dy2 = dev_put(NULL, 96 * 4);
-    float *r0 = dev_put(NULL, 64 * 4), *r2 = dev_put(NULL, 96 * 4);
+    float *x = rand_vec(3 * 256, 1.0f), *dx = dev_put(x, 3 * 256 * 4);
+    float *dy0 = dev_put(NULL, 3 * 64 * 4), *dy2 = dev_put(NULL, 3 * 96 * 4);
+    float *r0 = dev_put(NULL, 3 * 64 * 4), *r2 = dev_put(NULL, 3 * 96 * 4);
+    float a[3 * 96], b[3 * 96];
+    for (int place = 0; place < 3; place++)
+        for (int64_t T = 1; T <= 3; T += 2) {
+            /* matrices 0 and 2 in order, the empty one (no rows) at `place` */
+            const void *wl[3];
+            int64_t hl[3];
+            float *yl[3];
+            for (int m = 0, j = 0; m < 3; m++) {
+                if (m == place) {
+                    wl[m] = d2, hl[m] = 0, yl[m] = dy2;
+                    continue;
+                }
+                wl[m] = j ? d2 : d0, hl[m] = j ? 96 : 64, yl[m] = j ? dy2 : dy0;
+                j++;
+            }
+            cudaError_t e1 =
+                pdc_matvec_multi(0, PD_DTYPE_BF16, wl, hl, yl, 3, 256, dx, T);
+            cudaError_t e2 = pdc_matvec(0, PD_DTYPE_BF16, d0, 256, 64, dx, T, r0);
+            cudaError_t e3 = pdc_matvec(0, PD_DTYPE_BF16, d2, 256, 96, dx, T, r2);
+            dev_get(a, dy0, (size_t)T * 64 * 4);
+            dev_get(b, r0, (size_t)T * 64 * 4);
+            int same = e1 == cudaSuccess && e2 == cudaSuccess && e3 == cudaSuccess &&
+                       !memcmp(a, b, (size_t)T * 64 * 4);
+            dev_get(a, dy2, (size_t)T * 96 * 4);
+            dev_get(b, r2, (size_t)T * 96 * 4);
+            same &= !memcmp(a, b, (size_t)T * 96 * 4);
+            char what[96];
+            snprintf(what, sizeof what,
+                     "pdc_matvec_multi, an empty matrix at %d of 3, T=%lld (bits)", place,
+                     (long long)T);
+            check(same, what, 0, 0);
+        }
     const void *ws[3] = {d0, d2, d2};
     int64_t n_outs[3] = {64, 0, 96};
     float *ys[3] = {dy0, dy2, dy2};
-    cudaError_t e1 = pdc_matvec_multi(0, PD_DTYPE_BF16, ws, n_outs, ys, 3, 256, dx, 1);
-    cudaError_t e2 = pdc_matvec(0, PD_DTYPE_BF16, d0, 256, 64, dx, 1, r0);
-    cudaError_t e3 = pdc_matvec(0, PD_DTYPE_BF16, d2, 256, 96, dx, 1, r2);
-    float a[96], b[96];
-    dev_get(a, dy0, 64 * 4);
-    dev_get(b, r0, 64 * 4);
-    int same = e1 == cudaSuccess && e2 == cudaSuccess && e3 == cudaSuccess &&
-               !memcmp(a, b, 64 * 4);
-    dev_get(a, dy2, 96 * 4);
-    dev_get(b, r2, 96 * 4);
-    same &= !memcmp(a, b, 96 * 4);
-    check(same, "pdc_matvec_multi with an empty matrix between two (bits)", 0, 0);
     n_outs[1] = -1;
     check(pdc_matvec_multi(0, PD_DTYPE_BF16, ws, n_outs, ys, 3, 256, dx, 1) ==
               cudaErrorInvalidValue,
@@ -376,9 +401,17 @@ static void test_graph_refusal(pd_kernels_t *k)
         return;
     }
     float *dq = dev_put(NULL, 64 * 4), *dout = dev_put(NULL, 64 * 4);
-    pd_attn_args_t a = {.q = dq, .out = dout, .T = 1, .n_heads = 1, .n_kv_heads = 1,
-                        .head_dim = 64, .block_size = 16, .n_seqs = 1, .bt_stride = 1,
-                        .kv_dtype = PD_DTYPE_F32, .scale = 0.125f};
+    pd_attn_args_t a = {.q = dq,
+                        .out = dout,
+                        .T = 1,
+                        .n_heads = 1,
+                        .n_kv_heads = 1,
+                        .head_dim = 64,
+                        .block_size = 16,
+                        .n_seqs = 1,
+                        .bt_stride = 1,
+                        .kv_dtype = PD_DTYPE_F32,
+                        .scale = 0.125f};
     check(k->graph_begin(k) == PD_OK, "graph_begin", 0, 0);
     k->attention(k, &a);
     void *g = NULL;
