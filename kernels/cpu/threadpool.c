@@ -18,10 +18,12 @@
  * Threading: one thread at a time calls run(); fn runs on up to n_threads threads. */
 #include "kernels/cpu/threadpool.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "common/log.h"
 
@@ -42,6 +44,8 @@
 /* The task counter: generation tag in the high 32 bits, next index in the low 32. */
 #define CLOSED    0xffffffffu
 #define MAX_BATCH ((int64_t)1 << 30)
+/* How long pd_threadpool_new waits for its workers to be running. */
+#define START_WAIT_S 10
 
 typedef struct worker {
     struct pd_threadpool *pool;
@@ -53,7 +57,8 @@ struct pd_threadpool {
     int n_threads;     /* including the calling thread */
     worker_t *workers; /* [n_threads - 1] */
     int n_started;
-    uint32_t gen; /* the caller's copy of the current generation */
+    int n_running; /* workers that reached their loop (under mutex) */
+    uint32_t gen;  /* the caller's copy of the current generation */
 
     /* The current run: release-stored by run(), acquire-loaded by workers. */
     _Atomic(pd_task_fn) fn;
@@ -69,6 +74,7 @@ struct pd_threadpool {
 
     pthread_mutex_t mutex;
     pthread_cond_t wake;
+    pthread_cond_t running; /* a worker reached its loop */
 };
 
 /* Claims and runs tasks of generation gen until none are left. */
@@ -117,6 +123,10 @@ static void *worker_main(void *p)
     worker_t *w = p;
     pd_threadpool_t *pool = w->pool;
     uint32_t seen = 0;
+    pthread_mutex_lock(&pool->mutex);
+    pool->n_running++;
+    pthread_cond_signal(&pool->running);
+    pthread_mutex_unlock(&pool->mutex);
     for (;;) {
         uint32_t g = wait_generation(pool, seen);
         if (atomic_load_explicit(&pool->stop, memory_order_acquire))
@@ -169,6 +179,11 @@ pd_status_t pd_threadpool_new(int n_threads, pd_threadpool_t **pool_p)
         PD_LOG_ERROR("threadpool: pthread_cond_init failed");
         goto err_destroy_mutex;
     }
+    if (pthread_cond_init(&pool->running, NULL) != 0) {
+        PD_LOG_ERROR("threadpool: pthread_cond_init failed");
+        pthread_cond_destroy(&pool->wake);
+        goto err_destroy_mutex;
+    }
     if (n_threads > 1) {
         pool->workers = calloc((size_t)n_threads - 1, sizeof *pool->workers);
         if (!pool->workers) {
@@ -188,6 +203,22 @@ pd_status_t pd_threadpool_new(int n_threads, pd_threadpool_t **pool_p)
         }
         pool->n_started++;
     }
+    /* Every worker running before the pool is handed out: a thread the scheduler has
+     * not started yet would join the first runs late (fewer hands on the first ops)
+     * and do its start-up work (a sanitizer's per-thread set-up allocates) inside
+     * them, which an allocation-free forward pass must not contain. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += START_WAIT_S;
+    pthread_mutex_lock(&pool->mutex);
+    int rc = 0;
+    while (pool->n_running < pool->n_started && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&pool->running, &pool->mutex, &until);
+    int running = pool->n_running;
+    pthread_mutex_unlock(&pool->mutex);
+    if (running < pool->n_started)
+        PD_LOG_WARN("threadpool: %d of %d workers running after %d s; going on", running,
+                    pool->n_started, START_WAIT_S);
     *pool_p = pool;
     return PD_OK;
 
@@ -195,6 +226,7 @@ err_stop_workers:
     stop_workers(pool);
     free(pool->workers);
 err_destroy_cond:
+    pthread_cond_destroy(&pool->running);
     pthread_cond_destroy(&pool->wake);
 err_destroy_mutex:
     pthread_mutex_destroy(&pool->mutex);
@@ -210,6 +242,7 @@ void pd_threadpool_destroy(pd_threadpool_t **pool_p)
     pd_threadpool_t *pool = *pool_p;
     stop_workers(pool);
     free(pool->workers);
+    pthread_cond_destroy(&pool->running);
     pthread_cond_destroy(&pool->wake);
     pthread_mutex_destroy(&pool->mutex);
     free(pool);
@@ -219,6 +252,16 @@ void pd_threadpool_destroy(pd_threadpool_t **pool_p)
 int pd_threadpool_size(const pd_threadpool_t *pool)
 {
     return pool ? pool->n_threads : 0;
+}
+
+int pd_threadpool_running(pd_threadpool_t *pool)
+{
+    if (!pool)
+        return 0;
+    pthread_mutex_lock(&pool->mutex);
+    int n = pool->n_running;
+    pthread_mutex_unlock(&pool->mutex);
+    return n;
 }
 
 static void run_batch(pd_threadpool_t *pool, int64_t base, int64_t n_tasks, pd_task_fn fn,
