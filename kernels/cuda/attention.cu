@@ -1040,8 +1040,6 @@ extern "C" cudaError_t pdc_attn_decode(cudaStream_t s, const pd_attn_args_t *a,
                                    PDC_ATTN_DEC_DEFAULT);
 }
 
-/* The variant is checked before anything else, so an unknown one fails even with no
- * queries. */
 /* Whether VSTAGE runs for one instantiation (pdc_attn_decode_vstage_runs). */
 template <int HDP, int GP, bool F16> static bool vs_runs(void)
 {
@@ -1097,6 +1095,8 @@ extern "C" int pdc_attn_decode_vstage_runs(const pd_attn_args_t *a)
     return (f16 ? vs_runs_hd<true>(hdp, gp) : vs_runs_hd<false>(hdp, gp)) ? 1 : 0;
 }
 
+/* The variant is checked before anything else, so an unknown one fails even with no
+ * queries. */
 extern "C" cudaError_t pdc_attn_decode_variant(cudaStream_t s, const pd_attn_args_t *a,
                                                const int32_t *q_idx, int64_t n_q,
                                                int64_t max_ctx, float *scratch,
