@@ -797,7 +797,10 @@ __device__ __forceinline__ float *mv_seg_y(const MvSegs &sg, int m)
     return v;
 }
 
-template <int DT, int TG, bool kVec>
+/* kMulti false: one matrix (sg.w[0], sg.y[0], sg.rows rows), the row addressing of
+ * the single-matrix kernel exactly, with none of the segment lookups' registers (the
+ * per-matrix decode launches, the output matrix); true: up to PDC_MV_MULTI_MAX. */
+template <int DT, int TG, bool kVec, bool kMulti>
 __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
     matvec_kernel(const MvSegs sg, int64_t row_bytes, int64_t n_in, const float *x,
                   int64_t T, int chunk, int kstride, bool x_vec)
@@ -830,10 +833,15 @@ __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
         bool staged = false; /* block-uniform: xs holds the single chunk of this tg */
         for (int64_t rg = blockIdx.x; rg < n_rg; rg += gridDim.x) {
             const int64_t o = rg * kMvWarps + warp;
-            const bool valid = o < n_rows;              /* warp-uniform */
-            const int m = mv_seg_of(sg, valid ? o : 0); /* the row's matrix */
-            const uint8_t *wrow =
-                mv_seg_w(sg, m) + (valid ? o - mv_seg_start(sg, m) : 0) * row_bytes;
+            const bool valid = o < n_rows; /* warp-uniform */
+            const uint8_t *wrow;
+            if constexpr (kMulti) {
+                const int m = mv_seg_of(sg, valid ? o : 0); /* the row's matrix */
+                wrow =
+                    mv_seg_w(sg, m) + (valid ? o - mv_seg_start(sg, m) : 0) * row_bytes;
+            } else {
+                wrow = sg.w[0] + (valid ? o : 0) * row_bytes;
+            }
             float acc[TG];
 #pragma unroll
             for (int t = 0; t < TG; t++)
@@ -877,11 +885,15 @@ __global__ void __launch_bounds__(kMvThreads, kMvBlocksPerSm)
                 }
             }
             if (valid) {
-                /* found again rather than kept through the loop (registers) */
-                const int m2 = mv_seg_of(sg, o);
-                const int64_t s0 = mv_seg_start(sg, m2),
-                              n_out = mv_seg_start(sg, m2 + 1) - s0;
-                float *y = mv_seg_y(sg, m2) + (o - s0);
+                float *y = sg.y[0] + o;
+                int64_t n_out = n_rows;
+                if constexpr (kMulti) {
+                    /* found again rather than kept through the loop (registers) */
+                    const int m2 = mv_seg_of(sg, o);
+                    const int64_t s0 = mv_seg_start(sg, m2);
+                    n_out = mv_seg_start(sg, m2 + 1) - s0;
+                    y = mv_seg_y(sg, m2) + (o - s0);
+                }
 #pragma unroll
                 for (int t = 0; t < TG; t++) {
                     const float v = warp_sum(acc[t]);
@@ -914,11 +926,18 @@ cudaError_t matvec_launch(cudaStream_t s, const MvSegs &sg, bool vec, int64_t n_
     const int64_t n_groups = (T + TG - 1) / TG;
     dim3 grid((unsigned)(n_rg < cap ? n_rg : cap),
               (unsigned)(n_groups < kRowGridCap ? n_groups : kRowGridCap));
-    if (vec)
-        matvec_kernel<DT, TG, true><<<grid, kMvThreads, smem, s>>>(
+    const bool multi = sg.n > 1;
+    if (vec && multi)
+        matvec_kernel<DT, TG, true, true><<<grid, kMvThreads, smem, s>>>(
+            sg, row_bytes, n_in, x, T, chunk, kstride, x_vec);
+    else if (vec)
+        matvec_kernel<DT, TG, true, false><<<grid, kMvThreads, smem, s>>>(
+            sg, row_bytes, n_in, x, T, chunk, kstride, x_vec);
+    else if (multi)
+        matvec_kernel<DT, TG, false, true><<<grid, kMvThreads, smem, s>>>(
             sg, row_bytes, n_in, x, T, chunk, kstride, x_vec);
     else
-        matvec_kernel<DT, TG, false><<<grid, kMvThreads, smem, s>>>(
+        matvec_kernel<DT, TG, false, false><<<grid, kMvThreads, smem, s>>>(
             sg, row_bytes, n_in, x, T, chunk, kstride, x_vec);
     return cudaGetLastError();
 }
