@@ -898,6 +898,8 @@ int pd_worker_main(int argc, char **argv, pd_worker_role_t role)
         sigaction(SIGTERM, &sa, NULL);
         sigaction(SIGINT, &sa, NULL);
         signal(SIGPIPE, SIG_IGN);
+        /* the first heartbeat may go before the engine thread has run at all */
+        wk_publish_load(w);
         if (pthread_create(&w->engine_thread, NULL, wk_engine_main, w) != 0) {
             PD_LOG_ERROR("worker: cannot start the engine thread");
         } else {

@@ -318,7 +318,7 @@ static void drain_reserves(worker_t *w)
     }
 }
 
-static void publish_load(worker_t *w)
+void wk_publish_load(worker_t *w)
 {
     load_t l = {.free_blocks = pd_kv_pool_n_free(w->kv),
                 .total_blocks = pd_kv_pool_n_blocks(w->kv),
@@ -338,7 +338,7 @@ static void publish_load(worker_t *w)
 void *wk_engine_main(void *arg)
 {
     worker_t *w = arg;
-    publish_load(w);
+    wk_publish_load(w);
     for (;;) {
         pthread_mutex_lock(&w->mu);
         while (!w->quit && !w->cmds.head && pd_engine_n_pending(w->engine) == 0) {
@@ -378,7 +378,7 @@ void *wk_engine_main(void *arg)
         if (pd_engine_n_pending(w->engine))
             pd_engine_step(w->engine, &ran); /* errors finish their requests */
         drain_reserves(w);
-        publish_load(w);
+        wk_publish_load(w);
         if (ran == 0 && pd_engine_n_pending(w->engine)) {
             /* waiting for blocks held by reservations: look again shortly */
             struct timespec ts;

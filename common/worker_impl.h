@@ -241,6 +241,10 @@ int32_t *wk_dup_ids(const int32_t *src, int32_t n);
 msg_t *wk_new_msg(int type, uint64_t task);
 void wk_on_layer(void *user, int32_t layer, const pd_engine_progress_t *seqs, int32_t n);
 void *wk_engine_main(void *arg);
+/* Publishes the engine's load (free and total blocks, queue lengths) for the
+ * heartbeats. The engine thread calls it after every step; pd_worker_main calls it once
+ * before that thread starts, so that no heartbeat reports an empty load. */
+void wk_publish_load(worker_t *w);
 void wk_send_cmd(worker_t *w, msg_t *m);
 void wk_cmd_release(worker_t *w, int32_t *blocks, int32_t n);
 void wk_cmd_cancel(worker_t *w, uint64_t task);
