@@ -1,7 +1,8 @@
 /* sampler.c - see sampler.h. Candidates are (id, prob) pairs in scratch sized at
- * creation; top-k uses a partial selection so k << vocab costs O(vocab), and the
- * survivors of the cheap filters are ordered only as far as top-p and the draw reach
- * (a heap). One thread per sampler. */
+ * creation (for a sampler that draws); top-k uses a partial selection so k << vocab
+ * costs O(vocab), and the survivors of the cheap filters are ordered only as far as
+ * top-p and the draw reach (buckets by probability, each sorted when first reached).
+ * One thread per sampler. */
 #include "common/sampler.h"
 
 #include <math.h>
@@ -10,6 +11,11 @@
 
 #include "common/log.h"
 #include "common/rng.h"
+
+/* Buckets of the ordering below: a candidate's key is its probability's float bits
+ * >> KEY_SHIFT (8 exponent bits, 5 of the mantissa). */
+#define KEY_SHIFT 18
+#define N_KEYS    ((0x3f800000u >> KEY_SHIFT) + 1) /* keys of [0, 1]; larger (NaN) clamp */
 
 typedef struct cand {
     float p;
@@ -20,7 +26,11 @@ struct pd_sampler {
     int32_t n_vocab;
     pd_sampler_params_t params;
     pd_rng_t rng;
-    cand_t *cands; /* [n_vocab] */
+    /* Scratch of a sampler that draws (NULL for a greedy one): */
+    cand_t *cands;       /* [n_vocab] the candidates (candidates()) */
+    cand_t *ord;         /* [n_vocab] them by bucket, sorted up to n_sorted */
+    int32_t *bucket_end; /* [N_KEYS] where each bucket ends in ord */
+    int32_t n_sorted;
 };
 
 pd_sampler_params_t pd_sampler_params_default(void)
@@ -61,14 +71,18 @@ pd_status_t pd_sampler_new(int32_t n_vocab, const pd_sampler_params_t *params,
     pd_sampler_t *s = calloc(1, sizeof *s);
     if (!s)
         return PD_ERR_NOMEM;
-    s->cands = malloc((size_t)n_vocab * sizeof *s->cands);
-    if (!s->cands) {
-        free(s);
-        return PD_ERR_NOMEM;
-    }
     s->n_vocab = n_vocab;
     s->params = *params;
     pd_sampler_reseed(s, params->seed);
+    if (!pd_sampler_is_greedy(s)) { /* the params never change: greedy needs no scratch */
+        s->cands = malloc((size_t)n_vocab * sizeof *s->cands);
+        s->ord = malloc((size_t)n_vocab * sizeof *s->ord);
+        s->bucket_end = malloc(N_KEYS * sizeof *s->bucket_end);
+        if (!s->cands || !s->ord || !s->bucket_end) {
+            pd_sampler_destroy(&s);
+            return PD_ERR_NOMEM;
+        }
+    }
     *sampler_p = s;
     return PD_OK;
 }
@@ -78,6 +92,8 @@ void pd_sampler_destroy(pd_sampler_t **sampler_p)
     if (!sampler_p || !*sampler_p)
         return;
     free((*sampler_p)->cands);
+    free((*sampler_p)->ord);
+    free((*sampler_p)->bucket_end);
     free(*sampler_p);
     *sampler_p = NULL;
 }
@@ -97,41 +113,98 @@ static int cand_before(const cand_t *x, const cand_t *y)
     return x->p > y->p || (x->p == y->p && x->id < y->id);
 }
 
-/* A binary heap over c[0..n) with the candidate first in order (most likely, lowest
- * id on ties) at the root. The draw below needs the candidates in that order only as
- * far as the drawn mass reaches (usually a few), so it pops them one at a time:
- * O(n + k log n) instead of sorting the whole vocabulary. No allocation (glibc's
- * qsort may allocate a merge buffer). */
-static void sift_down(cand_t *c, int32_t i, int32_t n)
+/* ---- the candidates in order, as far as they are needed ----
+ * The draw and top-p need the candidates in that order only as far as the drawn mass
+ * reaches. ordered_begin spreads them over buckets of their probability's float bits
+ * (a counting sort: the bits of positive floats order like their values, and a bucket
+ * spans a factor of 2^(1/32)), most likely bucket first; ordered_at sorts a bucket the
+ * first time an index reaches it. Globally that is the order cand_before gives, so the
+ * sums and the draw below are the same float operations in the same order as a full
+ * sort's. O(n) plus the buckets reached, no allocation (glibc's qsort may allocate). */
+
+static uint32_t cand_key(float p)
+{
+    uint32_t b;
+    memcpy(&b, &p, sizeof b);
+    b >>= KEY_SHIFT;
+    return b < N_KEYS ? b : N_KEYS - 1; /* NaN (or a negative) lands in the top bucket */
+}
+
+/* A heap over c[0..n) with the candidate last in order at the root: heapsort with it
+ * leaves c[0..n) in order. */
+static void sift_down_last(cand_t *c, int32_t i, int32_t n)
 {
     for (;;) {
-        int32_t l = 2 * i + 1, first = i;
-        if (l < n && cand_before(&c[l], &c[first]))
-            first = l;
-        if (l + 1 < n && cand_before(&c[l + 1], &c[first]))
-            first = l + 1;
-        if (first == i)
+        int32_t l = 2 * i + 1, last = i;
+        if (l < n && cand_before(&c[last], &c[l]))
+            last = l;
+        if (l + 1 < n && cand_before(&c[last], &c[l + 1]))
+            last = l + 1;
+        if (last == i)
             return;
         cand_t t = c[i];
-        c[i] = c[first];
-        c[first] = t;
-        i = first;
+        c[i] = c[last];
+        c[last] = t;
+        i = last;
     }
 }
 
-static void heapify(cand_t *c, int32_t n)
+static void sort_cands(cand_t *c, int32_t n)
 {
+    if (n <= 24) { /* insertion sort: most buckets hold a few */
+        for (int32_t i = 1; i < n; i++) {
+            cand_t x = c[i];
+            int32_t j = i;
+            for (; j > 0 && cand_before(&x, &c[j - 1]); j--)
+                c[j] = c[j - 1];
+            c[j] = x;
+        }
+        return;
+    }
     for (int32_t i = n / 2 - 1; i >= 0; i--)
-        sift_down(c, i, n);
+        sift_down_last(c, i, n);
+    for (int32_t m = n - 1; m > 0; m--) {
+        cand_t t = c[0];
+        c[0] = c[m];
+        c[m] = t;
+        sift_down_last(c, 0, m);
+    }
 }
 
-/* Moves the root of the heap c[0..n) to c[n - 1]; the heap is then c[0..n - 1). */
-static void heap_pop(cand_t *c, int32_t n)
+/* Spreads c[0..m) over s->ord by bucket, most likely bucket first; s->bucket_end[key]
+ * is where each bucket ends in ord. Nothing is sorted yet (s->n_sorted = 0). */
+static void ordered_begin(pd_sampler_t *s, const cand_t *c, int32_t m)
 {
-    cand_t t = c[0];
-    c[0] = c[n - 1];
-    c[n - 1] = t;
-    sift_down(c, 0, n - 1);
+    int32_t *end = s->bucket_end;
+    memset(end, 0, N_KEYS * sizeof *end);
+    uint32_t lo = N_KEYS - 1, hi = 0;
+    for (int32_t i = 0; i < m; i++) {
+        uint32_t k = cand_key(c[i].p);
+        end[k]++;
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+    }
+    /* end[k]: first the bucket's start, then (after the spread) its end */
+    int32_t at = 0;
+    for (uint32_t k = hi + 1; k-- > lo;) {
+        int32_t n = end[k];
+        end[k] = at;
+        at += n;
+    }
+    for (int32_t i = 0; i < m; i++)
+        s->ord[end[cand_key(c[i].p)]++] = c[i];
+    s->n_sorted = 0;
+}
+
+/* The i-th candidate in order (i < the m given to ordered_begin). */
+static const cand_t *ordered_at(pd_sampler_t *s, int32_t i)
+{
+    while (i >= s->n_sorted) {
+        int32_t b = s->n_sorted, e = s->bucket_end[cand_key(s->ord[b].p)];
+        sort_cands(s->ord + b, e - b);
+        s->n_sorted = e;
+    }
+    return &s->ord[i];
 }
 
 /* Moves the k best candidates of c[0..n) to the front (unordered): quickselect. */
@@ -187,7 +260,7 @@ static int32_t candidates(pd_sampler_t *s, const float *logits, float *total_p)
         for (int32_t i = 0; i < m; i++)
             if (s->cands[i].p >= p->min_p)
                 s->cands[w++] = s->cands[i];
-        m = w; /* the argmax has p == 1 and always survives */
+        m = w; /* the argmax has p == 1 and survives, unless the logits are NaN */
     }
     float total = 0.0f; /* summed in candidate order */
     for (int32_t i = 0; i < m; i++)
@@ -206,34 +279,30 @@ int32_t pd_sampler_sample(pd_sampler_t *s, const float *logits)
     const pd_sampler_params_t *p = &s->params;
     if (p->temperature <= 0.0f || p->top_k == 1)
         return pd_argmax(logits, s->n_vocab);
-    /* The candidates in descending order, popped from a heap as far as the nucleus
-     * (top-p) and the draw need them: the i-th in order lands in c[m - 1 - i]. */
-    cand_t *c = s->cands;
+    /* The candidates in order as far as the nucleus (top-p) and the draw need them. */
     float total = 0.0f;
     int32_t m = candidates(s, logits, &total);
-    heapify(c, m);
-    int32_t popped = 0, n_draw = m;
+    if (m == 0) /* NaN logits (a broken model) left nothing: a token all the same */
+        return pd_argmax(logits, s->n_vocab);
+    ordered_begin(s, s->cands, m);
+    int32_t n_draw = m;
     if (p->top_p < 1.0f) {
         float cum = 0.0f, limit = p->top_p * total;
-        while (popped < m && cum < limit) {
-            heap_pop(c, m - popped);
-            cum += c[m - 1 - popped].p;
-            popped++;
-        }
-        n_draw = popped; /* the nucleus */
+        int32_t n = 0;
+        while (n < m && cum < limit)
+            cum += ordered_at(s, n++)->p;
+        /* the nucleus; never empty (only NaN logits leave the loop at once) */
+        n_draw = n > 0 ? n : 1;
         total = cum < total ? cum : total;
     }
     float r = pd_rng_float(&s->rng) * total, acc = 0.0f;
     for (int32_t i = 0; i < n_draw; i++) {
-        if (i == popped) {
-            heap_pop(c, m - popped);
-            popped++;
-        }
-        acc += c[m - 1 - i].p;
+        const cand_t *x = ordered_at(s, i);
+        acc += x->p;
         if (r < acc)
-            return c[m - 1 - i].id;
+            return x->id;
     }
-    return c[m - n_draw].id; /* rounding left r at the very top: the last one */
+    return ordered_at(s, n_draw - 1)->id; /* rounding left r at the very top */
 }
 
 int32_t pd_sampler_sample_spec(pd_sampler_t *s, const float *logits, int32_t proposed,
@@ -250,17 +319,22 @@ int32_t pd_sampler_sample_spec(pd_sampler_t *s, const float *logits, int32_t pro
     cand_t *c = s->cands;
     float total = 0.0f;
     int32_t m = candidates(s, logits, &total);
+    if (m == 0) { /* as in pd_sampler_sample */
+        int32_t t = pd_argmax(logits, n);
+        *accepted = t == proposed;
+        return t;
+    }
     int32_t lo = 0; /* the candidates drawn from: c[lo .. m) */
     if (p->top_p < 1.0f) {
-        heapify(c, m);
+        ordered_begin(s, c, m);
         float cum = 0.0f, limit = p->top_p * total;
-        int32_t popped = 0;
-        while (popped < m && cum < limit) {
-            heap_pop(c, m - popped);
-            cum += c[m - 1 - popped].p;
-            popped++;
-        }
-        lo = m - popped;
+        int32_t n = 0;
+        while (n < m && cum < limit)
+            cum += ordered_at(s, n++)->p;
+        /* the nucleus into c[lo .. m), least likely first */
+        lo = m - n;
+        for (int32_t i = 0; i < n; i++)
+            c[m - 1 - i] = s->ord[i];
         total = cum < total ? cum : total;
     }
     float q = 0.0f; /* the proposal's mass in the set */

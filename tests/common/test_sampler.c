@@ -1,5 +1,6 @@
 /* test_sampler.c - the sampler: greedy is argmax, filters restrict the support,
- * frequencies follow the softmax, the same seed gives the same draws. */
+ * frequencies follow the softmax, the same seed gives the same draws, the draws are
+ * those of a full sort, broken logits still give a token. */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -159,6 +160,237 @@ START_TEST(bad_params_refused)
 }
 END_TEST
 
+/* ---- the ordering: the same draws as a full sort ---- */
+
+typedef struct ref_cand {
+    float p;
+    int32_t id;
+} ref_cand_t;
+
+static int ref_cmp(const void *a, const void *b) /* descending p, ties by id */
+{
+    const ref_cand_t *x = a, *y = b;
+    if (x->p != y->p)
+        return x->p > y->p ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+static int ref_cmp_id(const void *a, const void *b)
+{
+    const ref_cand_t *x = a, *y = b;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* The sampler's documented rule, done the plain way: softmax(l / T) in id order (the
+ * same float expressions), min-p, the total summed in id order, then every candidate
+ * sorted (qsort) before the nucleus and the draw. No top-k: its partial selection
+ * leaves the candidates in an order of its own, and the total is summed in it. Fills
+ * c[0..m) in order and returns m; *total as the sampler sums it. */
+static int ref_candidates(const float *l, int n, const pd_sampler_params_t *sp,
+                          ref_cand_t *c, float *total)
+{
+    float max = l[0];
+    for (int i = 1; i < n; i++)
+        max = l[i] > max ? l[i] : max;
+    float inv_t = 1.0f / sp->temperature, tot = 0.0f;
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        float e = expf((l[i] - max) * inv_t);
+        if (sp->min_p > 0.0f && !(e >= sp->min_p))
+            continue;
+        c[m].p = e;
+        c[m++].id = i;
+    }
+    for (int i = 0; i < m; i++)
+        tot += c[i].p;
+    qsort(c, (size_t)m, sizeof *c, ref_cmp);
+    *total = tot;
+    return m;
+}
+
+/* How many lead the order into the nucleus (all of them without top-p); *total
+ * becomes the nucleus' mass. */
+static int ref_nucleus(const ref_cand_t *c, int m, float top_p, float *total)
+{
+    if (top_p >= 1.0f)
+        return m;
+    float cum = 0.0f, limit = top_p * *total;
+    int n = 0;
+    while (n < m && cum < limit)
+        cum += c[n++].p;
+    *total = cum < *total ? cum : *total;
+    return n;
+}
+
+static int32_t ref_sample(pd_rng_t *g, const float *l, int n,
+                          const pd_sampler_params_t *sp, ref_cand_t *c)
+{
+    float total;
+    int m = ref_candidates(l, n, sp, c, &total);
+    int k = ref_nucleus(c, m, sp->top_p, &total);
+    float r = pd_rng_float(g) * total, acc = 0.0f;
+    for (int i = 0; i < k; i++) {
+        acc += c[i].p;
+        if (r < acc)
+            return c[i].id;
+    }
+    return c[k - 1].id;
+}
+
+/* pd_sampler_sample_spec's documented rule: the nucleus walked least likely first with
+ * top-p, the candidates in id order without. */
+static int32_t ref_sample_spec(pd_rng_t *g, const float *l, int n,
+                               const pd_sampler_params_t *sp, ref_cand_t *c,
+                               int32_t proposed, bool *accepted)
+{
+    float total;
+    int m = ref_candidates(l, n, sp, c, &total);
+    int k = ref_nucleus(c, m, sp->top_p, &total);
+    if (sp->top_p >= 1.0f) { /* back to id order */
+        qsort(c, (size_t)m, sizeof *c, ref_cmp_id);
+    } else { /* least likely first */
+        for (int i = 0; i < k / 2; i++) {
+            ref_cand_t t = c[i];
+            c[i] = c[k - 1 - i];
+            c[k - 1 - i] = t;
+        }
+    }
+    float q = 0.0f;
+    for (int i = 0; i < k; i++)
+        if (c[i].id == proposed)
+            q = c[i].p;
+    *accepted = false;
+    if (q > 0.0f && pd_rng_float(g) * total < q) {
+        *accepted = true;
+        return proposed;
+    }
+    float rest = total - q, r = pd_rng_float(g) * rest, acc = 0.0f;
+    int32_t last = -1;
+    for (int i = 0; i < k; i++) {
+        if (c[i].id == proposed)
+            continue;
+        last = c[i].id;
+        acc += c[i].p;
+        if (r < acc)
+            return last;
+    }
+    return last >= 0 ? last : proposed;
+}
+
+/* Logits of several shapes: flat (top-p reaches deep into the order), peaked, ties
+ * (equal probabilities across and inside the sampler's buckets), a range wide enough
+ * that many probabilities underflow to 0. */
+static void shaped_logits(float *l, int n, int shape, pd_rng_t *g)
+{
+    for (int i = 0; i < n; i++) {
+        float u = pd_rng_float(g) + 1e-7f, v = pd_rng_float(g);
+        float z = sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v); /* standard normal */
+        switch (shape) {
+        case 0:
+            l[i] = 3.0f * z;
+            break;
+        case 1:
+            l[i] = 2.0f * z + (i % 97 == 3 ? 12.0f : 0.0f);
+            break;
+        case 2:
+            l[i] = floorf(2.0f * z) * 0.5f;
+            break;
+        default:
+            l[i] = 40.0f * z;
+            break;
+        }
+    }
+}
+
+START_TEST(draws_match_a_full_sort)
+{
+    const int sizes[] = {1, 2, 7, 300, 5000, 32000};
+    const float temps[] = {0.3f, 1.0f, 1.7f};
+    const float top_ps[] = {1.0f, 0.95f, 0.5f, 0.01f};
+    const float min_ps[] = {0.0f, 0.02f};
+    float *l = malloc(32000 * sizeof *l);
+    ref_cand_t *c = malloc(32000 * sizeof *c);
+    ck_assert(l && c);
+    pd_rng_t g;
+    pd_rng_seed(&g, 5);
+    int cases = 0;
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+        for (int shape = 0; shape < 4; shape++) {
+            int n = sizes[si];
+            shaped_logits(l, n, shape, &g);
+            for (int ci = 0; ci < 24; ci++) {
+                pd_sampler_params_t sp = pd_sampler_params_default();
+                sp.temperature = temps[ci % 3];
+                sp.top_p = top_ps[(ci / 3) % 4];
+                sp.min_p = min_ps[ci / 12];
+                sp.seed = 1000u * si + 10u * (unsigned)shape + (unsigned)ci;
+                pd_sampler_t *s = NULL;
+                ck_assert_int_eq(pd_sampler_new(n, &sp, &s), PD_OK);
+                pd_rng_t ref;
+                pd_rng_seed(&ref, sp.seed);
+                int draws = n > 5000 ? 4 : 12;
+                for (int d = 0; d < draws; d++) {
+                    int32_t want = ref_sample(&ref, l, n, &sp, c);
+                    int32_t got = pd_sampler_sample(s, l);
+                    ck_assert_msg(got == want,
+                                  "n %d shape %d T %g top_p %g min_p %g draw %d: %d, "
+                                  "a full sort draws %d",
+                                  n, shape, sp.temperature, sp.top_p, sp.min_p, d, got,
+                                  want);
+                    int32_t prop = (int32_t)((d * 7919) % n);
+                    bool a = false, ra = false;
+                    want = ref_sample_spec(&ref, l, n, &sp, c, prop, &ra);
+                    got = pd_sampler_sample_spec(s, l, prop, &a);
+                    ck_assert_msg(got == want && a == ra,
+                                  "spec: n %d shape %d T %g top_p %g min_p %g draw %d: "
+                                  "%d (%d), a full sort %d (%d)",
+                                  n, shape, sp.temperature, sp.top_p, sp.min_p, d, got, a,
+                                  want, ra);
+                    cases++;
+                }
+                pd_sampler_destroy(&s);
+            }
+        }
+    ck_assert_int_gt(cases, 1000);
+    free(l);
+    free(c);
+}
+END_TEST
+
+/* Logits that are NaN or infinite (a broken model file) give some token of the
+ * vocabulary, never a read outside the candidates. */
+START_TEST(non_finite_logits_give_a_token)
+{
+    enum { V = 64 };
+    float l[V];
+    const float bad[] = {NAN, INFINITY, -INFINITY};
+    for (int b = 0; b < 3; b++)
+        for (int all = 0; all < 2; all++) {
+            for (int i = 0; i < V; i++)
+                l[i] = all || i % 5 == 0 ? bad[b] : (float)(i % 9);
+            for (int ci = 0; ci < 8; ci++) {
+                pd_sampler_params_t sp = pd_sampler_params_default();
+                sp.temperature = 0.8f;
+                sp.top_p = ci & 1 ? 0.9f : 1.0f;
+                sp.top_k = ci & 2 ? 10 : 0;
+                sp.min_p = ci & 4 ? 0.05f : 0.0f;
+                sp.seed = (uint64_t)ci;
+                pd_sampler_t *s = NULL;
+                ck_assert_int_eq(pd_sampler_new(V, &sp, &s), PD_OK);
+                for (int d = 0; d < 20; d++) {
+                    int32_t t = pd_sampler_sample(s, l);
+                    ck_assert_msg(t >= 0 && t < V, "bad %d all %d params %d: token %d", b,
+                                  all, ci, t);
+                    bool a = false;
+                    t = pd_sampler_sample_spec(s, l, d % V, &a);
+                    ck_assert(t >= 0 && t < V);
+                }
+                pd_sampler_destroy(&s);
+            }
+        }
+}
+END_TEST
+
 /* ---- speculative sampling: the same distribution ---- */
 
 /* The exact distribution pd_sampler_sample draws from, in double: softmax(l / T),
@@ -279,8 +511,8 @@ START_TEST(spec_sampling_keeps_distribution)
             ck_assert_msg(chi_square_ok(plain, p, V, N, &x2p),
                           "set %d: the plain sampler's chi-square %.1f", si, x2p);
             ck_assert_msg(chi_square_ok(cnt, p, V, N, &x2s),
-                          "set %d proposal %d: speculative chi-square %.1f", si, props[pi],
-                          x2s);
+                          "set %d proposal %d: speculative chi-square %.1f", si,
+                          props[pi], x2s);
             /* acceptance happens with the proposal's probability */
             double pa = p[props[pi]], sd = sqrt(pa * (1 - pa) / N) + 1e-9;
             ck_assert_msg(fabs((double)acc / N - pa) < 5 * sd + 1e-12,
@@ -294,7 +526,9 @@ END_TEST
 int main(void)
 {
     TCase *tc = pd_test_tcase("core", 0, NULL, NULL);
-    PD_TEST_ADD(tc, spec_sampling_keeps_distribution, greedy_is_argmax, same_seed_same_draws, frequencies_follow_softmax,
-                filters_restrict_support, bad_params_refused);
+    PD_TEST_ADD(tc, spec_sampling_keeps_distribution, greedy_is_argmax,
+                same_seed_same_draws, frequencies_follow_softmax,
+                filters_restrict_support, bad_params_refused, draws_match_a_full_sort,
+                non_finite_logits_give_a_token);
     return pd_test_run("sampler", tc);
 }
