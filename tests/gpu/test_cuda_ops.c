@@ -275,6 +275,11 @@ static void test_matmul_multi(pd_kernels_t *k)
                         size_t bytes = (size_t)(T * dw[m].ne[1] * 4);
                         dy[m] = dev_put(NULL, bytes);
                         dref[m] = dev_put(NULL, bytes);
+                        /* unlike fills: an output neither call writes cannot match */
+                        cudaMemset(dy[m], 0xff, bytes);
+                        cudaMemset(dref[m], 0, bytes);
+                        cudaDeviceSynchronize(); /* before the backend's stream uses them
+                                                  */
                         wp[m] = &dw[m];
                         k->matmul(k, &dw[m], dx, T, dref[m]);
                     }
@@ -346,6 +351,13 @@ static void test_matmul_multi(pd_kernels_t *k)
                 wl[m] = j ? d2 : d0, hl[m] = j ? 96 : 64, yl[m] = j ? dy2 : dy0;
                 j++;
             }
+            /* unlike fills, fresh each round: an output left unwritten cannot match
+             * the other call's, nor an earlier round's */
+            cudaMemset(dy0, 0xff, 3 * 64 * 4);
+            cudaMemset(dy2, 0xff, 3 * 96 * 4);
+            cudaMemset(r0, 0, 3 * 64 * 4);
+            cudaMemset(r2, 0, 3 * 96 * 4);
+            cudaDeviceSynchronize();
             cudaError_t e1 =
                 pdc_matvec_multi(0, PD_DTYPE_BF16, wl, hl, yl, 3, 256, dx, T);
             cudaError_t e2 = pdc_matvec(0, PD_DTYPE_BF16, d0, 256, 64, dx, T, r0);
