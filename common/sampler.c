@@ -244,23 +244,28 @@ static int32_t candidates(pd_sampler_t *s, const float *logits, float *total_p)
     for (int32_t i = 1; i < n; i++)
         max = logits[i] > max ? logits[i] : max;
     float inv_t = 1.0f / p->temperature;
+    /* min-p: keep p >= min_p * p_max (p_max is the unnormalised max, 1.0 here); the
+     * argmax has p == 1 and survives, unless the logits are NaN. Without top-k it
+     * filters as the probabilities are made: the same survivors, in the same order. */
+    bool top_k = p->top_k > 0 && p->top_k<n, min_p_now = p->min_p> 0.0f && !top_k;
+    int32_t m = 0;
     for (int32_t i = 0; i < n; i++) {
         float e = expf((logits[i] - max) * inv_t);
-        s->cands[i].p = e;
-        s->cands[i].id = i;
+        if (min_p_now && !(e >= p->min_p))
+            continue;
+        s->cands[m].p = e;
+        s->cands[m++].id = i;
     }
-    int32_t m = n;
-    if (p->top_k > 0 && p->top_k < m) {
+    if (top_k) {
         select_top_k(s->cands, m, p->top_k);
         m = p->top_k;
-    }
-    /* min-p: keep p >= min_p * p_max (p_max is the unnormalised max, 1.0 here) */
-    if (p->min_p > 0.0f) {
-        int32_t w = 0;
-        for (int32_t i = 0; i < m; i++)
-            if (s->cands[i].p >= p->min_p)
-                s->cands[w++] = s->cands[i];
-        m = w; /* the argmax has p == 1 and survives, unless the logits are NaN */
+        if (p->min_p > 0.0f) {
+            int32_t w = 0;
+            for (int32_t i = 0; i < m; i++)
+                if (s->cands[i].p >= p->min_p)
+                    s->cands[w++] = s->cands[i];
+            m = w;
+        }
     }
     float total = 0.0f; /* summed in candidate order */
     for (int32_t i = 0; i < m; i++)
