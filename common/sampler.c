@@ -247,7 +247,8 @@ static int32_t candidates(pd_sampler_t *s, const float *logits, float *total_p)
     /* min-p: keep p >= min_p * p_max (p_max is the unnormalised max, 1.0 here); the
      * argmax has p == 1 and survives, unless the logits are NaN. Without top-k it
      * filters as the probabilities are made: the same survivors, in the same order. */
-    bool top_k = p->top_k > 0 && p->top_k<n, min_p_now = p->min_p> 0.0f && !top_k;
+    bool top_k = (p->top_k > 0 && p->top_k < n);
+    bool min_p_now = (p->min_p > 0.0f && !top_k);
     int32_t m = 0;
     for (int32_t i = 0; i < n; i++) {
         float e = expf((logits[i] - max) * inv_t);
@@ -333,12 +334,12 @@ int32_t pd_sampler_sample_spec(pd_sampler_t *s, const float *logits, int32_t pro
     if (p->top_p < 1.0f) {
         ordered_begin(s, c, m);
         float cum = 0.0f, limit = p->top_p * total;
-        int32_t n = 0;
-        while (n < m && cum < limit)
-            cum += ordered_at(s, n++)->p;
+        int32_t n_nuc = 0;
+        while (n_nuc < m && cum < limit)
+            cum += ordered_at(s, n_nuc++)->p;
         /* the nucleus into c[lo .. m), least likely first */
-        lo = m - n;
-        for (int32_t i = 0; i < n; i++)
+        lo = m - n_nuc;
+        for (int32_t i = 0; i < n_nuc; i++)
             c[m - 1 - i] = s->ord[i];
         total = cum < total ? cum : total;
     }
