@@ -275,11 +275,11 @@ static void test_matmul_multi(pd_kernels_t *k)
                         size_t bytes = (size_t)(T * dw[m].ne[1] * 4);
                         dy[m] = dev_put(NULL, bytes);
                         dref[m] = dev_put(NULL, bytes);
-                        /* unlike fills: an output neither call writes cannot match */
+                        /* unlike fills, so an output neither call writes cannot
+                         * match; synced before the backend's stream uses them */
                         cudaMemset(dy[m], 0xff, bytes);
                         cudaMemset(dref[m], 0, bytes);
-                        cudaDeviceSynchronize(); /* before the backend's stream uses them
-                                                  */
+                        cudaDeviceSynchronize();
                         wp[m] = &dw[m];
                         k->matmul(k, &dw[m], dx, T, dref[m]);
                     }
