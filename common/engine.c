@@ -7,8 +7,25 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/log.h"
+#include "kernels/cpu/threadpool.h"
+
+/* A step draws on several host threads only when its draws cover at least this many
+ * logits (rows times the vocabulary): about 0.2 ms of sampling, well above the cost
+ * of waking the threads. */
+#define PARALLEL_MIN_LOGITS (1 << 15)
+/* The most sampling threads an engine starts, and its default on a device backend. */
+#define MAX_SAMPLE_THREADS     256
+#define DEFAULT_SAMPLE_THREADS 8
+
+/* One token drawn ahead of its emission (draw_ahead), and the random state after it. */
+typedef struct drawn {
+    int32_t tok;
+    bool accepted;
+    uint64_t rng[4];
+} drawn_t;
 
 typedef struct req req_t;
 struct req {
@@ -50,6 +67,12 @@ struct req {
     /* this step */
     int32_t sched; /* tokens scheduled */
     int32_t logit; /* its row of logits, or -1 */
+    /* [1 + spec_k] when the engine draws in parallel: this step's draws in the order
+     * advance() emits them, made ahead on a host thread (draw_ahead); n_drawn of
+     * them, 0 when the step draws inline */
+    drawn_t *drawn;
+    int32_t n_drawn;
+    uint64_t rng_before[4]; /* the random state before them */
 };
 
 typedef struct req_list {
@@ -95,6 +118,13 @@ struct pd_engine {
     int32_t *dtables; /* [max_seqs][max_blocks], rows by slot as the target's */
     int32_t dmax_ctx;
     req_t **dreqs; /* [max_seqs] drafting this step */
+    /* parallel draws (opts.sample_threads): the engine's own pool, or NULL with the
+     * backend's host_run (sample_threads > 1) or none (sample_threads 1) */
+    int32_t sample_threads;
+    pd_threadpool_t *spool;
+    req_t **draws; /* [max_seqs] the requests drawing this step */
+    int32_t n_draws;
+    const float *step_logits;
 };
 
 const char *pd_engine_finish_str(pd_engine_finish_t f)
@@ -110,6 +140,11 @@ const char *pd_engine_finish_str(pd_engine_finish_t f)
         return "error";
     }
     return "none";
+}
+
+int32_t pd_engine_sample_threads(const pd_engine_t *e)
+{
+    return e->sample_threads;
 }
 
 double pd_engine_now(const pd_engine_t *e)
@@ -202,6 +237,38 @@ static pd_status_t draft_new(pd_engine_t *e, const pd_model_t *dm)
 
 /* The llm's layer hook: hands the step's progress table (filled before the forward
  * pass) to the engine's layer hook. */
+/* Resolves opts.sample_threads (engine.h) and starts the engine's own pool when it
+ * needs one. A pool that cannot start leaves the draws on the engine thread. */
+static pd_status_t sampling_new(pd_engine_t *e, int32_t want)
+{
+    e->sample_threads = 1;
+    if (want > MAX_SAMPLE_THREADS)
+        want = MAX_SAMPLE_THREADS;
+    if (want <= 0 && e->k->host_run) {
+        e->sample_threads = e->k->n_threads > 1 ? e->k->n_threads : 1;
+    } else {
+        if (want <= 0) {
+            long n = sysconf(_SC_NPROCESSORS_ONLN);
+            want = n < 1                        ? 1
+                   : n < DEFAULT_SAMPLE_THREADS ? (int32_t)n
+                                                : DEFAULT_SAMPLE_THREADS;
+        }
+        if (want > 1 && pd_threadpool_new(want, &e->spool) != PD_OK)
+            PD_LOG_WARN(
+                "engine: no pool of %d sampling threads: sampled tokens are drawn "
+                "on the engine thread alone",
+                want);
+        else
+            e->sample_threads = want;
+    }
+    if (e->sample_threads > 1) {
+        e->draws = malloc((size_t)e->max_seqs * sizeof *e->draws);
+        if (!e->draws)
+            return PD_ERR_NOMEM;
+    }
+    return PD_OK;
+}
+
 static void layer_done(void *user, int layer)
 {
     pd_engine_t *e = user;
@@ -282,6 +349,8 @@ pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
             !e->out_rows || !e->row_ids || !e->sched || !e->progress)
             st = PD_ERR_NOMEM;
     }
+    if (st == PD_OK)
+        st = sampling_new(e, o.sample_threads);
     if (st != PD_OK) {
         PD_LOG_ERROR("cannot create the engine: %s", pd_status_str(st));
         pd_engine_destroy(&e);
@@ -307,6 +376,7 @@ static void req_free(req_t *r)
 {
     free(r->pre_blocks);
     free(r->draft);
+    free(r->drawn);
     pd_sampler_destroy(&r->sampler);
     free(r->tokens);
     free(r->stop);
@@ -341,6 +411,8 @@ void pd_engine_destroy(pd_engine_t **engine_p)
     pd_kv_pool_destroy(&e->dkv);
     free(e->dtables);
     free(e->dreqs);
+    pd_threadpool_destroy(&e->spool);
+    free(e->draws);
     free(e);
     *engine_p = NULL;
 }
@@ -424,6 +496,13 @@ pd_status_t pd_engine_add(pd_engine_t *e, const pd_engine_request_t *q, uint64_t
     if (r->spec_k) {
         r->draft = malloc((size_t)r->spec_k * sizeof *r->draft);
         if (!r->draft) {
+            req_free(r);
+            return PD_ERR_NOMEM;
+        }
+    }
+    if (e->sample_threads > 1) {
+        r->drawn = malloc((size_t)(1 + r->spec_k) * sizeof *r->drawn);
+        if (!r->drawn) {
             req_free(r);
             return PD_ERR_NOMEM;
         }
@@ -652,6 +731,7 @@ static void schedule(pd_engine_t *e, req_t *r, int32_t n, int32_t *budget)
 {
     r->sched = n;
     r->logit = -1;
+    r->n_drawn = 0;
     e->sched[e->n_sched++] = r;
     *budget -= n;
 }
@@ -937,8 +1017,18 @@ static void commit_full_blocks(pd_engine_t *e, req_t *r)
     }
 }
 
-/* The token of logit row `row` for r: the device's argmax in a greedy step, else r's
- * sampler on the row (against `proposed` when accepted is not NULL). */
+/* r's sampler on logit row `row` (against `proposed` when accepted is not NULL). */
+static int32_t sample_row(const pd_engine_t *e, req_t *r, int32_t row,
+                          const float *logits, int32_t proposed, bool *accepted)
+{
+    const float *x = logits + (size_t)row * (size_t)e->cfg.vocab_size;
+    return accepted ? pd_sampler_sample_spec(r->sampler, x, proposed, accepted)
+                    : pd_sampler_sample(r->sampler, x);
+}
+
+/* The token of logit row `row` for r: the device's argmax in a greedy step, else the
+ * draw made ahead for that row (its random state restored, so that the sampler is
+ * where the inline draw would have left it), else r's sampler on the row. */
 static int32_t draw(pd_engine_t *e, req_t *r, int32_t row, const float *logits,
                     int32_t proposed, bool *accepted)
 {
@@ -948,9 +1038,15 @@ static int32_t draw(pd_engine_t *e, req_t *r, int32_t row, const float *logits,
             *accepted = t == proposed;
         return t;
     }
-    const float *x = logits + (size_t)row * (size_t)e->cfg.vocab_size;
-    return accepted ? pd_sampler_sample_spec(r->sampler, x, proposed, accepted)
-                    : pd_sampler_sample(r->sampler, x);
+    int32_t j = row - r->logit;
+    if (j >= 0 && j < r->n_drawn) {
+        const drawn_t *d = &r->drawn[j];
+        pd_sampler_set_state(r->sampler, d->rng);
+        if (accepted)
+            *accepted = d->accepted;
+        return d->tok;
+    }
+    return sample_row(e, r, row, logits, proposed, accepted);
 }
 
 /* Verifies a proposal: at each row the target's token is drawn against the proposed
@@ -996,9 +1092,65 @@ static int32_t verify(pd_engine_t *e, req_t *r, const float *logits)
     return emitted;
 }
 
+/* Makes the draws that advance() will make for r this step, in its order and with its
+ * ends (the first rejected proposal, a stop token, the length cap), and keeps each
+ * with the random state after it. Reads r, its sampler and the logits only, so that
+ * requests draw on different threads at once. */
+static void predraw(const pd_engine_t *e, req_t *r, const float *logits)
+{
+    int32_t n_tokens = r->n_tokens;
+    r->n_drawn = 0;
+    pd_sampler_get_state(r->sampler, r->rng_before);
+    for (int32_t j = 0; j <= r->n_draft; j++) {
+        drawn_t *d = &r->drawn[j];
+        d->accepted = false;
+        d->tok = sample_row(e, r, r->logit + j, logits, j < r->n_draft ? r->draft[j] : -1,
+                            j < r->n_draft ? &d->accepted : NULL);
+        pd_sampler_get_state(r->sampler, d->rng);
+        r->n_drawn++;
+        if (is_stop(e, r, d->tok) || ++n_tokens >= r->cap || !d->accepted)
+            break;
+    }
+}
+
+static void draw_task(void *arg, int64_t task, int thread)
+{
+    (void)thread;
+    pd_engine_t *e = arg;
+    predraw(e, e->draws[task], e->step_logits);
+}
+
+/* Draws the step's sampled tokens ahead of advance(), one request per task on the
+ * sampling threads, when the step has enough of them to pay for the threads. Every
+ * request's draws stay in its own order on one thread, so the tokens are those of
+ * inline draws: only their timing moves. A request cancelled by a callback before its
+ * turn is finished unseen, its draws unused. */
+static void draw_ahead(pd_engine_t *e, const float *logits)
+{
+    int64_t rows = 0;
+    e->n_draws = 0;
+    for (int32_t i = 0; i < e->n_sched; i++) {
+        req_t *r = e->sched[i];
+        if (r->logit < 0 || r->cancelled)
+            continue;
+        e->draws[e->n_draws++] = r;
+        rows += 1 + r->n_draft;
+    }
+    if (e->n_draws < 2 || rows * e->cfg.vocab_size < PARALLEL_MIN_LOGITS)
+        return;
+    e->step_logits = logits;
+    if (e->spool)
+        pd_threadpool_run(e->spool, e->n_draws, draw_task, e);
+    else
+        e->k->host_run(e->k, e->n_draws, draw_task, e);
+    e->stats.sample_parallel_steps++;
+}
+
 /* After the forward pass: commits full blocks, samples, finishes. */
 static void advance(pd_engine_t *e, req_t *r, const float *logits)
 {
+    if (r->cancelled && r->n_drawn > 0) /* drawn ahead, never to be emitted */
+        pd_sampler_set_state(r->sampler, r->rng_before);
     if (r->n_draft > 0 && !r->cancelled) {
         int32_t p = r->n_computed; /* the pending token's position */
         int32_t emitted = verify(e, r, logits);
@@ -1157,6 +1309,8 @@ pd_status_t pd_engine_step(pd_engine_t *e, int32_t *n_seqs_p)
         h++;
     e->stats.hist[h]++;
     int32_t n_sched = e->n_sched;
+    if (st == PD_OK && !e->greedy_step && e->sample_threads > 1)
+        draw_ahead(e, logits);
     for (int32_t i = 0; i < n_sched; i++) {
         req_t *r = e->sched[i];
         if (st != PD_OK)

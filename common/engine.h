@@ -69,6 +69,14 @@ typedef struct pd_engine_opts {
      * the model's llm and the draft model's; ignored on the CPU backend. Off by
      * default. */
     bool cuda_graphs;
+    /* Host threads that draw the sampled tokens of a step, the engine thread among
+     * them: each request's draws run on one thread, in the order the serial loop makes
+     * them, so the tokens and random states are the same for every count. <= 0: the
+     * backend's host threads (the CPU backend's kernel pool), or min(online CPUs, 8)
+     * of the engine's own on a device backend; 1: the engine thread alone; N > 1: a
+     * pool of N of the engine's own. A step draws in parallel only when it has two or
+     * more requests to draw for and enough vocabulary rows to pay for it. */
+    int32_t sample_threads;
     /* The tokenizer's EOS and BOS ids (pd_tokenizer_eos/bos), which end a request
      * unless it ignores EOS; negative: none. */
     int32_t eos, bos;
@@ -178,6 +186,7 @@ typedef struct pd_engine_stats {
     double spec_draft_step_s; /* ... in its one-token-per-sequence passes */
     int64_t spec_draft_steps;
     double forward_s, sample_s;
+    int64_t sample_parallel_steps; /* steps whose draws ran on several host threads */
 } pd_engine_stats_t;
 
 pd_status_t pd_engine_new(const pd_model_t *model, pd_kernels_t *kernels,
@@ -213,6 +222,9 @@ int32_t pd_engine_max_seq_len(const pd_engine_t *e);
 /* The CUDA graph caches' counters (pd_llm_graph_stats) of the target and the draft
  * llm, added up. */
 void pd_engine_graph_stats(const pd_engine_t *e, pd_llm_graph_stats_t *stats_p);
+/* The host threads that draw sampled tokens (opts.sample_threads resolved; 1: the
+ * engine thread alone). */
+int32_t pd_engine_sample_threads(const pd_engine_t *e);
 /* The engine clock (monotonic seconds since creation). */
 double pd_engine_now(const pd_engine_t *e);
 

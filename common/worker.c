@@ -375,6 +375,7 @@ static void usage(FILE *f, pd_worker_role_t role)
         "         [--drain-timeout S]%s [--log-level L]\n"
         "         [--spec ngram|draft|off] [--spec-k N] [--draft-model D]\n"
         "         [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16] [--cuda-graphs]\n"
+        "         [--sample-threads N]\n"
         "  Joins the router at ENDPOINT (its worker endpoint; default\n"
         "  tcp://127.0.0.1:5556) as a %s worker. Defaults: one thread per CPU,\n"
         "  64 sequences, 512 tokens per step, a KV pool of 1 GiB at most, blocks of\n"
@@ -389,7 +390,9 @@ static void usage(FILE *f, pd_worker_role_t role)
         "  on a CPU); --kv-transport cuda-ipc (every worker on GPUs of one node)\n"
         "  copies it from GPU to GPU through CUDA IPC, with no host copy.\n"
         "  --cuda-graphs: repeated decode passes replay as CUDA graphs (off by\n"
-        "  default; ignored on the CPU).\n",
+        "  default; ignored on the CPU). --sample-threads: host threads that draw\n"
+        "  sampled tokens, the same tokens for every N (0, the default: the kernel\n"
+        "  threads on the CPU, min(CPUs, 8) with a GPU; 1: the engine thread).\n",
         n, role == PD_WORKER_DECODE ? " [--local-prefill]" : "",
         role == PD_WORKER_PREFILL ? "prefill" : "decode");
 }
@@ -442,6 +445,8 @@ static int parse_value(wopts_t *o, const char *a, const char *v)
         o->name = v;
     else if (!strcmp(a, "--threads"))
         bad = parse_int(v, 1, 1024, &n) || !(o->threads = (int)n);
+    else if (!strcmp(a, "--sample-threads"))
+        bad = parse_int(v, 0, 256, &n) || ((o->eo.sample_threads = (int32_t)n), 0);
     else if (!strcmp(a, "--max-num-seqs"))
         bad = parse_int(v, 1, 4096, &n) || !(o->eo.max_num_seqs = (int32_t)n);
     else if (!strcmp(a, "--batch"))

@@ -173,6 +173,15 @@ struct pd_kernels {
     /* Releases a graph once the launches enqueued with it are done; accepts NULL. */
     void (*graph_destroy)(pd_kernels_t *k, void *graph);
 
+    /* ---- Host threads. Runs fn(arg, task, thread) for every task in [0, n_tasks),
+     * on up to n_threads host threads (the calling thread among them, thread <
+     * n_threads), and returns once every task is done: host work between ops (the
+     * engine's draws of sampled tokens). The CPU backend lends its kernel pool; NULL
+     * on a backend with no host threads of its own (CUDA), whose caller brings its
+     * own. Never called while the backend's own ops run. */
+    void (*host_run)(pd_kernels_t *k, int64_t n_tasks,
+                     void (*fn)(void *arg, int64_t task, int thread), void *arg);
+
     /* Releases everything; called through pd_kernels_destroy(). */
     void (*destroy)(pd_kernels_t *k);
 };

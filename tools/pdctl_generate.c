@@ -47,7 +47,7 @@ static void usage(FILE *f)
         "       pdctl generate --model M --prompts FILE.jsonl [--parallel N]\n"
         "         [--kv-memory SIZE] [--block-size N] [--arrival-steps K]\n"
         "         [--no-prefix-cache] [--spec ngram|draft|off] [--spec-k N]\n"
-        "         [--draft-model D]\n"
+        "         [--draft-model D] [--sample-threads N]\n"
         "         [and the options above]\n"
         "  Runs every prompt of FILE (one JSON object a line: \"prompt\" or "
         "\"prompt_ids\",\n"
@@ -65,7 +65,10 @@ static void usage(FILE *f)
         "  decoding of greedy requests by n-gram prompt lookup, up to --spec-k (4)\n"
         "  proposed tokens per step, verified in the same pass (output unchanged);\n"
         "  --draft-model D (same vocabulary; implies --spec draft): proposals from D;\n"
-        "  --spec-fixed: always --spec-k proposals (k is adaptive otherwise).\n");
+        "  --spec-fixed: always --spec-k proposals (k is adaptive otherwise);\n"
+        "  --sample-threads N: host threads that draw sampled tokens, each request's\n"
+        "  draws on one of them (same tokens for every N; default 0: the kernel\n"
+        "  threads on the CPU, min(CPUs, 8) with a GPU; 1: the engine thread).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *v_p)
@@ -169,6 +172,8 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
             a->max_tokens = (int32_t)v;
         else if (!strcmp(o, "--threads") && !parse_num(o, val, 0, 1024, &v))
             a->threads = (int32_t)v;
+        else if (!strcmp(o, "--sample-threads") && !parse_num(o, val, 0, 256, &v))
+            a->sample_threads = (int32_t)v;
         else if (!strcmp(o, "--ctx") && !parse_num(o, val, 0, 1 << 24, &v))
             a->ctx = (int32_t)v;
         else if (!strcmp(o, "--batch") && !parse_num(o, val, 1, 1 << 16, &v))
@@ -190,7 +195,8 @@ static int parse_args(int argc, char **argv, gen_args_t *a)
                 !strstr(" --model --tokenizer --prompt --format --isa --device "
                         "--max-tokens --threads --ctx --batch --kv-dtype --load "
                         "--temperature --top-p --top-k --min-p --seed --prompts "
-                        "--parallel --block-size --arrival-steps --kv-memory ",
+                        "--parallel --block-size --arrival-steps --kv-memory "
+                        "--sample-threads ",
                         o))
                 fprintf(stderr, "pdctl generate: unknown option '%s'\n", o);
             return -1;

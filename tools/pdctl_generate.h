@@ -21,6 +21,7 @@ typedef struct gen_args {
     bool bf16_weights;   /* --weight-dtype bf16 (CUDA) */
     bool cuda_graphs;    /* --cuda-graphs (CUDA; ignored on the CPU) */
     int32_t max_tokens, threads, ctx, batch;
+    int32_t sample_threads; /* --sample-threads (0: the engine's default) */
     pd_sampler_params_t sp;
     bool seed_given, ignore_eos;
     /* --prompts */

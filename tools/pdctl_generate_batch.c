@@ -369,6 +369,11 @@ static void print_summary(const gen_args_t *a, pd_engine_t *e, const pd_kernels_
         json_object_new_double(wall_s > 0 ? prompt_tokens / wall_s : 0));
     json_object_object_add(s, "decode_steps", json_object_new_int64(st.steps));
     json_object_object_add(s, "forward_s", json_object_new_double(st.forward_s));
+    json_object_object_add(s, "sample_s", json_object_new_double(st.sample_s));
+    json_object_object_add(s, "sample_threads",
+                           json_object_new_int(pd_engine_sample_threads(e)));
+    json_object_object_add(s, "sample_parallel_steps",
+                           json_object_new_int64(st.sample_parallel_steps));
     json_object *b = json_object_new_object(), *h = json_object_new_object();
     json_object_object_add(b, "mean", json_object_new_double(mean_batch));
     json_object_object_add(b, "max", json_object_new_int64(st.max_batch_seqs));
@@ -490,6 +495,7 @@ int pd_generate_batch(const gen_args_t *a, const pd_model_t *m, pd_kernels_t *k,
                            .draft_model = draft,
                            .spec_fixed_k = a->spec_fixed,
                            .cuda_graphs = a->cuda_graphs,
+                           .sample_threads = a->sample_threads,
                            .eos = pd_tokenizer_eos(tok),
                            .bos = pd_tokenizer_bos(tok)};
     if (a->kv_dtype && strcmp(a->kv_dtype, "auto"))

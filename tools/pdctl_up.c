@@ -38,6 +38,7 @@ typedef struct up {
     const char *device, *weight_dtype; /* passed to every worker */
     bool cuda_graphs;                  /* --cuda-graphs, passed to every worker */
     const char *layerwise_min;         /* --kv-layerwise-min, to every worker */
+    const char *sample_threads;        /* --sample-threads, to every worker */
     int n_prefill, n_decode, port, threads, local_prefill_max, drain_s, ready_s;
     child_t kids[MAX_CHILDREN];
     int n_kids;
@@ -57,7 +58,7 @@ static void usage(FILE *f)
             "                [--log-dir DIR] [--drain-timeout S] [--ready-timeout S]\n"
             "                [--spec ngram|draft|off] [--spec-k N]\n"
             "                [--device cpu|cuda|cuda:N] [--weight-dtype auto|bf16]\n"
-            "                [--cuda-graphs]\n"
+            "                [--cuda-graphs] [--sample-threads N]\n"
             "  Starts pd-router (clients on tcp://127.0.0.1:P, default 5555), N prefill\n"
             "  and N decode workers (default 1 each) on this machine, waits until all\n"
             "  have registered, prints the client endpoint, and runs until Ctrl-C or\n"
@@ -67,8 +68,9 @@ static void usage(FILE *f)
             "  --device: where every worker runs its engine (cuda: all on GPU 0).\n"
             "  --cuda-graphs: the workers replay repeated decode passes as CUDA graphs\n"
             "  (off by default; accepted and ignored on the CPU).\n"
-            "  --kv-memory, --kv-layerwise-min, --device, --weight-dtype and\n"
-            "  --kv-transport go to every worker as the workers' flags.\n");
+            "  --kv-memory, --kv-layerwise-min, --device, --weight-dtype,\n"
+            "  --sample-threads and --kv-transport go to every worker as the workers'\n"
+            "  flags.\n");
 }
 
 static double now_s(void)
@@ -357,6 +359,10 @@ static int parse(up_t *u, int argc, char **argv)
             int k = 0;
             bad = parse_int(v, 0, 1 << 30, &k);
             u->layerwise_min = v;
+        } else if (!strcmp(a, "--sample-threads")) {
+            int k = 0;
+            bad = parse_int(v, 0, 256, &k);
+            u->sample_threads = v;
         } else if (!strcmp(a, "--spec"))
             bad = strcmp(v, "ngram") && strcmp(v, "draft") && strcmp(v, "off")
                       ? -1
@@ -494,7 +500,7 @@ static int start_workers(up_t *u)
         char name[32];
         snprintf(name, sizeof name, "%s%d", prefill ? "prefill" : "decode",
                  prefill ? i : i - u->n_prefill);
-        char *argv[32];
+        char *argv[40]; /* 32 at most */
         int n = 0;
         argv[n++] = prefill ? prefill_bin : decode_bin;
         argv[n++] = "--model";
@@ -529,6 +535,10 @@ static int start_workers(up_t *u)
         }
         if (u->cuda_graphs)
             argv[n++] = "--cuda-graphs";
+        if (u->sample_threads) {
+            argv[n++] = "--sample-threads";
+            argv[n++] = (char *)u->sample_threads;
+        }
         if (!prefill && u->local_prefill_max >= 0)
             argv[n++] = "--local-prefill";
         if (!prefill && u->spec) {

@@ -108,6 +108,18 @@ static void run(pd_cpu_kernels_t *ck, int64_t n_tasks, double work, pd_task_fn f
     pd_threadpool_run(ck->pool, n_tasks, fn, arg);
 }
 
+/* ops.h host_run: the kernel pool, lent between ops */
+static void cpu_host_run(pd_kernels_t *k, int64_t n_tasks, pd_task_fn fn, void *arg)
+{
+    pd_cpu_kernels_t *ck = (pd_cpu_kernels_t *)k;
+    if (ck->n_threads == 1) {
+        for (int64_t t = 0; t < n_tasks; t++)
+            fn(arg, t, 0);
+        return;
+    }
+    pd_threadpool_run(ck->pool, n_tasks, fn, arg);
+}
+
 static int dt_index(pd_dtype_t d)
 {
     switch (d) {
@@ -767,6 +779,7 @@ pd_status_t pd_kernels_cpu_new(int n_threads, const char *isa, pd_kernels_t **k_
         .add = cpu_add,
         .kv_write = cpu_kv_write,
         .attention = cpu_attention,
+        .host_run = cpu_host_run,
         .destroy = cpu_destroy,
     };
     PD_LOG_INFO("kernels: cpu backend, isa %s%s, %d threads", impl->name,

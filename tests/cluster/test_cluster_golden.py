@@ -5,7 +5,8 @@ to stream their KV layer by layer (--kv-layerwise-min 1) as well as in bulk; see
 sampled requests equal `pdctl generate` with the same seed (the prefill worker draws
 the first token and hands its random state on); and after every run each worker's
 free KV blocks are back to their starting count. One configuration runs the decode
-workers with speculative decoding (--spec ngram)."""
+workers with speculative decoding (--spec ngram), one the workers with
+--sample-threads 3."""
 import os
 import sys
 
@@ -42,7 +43,8 @@ configs = [
     # (label, prefill, decode, transport, gguf, extra worker args)
     ("1P+1D ucx gguf", 1, 1, "ucx", True, []),
     ("1P+1D ucx llama2.c layerwise", 1, 1, "ucx", False, ["--kv-layerwise-min", "1"]),
-    ("2P+2D zmq gguf", 2, 2, "zmq", True, []),
+    # the workers draw on their own pools of 3 sampling threads
+    ("2P+2D zmq gguf", 2, 2, "zmq", True, ["--sample-threads", "3"]),
     ("2P+2D ucx gguf layerwise small steps", 2, 2, "ucx", True,
      ["--kv-layerwise-min", "1", "--batch", "64"]),
     # speculative decoding (n-gram lookup) on the decode workers: greedy unchanged

@@ -758,6 +758,173 @@ START_TEST(spec_draft_equals_alone)
 }
 END_TEST
 
+/* ---- draws on several host threads ---- */
+
+typedef struct traced {
+    out_t o;
+    uint64_t trace;       /* every token and the random state after it, folded */
+    uint64_t cancel_id;   /* cancelled from this request's callback ... */
+    int32_t cancel_after; /* ... at its token number cancel_after */
+} traced_t;
+
+static pd_engine_t *traced_engine;
+
+static void fold(uint64_t *h, uint64_t v)
+{
+    *h = (*h ^ v) * 0x100000001b3ull;
+}
+
+static void traced_token(void *user, uint64_t id, int32_t tok)
+{
+    traced_t *t = user;
+    uint64_t rng[4];
+    ck_assert_int_eq(pd_engine_rng_state(traced_engine, id, rng), PD_OK);
+    fold(&t->trace, (uint64_t)(uint32_t)tok);
+    for (int i = 0; i < 4; i++)
+        fold(&t->trace, rng[i]);
+    if (++t->o.n_tokens_cb == t->cancel_after && t->cancel_id)
+        ck_assert_int_eq(pd_engine_cancel(traced_engine, t->cancel_id), PD_OK);
+}
+
+static void traced_finish(void *user, const pd_engine_result_t *r)
+{
+    on_finish(&((traced_t *)user)->o, r);
+}
+
+/* Runs q through an engine on m; request 0 cancels request 1 after 5 tokens. */
+static pd_engine_stats_t run_traced(const pd_model_t *m, const pd_engine_opts_t *eo,
+                                    const req_spec_t *q, int n, traced_t *outs,
+                                    int32_t *threads_p)
+{
+    memset(outs, 0, (size_t)n * sizeof *outs);
+    ck_assert_int_eq(pd_engine_new(m, kern, eo, &traced_engine), PD_OK);
+    *threads_p = pd_engine_sample_threads(traced_engine);
+    uint64_t ids[MAX_REQ];
+    int added = 0;
+    for (int step = 0; step < 100000 && (added < n || pd_engine_n_pending(traced_engine));
+         step++) {
+        for (int r = 0; r < n; r++)
+            if (q[r].arrival == step) {
+                pd_engine_request_t rq = {.prompt = q[r].prompt,
+                                          .n_prompt = q[r].n_prompt,
+                                          .max_tokens = q[r].max_tokens,
+                                          .ignore_eos = true,
+                                          .sampling = q[r].sp,
+                                          .on_token = traced_token,
+                                          .on_finish = traced_finish,
+                                          .user = &outs[r]};
+                ck_assert_int_eq(pd_engine_add(traced_engine, &rq, &ids[r]), PD_OK);
+                added++;
+                if (r == 1) {
+                    outs[0].cancel_id = ids[1];
+                    outs[0].cancel_after = 5;
+                }
+            }
+        ck_assert_int_eq(pd_engine_step(traced_engine, NULL), PD_OK);
+    }
+    ck_assert_int_eq(added, n);
+    ck_assert_int_eq(pd_engine_n_pending(traced_engine), 0);
+    pd_engine_stats_t st = pd_engine_stats(traced_engine);
+    pd_engine_destroy(&traced_engine);
+    return st;
+}
+
+/* Draws made ahead on several host threads (the engine's own pool of 4, the CPU
+ * backend's pool of 2) give every request the tokens, the random state after each
+ * token (as on_token reads it) and the final state that the engine thread alone gives:
+ * sampled and greedy requests with every filter, with n-gram and draft-model
+ * proposals verified by rejection sampling, on the 32000-token vocabulary and on
+ * stories260K, with a request cancelled from another's callback after its draws were
+ * made. */
+START_TEST(parallel_draws_equal_serial)
+{
+    enum { N = 64 };
+    static req_spec_t q[N];
+    static traced_t serial[N], par[N];
+    pd_model_t *big = NULL, *draft = NULL;
+    ck_assert_int_eq(
+        pd_model_open(pd_test_model_path("llama-2-tiny-random.gguf"), NULL, &big), PD_OK);
+    ck_assert_int_eq(
+        pd_model_open(pd_test_model_path("llama2xs_tok512_280K.gguf"), NULL, &draft),
+        PD_OK);
+    pd_rng_t rng;
+    pd_rng_seed(&rng, 9090);
+    make_specs(&rng, q, N, 6);
+    q[0].arrival = q[1].arrival = 0;
+    q[0].max_tokens = q[1].max_tokens = 40;
+    for (int r = 0; r < N; r++) {
+        pd_sampler_params_t *sp = &q[r].sp;
+        *sp = pd_sampler_params_default();
+        sp->seed = 77 + (uint64_t)r;
+        if (r % 5 == 4)
+            continue; /* greedy */
+        sp->temperature = r % 3 == 0 ? 0.7f : r % 3 == 1 ? 1.0f : 1.4f;
+        sp->top_p = r % 4 == 0 ? 1.0f : r % 4 == 1 ? 0.9f : 0.5f;
+        sp->top_k = r % 7 == 0 ? 40 : 0;
+        sp->min_p = r % 6 == 1 ? 0.05f : 0.0f;
+    }
+    /* 0: 32000 tokens, 12 requests; 1: stories260K with n-gram proposals; 2: with the
+     * draft model's */
+    for (int c = 0; c < 3; c++) {
+        const pd_model_t *m = c == 0 ? big : model;
+        int n = c == 0 ? 12 : N;
+        pd_engine_opts_t eo = {.max_num_seqs = c == 0 ? 8 : N,
+                               .max_batch_tokens = 512,
+                               .eos = 2,
+                               .bos = 1,
+                               .spec_k = c == 0 ? 0 : 4,
+                               .spec_fixed_k = true, /* adaptive k reads the clock */
+                               .draft_model = c == 2 ? draft : NULL,
+                               .sample_threads = 1};
+        int32_t threads = 0;
+        pd_engine_stats_t s1 = run_traced(m, &eo, q, n, serial, &threads);
+        ck_assert_int_eq(threads, 1);
+        ck_assert_int_eq(s1.sample_parallel_steps, 0);
+        if (c > 0)
+            ck_assert_int_gt(s1.spec_accepted, 0);
+        for (int v = 0; v < 2; v++) {
+            eo.sample_threads = v == 0 ? 4 : 0; /* 0: the backend's 2 kernel threads */
+            pd_engine_stats_t s2 = run_traced(m, &eo, q, n, par, &threads);
+            ck_assert_int_eq(threads, v == 0 ? 4 : 2);
+            ck_assert_msg(s2.sample_parallel_steps > 0,
+                          "case %d: no step drew in parallel (%lld steps)", c,
+                          (long long)s2.steps);
+            ck_assert_int_eq(s2.gen_tokens, s1.gen_tokens);
+            ck_assert_int_eq(s2.spec_accepted, s1.spec_accepted);
+            for (int r = 0; r < n; r++) {
+                const out_t *a = &serial[r].o, *b = &par[r].o;
+                ck_assert(a->done && b->done);
+                ck_assert_int_eq(b->res.finish, a->res.finish);
+                ck_assert_int_eq(b->n, a->n);
+                for (int32_t i = 0; i < a->n; i++)
+                    ck_assert_msg(
+                        b->ids[i] == a->ids[i],
+                        "case %d, %d threads, request %d token %d: %d, serial %d", c,
+                        threads, r, i, b->ids[i], a->ids[i]);
+                ck_assert_msg(par[r].trace == serial[r].trace,
+                              "case %d, %d threads, request %d: the random states seen "
+                              "from on_token differ",
+                              c, threads, r);
+                ck_assert_msg(!memcmp(b->res.rng_state, a->res.rng_state,
+                                      sizeof a->res.rng_state),
+                              "case %d, %d threads, request %d (%s): the final random "
+                              "state differs",
+                              c, threads, r, pd_engine_finish_str(a->res.finish));
+            }
+        }
+        /* request 1, after request 0 in every step, has its token of the step drawn
+         * (ahead, in parallel) when request 0's callback cancels it */
+        ck_assert_int_eq(serial[1].o.res.finish, PD_ENGINE_FINISH_CANCELLED);
+        if (c == 0)
+            ck_assert_int_eq(serial[1].o.n, 4);
+        else
+            ck_assert_int_lt(serial[1].o.n, q[1].max_tokens);
+    }
+    pd_model_destroy(&draft);
+    pd_model_destroy(&big);
+}
+END_TEST
+
 /* ---- a step allocates nothing ---- */
 
 START_TEST(steps_allocate_nothing)
@@ -803,6 +970,7 @@ int main(void)
                 prefix_cache_hit_and_stats, chunked_prefill_does_not_stall_decodes,
                 cancel_releases_blocks, bad_requests_refused, steps_allocate_nothing,
                 prefill_handoff_equals_alone, prefilled_edge_cases, blocks_held_outside_wait,
-                spec_ngram_equals_alone, spec_draft_equals_alone);
+                spec_ngram_equals_alone, spec_draft_equals_alone,
+                parallel_draws_equal_serial);
     return pd_test_run("engine", tc);
 }

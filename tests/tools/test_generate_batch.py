@@ -8,7 +8,8 @@ of that line only (exit 1, the reason on stderr); the summary adds up.
 Every run also gets the generic checks of check_run(). Randomness is seeded. Under
 AddressSanitizer (detected in the pdctl binary) the same checks run on fewer tokens:
 smaller random batches, the first 72 ids of each golden line, and the llama2.c copy
-of stories260K only alone."""
+of stories260K only alone. --sample-threads 1, 3 and the default give the same sampled
+tokens, and the summary says how many threads drew and in how many steps."""
 import json
 import os
 import random
@@ -681,6 +682,46 @@ for parallel in (1, 3, 8):
         f.check(r.summary["batch_size"]["max"] == parallel,
                 f"8 requests arriving together with --parallel {parallel}: "
                 f"batch_size.max {r.summary['batch_size']['max']}")
+
+# ---- 7. --sample-threads: the same tokens drawn on 1 or more host threads ------------
+
+rng = random.Random(77)
+# stories260K: 80 requests arriving together, so that 64 run at once (64 rows of 512
+# logits are enough to draw in parallel)
+for model, n_req in ((OTHER_MODELS[0], 10), (STORIES, 80)):
+    lines = []
+    for i in range(n_req):
+        r = random_request(rng, model, 24, 4)
+        r.update(temperature=rng.choice([0.7, 1.0, 1.3]), seed=1000 + i)
+        if model is STORIES:
+            r.update(arrival_step=0, max_tokens=20, ignore_eos=True)
+        lines.append(r)
+    runs = {}
+    for st in (1, 3, 0):
+        opts = ["--parallel", 64, "--threads", 2]
+        if st:
+            opts += ["--sample-threads", st]
+        runs[st] = batch(model, lines, *opts, label=f"sampled, --sample-threads {st}")
+    ref = runs[1]
+    if None in runs.values():
+        continue
+    for st in (3, 0):
+        same_runs(f"{model.label} --sample-threads {st} vs 1", runs[st], ref)
+    for st, want in ((1, 1), (3, 3), (0, 2)):  # 0: the 2 kernel threads
+        s = runs[st].summary
+        f.check(s.get("sample_threads") == want,
+                f"{model.label} --sample-threads {st}: summary sample_threads "
+                f"{s.get('sample_threads')}, want {want}")
+        f.check((s.get("sample_parallel_steps", -1) > 0) == (want > 1) and
+                s.get("sample_s", -1) >= 0,
+                f"{model.label} --sample-threads {st}: sample_parallel_steps "
+                f"{s.get('sample_parallel_steps')}, sample_s {s.get('sample_s')}")
+for bad in ("-1", "257", "x"):
+    argv = [PDCTL, "generate", "--model", *STORIES.args, "--prompt", "Once",
+            "--sample-threads", bad]
+    p = subprocess.run(argv, capture_output=True, timeout=TIMEOUT)
+    f.check(p.returncode not in (0, 1) and b"--sample-threads" in p.stderr,
+            f"--sample-threads {bad}: exit {p.returncode}, stderr {p.stderr[-200:]!r}")
 
 if not f.items:
     shutil.rmtree(TMP, ignore_errors=True)
