@@ -1,12 +1,14 @@
 /* bench_sampler.c - micro-benchmark of pd_sampler_sample, the host-side draw that every
  * sampled (temperature > 0) sequence makes each step: on a GPU its logits cross to the
- * host and this runs once per sequence on the engine thread, so at 256 sequences its
- * cost is multiplied by 256.
+ * host and this runs once per sequence on the host's sampling threads, so at 256
+ * sequences its cost is multiplied by 256 (and divided among those threads).
  *
  * For vocabularies of 512 (stories260K), 32000 (Llama-2, the mkmodel presets) and
- * 128256 (Llama-3), logits that are flat (normal, sd 3: a random model, top-p reaches
- * thousands of candidates) and peaked (a real model's shape: a few dozen carry the
- * mass), and four common settings, it reports the median microseconds per draw of
+ * 128256 (Llama-3), logits that are flat (normal, sd 3: top-p reaches thousands of
+ * candidates), peaked (a real model's shape: a few dozen carry the mass) and uniform
+ * (normal, sd 0.05: a random model's, as llama-2-tiny-random.gguf gives; top-p reaches
+ * nearly all of them), and four common settings, it reports the median microseconds
+ * per draw of
  *   pdserve    pd_sampler_sample;
  *   full-sort  the same rule with every candidate sorted by qsort first (the plain
  *              way; a peer in the same run, on the same logits).
@@ -100,6 +102,7 @@ int main(int argc, char **argv)
         return 2;
     }
     const int vocabs[] = {512, 32000, 128256};
+    const char *shapes[] = {"flat", "peaked", "uniform"};
     const struct {
         const char *name;
         float t, top_p, min_p;
@@ -116,15 +119,16 @@ int main(int argc, char **argv)
     printf("%-7s %-7s %-26s %12s %12s %8s\n", "vocab", "logits", "setting", "pdserve us",
            "full-sort us", "speedup");
     for (size_t vi = 0; vi < sizeof vocabs / sizeof *vocabs; vi++)
-        for (int shape = 0; shape < 2; shape++) {
+        for (int shape = 0; shape < 3; shape++) {
             int n = vocabs[vi];
             pd_rng_t g;
             pd_rng_seed(&g, 11);
             for (int i = 0; i < n; i++) {
                 float u = pd_rng_float(&g) + 1e-7f, v = pd_rng_float(&g);
                 float z = sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
-                l[i] = shape ? z + (i % 1000 == 7 ? 9.0f + (float)(i % 13) : 0.0f)
-                             : 3.0f * z;
+                l[i] = shape == 1   ? z + (i % 1000 == 7 ? 9.0f + (float)(i % 13) : 0.0f)
+                       : shape == 2 ? 0.05f * z
+                                    : 3.0f * z;
             }
             for (size_t si = 0; si < sizeof sets / sizeof *sets; si++) {
                 pd_sampler_params_t sp = pd_sampler_params_default();
@@ -158,8 +162,8 @@ int main(int argc, char **argv)
                 }
                 pd_sampler_destroy(&s);
                 if (sp.top_k) {
-                    printf("%-7d %-7s %-26s %12.1f %12s %8s\n", n,
-                           shape ? "peaked" : "flat", sets[si].name, med[0], "-", "-");
+                    printf("%-7d %-7s %-26s %12.1f %12s %8s\n", n, shapes[shape],
+                           sets[si].name, med[0], "-", "-");
                     continue;
                 }
                 if (sum[0] != sum[1]) {
@@ -167,9 +171,8 @@ int main(int argc, char **argv)
                             "bench_sampler: the draws differ from a full sort's\n");
                     return 1;
                 }
-                printf("%-7d %-7s %-26s %12.1f %12.1f %7.1fx\n", n,
-                       shape ? "peaked" : "flat", sets[si].name, med[0], med[1],
-                       med[1] / med[0]);
+                printf("%-7d %-7s %-26s %12.1f %12.1f %7.1fx\n", n, shapes[shape],
+                       sets[si].name, med[0], med[1], med[1] / med[0]);
             }
         }
     free(l);

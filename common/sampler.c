@@ -16,6 +16,12 @@
  * >> KEY_SHIFT (8 exponent bits, 5 of the mantissa). */
 #define KEY_SHIFT 18
 #define N_KEYS    ((0x3f800000u >> KEY_SHIFT) + 1) /* keys of [0, 1]; larger (NaN) clamp */
+/* A bucket of more than BIG_BUCKET candidates is spread once more, over the next
+ * SUB_BITS bits of the probability, before its parts are sorted: nearly uniform logits
+ * (a random model's, or a high temperature) put thousands of candidates in a bucket. */
+#define BIG_BUCKET 512
+#define SUB_BITS   12
+#define N_SUBS     (1u << SUB_BITS)
 
 typedef struct cand {
     float p;
@@ -27,9 +33,12 @@ struct pd_sampler {
     pd_sampler_params_t params;
     pd_rng_t rng;
     /* Scratch of a sampler that draws (NULL for a greedy one): */
-    cand_t *cands;       /* [n_vocab] the candidates (candidates()) */
+    /* [n_vocab] the candidates (candidates()); once ordered_begin has spread them
+     * into ord, scratch for ordered_at */
+    cand_t *cands;
     cand_t *ord;         /* [n_vocab] them by bucket, sorted up to n_sorted */
     int32_t *bucket_end; /* [N_KEYS] where each bucket ends in ord */
+    int32_t *sub_end;    /* [N_SUBS] the same inside a big bucket (sort_bucket) */
     int32_t n_sorted;
 };
 
@@ -78,7 +87,8 @@ pd_status_t pd_sampler_new(int32_t n_vocab, const pd_sampler_params_t *params,
         s->cands = malloc((size_t)n_vocab * sizeof *s->cands);
         s->ord = malloc((size_t)n_vocab * sizeof *s->ord);
         s->bucket_end = malloc(N_KEYS * sizeof *s->bucket_end);
-        if (!s->cands || !s->ord || !s->bucket_end) {
+        s->sub_end = malloc(N_SUBS * sizeof *s->sub_end);
+        if (!s->cands || !s->ord || !s->bucket_end || !s->sub_end) {
             pd_sampler_destroy(&s);
             return PD_ERR_NOMEM;
         }
@@ -94,6 +104,7 @@ void pd_sampler_destroy(pd_sampler_t **sampler_p)
     free((*sampler_p)->cands);
     free((*sampler_p)->ord);
     free((*sampler_p)->bucket_end);
+    free((*sampler_p)->sub_end);
     free(*sampler_p);
     *sampler_p = NULL;
 }
@@ -118,9 +129,10 @@ static int cand_before(const cand_t *x, const cand_t *y)
  * reaches. ordered_begin spreads them over buckets of their probability's float bits
  * (a counting sort: the bits of positive floats order like their values, and a bucket
  * spans a factor of 2^(1/32)), most likely bucket first; ordered_at sorts a bucket the
- * first time an index reaches it. Globally that is the order cand_before gives, so the
- * sums and the draw below are the same float operations in the same order as a full
- * sort's. O(n) plus the buckets reached, no allocation (glibc's qsort may allocate). */
+ * first time an index reaches it (a big one spread once more by the next bits).
+ * Globally that is the order cand_before gives, so the sums and the draw below are the
+ * same float operations in the same order as a full sort's. O(n) plus the buckets
+ * reached, no allocation (glibc's qsort may allocate). */
 
 static uint32_t cand_key(float p)
 {
@@ -171,6 +183,50 @@ static void sort_cands(cand_t *c, int32_t n)
     }
 }
 
+/* The SUB_BITS bits of p's float below its bucket's key. */
+static uint32_t cand_sub(float p)
+{
+    uint32_t b;
+    memcpy(&b, &p, sizeof b);
+    return (b >> (KEY_SHIFT - SUB_BITS)) & (N_SUBS - 1);
+}
+
+/* Sorts one bucket c[0..n) (candidates of one key). A big one is first spread by
+ * cand_sub, largest first, through s->cands (a stable counting sort: the bits order
+ * like the values), then each part is sorted: the order cand_before gives, since
+ * equal probabilities always share a part. */
+static void sort_bucket(pd_sampler_t *s, cand_t *c, int32_t n)
+{
+    if (n <= BIG_BUCKET) {
+        sort_cands(c, n);
+        return;
+    }
+    int32_t *end = s->sub_end;
+    memset(end, 0, N_SUBS * sizeof *end);
+    uint32_t lo = N_SUBS - 1, hi = 0;
+    for (int32_t i = 0; i < n; i++) {
+        uint32_t k = cand_sub(c[i].p);
+        end[k]++;
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+    }
+    int32_t at = 0;
+    for (uint32_t k = hi + 1; k-- > lo;) {
+        int32_t cnt = end[k];
+        end[k] = at;
+        at += cnt;
+    }
+    cand_t *tmp = s->cands;
+    for (int32_t i = 0; i < n; i++)
+        tmp[end[cand_sub(c[i].p)]++] = c[i];
+    int32_t b = 0;
+    for (uint32_t k = hi + 1; k-- > lo;) {
+        sort_cands(tmp + b, end[k] - b);
+        b = end[k];
+    }
+    memcpy(c, tmp, (size_t)n * sizeof *c);
+}
+
 /* Spreads c[0..m) over s->ord by bucket, most likely bucket first; s->bucket_end[key]
  * is where each bucket ends in ord. Nothing is sorted yet (s->n_sorted = 0). */
 static void ordered_begin(pd_sampler_t *s, const cand_t *c, int32_t m)
@@ -201,7 +257,7 @@ static const cand_t *ordered_at(pd_sampler_t *s, int32_t i)
 {
     while (i >= s->n_sorted) {
         int32_t b = s->n_sorted, e = s->bucket_end[cand_key(s->ord[b].p)];
-        sort_cands(s->ord + b, e - b);
+        sort_bucket(s, s->ord + b, e - b);
         s->n_sorted = e;
     }
     return &s->ord[i];

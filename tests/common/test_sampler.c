@@ -279,7 +279,8 @@ static int32_t ref_sample_spec(pd_rng_t *g, const float *l, int n,
 
 /* Logits of several shapes: flat (top-p reaches deep into the order), peaked, ties
  * (equal probabilities across and inside the sampler's buckets), a range wide enough
- * that many probabilities underflow to 0. */
+ * that many probabilities underflow to 0, nearly uniform (a random model's: thousands
+ * of candidates in one bucket, spread again inside it, with ties among them). */
 static void shaped_logits(float *l, int n, int shape, pd_rng_t *g)
 {
     for (int i = 0; i < n; i++) {
@@ -294,6 +295,9 @@ static void shaped_logits(float *l, int n, int shape, pd_rng_t *g)
             break;
         case 2:
             l[i] = floorf(2.0f * z) * 0.5f;
+            break;
+        case 4:
+            l[i] = i % 5 ? 0.02f * z : floorf(400.0f * z) * 0.00005f;
             break;
         default:
             l[i] = 40.0f * z;
@@ -315,7 +319,7 @@ START_TEST(draws_match_a_full_sort)
     pd_rng_seed(&g, 5);
     int cases = 0;
     for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
-        for (int shape = 0; shape < 4; shape++) {
+        for (int shape = 0; shape < 5; shape++) {
             int n = sizes[si];
             shaped_logits(l, n, shape, &g);
             for (int ci = 0; ci < 24; ci++) {
