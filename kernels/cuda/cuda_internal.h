@@ -43,7 +43,9 @@ cudaError_t pdc_kv_write(cudaStream_t s, void *cache, pd_dtype_t kv_dtype,
                          const float *src);
 /* y[t][o] = sum_i W[o][i] x[t][i]: W [n_out][n_in] of dtype (F32, F16, BF16, Q8_0,
  * Q4_0), x [T][n_in] f32, y [T][n_out] f32, F32 accumulation. Built for small T
- * (decode: T <= 8 reads each weight row once for all T rows); correct for any T. */
+ * (decode: T <= 8 reads each weight row once for all T rows); correct for any T. A
+ * negative n_in or n_out, or a width the dtype's blocks cannot tile, is
+ * cudaErrorInvalidValue; an empty product does nothing. */
 cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *w, int64_t n_in,
                        int64_t n_out, const float *x, int64_t T, float *y);
 /* ys[m] = x W_m^T for m < n (1 <= n <= PDC_MV_MULTI_MAX): n matrices of one dtype and

@@ -1333,9 +1333,9 @@ extern "C" cudaError_t pdc_matvec(cudaStream_t s, pd_dtype_t dtype, const void *
                                   int64_t n_in, int64_t n_out, const float *x, int64_t T,
                                   float *y)
 {
-    if (!dtype_ok(dtype, n_in) || n_in < 0)
+    if (!dtype_ok(dtype, n_in) || n_in < 0 || n_out < 0)
         return cudaErrorInvalidValue;
-    if (T <= 0 || n_out <= 0)
+    if (T <= 0 || n_out == 0)
         return cudaSuccess;
     MvSegs sg = {};
     sg.w[0] = static_cast<const uint8_t *>(w);

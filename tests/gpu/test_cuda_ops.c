@@ -389,6 +389,10 @@ static void test_matmul_multi(pd_kernels_t *k)
     check(pdc_matvec_multi(0, PD_DTYPE_Q8_0, ws, n_outs, ys, 2, 250, dx, 1) ==
               cudaErrorInvalidValue,
           "pdc_matvec_multi refuses Q8_0 rows of 250", 0, 0);
+    check(pdc_matvec(0, PD_DTYPE_BF16, d0, 256, -1, dx, 1, dy0) == cudaErrorInvalidValue,
+          "pdc_matvec refuses a negative height", 0, 0);
+    check(pdc_matvec(0, PD_DTYPE_BF16, d0, 256, 0, dx, 1, dy0) == cudaSuccess,
+          "pdc_matvec of an empty matrix does nothing", 0, 0);
     cudaFree(d0);
     cudaFree(d2);
     cudaFree(dx);
