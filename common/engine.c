@@ -235,8 +235,6 @@ static pd_status_t draft_new(pd_engine_t *e, const pd_model_t *dm)
     return st;
 }
 
-/* The llm's layer hook: hands the step's progress table (filled before the forward
- * pass) to the engine's layer hook. */
 /* Resolves opts.sample_threads (engine.h) and starts the engine's own pool when it
  * needs one. A pool that cannot start leaves the draws on the engine thread. */
 static pd_status_t sampling_new(pd_engine_t *e, int32_t want)
@@ -269,6 +267,8 @@ static pd_status_t sampling_new(pd_engine_t *e, int32_t want)
     return PD_OK;
 }
 
+/* The llm's layer hook: hands the step's progress table (filled before the forward
+ * pass) to the engine's layer hook. */
 static void layer_done(void *user, int layer)
 {
     pd_engine_t *e = user;
@@ -1124,7 +1124,7 @@ static void draw_task(void *arg, int64_t task, int thread)
  * sampling threads, when the step has enough of them to pay for the threads. Every
  * request's draws stay in its own order on one thread, so the tokens are those of
  * inline draws: only their timing moves. A request cancelled by a callback before its
- * turn is finished unseen, its draws unused. */
+ * turn emits none of them and gets its random state back (advance). */
 static void draw_ahead(pd_engine_t *e, const float *logits)
 {
     int64_t rows = 0;
