@@ -17,8 +17,10 @@
 #                          variants), prefill GEMMs
 #   4. end to end          decode tokens/s of mkmodel 1B (F32 file, BF16 on the GPU)
 #                          at 1, 8, 64 and 256 sequences, without and with
-#                          --cuda-graphs (the same ids); prefill tokens/s of a
-#                          1900-token prompt, cold (a new process) and warm
+#                          --cuda-graphs (the same ids); sampled decode at 256
+#                          sequences with --sample-threads 1 and the default pool
+#                          (the same ids); prefill tokens/s of a 1900-token
+#                          prompt, cold (a new process) and warm
 #   5. bench/torch_peer.py the same shapes in PyTorch eager (if torch is there)
 # and writes REPORT (default build-gpu/report/report.md) with every figure and each
 # step's status. Exit status: 0 when every check passed.
@@ -190,6 +192,39 @@ for n in (1, 8, 64, 256):
         print(f"decode {n:3d} sequences: {a['tokens_per_s']:9.1f} tokens/s op by op, "
               f"{b['tokens_per_s']:9.1f} with --cuda-graphs "
               f"({b['tokens_per_s'] / a['tokens_per_s']:.2f}x)", flush=True)
+# sampled decode: every logit row crosses to the host and each sequence draws there,
+# on the engine thread alone (--sample-threads 1) or the default pool: the same ids
+n = 256
+path = f"{out}/sampled{n}.jsonl"
+with open(path, "w") as fh:
+    for i in range(n):
+        p = " ".join(words[(i + j) % len(words)] for j in range(12))
+        fh.write(json.dumps({"prompt": p, "max_tokens": 32 if quick else 128,
+                             "temperature": 0.8, "top_p": 0.95, "seed": 100 + i}) + "\n")
+ids = {}
+for st in ("1", "0"):
+    key = f"sampled_{n}_threads_{st}"
+    p = subprocess.run([pdctl, "generate", *common, "--prompts", path, "--parallel", str(n),
+                        "--arrival-steps", "0", "--kv-memory", "8GiB", "--batch", "2048",
+                        "--sample-threads", st], capture_output=True, timeout=300)
+    rows = [json.loads(l) for l in p.stdout.decode().splitlines() if l.strip()]
+    s = [r["summary"] for r in rows if "summary" in r]
+    if p.returncode or not s:
+        print(f"{key}: failed rc {p.returncode}: {p.stderr.decode()[-500:]}")
+        rc = 3
+        continue
+    s = s[0]
+    ids[st] = {r["index"]: r["ids"] for r in rows if "index" in r}
+    res[key] = {"tokens_per_s": s["gen_tokens_per_s"], "sample_threads": s["sample_threads"],
+                "sample_ms_per_step": 1e3 * s["sample_s"] / max(1, s["decode_steps"]),
+                "forward_ms_per_step": 1e3 * s["forward_s"] / max(1, s["decode_steps"])}
+    r = res[key]
+    print(f"sampled decode {n} sequences, {r['sample_threads']} sampling threads: "
+          f"{r['tokens_per_s']:9.1f} tokens/s, {r['sample_ms_per_step']:.2f} ms/step "
+          f"drawing, {r['forward_ms_per_step']:.2f} ms/step forward", flush=True)
+if len(ids) == 2 and ids["1"] != ids["0"]:
+    print(f"FAILED: sampled decode {n}: the ids depend on --sample-threads")
+    rc = 3
 prompt = " ".join(words[j % len(words)] for j in range(1900))
 for rep in range(3):
     p = subprocess.run([pdctl, "generate", *common, "--prompt", prompt, "--max-tokens", "1",
@@ -226,7 +261,7 @@ else:
 print(json.dumps(res, indent=1))
 sys.exit(rc)
 EOF
-[ "${PIPESTATUS[0]}" = 0 ] || fail "end to end (--cuda-graphs changed the ids, or the script failed)"
+[ "${PIPESTATUS[0]}" = 0 ] || fail "end to end (--cuda-graphs or --sample-threads changed the ids, or the script failed)"
 fi
 
 # ---- 3. kernel benchmarks ----
