@@ -947,6 +947,10 @@ static void worker_stats(const Pd__WorkerInfo *w, pdc_worker_stats_t *o)
     o->tasks_done = l->tasks_done;
     o->tokens_out = l->tokens_out;
     o->kv_bytes = l->kv_bytes;
+    o->steps = l->steps;
+    o->forward_s = l->forward_s;
+    o->sample_s = l->sample_s;
+    o->sample_threads = l->sample_threads;
 }
 
 pd_status_t pdc_stats(pdc_client_t *c, uint32_t timeout_ms, pdc_stats_t *s,

@@ -222,6 +222,11 @@ typedef struct pdc_worker_stats {
     uint32_t free_blocks, total_blocks, running, waiting;
     uint32_t reserved_blocks, held_blocks;
     uint64_t queued_prefill_tokens, tasks_done, tokens_out, kv_bytes;
+    /* the worker's engine steps and their seconds: forward passes, then drawing the
+     * tokens (on sample_threads host threads) */
+    uint64_t steps;
+    double forward_s, sample_s;
+    uint32_t sample_threads;
 } pdc_worker_stats_t;
 
 typedef struct pdc_stats {

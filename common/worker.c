@@ -83,6 +83,10 @@ static void fill_load(worker_t *w, Pd__WorkerLoad *l)
     l->kv_bytes = (uint64_t)w->kv_bytes;
     l->spec_proposed = (uint64_t)x.spec_proposed;
     l->spec_accepted = (uint64_t)x.spec_accepted;
+    l->steps = (uint64_t)x.steps;
+    l->forward_s = x.forward_s;
+    l->sample_s = x.sample_s;
+    l->sample_threads = (uint32_t)x.sample_threads;
     l->draining = w->draining;
 }
 

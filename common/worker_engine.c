@@ -320,6 +320,7 @@ static void drain_reserves(worker_t *w)
 
 void wk_publish_load(worker_t *w)
 {
+    pd_engine_stats_t st = pd_engine_stats(w->engine);
     load_t l = {.free_blocks = pd_kv_pool_n_free(w->kv),
                 .total_blocks = pd_kv_pool_n_blocks(w->kv),
                 .running = pd_engine_n_running(w->engine),
@@ -328,8 +329,12 @@ void wk_publish_load(worker_t *w)
                 .queued_prefill = w->queued_prefill,
                 .tasks_done = w->tasks_done,
                 .tokens_out = w->tokens_out,
-                .spec_proposed = pd_engine_stats(w->engine).spec_proposed,
-                .spec_accepted = pd_engine_stats(w->engine).spec_accepted};
+                .spec_proposed = st.spec_proposed,
+                .spec_accepted = st.spec_accepted,
+                .steps = st.steps,
+                .forward_s = st.forward_s,
+                .sample_s = st.sample_s,
+                .sample_threads = pd_engine_sample_threads(w->engine)};
     pthread_mutex_lock(&w->mu);
     w->load = l;
     pthread_mutex_unlock(&w->mu);

@@ -103,6 +103,9 @@ typedef struct load {
     int32_t free_blocks, total_blocks, running, waiting;
     int64_t queued_prefill, tasks_done, tokens_out;
     int64_t spec_proposed, spec_accepted;
+    int64_t steps;
+    double forward_s, sample_s;
+    int32_t sample_threads;
 } load_t;
 
 typedef struct worker {

@@ -249,6 +249,10 @@ void pd_registry_heartbeat(pd_worker_t *w, const Pd__WorkerLoad *l, uint64_t now
         .kv_bytes = l->kv_bytes,
         .spec_proposed = l->spec_proposed,
         .spec_accepted = l->spec_accepted,
+        .steps = l->steps,
+        .forward_s = l->forward_s,
+        .sample_s = l->sample_s,
+        .sample_threads = l->sample_threads,
         .draining = l->draining,
     };
 }

@@ -42,6 +42,9 @@ typedef struct pd_worker_load {
     uint32_t reserved_blocks, held_blocks;
     uint64_t tasks_done, tokens_out, kv_bytes;
     uint64_t spec_proposed, spec_accepted;
+    uint64_t steps;
+    double forward_s, sample_s;
+    uint32_t sample_threads;
     bool draining;
 } pd_worker_load_t;
 

@@ -366,6 +366,10 @@ static void on_stats(pd_router_t *rt, const pd_rpc_msg_t *m)
         wl[i].kv_bytes = w->load.kv_bytes;
         wl[i].spec_proposed = w->load.spec_proposed;
         wl[i].spec_accepted = w->load.spec_accepted;
+        wl[i].steps = w->load.steps;
+        wl[i].forward_s = w->load.forward_s;
+        wl[i].sample_s = w->load.sample_s;
+        wl[i].sample_threads = w->load.sample_threads;
         wl[i].draining = w->load.draining;
         wi[i].worker_id = w->id;
         wi[i].name = (char *)w->name;

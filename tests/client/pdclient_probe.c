@@ -146,12 +146,15 @@ static int do_stats(pdc_client_t *c)
         printf(",\"role\":%d,\"alive\":%s,\"draining\":%s,\"free_blocks\":%u,"
                "\"total_blocks\":%u,\"running\":%u,\"waiting\":%u,\"reserved_blocks\":%u,"
                "\"held_blocks\":%u,\"queued_prefill_tokens\":%llu,\"kv_bytes\":%llu,"
+               "\"steps\":%llu,\"forward_s\":%.3f,\"sample_s\":%.3f,"
+               "\"sample_threads\":%u,"
                "\"last_heartbeat_ms_ago\":%.1f}",
                (int)w->role, w->alive ? "true" : "false", w->draining ? "true" : "false",
                w->free_blocks, w->total_blocks, w->running, w->waiting,
                w->reserved_blocks, w->held_blocks,
                (unsigned long long)w->queued_prefill_tokens,
-               (unsigned long long)w->kv_bytes, w->last_heartbeat_ms_ago);
+               (unsigned long long)w->kv_bytes, (unsigned long long)w->steps,
+               w->forward_s, w->sample_s, w->sample_threads, w->last_heartbeat_ms_ago);
     }
     printf("]}\n");
     pdc_stats_fini(&s);

@@ -171,6 +171,10 @@ class FakeRouter(threading.Thread):
             w.load.reserved_blocks = 5
             w.load.held_blocks = 6
             w.load.kv_bytes = 1 << 33
+            w.load.steps = 700 + i
+            w.load.forward_s = 2.5
+            w.load.sample_s = 0.75
+            w.load.sample_threads = 8
         r.requests_total = self.generates
         r.requests_in_flight = len(self.streams)
         r.requests_failed = 1
@@ -309,6 +313,8 @@ def test_library(f, ep, router):
                 and w1["name"] == "fake-w1" and w0["alive"] and w1["running"] == 2
                 and w0["queued_prefill_tokens"] == 4000 and w0["reserved_blocks"] == 5
                 and w0["held_blocks"] == 6 and w0["kv_bytes"] == 1 << 33
+                and w1["steps"] == 701 and w0["forward_s"] == 2.5
+                and w0["sample_s"] == 0.75 and w0["sample_threads"] == 8
                 and w0["last_heartbeat_ms_ago"] == 12.5, f"worker stats {s['workers']}")
     f.check(s["requests_failed"] == 1 and s["retries"] == 2 and s["tokens_out"] == 12345
             and s["bad_frames"] == 3 and s["requests_total"] > 0, f"stats counters {s}")

@@ -6,12 +6,13 @@ sampled requests equal `pdctl generate` with the same seed (the prefill worker d
 the first token and hands its random state on); and after every run each worker's
 free KV blocks are back to their starting count. One configuration runs the decode
 workers with speculative decoding (--spec ngram), one the workers with
---sample-threads 3."""
+--sample-threads 3, whose STATS then report 3 sampling threads and their steps' time."""
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "support"))
-from pdcluster import (MODELS, Cluster, Failures, golden_lines, model_args,  # noqa
+from pdcluster import (MODELS, Cluster, Failures, golden_lines, model_args, pb,  # noqa
                        reference, wait_blocks_back)
 
 f = Failures()
@@ -98,6 +99,27 @@ for label, n_p, n_d, transport, gguf, wargs in configs:
                     f.check(not r.error and r.ids == want,
                             f"{what0} sampled {g['prompt']!r}: {r.error} {r.ids[:8]} vs "
                             f"{want[:8]}")
+                if "--sample-threads" in wargs:
+                    # every worker reports its sampling threads, and each one that ran
+                    # steps their time (the heartbeat carries them: wait a little for
+                    # both roles' counters; a prefill worker may have had no request)
+                    ws = []
+                    for _ in range(50):
+                        st = c.stats()
+                        ws = list(st.workers) if st else []
+                        if all(any(w.load.steps > 0 for w in ws if w.role == role)
+                               for role in (pb.PREFILL, pb.DECODE)):
+                            break
+                        time.sleep(0.1)
+                    f.check(len(ws) == n_p + n_d and
+                            all(w.load.sample_threads == 3 for w in ws),
+                            f"{what0}: sample_threads {[w.load.sample_threads for w in ws]}")
+                    times = [(w.role, w.load.steps, w.load.forward_s, w.load.sample_s)
+                             for w in ws]
+                    f.check(all(any(t[0] == role and t[1] > 0 for t in times)
+                                for role in (pb.PREFILL, pb.DECODE)) and
+                            all(t[1] == 0 or (t[2] > 0 and t[3] > 0) for t in times),
+                            f"{what0}: (role, steps, forward_s, sample_s) {times}")
                 if "--spec-k" in wargs:
                     # per request, in usage (adaptive k proposes mostly when few run)
                     up = sum(r.usage.spec_proposed for r in alone + res if r.usage)
