@@ -134,12 +134,47 @@ static int cand_before(const cand_t *x, const cand_t *y)
  * same float operations in the same order as a full sort's. O(n) plus the buckets
  * reached, no allocation (glibc's qsort may allocate). */
 
-static uint32_t cand_key(float p)
+/* p's float bits >> shift, masked, at most max. */
+static inline uint32_t bits_key(float p, unsigned shift, uint32_t mask, uint32_t max)
 {
     uint32_t b;
     memcpy(&b, &p, sizeof b);
-    b >>= KEY_SHIFT;
-    return b < N_KEYS ? b : N_KEYS - 1; /* NaN (or a negative) lands in the top bucket */
+    b = (b >> shift) & mask;
+    return b < max ? b : max;
+}
+
+/* p's bucket; NaN (or a negative) lands in the top one. */
+static uint32_t cand_key(float p)
+{
+    return bits_key(p, KEY_SHIFT, UINT32_MAX >> KEY_SHIFT, N_KEYS - 1);
+}
+
+/* A stable counting sort of c[0..n) into out by bits_key(p, shift, mask, n_keys - 1),
+ * largest key first: end[0..n_keys) gets where each key's candidates end in out,
+ * *lo_p and *hi_p the smallest and largest key present (n >= 1). */
+static inline __attribute__((always_inline)) void
+spread(const cand_t *c, int32_t n, cand_t *out, int32_t *end, uint32_t n_keys,
+       unsigned shift, uint32_t mask, uint32_t *lo_p, uint32_t *hi_p)
+{
+    memset(end, 0, n_keys * sizeof *end);
+    uint32_t lo = n_keys - 1, hi = 0;
+    for (int32_t i = 0; i < n; i++) {
+        uint32_t k = bits_key(c[i].p, shift, mask, n_keys - 1);
+        end[k]++;
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
+    }
+    /* end[k]: first the key's start, then (after the spread) its end */
+    int32_t at = 0;
+    for (uint32_t k = hi + 1; k-- > lo;) {
+        int32_t cnt = end[k];
+        end[k] = at;
+        at += cnt;
+    }
+    for (int32_t i = 0; i < n; i++)
+        out[end[bits_key(c[i].p, shift, mask, n_keys - 1)]++] = c[i];
+    *lo_p = lo;
+    *hi_p = hi;
 }
 
 /* A heap over c[0..n) with the candidate last in order at the root: heapsort with it
@@ -183,46 +218,22 @@ static void sort_cands(cand_t *c, int32_t n)
     }
 }
 
-/* The SUB_BITS bits of p's float below its bucket's key. */
-static uint32_t cand_sub(float p)
-{
-    uint32_t b;
-    memcpy(&b, &p, sizeof b);
-    return (b >> (KEY_SHIFT - SUB_BITS)) & (N_SUBS - 1);
-}
-
-/* Sorts one bucket c[0..n) (candidates of one key). A big one is first spread by
- * cand_sub, largest first, through s->cands (a stable counting sort: the bits order
- * like the values), then each part is sorted: the order cand_before gives, since
- * equal probabilities always share a part. */
+/* Sorts one bucket c[0..n) (candidates of one key). A big one is first spread by the
+ * SUB_BITS bits below the key, largest first, into s->cands, then each part is
+ * sorted: the order cand_before gives, since equal probabilities share a part. */
 static void sort_bucket(pd_sampler_t *s, cand_t *c, int32_t n)
 {
     if (n <= BIG_BUCKET) {
         sort_cands(c, n);
         return;
     }
-    int32_t *end = s->sub_end;
-    memset(end, 0, N_SUBS * sizeof *end);
-    uint32_t lo = N_SUBS - 1, hi = 0;
-    for (int32_t i = 0; i < n; i++) {
-        uint32_t k = cand_sub(c[i].p);
-        end[k]++;
-        lo = k < lo ? k : lo;
-        hi = k > hi ? k : hi;
-    }
-    int32_t at = 0;
-    for (uint32_t k = hi + 1; k-- > lo;) {
-        int32_t cnt = end[k];
-        end[k] = at;
-        at += cnt;
-    }
     cand_t *tmp = s->cands;
-    for (int32_t i = 0; i < n; i++)
-        tmp[end[cand_sub(c[i].p)]++] = c[i];
+    uint32_t lo, hi;
+    spread(c, n, tmp, s->sub_end, N_SUBS, KEY_SHIFT - SUB_BITS, N_SUBS - 1, &lo, &hi);
     int32_t b = 0;
     for (uint32_t k = hi + 1; k-- > lo;) {
-        sort_cands(tmp + b, end[k] - b);
-        b = end[k];
+        sort_cands(tmp + b, s->sub_end[k] - b);
+        b = s->sub_end[k];
     }
     memcpy(c, tmp, (size_t)n * sizeof *c);
 }
@@ -231,24 +242,9 @@ static void sort_bucket(pd_sampler_t *s, cand_t *c, int32_t n)
  * is where each bucket ends in ord. Nothing is sorted yet (s->n_sorted = 0). */
 static void ordered_begin(pd_sampler_t *s, const cand_t *c, int32_t m)
 {
-    int32_t *end = s->bucket_end;
-    memset(end, 0, N_KEYS * sizeof *end);
-    uint32_t lo = N_KEYS - 1, hi = 0;
-    for (int32_t i = 0; i < m; i++) {
-        uint32_t k = cand_key(c[i].p);
-        end[k]++;
-        lo = k < lo ? k : lo;
-        hi = k > hi ? k : hi;
-    }
-    /* end[k]: first the bucket's start, then (after the spread) its end */
-    int32_t at = 0;
-    for (uint32_t k = hi + 1; k-- > lo;) {
-        int32_t n = end[k];
-        end[k] = at;
-        at += n;
-    }
-    for (int32_t i = 0; i < m; i++)
-        s->ord[end[cand_key(c[i].p)]++] = c[i];
+    uint32_t lo, hi;
+    spread(c, m, s->ord, s->bucket_end, N_KEYS, KEY_SHIFT, UINT32_MAX >> KEY_SHIFT, &lo,
+           &hi);
     s->n_sorted = 0;
 }
 
