@@ -3,7 +3,8 @@ prints a client endpoint that serves: `pdctl complete` (json and text) gives eve
 stories260K golden line's exact ids and the text `pdctl generate` prints, and so does
 the Python example client (examples/python/pd_client.py); Ctrl-C
 (SIGINT) stops everything with exit status 0 and leaves no process behind. A missing
-model fails with status 1 and no process left; a bad flag is a usage error (2)."""
+model fails with status 1 and no process left; a bad flag is a usage error (2).
+--sample-threads reaches every worker's command line."""
 import json
 import os
 import signal
@@ -42,14 +43,28 @@ def alive(pid):
 
 with tempfile.TemporaryDirectory() as tmp:
     up, endpoint = start_up(["--model", model, "--prefill", "1", "--decode", "2", "--port",
-                             "0", "--threads", "1", "--log-dir", os.path.join(tmp, "logs")],
-                            os.path.join(tmp, "up.out"))
+                             "0", "--threads", "1", "--sample-threads", "2", "--log-dir",
+                             os.path.join(tmp, "logs")], os.path.join(tmp, "up.out"))
     kids = []
     try:
         f.check(endpoint is not None, f"pdctl up never printed a ready endpoint "
                                       f"(status {up.poll()})")
         kids = children_of(up.pid)
         f.check(len(kids) == 4, f"pdctl up has {len(kids)} children, not 4")
+        # --sample-threads goes to every worker (3 of the 4 children)
+        workers = 0
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                argv = []
+            if argv and argv[0].endswith((b"pd-prefill", b"pd-decode")):
+                workers += 1
+                f.check(b"--sample-threads" in argv and
+                        argv[argv.index(b"--sample-threads") + 1] == b"2",
+                        f"worker {k} without --sample-threads 2: {argv}")
+        f.check(workers == 3, f"{workers} worker processes among pdctl up's children")
         if endpoint:
             for g in golden_lines():
                 if not g["model"].startswith("stories260K"):
@@ -111,4 +126,8 @@ with tempfile.TemporaryDirectory() as tmp:
                        capture_output=True, timeout=30)
     f.check(p.returncode == 2 and b"--prefill" in p.stderr,
             f"a bad flag: status {p.returncode} {p.stderr[-200:]}")
+    p = subprocess.run([PDCTL, "up", "--model", model, "--sample-threads", "300"],
+                       capture_output=True, timeout=30)
+    f.check(p.returncode == 2 and b"--sample-threads" in p.stderr,
+            f"--sample-threads 300: status {p.returncode} {p.stderr[-200:]}")
 f.finish()
