@@ -3,7 +3,7 @@
  *
  * Design: the ISA (scalar reference, AVX2+FMA+F16C, AVX-512 with or without VNNI) is
  * chosen once, from cpuid via __builtin_cpu_supports (which also checks that the OS
- * saves the vector state). Each op checks its arguments, grows the scratch it needs
+ * saves the vector state; F16C straight from CPUID, for clang 14). Each op checks its arguments, grows the scratch it needs
  * (never shrinking it, so steady-state generation allocates nothing), then fans out:
  *   matmul     small T: output rows in chunks of 16-row multiples (mv kernels stream
  *              each weight row once for all T tokens); large T: tasks of one panel of
@@ -20,6 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#if defined(PD_KERNELS_X86)
+#include <cpuid.h>
+#endif
 
 #include "common/log.h"
 #include "kernels/cpu/cpu_internal.h"
@@ -674,6 +678,17 @@ static void cpu_destroy(pd_kernels_t *k)
     free(ck);
 }
 
+#if defined(PD_KERNELS_X86)
+/* F16C from CPUID leaf 1 (ECX bit 29): clang before 15 has no "f16c" for
+ * __builtin_cpu_supports. The OS's saving of the YMM state, which F16C's 256-bit forms
+ * need, is covered by the AVX2 check beside it. */
+static int cpu_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+#endif
+
 /* The ISA for a name, or NULL with *st set (PD_ERR_UNSUPPORTED / PD_ERR_INVALID).
  * Besides the names of ops.h, "avx512-novnni" forces AVX-512 without the VNNI kernels
  * (for tests). */
@@ -686,7 +701,7 @@ static const pd_cpu_isa_t *pick_isa(const char *name, int *vnni_p, pd_status_t *
 #if defined(PD_KERNELS_X86)
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+               cpu_has_f16c();
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                  __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");

@@ -849,7 +849,7 @@ static inline __attribute__((always_inline)) vi mq1_wload(const uint8_t *row, si
 static inline __attribute__((always_inline)) vi mq1_dot(vi w, vi x, const int dt)
 {
 #if VW == 16
-    if (dt == PD_CPU_DT_Q4_0 || MQ1_Q8_OFFSET) { /* w unsigned */
+    if (dt == PD_CPU_DT_Q4_0 || MQ1_Q8_OFFSET != 0) { /* w unsigned */
 #if defined(PD_SIMD_VNNI)
         return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
 #else
@@ -993,7 +993,7 @@ static inline __attribute__((always_inline)) vf mq1_row(const pd_cpu_mm_t *mm, i
     const int64_t nb = mm->n_in / PD_QK;
     const size_t bs =
         dt == PD_CPU_DT_Q8_0 ? sizeof(pd_block_q8_0_t) : sizeof(pd_block_q4_0_t);
-    const int corrected = dt == PD_CPU_DT_Q4_0 || MQ1_Q8_OFFSET;
+    const int corrected = dt == PD_CPU_DT_Q4_0 || MQ1_Q8_OFFSET != 0;
     const uint8_t *row = mm->w + (size_t)o * mm->row_bytes;
     vf acc = vzero();
     int64_t c = 0, b0 = 0;

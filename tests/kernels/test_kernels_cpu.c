@@ -19,6 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 #include "common/log.h"
 #include "common/tensor.h"
 #include "kernels/ops.h"
@@ -57,8 +61,9 @@ static void detect_isas(void)
     int avx2 = 0, avx512 = 0, vnni = 0;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    unsigned a, b, c, d; /* F16C from CPUID: clang 14 has no "f16c" builtin name */
+    const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
     avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512dq");
