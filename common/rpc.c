@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/utf8.h"
+
 typedef struct method_info {
     Pd__Method method;
     Pd__Envelope__BodyCase body;
@@ -308,13 +310,18 @@ int pd_rpc_send_error(void *sock, const void *ident, size_t ident_len, uint64_t 
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    /* a peer's string in the message, or the cut above, may not be UTF-8; a string
+     * field must be (strict parsers drop the whole message): bad bytes -> U+FFFD */
+    size_t len = n < 0 ? 0 : (size_t)n >= sizeof msg ? sizeof msg - 1 : (size_t)n;
+    char clean[3 * sizeof msg + 1];
+    pd_utf8_sanitize(msg, len, clean);
     Pd__Envelope env;
     pd_rpc_envelope_init(&env, PD__METHOD__ERROR, request_id);
     Pd__Error err = PD__ERROR__INIT;
     err.code = code;
-    err.message = msg;
+    err.message = clean;
     env.error = &err;
     return pd_rpc_send(sock, ident, ident_len, &env, NULL, 0);
 }

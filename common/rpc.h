@@ -57,7 +57,9 @@ void pd_rpc_envelope_init(Pd__Envelope *env, Pd__Method method, uint64_t request
  * gone with ZMQ_ROUTER_MANDATORY set). */
 int pd_rpc_send(void *sock, const void *ident, size_t ident_len, const Pd__Envelope *env,
                 const void *data, size_t data_len);
-/* Sends an ERROR envelope (request_id echoed) with a printf-style message. */
+/* Sends an ERROR envelope (request_id echoed) with a printf-style message, cut to 511
+ * bytes and made valid UTF-8 (bytes that are not: U+FFFD), as a string field must be,
+ * whatever peer-supplied text it quotes. */
 int pd_rpc_send_error(void *sock, const void *ident, size_t ident_len, uint64_t request_id,
                       Pd__ErrorCode code, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));

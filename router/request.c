@@ -591,9 +591,28 @@ static void on_kv_done(pd_router_t *rt, pd_req_t *r, pd_rpc_msg_t *m)
     req_emit(rt, r, r->n_out - 1, 1, NULL);
 }
 
+/* A decode worker's finish_reason as the client will see it: "stop", "length" or
+ * "cancelled" (engine.c's words for a task that ended), "" for none; NULL for
+ * anything else (a worker's string goes to clients only from this list). */
+static const char *known_finish(const char *f)
+{
+    static const char *const known[] = {"stop", "length", "cancelled"};
+    if (!f || !f[0])
+        return "";
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (!strcmp(f, known[i]))
+            return known[i];
+    return NULL;
+}
+
 static void on_token_chunk(pd_router_t *rt, pd_req_t *r, const Pd__TokenChunk *tc)
 {
     size_t idx = tc->index, from = r->n_out;
+    const char *finish = known_finish(tc->finish_reason);
+    if (!finish) { /* before any of its tokens is taken: the re-run starts at n_out */
+        req_abandon(rt, r, 0, "a chunk whose finish_reason is not stop, length or cancelled");
+        return;
+    }
     if (r->first_held && idx == r->n_out + 1 && r->n_out == r->attempt_first)
         append_token(r, r->first_token); /* D numbered after the first token */
     r->first_held = false;
@@ -616,8 +635,8 @@ static void on_token_chunk(pd_router_t *rt, pd_req_t *r, const Pd__TokenChunk *t
         r->cached_tokens = tc->cached_tokens;
     r->spec_proposed += tc->spec_proposed; /* summed over attempts */
     r->spec_accepted += tc->spec_accepted;
-    const char *finish =
-        tc->finish_reason && tc->finish_reason[0] ? tc->finish_reason : NULL;
+    if (!finish[0])
+        finish = NULL;
     if (finish) {
         cancel_attempt(rt, r, r->d_id); /* P, if it still holds blocks */
     }

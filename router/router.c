@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/utf8.h"
 #include "router/router_impl.h"
 
 #define HARD_MAX_MSG   (64ll << 20) /* ZMQ_MAXMSGSIZE: larger frames are dropped */
@@ -129,7 +130,10 @@ static void reply_register_id(pd_router_t *rt, const pd_rpc_msg_t *m, uint64_t r
 {
     Pd__RegisterReply rr = PD__REGISTER_REPLY__INIT;
     rr.accepted = accepted;
-    rr.reason = (char *)reason;
+    char clean[3 * 300 + 1]; /* the reason may quote the worker's own strings */
+    size_t n = strlen(reason);
+    pd_utf8_sanitize(reason, n < 300 ? n : 300, clean);
+    rr.reason = clean;
     rr.worker_id = worker_id;
     rr.heartbeat_ms = rt->o.heartbeat_ms;
     Pd__Envelope env;
@@ -182,11 +186,30 @@ static bool check_register_ipc(pd_router_t *rt, const Pd__Register *rg, char *wh
     return false;
 }
 
+/* A worker's name goes to clients (usage, STATS) and into the logs, and names are
+ * matched whole: valid UTF-8, no control characters, shorter than pd_worker_t's
+ * name (never cut). Empty is allowed: the worker is then "unnamed". */
+static bool name_ok(const char *name)
+{
+    size_t n = name ? strlen(name) : 0;
+    if (n >= sizeof ((pd_worker_t *)0)->name || !pd_utf8_valid((const unsigned char *)name, n))
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)name[i] < 0x20 || name[i] == 0x7f)
+            return false;
+    return true;
+}
+
 static bool check_register(pd_router_t *rt, const Pd__Register *rg, char *why, size_t cap)
 {
     const Pd__KvLayout *l = rg->layout;
     if (rg->role != PD__ROLE__PREFILL && rg->role != PD__ROLE__DECODE) {
         snprintf(why, cap, "role %d is neither prefill nor decode", (int)rg->role);
+    } else if (!name_ok(rg->name)) {
+        snprintf(why, cap,
+                 "the worker name must be valid UTF-8 of at most %zu bytes, without "
+                 "control characters",
+                 sizeof ((pd_worker_t *)0)->name - 1);
     } else if (rg->model_digest.len != PD_DIGEST_BYTES ||
                memcmp(rg->model_digest.data, rt->digest, PD_DIGEST_BYTES)) {
         char hex[2 * PD_DIGEST_BYTES + 1] = "(none)";
@@ -233,8 +256,8 @@ static void on_register(pd_router_t *rt, const pd_rpc_msg_t *m)
     const Pd__Register *rg = m->env->register_;
     char why[300];
     if (!check_register(rt, rg, why, sizeof why)) {
-        PD_LOG_WARN("registration of worker '%s' (%s) refused: %s", rg->name,
-                    role_name(rg->role), why);
+        PD_LOG_WARN("registration of worker '%s' (%s) refused: %s",
+                    name_ok(rg->name) ? rg->name : "(a bad name)", role_name(rg->role), why);
         reply_register(rt, m, false, 0, why);
         return;
     }

@@ -3,11 +3,14 @@
  * identity; garbage, a wrong version, an unknown method, a body that is not the
  * method's, an oversized frame, a third frame and a data frame on a method other than
  * KV_DATA are each refused with their error code (and the request id when it could
- * be read); KV_DATA keeps its data frame; an error reply reaches the sender. */
+ * be read); KV_DATA keeps its data frame; an error reply reaches the sender, its
+ * message valid UTF-8 whatever bytes it quotes and wherever the length limit cuts. */
 #include <check.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/rpc.h"
+#include "common/utf8.h"
 #include "support/pdcheck.h"
 
 static void *ctx, *router, *dealer;
@@ -195,6 +198,55 @@ START_TEST(bad_frames_refused)
 }
 END_TEST
 
+/* The ERROR message the dealer gets for pd_rpc_send_error(..., "%s", quoted). */
+static char *error_message_for(const char *quoted)
+{
+    ck_assert_int_eq(pd_rpc_send_error(router, "client-7", 8, 5, PD__ERROR_CODE__INTERNAL,
+                                       "worker said: %s", quoted),
+                     0);
+    pd_rpc_msg_t m;
+    zmq_pollitem_t it = {.socket = dealer, .events = ZMQ_POLLIN};
+    ck_assert_int_eq(zmq_poll(&it, 1, 1000), 1);
+    ck_assert_int_eq(pd_rpc_recv(dealer, false, 0, 0, &m), 1);
+    ck_assert_ptr_nonnull(m.env);
+    ck_assert_int_eq(m.env->method, PD__METHOD__ERROR);
+    char *msg = strdup(m.env->error->message);
+    pd_rpc_msg_clear(&m);
+    ck_assert_ptr_nonnull(msg);
+    return msg;
+}
+
+START_TEST(error_message_is_utf8)
+{
+    /* the router must know the dealer's identity before it can answer it */
+    Pd__Envelope env;
+    pd_rpc_envelope_init(&env, PD__METHOD__HEALTH, 1);
+    Pd__HealthRequest h = PD__HEALTH_REQUEST__INIT;
+    env.health = &h;
+    ck_assert_int_eq(pd_rpc_send(dealer, NULL, 0, &env, NULL, 0), 0);
+    pd_rpc_msg_t m;
+    ck_assert_int_eq(recv_one(&m, 0, 0), 1);
+    pd_rpc_msg_clear(&m);
+    /* bytes that are not UTF-8: each becomes U+FFFD, the rest stays */
+    char *msg = error_message_for("a\xff\xc3(b\xe2\x82");
+    ck_assert_str_eq(msg, "worker said: a\xef\xbf\xbd\xef\xbf\xbd(b\xef\xbf\xbd\xef\xbf\xbd");
+    free(msg);
+    /* two-byte characters cut by the 511-byte limit: no half character at the end */
+    char long_s[1200];
+    long_s[0] = 'x'; /* the 511th byte is then the first of a character */
+    for (size_t i = 1; i + 2 < sizeof long_s; i += 2)
+        memcpy(long_s + i, "\xc3\xa9", 2);
+    long_s[sizeof long_s - 1] = 0;
+    msg = error_message_for(long_s);
+    size_t n = strlen(msg);
+    ck_assert(pd_utf8_valid((const unsigned char *)msg, n));
+    ck_assert_uint_ge(n, 500);
+    ck_assert_uint_le(n, 511 + 2);
+    ck_assert(strstr(msg, "\xc3\xa9\xc3\xa9") != NULL);
+    free(msg);
+}
+END_TEST
+
 START_TEST(names_and_cases)
 {
     ck_assert_str_eq(pd_rpc_method_name(PD__METHOD__KV_DONE), "KV_DONE");
@@ -210,6 +262,7 @@ END_TEST
 int main(void)
 {
     TCase *tc = pd_test_tcase("rpc", 60, setup, teardown);
-    PD_TEST_ADD(tc, good_envelope_arrives, bad_frames_refused, names_and_cases);
+    PD_TEST_ADD(tc, good_envelope_arrives, bad_frames_refused, error_message_is_utf8,
+                names_and_cases);
     return pd_test_run("rpc", tc);
 }

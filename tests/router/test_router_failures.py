@@ -2,8 +2,12 @@
 re-run on the other decode worker with the prompt + the tokens sent, first_index and
 the last rng state; the client sees no gap and no repeat; the dead worker is fenced
 off); TASK_FAILED -> re-run; re-runs exhausted -> WORKER_LOST; a late message for an
-unknown task -> TASK_CANCEL; a message from a worker outside the task -> dropped."""
-from routerlib import pb, envelope, run
+unknown task -> TASK_CANCEL; a message from a worker outside the task -> dropped;
+strings from a worker (finish_reason, a failure's message, its name) never reach a
+client as anything but valid UTF-8."""
+import time
+
+from routerlib import SLOW, pb, envelope, run
 
 
 def first_of(workers, method, timeout=5.0):
@@ -158,6 +162,95 @@ def test_unknown_task_and_outsider(f, make):
     f.check(c.stop() == 0, "exit 0")
 
 
+def with_bytes(env, mark, raw):
+    """env serialized with the string mark replaced by raw bytes of the same length:
+    protobuf in Python cannot put invalid UTF-8 in a string field; a C peer can."""
+    b = env.SerializeToString()
+    assert len(mark) == len(raw) and b.count(mark) == 1
+    return b.replace(mark, raw)
+
+
+def raw_frames(peer, secs):
+    """The first frame of every message peer gets within secs, unparsed."""
+    out = []
+    end = time.monotonic() + secs * SLOW
+    while time.monotonic() < end:
+        peer.cluster.tick()
+        if peer.sock.poll(20):
+            out.append(peer.sock.recv_multipart()[0])
+    return out
+
+
+def parses(frame):
+    try:
+        return pb.Envelope.FromString(frame)
+    except Exception:  # DecodeError: e.g. a string field that is not UTF-8
+        return None
+
+
+def test_worker_strings_stay_utf8(f, make):
+    c = make("--max-retries", "1")
+    p, d = c.worker(pb.PREFILL, "p0"), c.worker(pb.DECODE, "d0")
+    for w in (p, d):
+        w.register()
+    cl = c.client()
+    cl.generate(1, prompt_ids=[1, 2, 3], max_tokens=2)
+    t = d.expect(pb.DECODE_TASK).request_id
+    p.expect(pb.PREFILL_TASK)
+    # D ends the task with a finish_reason that is no finish reason (nor UTF-8): the
+    # attempt is abandoned and run again, nothing of it goes to the client
+    env = envelope(pb.TOKEN_CHUNK, t, "token_chunk",
+                   pb.TokenChunk(index=0, ids=[8, 9], finish_reason="QQQQ"))
+    d.send_raw(with_bytes(env, b"QQQQ", b"\xff\xfe\xc3("))
+    got = raw_frames(cl, 0.5)
+    envs = [parses(x) for x in got]
+    f.check(all(e is not None for e in envs),
+            f"every message to the client parses ({len(got)} frames)")
+    f.check(not any(e and e.method == pb.CHUNK for e in envs),
+            "the chunk with the bad finish_reason is not streamed")
+    e = d.expect(pb.DECODE_TASK)
+    t2 = e.request_id
+    f.check(t2 != t and list(e.decode_task.ids) == [1, 2, 3],
+            f"the request runs again as task {t2}, from its prompt")
+    p.expect(pb.PREFILL_TASK)
+    # P fails the re-run with a message of broken UTF-8 and a long one of two-byte
+    # characters: the re-runs are spent, and the client's ERROR still parses
+    env = envelope(pb.TASK_FAILED, t2, "task_failed",
+                   pb.TaskFailed(error=pb.Error(code=pb.INTERNAL,
+                                                message="QQQQ" + "\u00e9" * 400)))
+    p.send_raw(with_bytes(env, b"QQQQ", b"\xe2\x82\xff\xc0"))
+    got = [parses(x) for x in raw_frames(cl, 0.5)]
+    errs = [e for e in got if e and e.method == pb.ERROR and e.request_id == 1]
+    f.check(all(e is not None for e in got) and len(errs) == 1,
+            f"one ERROR, parsed: {[e and pb.Method.Name(e.method) for e in got]}")
+    if errs:
+        msg = errs[0].error.message
+        f.check(errs[0].error.code == pb.WORKER_LOST and "\ufffd" in msg and "\u00e9" in msg,
+                f"WORKER_LOST with the worker's message made valid: {msg[:80]!r}")
+    # names: valid UTF-8 without control characters, shorter than 128 bytes
+    cases = [("not UTF-8", b"\xff\xfeab"), ("a newline", b"ab\ncd"),
+             ("a DEL", b"ab\x7fc")]
+    for what, raw in cases:
+        w = c.worker(pb.DECODE, "QQ" + "x" * (len(raw) - 2))
+        body = w.register_body()
+        body.ucx.worker_address = b"ucx-bad"  # the mark only in the name
+        env = envelope(pb.REGISTER, 0, "register", body)
+        w.send_raw(with_bytes(env, ("QQ" + "x" * (len(raw) - 2)).encode(), raw))
+        rep = w.expect(pb.REGISTER_REPLY).register_reply
+        f.check(not rep.accepted and "name" in rep.reason,
+                f"a name with {what}: refused ({rep.reason!r})")
+    long_w = c.worker(pb.DECODE, "d" * 128)
+    rep = long_w.register()
+    f.check(not rep.accepted and "name" in rep.reason, f"a 128-byte name: refused {rep}")
+    ok_w = c.worker(pb.DECODE, "d\u00e9codeur-x" + "\u00e9" * 58)
+    f.check(ok_w.register().accepted, "a name of 127 bytes, not all ASCII: accepted")
+    s = cl.call(pb.STATS, "stats", pb.STATS_REPLY, rid=2).stats_reply
+    f.check(sorted(w.name for w in s.workers if w.alive) ==
+            sorted(["p0", "d0", "d\u00e9codeur-x" + "\u00e9" * 58]),
+            f"STATS names the workers: {[w.name for w in s.workers]}")
+    f.check(c.stop() == 0, "exit 0")
+
+
 if __name__ == "__main__":
     run([test_decode_dies_midstream, test_task_failed_and_exhausted,
-         test_unknown_task_and_outsider])
+         test_unknown_task_and_outsider, test_worker_strings_stay_utf8])
