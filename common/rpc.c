@@ -145,6 +145,46 @@ static int fail(pd_rpc_msg_t *m, Pd__ErrorCode code, const char *fmt, ...)
     return 1;
 }
 
+/* Whether msg, or a message inside it, holds an unknown field numbered 0. Field
+ * numbers start at 1 and Google's parsers refuse 0; protobuf-c 1.4 refuses the tag
+ * byte 0x00 but takes the same tag written in two bytes (0x80 0x00) as an unknown
+ * field, and packs it back as 0x00: a message relayed by the router would then not
+ * parse at the peer it is relayed to. Descends only through set message fields. */
+static bool has_field_zero(const ProtobufCMessage *msg)
+{
+    for (unsigned i = 0; i < msg->n_unknown_fields; i++)
+        if (msg->unknown_fields[i].tag == 0)
+            return true;
+    const ProtobufCMessageDescriptor *d = msg->descriptor;
+    const char *base = (const char *)msg;
+    for (unsigned i = 0; i < d->n_fields; i++) {
+        const ProtobufCFieldDescriptor *f = &d->fields[i];
+        if (f->type != PROTOBUF_C_TYPE_MESSAGE)
+            continue;
+        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+            size_t n;
+            ProtobufCMessage *const *v;
+            memcpy(&n, base + f->quantifier_offset, sizeof n);
+            memcpy(&v, base + f->offset, sizeof v);
+            for (size_t j = 0; j < n; j++)
+                if (v[j] && has_field_zero(v[j]))
+                    return true;
+            continue;
+        }
+        if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) { /* members share one slot */
+            uint32_t set;
+            memcpy(&set, base + f->quantifier_offset, sizeof set);
+            if (set != f->id)
+                continue;
+        }
+        const ProtobufCMessage *sub;
+        memcpy(&sub, base + f->offset, sizeof sub);
+        if (sub && has_field_zero(sub))
+            return true;
+    }
+    return false;
+}
+
 /* The request id of a bad envelope: field 3 (varint) scanned at the top level, so an
  * error reply can still name the request. */
 static uint64_t scan_request_id(const uint8_t *p, size_t n)
@@ -249,6 +289,8 @@ int pd_rpc_recv(void *sock, bool router, size_t max_frame, size_t max_data, pd_r
         return fail(m, PD__ERROR_CODE__BAD_REQUEST, "the envelope does not parse (%zu bytes)",
                     n);
     m->err_request_id = m->env->request_id;
+    if (has_field_zero(&m->env->base))
+        return fail(m, PD__ERROR_CODE__BAD_REQUEST, "%s", "a field numbered 0");
     if (m->env->version != PD_RPC_VERSION)
         return fail(m, PD__ERROR_CODE__UNSUPPORTED_VERSION,
                     "protocol version %u is not supported (this peer speaks %d)",

@@ -146,6 +146,46 @@ START_TEST(bad_frames_refused)
     ck_assert_int_eq(m.err, PD__ERROR_CODE__BAD_REQUEST);
     ck_assert_uint_eq(m.err_request_id, 7);
     pd_rpc_msg_clear(&m);
+    /* a field numbered 0, its tag in two bytes (0x80 0x00, value 1): protobuf-c would
+     * take it and pack it back as the byte 0x00, which it refuses; at the top level
+     * and inside the body */
+    Pd__KvDone kd = PD__KV_DONE__INIT;
+    kd.n_tokens = 3;
+    const uint8_t zero_field[] = {0x80, 0x00, 0x01};
+    pd_rpc_envelope_init(&env, PD__METHOD__KV_DONE, 8);
+    env.kv_done = &kd;
+    size_t n = pack_env(&env, buf, sizeof buf - sizeof zero_field);
+    memcpy(buf + n, zero_field, sizeof zero_field);
+    Pd__Envelope *taken = pd__envelope__unpack(NULL, n + sizeof zero_field, buf);
+    ck_assert_ptr_nonnull(taken); /* protobuf-c itself takes it */
+    pd__envelope__free_unpacked(taken, NULL);
+    send_raw(buf, n + sizeof zero_field, NULL, 0, NULL, 0);
+    ck_assert_int_eq(recv_one(&m, 0, 0), 1);
+    ck_assert_ptr_null(m.env);
+    ck_assert_int_eq(m.err, PD__ERROR_CODE__BAD_REQUEST);
+    ck_assert_uint_eq(m.err_request_id, 8);
+    pd_rpc_msg_clear(&m);
+    uint8_t body[64];
+    size_t nb = pd__kv_done__pack(&kd, body);
+    memcpy(body + nb, zero_field, sizeof zero_field);
+    nb += sizeof zero_field;
+    pd_rpc_envelope_init(&env, PD__METHOD__KV_DONE, 9);
+    env.body_case = PD__ENVELOPE__BODY__NOT_SET; /* the body is appended by hand */
+    n = pack_env(&env, buf, sizeof buf);
+    const ProtobufCFieldDescriptor *fd =
+        protobuf_c_message_descriptor_get_field_by_name(&pd__envelope__descriptor, "kv_done");
+    ck_assert_ptr_nonnull(fd);
+    for (uint32_t tag = fd->id << 3 | 2; tag; tag >>= 7) /* the tag as a varint */
+        buf[n++] = (uint8_t)((tag & 0x7f) | (tag >= 0x80 ? 0x80 : 0));
+    buf[n++] = (uint8_t)nb; /* < 128 */
+    memcpy(buf + n, body, nb);
+    n += nb;
+    send_raw(buf, n, NULL, 0, NULL, 0);
+    ck_assert_int_eq(recv_one(&m, 0, 0), 1);
+    ck_assert_ptr_null(m.env);
+    ck_assert_int_eq(m.err, PD__ERROR_CODE__BAD_REQUEST);
+    ck_assert_str_eq(m.err_msg, "a field numbered 0");
+    pd_rpc_msg_clear(&m);
     /* too large: the id is still read from the frame's head */
     pd_rpc_envelope_init(&env, PD__METHOD__GENERATE, 8);
     Pd__GenerateRequest g = PD__GENERATE_REQUEST__INIT;
@@ -161,7 +201,7 @@ START_TEST(bad_frames_refused)
     /* three frames */
     pd_rpc_envelope_init(&env, PD__METHOD__HEALTH, 9);
     env.health = &h;
-    size_t n = pack_env(&env, buf, sizeof buf);
+    n = pack_env(&env, buf, sizeof buf);
     send_raw(buf, n, "x", 1, "y", 1);
     ck_assert_int_eq(recv_one(&m, 0, 16), 1);
     ck_assert_int_eq(m.err, PD__ERROR_CODE__BAD_REQUEST);
