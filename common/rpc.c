@@ -185,6 +185,23 @@ static bool has_field_zero(const ProtobufCMessage *msg)
     return false;
 }
 
+/* has_field_zero for an envelope: its own unknown fields, then only its body (the
+ * one message field it has; walking the ~40 members of the oneof would cost as
+ * much as half the unpack). */
+static bool envelope_has_field_zero(const Pd__Envelope *env)
+{
+    for (unsigned i = 0; i < env->base.n_unknown_fields; i++)
+        if (env->base.unknown_fields[i].tag == 0)
+            return true;
+    const ProtobufCFieldDescriptor *f =
+        protobuf_c_message_descriptor_get_field(&pd__envelope__descriptor, env->body_case);
+    if (!f || f->type != PROTOBUF_C_TYPE_MESSAGE)
+        return false;
+    const ProtobufCMessage *body;
+    memcpy(&body, (const char *)env + f->offset, sizeof body);
+    return body && has_field_zero(body);
+}
+
 /* The request id of a bad envelope: field 3 (varint) scanned at the top level, so an
  * error reply can still name the request. */
 static uint64_t scan_request_id(const uint8_t *p, size_t n)
@@ -289,7 +306,7 @@ int pd_rpc_recv(void *sock, bool router, size_t max_frame, size_t max_data, pd_r
         return fail(m, PD__ERROR_CODE__BAD_REQUEST, "the envelope does not parse (%zu bytes)",
                     n);
     m->err_request_id = m->env->request_id;
-    if (has_field_zero(&m->env->base))
+    if (envelope_has_field_zero(m->env))
         return fail(m, PD__ERROR_CODE__BAD_REQUEST, "%s", "a field numbered 0");
     if (m->env->version != PD_RPC_VERSION)
         return fail(m, PD__ERROR_CODE__UNSUPPORTED_VERSION,
