@@ -12,6 +12,13 @@ must refuse what is wrong, fail or finish each task and stay up; afterwards a sh
 prompt, prefilled on pd-decode itself, gives pdctl generate's greedy ids, and SIGTERM
 ends pd-decode with status 0 (under ASan: nothing leaked).
 
+test_bad_decode_peer: a real pd-prefill (UCX) and a FAKE decode worker that answers
+each decode task with random KV_TARGET (odd block counts and leases), KV_RELEASE,
+TASK_FAILED, TOKEN_CHUNK or silence, a fifth mutated. pd-prefill must stay up and,
+once the requests ended (at their deadline at the latest), have every block free
+again (released, cancelled or out of its hold); then a real pd-decode gets pdctl
+generate's greedy ids from it, and both exit 0 on SIGTERM.
+
 test_garbage_at_cluster: pd-router, pd-prefill and pd-decode (UCX) get random and
 mutated envelopes, noise and extra frames on both of the router's sockets from six
 peers, while an honest client's greedy requests run among them: every one of those
@@ -175,6 +182,130 @@ def test_bad_prefill_peer(f, make):
         os.unlink(logf.name)
 
 
+def d_script(r, d, t):
+    """One random answer of the fake decode worker to task t."""
+    for _ in range(r.randrange(1, 5)):
+        x = r.random()
+        if x < 0.4:
+            body = pb.KvTarget(n_blocks=r.choice([0, 1, 4, 2 ** 32 - 1]),
+                               lease_until_ms=r.choice([0, 1, 2 ** 64 - 1]))
+            method, field = pb.KV_TARGET, "kv_target"
+        elif x < 0.65:
+            body, method, field = pb.KvRelease(ok=r.random() < 0.5), pb.KV_RELEASE, "kv_release"
+        elif x < 0.8:
+            body, method, field = pdfuzz.fill(r, pb.TaskFailed()), pb.TASK_FAILED, "task_failed"
+        elif x < 0.9:
+            body, method, field = (pdfuzz.fill(r, pb.TokenChunk()), pb.TOKEN_CHUNK,
+                                   "token_chunk")
+        else:
+            return  # silence: the prefill worker's hold on its blocks must run out
+        frames = [envelope(method, t, field, body).SerializeToString()]
+        if r.random() < 0.2:
+            frames[0] = pdfuzz.mutate(r, frames[0])
+        d.send_raw(*frames)
+
+
+def prefill_load(c, name):
+    st = c.client().call(pb.STATS, "stats", pb.STATS_REPLY).stats_reply
+    for w in st.workers:
+        if w.name == name and w.alive:
+            return w.load
+    return None
+
+
+def test_bad_decode_peer(f, make):
+    r = random.Random(SEED)
+    c = make("--lease-ms", "1500", "--max-retries", "1")
+    logs, procs = [], []
+
+    def start(binary, name, *extra):
+        logf = tempfile.NamedTemporaryFile(prefix=f"{binary}-", suffix=".log", delete=False)
+        logs.append(logf.name)
+        procs.append(subprocess.Popen(
+            [os.path.join(BIN, binary), "--model", MODEL, "--router", c.worker_ep,
+             "--threads", "1", "--kv-transport", "ucx", "--name", name, *extra],
+            stdout=logf, stderr=logf))
+        end = time.monotonic() + 30 * SLOW
+        while "registered" not in log_of(logf.name) and time.monotonic() < end:
+            c.sleep(0.05)
+        return "registered" in log_of(logf.name)
+
+    try:
+        f.check(start("pd-prefill", "p0", "--kv-blocks", "256"), "pd-prefill registered")
+        d = c.worker(pb.DECODE, "fd0")
+        f.check(d.register().accepted, "the fake decode worker registers")
+        total = prefill_load(c, "p0").total_blocks
+        cl = c.client()
+        n_req, tasks, done = 24, 0, set()
+        # a decode worker that heartbeats but never finishes holds a request until its
+        # client's deadline (the router has no progress timeout of its own)
+        deadline = int(time.time() * 1000) + 10000 * SLOW
+        for rid in range(1, n_req + 1):
+            ids = [1] + [r.randrange(3, 512) for _ in range(r.randrange(1, 80))]
+            cl.generate(rid, prompt_ids=ids, max_tokens=r.choice([1, 4]),
+                        deadline_ms=deadline)
+        end = time.monotonic() + 120 * SLOW
+        while len(done) < n_req and time.monotonic() < end and procs[0].poll() is None:
+            c.tick()
+            d._recv_some(0.02)
+            for e, _ in d.inbox:  # KV_READY, KV_DONE, TASK_CANCEL need no answer
+                if e.method == pb.DECODE_TASK:
+                    tasks += 1
+                    d_script(r, d, e.request_id)
+            d.inbox = []
+            cl._recv_some(0)
+            for e, _ in cl.inbox:
+                if e.method == pb.ERROR or (e.method == pb.CHUNK and e.chunk.finish_reason):
+                    done.add(e.request_id)
+            cl.inbox = [x for x in cl.inbox if x[0].request_id not in done]
+        f.check(procs[0].poll() is None, f"pd-prefill is up after {tasks} fuzzed decode "
+                f"tasks (status {procs[0].poll()})")
+        f.check(len(done) == n_req, f"every fuzzed request ended: {len(done)} of {n_req}")
+        # every block comes back: released, cancelled or out of its hold (lease)
+        d.auto_hb = False
+        d.send(envelope(pb.DEREGISTER, 0, "deregister", pb.Deregister(worker_id=d.id)))
+        end = time.monotonic() + 30 * SLOW
+        load = prefill_load(c, "p0")
+        while (load is None or load.free_blocks != total) and time.monotonic() < end:
+            c.sleep(0.2)
+            load = prefill_load(c, "p0")
+        f.check(load is not None and load.free_blocks == total and load.held_blocks == 0,
+                f"pd-prefill has all {total} blocks back: {load}")
+        print(f"seed {SEED}: {tasks} decode tasks answered at random, {len(done)} requests "
+              f"ended", flush=True)
+        # pd-prefill still serves: with a real decode worker the request is exact
+        f.check(start("pd-decode", "d0"), "pd-decode registered")
+        want = reference(PROMPT, 12)
+        cl.generate(1000, prompt=PROMPT, max_tokens=12)
+        chunks, err = cl.stream(1000, timeout=60)
+        ids = [i for ch in chunks for i in ch.ids]
+        f.check(err is None and ids == want, f"after the fuzz: {ids} == {want}"
+                f" ({err and err.error.message})")
+        f.check(chunks and chunks[-1].usage.prefill_worker == "p0",
+                "prefilled by pd-prefill, not locally")
+        for p in procs:
+            p.terminate()
+        rcs = []
+        for p in procs:
+            try:
+                rcs.append(p.wait(30 * SLOW))
+            except subprocess.TimeoutExpired:
+                rcs.append(None)
+        f.check(rcs == [0, 0], f"pd-prefill and pd-decode exit 0 on SIGTERM: {rcs}")
+        f.check(c.stop() == 0, "pd-router exits 0")
+    except Timeout as e:
+        f.check(False, f"timeout: {e}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        for path in logs:
+            if f.items:
+                print(f"---- {path} (tail) ----\n" + log_of(path)[-4000:])
+            os.unlink(path)
+
+
 def garbage_frames(r):
     env = pb.Envelope(version=r.choice([1, 1, 1, 0, 2]), method=r.choice(
         [v.number for v in pb.Method.DESCRIPTOR.values] + [77]),
@@ -264,4 +395,4 @@ def test_garbage_at_cluster(f, make):
 
 
 if __name__ == "__main__":
-    run([test_bad_prefill_peer, test_garbage_at_cluster])
+    run([test_bad_prefill_peer, test_bad_decode_peer, test_garbage_at_cluster])
