@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "client/pdclient.h"
+#include "common/utf8.h"
 #include "tools/pdctl.h"
 #include "tools/pdctl_generate.h"
 
@@ -171,11 +172,18 @@ static int parse_args(int argc, char **argv, complete_args_t *a)
     return 0;
 }
 
+/* Writes a chunk's text. pd-router sends whole UTF-8 characters only; from another
+ * router, bytes that are not UTF-8 print as U+FFFD, as pdctl generate's never do. */
 static int on_chunk(void *user, const pdc_chunk_t *ch)
 {
     (void)user;
     if (ch->text_len) {
-        fwrite(ch->text, 1, ch->text_len, stdout);
+        char *clean = malloc(3 * ch->text_len + 1);
+        if (clean)
+            fwrite(clean, 1, pd_utf8_sanitize(ch->text, ch->text_len, clean), stdout);
+        else
+            fwrite(ch->text, 1, ch->text_len, stdout);
+        free(clean);
         fflush(stdout);
     }
     return 0;
@@ -196,7 +204,7 @@ static void print_json(const complete_args_t *a, const pdc_result_t *r)
         json_object_object_add(o, "prompt_ids", pd_json_ids(a->ids, (int32_t)a->n_ids));
     json_object_object_add(o, "ids", pd_json_ids(r->ids, (int32_t)r->n_ids));
     json_object_object_add(o, "text", pd_json_string_utf8(r->text ? r->text : ""));
-    json_object_object_add(o, "finish_reason", json_object_new_string(r->finish_reason));
+    json_object_object_add(o, "finish_reason", pd_json_string_utf8(r->finish_reason));
     json_object_object_add(o, "seed", json_object_new_uint64(u ? u->seed : a->req.seed));
     json_object_object_add(o, "cached_tokens",
                            json_object_new_int64(u ? u->cached_tokens : 0));
