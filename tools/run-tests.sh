@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds with -Werror, runs every test through CTest, then
-# builds again under AddressSanitizer + UndefinedBehaviorSanitizer and runs the
-# tests once more. Exits non-zero if anything fails.
+# Installs what is missing, builds with -Werror, runs every test through CTest (and
+# the no-service configuration's with clang), then builds again under
+# AddressSanitizer + UndefinedBehaviorSanitizer and runs the tests once more, and
+# last runs the libFuzzer targets for a bounded count. Exits non-zero if anything
+# fails.
 # Usage: bash tools/run-tests.sh [--no-sanitizers]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,5 +50,13 @@ if [ "${1:-}" != "--no-sanitizers" ]; then
   echo "== tests under ASan + UBSan"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build-asan --output-on-failure -j"$jobs"
+  echo "== fuzz targets (clang libFuzzer + ASan + UBSan), a bounded run of each"
+  # the loader, the tokenizer and the frame checks on mutated inputs (tests/*/fuzz_*.c;
+  # seeds and counts in tests/support/runfuzz.py); only their targets are built
+  CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPD_WERROR=ON \
+        -DPD_FUZZ=ON -DPD_ASAN=ON -DPD_UBSAN=ON -DPD_CUDA=OFF > /dev/null
+  cmake --build build-fuzz -j"$jobs" --target pdfuzzers
+  ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-fuzz --output-on-failure -L fuzz \
+    -j"$jobs"
 fi
 echo "== all tests passed"
