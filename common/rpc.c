@@ -193,8 +193,8 @@ static bool envelope_has_field_zero(const Pd__Envelope *env)
     for (unsigned i = 0; i < env->base.n_unknown_fields; i++)
         if (env->base.unknown_fields[i].tag == 0)
             return true;
-    const ProtobufCFieldDescriptor *f =
-        protobuf_c_message_descriptor_get_field(&pd__envelope__descriptor, env->body_case);
+    const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(
+        &pd__envelope__descriptor, env->body_case);
     if (!f || f->type != PROTOBUF_C_TYPE_MESSAGE)
         return false;
     const ProtobufCMessage *body;

@@ -610,7 +610,8 @@ static void on_token_chunk(pd_router_t *rt, pd_req_t *r, const Pd__TokenChunk *t
     size_t idx = tc->index, from = r->n_out;
     const char *finish = known_finish(tc->finish_reason);
     if (!finish) { /* before any of its tokens is taken: the re-run starts at n_out */
-        req_abandon(rt, r, 0, "a chunk whose finish_reason is not stop, length or cancelled");
+        req_abandon(rt, r, 0,
+                    "a chunk whose finish_reason is not stop, length or cancelled");
         return;
     }
     if (r->first_held && idx == r->n_out + 1 && r->n_out == r->attempt_first)

@@ -192,7 +192,8 @@ static bool check_register_ipc(pd_router_t *rt, const Pd__Register *rg, char *wh
 static bool name_ok(const char *name)
 {
     size_t n = name ? strlen(name) : 0;
-    if (n >= sizeof ((pd_worker_t *)0)->name || !pd_utf8_valid((const unsigned char *)name, n))
+    if (n >= sizeof((pd_worker_t *)0)->name ||
+        !pd_utf8_valid((const unsigned char *)name, n))
         return false;
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)name[i] < 0x20 || name[i] == 0x7f)
@@ -209,7 +210,7 @@ static bool check_register(pd_router_t *rt, const Pd__Register *rg, char *why, s
         snprintf(why, cap,
                  "the worker name must be valid UTF-8 of at most %zu bytes, without "
                  "control characters",
-                 sizeof ((pd_worker_t *)0)->name - 1);
+                 sizeof((pd_worker_t *)0)->name - 1);
     } else if (rg->model_digest.len != PD_DIGEST_BYTES ||
                memcmp(rg->model_digest.data, rt->digest, PD_DIGEST_BYTES)) {
         char hex[2 * PD_DIGEST_BYTES + 1] = "(none)";
@@ -257,7 +258,8 @@ static void on_register(pd_router_t *rt, const pd_rpc_msg_t *m)
     char why[300];
     if (!check_register(rt, rg, why, sizeof why)) {
         PD_LOG_WARN("registration of worker '%s' (%s) refused: %s",
-                    name_ok(rg->name) ? rg->name : "(a bad name)", role_name(rg->role), why);
+                    name_ok(rg->name) ? rg->name : "(a bad name)", role_name(rg->role),
+                    why);
         reply_register(rt, m, false, 0, why);
         return;
     }

@@ -3,8 +3,9 @@
  *
  * Design: the ISA (scalar reference, AVX2+FMA+F16C, AVX-512 with or without VNNI) is
  * chosen once, from cpuid via __builtin_cpu_supports (which also checks that the OS
- * saves the vector state; F16C straight from CPUID, for clang 14). Each op checks its arguments, grows the scratch it needs
- * (never shrinking it, so steady-state generation allocates nothing), then fans out:
+ * saves the vector state; F16C is read from CPUID itself, for clang 14). Each op
+ * checks its arguments, grows the scratch it needs (never shrinking it, so
+ * steady-state generation allocates nothing), then fans out:
  *   matmul     small T: output rows in chunks of 16-row multiples (mv kernels stream
  *              each weight row once for all T tokens); large T: tasks of one panel of
  *              gemm_nr output rows x a chunk of tokens (gemm kernels pack the panel
@@ -700,8 +701,8 @@ static const pd_cpu_isa_t *pick_isa(const char *name, int *vnni_p, pd_status_t *
         return &pd_cpu_isa_scalar;
 #if defined(PD_KERNELS_X86)
     __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               cpu_has_f16c();
+    int avx2 =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                  __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");

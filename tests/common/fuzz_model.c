@@ -45,7 +45,8 @@ static void detok_all(const pd_tokenizer_t *tok, const int32_t *ids, size_t n)
 static void generate(const pd_model_t *m, const int32_t *ids, size_t n)
 {
     const pd_model_config_t *c = pd_model_config(m);
-    if ((int64_t)c->dim * c->n_layers > 8192 || c->hidden_dim > 4096 || c->vocab_size > 4096)
+    if ((int64_t)c->dim * c->n_layers > 8192 || c->hidden_dim > 4096 ||
+        c->vocab_size > 4096)
         return; /* keep each input fast */
     const pd_tokenizer_t *tok = pd_model_tokenizer(m);
     pd_llm_opts_t o = {.max_ctx = 16, .max_batch_tokens = 4};
@@ -64,8 +65,8 @@ static void generate(const pd_model_t *m, const int32_t *ids, size_t n)
             pd_gen_opts_t go = {.max_tokens = 4, .ignore_eos = true};
             int32_t out[4];
             pd_gen_stats_t st;
-            pd_generate(llm, s, ids, (int32_t)n, pd_tokenizer_eos(tok), pd_tokenizer_bos(tok),
-                        &go, NULL, NULL, out, &st);
+            pd_generate(llm, s, ids, (int32_t)n, pd_tokenizer_eos(tok),
+                        pd_tokenizer_bos(tok), &go, NULL, NULL, out, &st);
         }
         pd_llm_destroy(&llm);
         pd_sampler_destroy(&s);
@@ -87,10 +88,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pd_model_t *m = NULL;
     if (pd_model_open(path, NULL, &m) == PD_OK) {
         const pd_tokenizer_t *tok = pd_model_tokenizer(m);
-        static const char text[] = "Once upon a time, \xe2\x82\xac there\x80 was <0x41> \n\n 12";
+        static const char text[] =
+            "Once upon a time, \xe2\x82\xac there\x80 was <0x41> \n\n 12";
         int32_t ids[12];
         size_t n = 0;
-        pd_status_t st = pd_tokenizer_encode(tok, text, sizeof text - 1, true, ids, 12, &n);
+        pd_status_t st =
+            pd_tokenizer_encode(tok, text, sizeof text - 1, true, ids, 12, &n);
         if (st == PD_OK || st == PD_ERR_RANGE) {
             n = n > 12 ? 12 : n;
             detok_all(tok, ids, n);

@@ -172,8 +172,8 @@ START_TEST(bad_frames_refused)
     pd_rpc_envelope_init(&env, PD__METHOD__KV_DONE, 9);
     env.body_case = PD__ENVELOPE__BODY__NOT_SET; /* the body is appended by hand */
     n = pack_env(&env, buf, sizeof buf);
-    const ProtobufCFieldDescriptor *fd =
-        protobuf_c_message_descriptor_get_field_by_name(&pd__envelope__descriptor, "kv_done");
+    const ProtobufCFieldDescriptor *fd = protobuf_c_message_descriptor_get_field_by_name(
+        &pd__envelope__descriptor, "kv_done");
     ck_assert_ptr_nonnull(fd);
     for (uint32_t tag = fd->id << 3 | 2; tag; tag >>= 7) /* the tag as a varint */
         buf[n++] = (uint8_t)((tag & 0x7f) | (tag >= 0x80 ? 0x80 : 0));
@@ -269,7 +269,8 @@ START_TEST(error_message_is_utf8)
     pd_rpc_msg_clear(&m);
     /* bytes that are not UTF-8: each becomes U+FFFD, the rest stays */
     char *msg = error_message_for("a\xff\xc3(b\xe2\x82");
-    ck_assert_str_eq(msg, "worker said: a\xef\xbf\xbd\xef\xbf\xbd(b\xef\xbf\xbd\xef\xbf\xbd");
+    ck_assert_str_eq(msg,
+                     "worker said: a\xef\xbf\xbd\xef\xbf\xbd(b\xef\xbf\xbd\xef\xbf\xbd");
     free(msg);
     /* two-byte characters cut by the 511-byte limit: no half character at the end */
     char long_s[1200];
