@@ -145,6 +145,15 @@ static int fail(pd_rpc_msg_t *m, Pd__ErrorCode code, const char *fmt, ...)
     return 1;
 }
 
+/* Whether msg itself has an unknown field numbered 0 (see has_field_zero). */
+static bool unknown_field_zero(const ProtobufCMessage *msg)
+{
+    for (unsigned i = 0; i < msg->n_unknown_fields; i++)
+        if (msg->unknown_fields[i].tag == 0)
+            return true;
+    return false;
+}
+
 /* Whether msg, or a message inside it, holds an unknown field numbered 0. Field
  * numbers start at 1 and Google's parsers refuse 0; protobuf-c 1.4 refuses the tag
  * byte 0x00 but takes the same tag written in two bytes (0x80 0x00) as an unknown
@@ -152,9 +161,8 @@ static int fail(pd_rpc_msg_t *m, Pd__ErrorCode code, const char *fmt, ...)
  * parse at the peer it is relayed to. Descends only through set message fields. */
 static bool has_field_zero(const ProtobufCMessage *msg)
 {
-    for (unsigned i = 0; i < msg->n_unknown_fields; i++)
-        if (msg->unknown_fields[i].tag == 0)
-            return true;
+    if (unknown_field_zero(msg))
+        return true;
     const ProtobufCMessageDescriptor *d = msg->descriptor;
     const char *base = (const char *)msg;
     for (unsigned i = 0; i < d->n_fields; i++) {
@@ -190,9 +198,8 @@ static bool has_field_zero(const ProtobufCMessage *msg)
  * much as half the unpack). */
 static bool envelope_has_field_zero(const Pd__Envelope *env)
 {
-    for (unsigned i = 0; i < env->base.n_unknown_fields; i++)
-        if (env->base.unknown_fields[i].tag == 0)
-            return true;
+    if (unknown_field_zero(&env->base))
+        return true;
     const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(
         &pd__envelope__descriptor, env->body_case);
     if (!f || f->type != PROTOBUF_C_TYPE_MESSAGE)

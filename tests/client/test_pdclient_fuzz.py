@@ -12,9 +12,7 @@ import os
 import random
 import subprocess
 import sys
-import threading
 
-import zmq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools"))
@@ -24,6 +22,7 @@ import pdtest  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(pdtest.BIN)), "python"))
 import pd_pb2 as pb  # noqa: E402
 import pdfuzz  # noqa: E402
+from test_pdclient import FakeRouter  # noqa: E402
 
 SEED = int(os.environ.get("PD_FUZZ_SEED", "1"))
 SLOW = 3 if os.environ.get("PD_ASAN") else 1
@@ -70,17 +69,13 @@ def reply_frames(r, rid):
     return frames
 
 
-class HostileRouter(threading.Thread):
+class HostileRouter(FakeRouter):
+    """test_pdclient.py's fake router (its socket, thread and stop), answering with
+    random scripts instead of well-formed streams."""
+
     def __init__(self, seed):
-        super().__init__(daemon=True)
+        super().__init__()
         self.r = random.Random(seed)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.stop_flag = threading.Event()
-        self.generates = 0
 
     def run(self):
         r = self.r
@@ -121,13 +116,6 @@ class HostileRouter(threading.Thread):
                 err.error.message = "fake failure"
                 self.sock.send_multipart([ident, err.SerializeToString()])
             # else: silence; pdctl's --timeout ends it
-
-    def stop(self):
-        self.stop_flag.set()
-        self.join(timeout=5)
-        self.sock.close(0)
-        self.ctx.term()
-
 
 def utf8(b):
     try:

@@ -53,6 +53,59 @@ def reference(prompt, n):
     return pdcluster.reference(["--model", MODEL], prompt, n)
 
 
+class RealWorkers:
+    """pd-prefill / pd-decode processes on a routerlib cluster, logging to temp files;
+    close() kills what is left and prints the logs when a check failed."""
+
+    def __init__(self, c):
+        self.c, self.procs, self.logs = c, [], []
+
+    def start(self, binary, name, transport, *extra):
+        """Starts one; whether it registered within 30 s."""
+        logf = tempfile.NamedTemporaryFile(prefix=f"{binary}-", suffix=".log", delete=False)
+        self.logs.append(logf.name)
+        self.procs.append(subprocess.Popen(
+            [os.path.join(BIN, binary), "--model", MODEL, "--router", self.c.worker_ep,
+             "--threads", "1", "--kv-transport", transport, "--name", name, *extra],
+            stdout=logf, stderr=logf))
+        logf.close()
+        end = time.monotonic() + 30 * SLOW
+        while "registered" not in log_of(logf.name) and time.monotonic() < end:
+            self.c.sleep(0.05)
+        return "registered" in log_of(logf.name)
+
+    def terminate(self):
+        """SIGTERM to each; their exit statuses (None: still running after 30 s)."""
+        for p in self.procs:
+            p.terminate()
+        rcs = []
+        for p in self.procs:
+            try:
+                rcs.append(p.wait(30 * SLOW))
+            except subprocess.TimeoutExpired:
+                rcs.append(None)
+        return rcs
+
+    def close(self, f):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        for path in self.logs:
+            if f.items:
+                print(f"---- {path} (tail) ----\n" + log_of(path)[-4000:])
+            os.unlink(path)
+
+
+def collect_ended(cl, done):
+    """Adds to done the ids of cl's requests that ended (an ERROR or a last chunk)."""
+    cl._recv_some(0)
+    for e, _ in cl.inbox:
+        if e.method == pb.ERROR or (e.method == pb.CHUNK and e.chunk.finish_reason):
+            done.add(e.request_id)
+    cl.inbox = [x for x in cl.inbox if x[0].request_id not in done]
+
+
 def kv_rows(r, p, t, n_ids, row_bytes, n_layers):
     """Every layer's rows in order, in random pieces of random bytes (the shape is
     right, the checksum in the KV_DONE after them cannot be)."""
@@ -116,16 +169,11 @@ def test_bad_prefill_peer(f, make):
              "--max-retries", "1")
     p = c.worker(pb.PREFILL, "p0", transport=pb.ZMQ)
     f.check(p.register(no_ucx=True).accepted, "the fake prefill worker registers")
-    logf = tempfile.NamedTemporaryFile(prefix="pd-decode-", suffix=".log", delete=False)
-    d = subprocess.Popen([os.path.join(BIN, "pd-decode"), "--model", MODEL, "--router",
-                          c.worker_ep, "--threads", "1", "--kv-transport", "zmq",
-                          "--local-prefill", "--name", "d0", "--kv-blocks", "64"],
-                         stdout=logf, stderr=logf)
+    real = RealWorkers(c)
     try:
-        end = time.monotonic() + 30 * SLOW
-        while "registered" not in log_of(logf.name) and time.monotonic() < end:
-            c.sleep(0.05)
-        f.check("registered" in log_of(logf.name), "pd-decode registered")
+        f.check(real.start("pd-decode", "d0", "zmq", "--local-prefill", "--kv-blocks", "64"),
+                "pd-decode registered")
+        d = real.procs[0]
         row_bytes = c.layout["n_kv_heads"] * c.layout["head_dim"] * 4  # f32 KV
         cl = c.client()
         n_req, tasks = 24, 0
@@ -147,11 +195,7 @@ def test_bad_prefill_peer(f, make):
                 elif e.method == pb.KV_TARGET and t in waiting:  # D reserved: answer
                     kv_script(r, p, t, waiting.pop(t), row_bytes, c.layout["n_layers"])
             p.inbox = []
-            cl._recv_some(0)
-            for e, _ in cl.inbox:
-                if e.method == pb.ERROR or (e.method == pb.CHUNK and e.chunk.finish_reason):
-                    done.add(e.request_id)
-            cl.inbox = [x for x in cl.inbox if x[0].request_id not in done]
+            collect_ended(cl, done)
         f.check(d.poll() is None, f"pd-decode is up after {tasks} fuzzed prefill tasks "
                 f"(status {d.poll()})")
         f.check(len(done) == n_req, f"every fuzzed request ended: {len(done)} of {n_req}")
@@ -164,22 +208,13 @@ def test_bad_prefill_peer(f, make):
         ids = [i for ch in chunks for i in ch.ids]
         f.check(err is None and ids == want, f"local prefill after the fuzz: {ids} == {want}"
                 f" ({err and err.error.message})")
-        d.terminate()
-        try:
-            rc = d.wait(30 * SLOW)
-        except subprocess.TimeoutExpired:
-            rc = None
-        f.check(rc == 0, f"pd-decode exits 0 on SIGTERM ({rc})")
+        rcs = real.terminate()
+        f.check(rcs == [0], f"pd-decode exits 0 on SIGTERM: {rcs}")
         f.check(c.stop() == 0, "pd-router exits 0")
     except Timeout as e:
         f.check(False, f"timeout: {e}")
     finally:
-        if d.poll() is None:
-            d.kill()
-        d.wait(10)
-        if f.items:
-            print("---- pd-decode log (tail) ----\n" + log_of(logf.name)[-4000:])
-        os.unlink(logf.name)
+        real.close(f)
 
 
 def d_script(r, d, t):
@@ -216,22 +251,10 @@ def prefill_load(c, name):
 def test_bad_decode_peer(f, make):
     r = random.Random(SEED)
     c = make("--lease-ms", "1500", "--max-retries", "1")
-    logs, procs = [], []
-
-    def start(binary, name, *extra):
-        logf = tempfile.NamedTemporaryFile(prefix=f"{binary}-", suffix=".log", delete=False)
-        logs.append(logf.name)
-        procs.append(subprocess.Popen(
-            [os.path.join(BIN, binary), "--model", MODEL, "--router", c.worker_ep,
-             "--threads", "1", "--kv-transport", "ucx", "--name", name, *extra],
-            stdout=logf, stderr=logf))
-        end = time.monotonic() + 30 * SLOW
-        while "registered" not in log_of(logf.name) and time.monotonic() < end:
-            c.sleep(0.05)
-        return "registered" in log_of(logf.name)
-
+    real = RealWorkers(c)
     try:
-        f.check(start("pd-prefill", "p0", "--kv-blocks", "256"), "pd-prefill registered")
+        f.check(real.start("pd-prefill", "p0", "ucx", "--kv-blocks", "256"),
+                "pd-prefill registered")
         d = c.worker(pb.DECODE, "fd0")
         f.check(d.register().accepted, "the fake decode worker registers")
         total = prefill_load(c, "p0").total_blocks
@@ -245,7 +268,7 @@ def test_bad_decode_peer(f, make):
             cl.generate(rid, prompt_ids=ids, max_tokens=r.choice([1, 4]),
                         deadline_ms=deadline)
         end = time.monotonic() + 120 * SLOW
-        while len(done) < n_req and time.monotonic() < end and procs[0].poll() is None:
+        while len(done) < n_req and time.monotonic() < end and real.procs[0].poll() is None:
             c.tick()
             d._recv_some(0.02)
             for e, _ in d.inbox:  # KV_READY, KV_DONE, TASK_CANCEL need no answer
@@ -253,13 +276,9 @@ def test_bad_decode_peer(f, make):
                     tasks += 1
                     d_script(r, d, e.request_id)
             d.inbox = []
-            cl._recv_some(0)
-            for e, _ in cl.inbox:
-                if e.method == pb.ERROR or (e.method == pb.CHUNK and e.chunk.finish_reason):
-                    done.add(e.request_id)
-            cl.inbox = [x for x in cl.inbox if x[0].request_id not in done]
-        f.check(procs[0].poll() is None, f"pd-prefill is up after {tasks} fuzzed decode "
-                f"tasks (status {procs[0].poll()})")
+            collect_ended(cl, done)
+        f.check(real.procs[0].poll() is None, f"pd-prefill is up after {tasks} fuzzed "
+                f"decode tasks (status {real.procs[0].poll()})")
         f.check(len(done) == n_req, f"every fuzzed request ended: {len(done)} of {n_req}")
         # every block comes back: released, cancelled or out of its hold (lease)
         d.auto_hb = False
@@ -274,7 +293,7 @@ def test_bad_decode_peer(f, make):
         print(f"seed {SEED}: {tasks} decode tasks answered at random, {len(done)} requests "
               f"ended", flush=True)
         # pd-prefill still serves: with a real decode worker the request is exact
-        f.check(start("pd-decode", "d0"), "pd-decode registered")
+        f.check(real.start("pd-decode", "d0", "ucx"), "pd-decode registered")
         want = reference(PROMPT, 12)
         cl.generate(1000, prompt=PROMPT, max_tokens=12)
         chunks, err = cl.stream(1000, timeout=60)
@@ -283,27 +302,13 @@ def test_bad_decode_peer(f, make):
                 f" ({err and err.error.message})")
         f.check(chunks and chunks[-1].usage.prefill_worker == "p0",
                 "prefilled by pd-prefill, not locally")
-        for p in procs:
-            p.terminate()
-        rcs = []
-        for p in procs:
-            try:
-                rcs.append(p.wait(30 * SLOW))
-            except subprocess.TimeoutExpired:
-                rcs.append(None)
+        rcs = real.terminate()
         f.check(rcs == [0, 0], f"pd-prefill and pd-decode exit 0 on SIGTERM: {rcs}")
         f.check(c.stop() == 0, "pd-router exits 0")
     except Timeout as e:
         f.check(False, f"timeout: {e}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-        for path in logs:
-            if f.items:
-                print(f"---- {path} (tail) ----\n" + log_of(path)[-4000:])
-            os.unlink(path)
+        real.close(f)
 
 
 def garbage_frames(r):
