@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds with -Werror, runs every test through CTest (and
-# the no-service configuration's with clang), then builds again under
+# the no-service configuration's with clang, and the GPU tests on cudasim, the CUDA
+# backend's CPU emulation), then builds again under
 # AddressSanitizer + UndefinedBehaviorSanitizer and runs the tests once more, and
 # last runs the libFuzzer targets for a bounded count. Exits non-zero if anything
 # fails.
@@ -40,6 +41,16 @@ if ldd build-noservice/bin/pdctl | grep -E "libzmq|libucp|libucs|libuv|libprotob
 fi
 build-noservice/bin/pdctl generate --model "$root/../shared/models/stories260K.gguf" \
   --prompt "Once upon a time" --max-tokens 8 > /dev/null
+echo "== the CUDA backend on cudasim (its kernels and host code on the CPU): the GPU tests"
+# tools/cudasim/README.md: kernels/cuda/*.cu and the backend's host code, unchanged,
+# built as C++ against a CPU implementation of the CUDA runtime and cuBLAS, so that
+# tests/gpu's programs and scripts run without a GPU (ctest -L cudasim). This checks
+# the code's logic, not its speed; `-LE long` leaves out the ~5-minute golden run
+# with --cuda-graphs (test_cuda_graphs and the cluster test cover graphs).
+cmake -S . -B build-cudasim -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPD_WERROR=ON \
+      -DPD_CUDA_SIM=ON -DPD_BUILD_TESTS=OFF > /dev/null
+cmake --build build-cudasim -j"$jobs"
+ctest --test-dir build-cudasim --output-on-failure -L cudasim -LE long -j"$jobs"
 if [ "${1:-}" != "--no-sanitizers" ]; then
   echo "== build (ASan + UBSan)"
   # without the CUDA backend: it cannot run here (no GPU), the plain build above

@@ -6,6 +6,17 @@
 #ifndef PD_CUDA_CP_ASYNC_CUH
 #define PD_CUDA_CP_ASYNC_CUH
 
+#ifdef PD_CUDA_SIM
+/* cudasim (tools/cudasim): the copy lands at the wait, not before. */
+static inline void cp_async16(void *smem, const void *gmem)
+{
+    ::pd_sim::cp_async16(smem, gmem);
+}
+static inline void cp_async_wait_all()
+{
+    ::pd_sim::cp_async_wait_all();
+}
+#else
 /* 16 bytes from gmem to smem, both 16-byte aligned. */
 static __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
 {
@@ -19,5 +30,6 @@ static __device__ __forceinline__ void cp_async_wait_all()
 {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
+#endif
 
 #endif

@@ -1,18 +1,18 @@
-"""On a GPU (run by tests/gpu/run.sh when the service was built, not CTest): the
-disaggregated cluster with both workers on the GPU. For each KV transport (ucx: the
-pinned host copies over UCX; cuda-ipc: GPU to GPU through CUDA IPC, no host copy),
-`pdctl up --device cuda --prefill 1 --decode 1` serves every stories260K golden line
-with its exact greedy ids through `pdctl complete`, alone and 16 in flight, with a
-prompt long enough for layer-wise streaming (--kv-layerwise-min 8); the decode
-worker's log must show KV reads for every request and no checksum mismatch; Ctrl-C
-stops the cluster with status 0. Then cuda-ipc once more with --cuda-graphs: the same
-ids, and the decode worker's exit line must show graph replays and no failed one. Last,
-a cluster started by hand whose prefill and decode pools differ in size (300 and 97
-blocks: the reader must use the peer's own layer stride), every golden line exact and
-SIGTERM ending every process with status 0. Needs only pdctl and the Python standard library (a
-GPU host may have no pyzmq). PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests;
-PD_TEST_DEVICE=cpu PD_TEST_TRANSPORTS=ucx runs the same on the CPU (a check of the
-test itself)."""
+"""On a GPU (run by tests/gpu/run.sh when the service was built; CTest runs it on
+cudasim): the disaggregated cluster with both workers on the GPU. For each KV transport
+(ucx: the pinned host copies over UCX; cuda-ipc: GPU to GPU through CUDA IPC, no host
+copy), `pdctl up --device cuda --prefill 1 --decode 1` serves every stories260K golden
+line with its exact greedy ids through `pdctl complete`, alone and 16 in flight, with a
+prompt long enough for layer-wise streaming (--kv-layerwise-min 8); the decode worker's
+log must show KV reads for every request and no checksum mismatch; Ctrl-C stops the
+cluster with status 0. Then cuda-ipc once more with --cuda-graphs: the same ids, and the
+decode worker's exit line must show graph replays and no failed one. Last, a cluster
+started by hand whose prefill and decode pools differ in size (300 and 97 blocks: the
+reader must use the peer's own layer stride), every golden line exact and SIGTERM ending
+every process with status 0. Needs only pdctl and the Python standard library (a GPU
+host may have no pyzmq). PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests;
+PD_TEST_DEVICE=cpu PD_TEST_TRANSPORTS=ucx runs the same on the CPU (a check of the test
+itself)."""
 import glob
 import json
 import os

@@ -1,5 +1,5 @@
 /* test_cuda_graphs.c - decode passes replayed as CUDA graphs against the same passes
- * run op by op, on a GPU (run by tests/gpu/run.sh; not CTest: CI has no GPU).
+ * run op by op, on a GPU (run by tests/gpu/run.sh; CTest runs it on cudasim).
  *
  * Two llms on one CUDA backend, each over its own device KV pool with the same block
  * tables, one with cuda_graphs and one without, get the same batches of stories260K:

@@ -1,4 +1,4 @@
-"""On a GPU (run by tests/gpu/run.sh, not CTest): every golden line through
+"""On a GPU (run by tests/gpu/run.sh; CTest runs it on cudasim): every golden line through
 `pdctl generate --device cuda` with F32 weights gives its exact greedy ids: alone
 (whole prompt in one pass, and in chunks of 3), GGUF and llama2.c, then all lines of a
 model batched (--prompts, 16 in flight, twice each, staggered), and batched with
@@ -9,7 +9,9 @@ the first tokens must agree on at least half the prompts, and the disagreement r
 the report. PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests; MODEL_DIR (optional)
 where to write the generated model. PD_TEST_CUDA_GRAPHS=1: every golden run (alone,
 batched, speculative) with --cuda-graphs, which must not change a single id; the BF16
-report is left out then."""
+report is left out then. PD_TEST_BF16_PRESET: the mkmodel preset of the BF16 report
+(default 110M; the cudasim run in CI uses 15M, which the CPU emulation runs in
+seconds)."""
 import json
 import os
 import subprocess
@@ -94,11 +96,13 @@ for model, gs in by_model.items():
 if GRAPHS:  # the BF16 report does not change with graphs (test_cuda_graphs checks that)
     f.finish()  # exits
 
-# BF16 against F32 on a random 110M model (no golden: agreement is reported)
+# BF16 against F32 on a random mkmodel model, 110M unless PD_TEST_BF16_PRESET says
+# otherwise (no golden: agreement is reported)
 mdir = os.environ.get("MODEL_DIR", TMP)
-m110 = os.path.join(mdir, "m110-f32.gguf")
+preset = os.environ.get("PD_TEST_BF16_PRESET", "110M")
+m110 = os.path.join(mdir, f"m{preset.lower()}-f32.gguf")
 if not os.path.exists(m110):
-    pdctl("mkmodel", "--preset", "110M", "--dtype", "f32", "-o", m110, timeout=600)
+    pdctl("mkmodel", "--preset", preset, "--dtype", "f32", "-o", m110, timeout=600)
 prompts = ["Once upon a time", "The capital of France is", "def fib(n):",
            "In the beginning", "Hello, my name is", "1, 2, 3, 4,", "The quick brown fox",
            "It was a dark and stormy night"]
@@ -118,7 +122,7 @@ diverge = []
 for i in res["f32"]:
     a, b = res["f32"][i], res["bf16"][i]
     diverge.append(next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
-report = {"prompts": len(prompts), "first_token_agree": first_same,
+report = {"preset": preset, "prompts": len(prompts), "first_token_agree": first_same,
           "first_token_disagreement_rate": 1 - first_same / len(prompts),
           "mean_first_difference_position": sum(diverge) / len(diverge),
           "tokens_compared": 32}
