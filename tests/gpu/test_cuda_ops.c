@@ -677,9 +677,17 @@ static void test_sampling(pd_kernels_t *k)
 {
     const int64_t rows = 256, vocab = 32000;
     float *logits = rand_vec(rows * vocab, 4.0f);
-    for (int64_t r = 0; r < rows; r++) /* a clear winner in some rows */
+    for (int64_t r = 0; r < rows; r++) { /* a clear winner in some rows */
         if (r % 3 == 0)
             logits[r * vocab + (r * 7919) % vocab] = 12.0f;
+        if (r % 3 == 1) { /* 48 live tokens spread over the vocabulary: the top-p
+                             kernel's candidate compaction, across all its warps */
+            for (int64_t i = 0; i < vocab; i++)
+                logits[r * vocab + i] = -30.0f;
+            for (int j = 0; j < 48; j++)
+                logits[r * vocab + (r * 7919 + j * 661) % vocab] = frand() * 2.0f;
+        }
+    }
     float *dl = dev_put(logits, rows * vocab * 4);
     int32_t *ids = malloc(rows * 4);
     int ok = k->argmax(k, dl, rows, vocab, ids) == PD_OK;
@@ -757,6 +765,18 @@ static void test_sampling(pd_kernels_t *k)
     check(ok && in_nucleus, "top-p: every draw in its nucleus (greedy rows exact)", 0, 0);
     check(same >= rows * 97 / 100, "top-p: draws equal the host rule's",
           (double)(rows - same) / rows, 0.03);
+    /* batch invariance: each row sampled alone draws the same token as in the batch
+     * (its block's arithmetic does not depend on the other rows) */
+    int alone_same = 1;
+    for (int64_t r = 0; r < rows; r++) {
+        int32_t one = -1;
+        if (pdc_sample_top_p(0, dl + r * vocab, 1, vocab, dt + r, dp + r, du + r, dids) !=
+            cudaSuccess)
+            alone_same = 0;
+        dev_get(&one, dids, 4);
+        alone_same &= one == got[r];
+    }
+    check(alone_same, "top-p: a row sampled alone == in the batch (exact)", 0, 0);
     cudaFree(dl);
     cudaFree(dt);
     cudaFree(dp);
