@@ -1,5 +1,5 @@
-"""On a GPU (run by tests/gpu/run.sh; CTest runs it on cudasim): every golden line through
-`pdctl generate --device cuda` with F32 weights gives its exact greedy ids: alone
+"""On a GPU (run by tests/gpu/run.sh; CTest runs it on cudasim): every golden line
+through `pdctl generate --device cuda` with F32 weights gives its exact greedy ids: alone
 (whole prompt in one pass, and in chunks of 3), GGUF and llama2.c, then all lines of a
 model batched (--prompts, 16 in flight, twice each, staggered), and batched with
 speculative decoding (n-gram, and the llama2xs draft for stories260K). Then the BF16
@@ -10,8 +10,7 @@ the report. PD_BIN_DIR and PD_SHARED_DIR as for the CPU tests; MODEL_DIR (option
 where to write the generated model. PD_TEST_CUDA_GRAPHS=1: every golden run (alone,
 batched, speculative) with --cuda-graphs, which must not change a single id; the BF16
 report is left out then. PD_TEST_BF16_PRESET: the mkmodel preset of the BF16 report
-(default 110M; the cudasim run in CI uses 15M, which the CPU emulation runs in
-seconds)."""
+(default 110M; the cudasim run in CI uses 15M, as the CPU emulation is slow)."""
 import json
 import os
 import subprocess
@@ -100,9 +99,9 @@ if GRAPHS:  # the BF16 report does not change with graphs (test_cuda_graphs chec
 # otherwise (no golden: agreement is reported)
 mdir = os.environ.get("MODEL_DIR", TMP)
 preset = os.environ.get("PD_TEST_BF16_PRESET", "110M")
-m110 = os.path.join(mdir, f"m{preset.lower()}-f32.gguf")
-if not os.path.exists(m110):
-    pdctl("mkmodel", "--preset", preset, "--dtype", "f32", "-o", m110, timeout=600)
+mpath = os.path.join(mdir, f"m{preset.lower()}-f32.gguf")
+if not os.path.exists(mpath):
+    pdctl("mkmodel", "--preset", preset, "--dtype", "f32", "-o", mpath, timeout=600)
 prompts = ["Once upon a time", "The capital of France is", "def fib(n):",
            "In the beginning", "Hello, my name is", "1, 2, 3, 4,", "The quick brown fox",
            "It was a dark and stormy night"]
@@ -112,7 +111,7 @@ with open(path, "w") as fh:
         fh.write(json.dumps({"prompt": p, "max_tokens": 32}) + "\n")
 res = {}
 for label, extra in (("f32", []), ("bf16", ["--weight-dtype", "bf16"])):
-    _, out, _ = pdctl("generate", "--model", m110, "--prompts", path, "--ignore-eos",
+    _, out, _ = pdctl("generate", "--model", mpath, "--prompts", path, "--ignore-eos",
                       "--temperature", 0, "--format", "json", "--device", DEV, *extra,
                       timeout=600)
     res[label] = {r["index"]: r["ids"] for r in map(json.loads, out.decode().splitlines())
