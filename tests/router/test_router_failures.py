@@ -90,7 +90,9 @@ def test_decode_dies_midstream(f, make):
             f"usage after a re-run: {u.retries} {u.completion_tokens} {u.decode_worker}")
     s = cl.call(pb.STATS, "stats", pb.STATS_REPLY, rid=1).stats_reply
     dead = [w for w in s.workers if w.name == dA.name]
-    f.check(s.retries == 1 and dead and not dead[0].alive, "STATS: one retry, a dead worker")
+    f.check(s.retries == 1 and dead and not dead[0].alive,
+            f"STATS: one retry, a dead worker (retries {s.retries}, workers "
+            f"{[(w.name, w.alive, w.last_heartbeat_ms_ago) for w in s.workers]})")
     f.check(c.stop() == 0, "exit 0")
 
 
