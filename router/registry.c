@@ -219,7 +219,10 @@ void pd_registry_prune(pd_registry_t *reg, uint64_t now_ms, uint64_t keep_ms)
     size_t j = 0;
     for (size_t i = 0; i < reg->n; i++) {
         pd_worker_t *w = reg->w[i];
-        if (!w->alive && now_ms - w->dead_since_ms >= keep_ms)
+        /* now_ms may be older than dead_since_ms (the caller read its clock first):
+         * the unsigned difference would wrap and prune a worker that just died */
+        if (!w->alive && now_ms >= w->dead_since_ms &&
+            now_ms - w->dead_since_ms >= keep_ms)
             worker_free(w);
         else
             reg->w[j++] = w;
