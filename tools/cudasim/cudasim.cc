@@ -637,7 +637,7 @@ void run_grid(const pd_sim::Cfg &c, const std::function<void()> &body, const cha
     n_block += (unsigned long long)c.g.x * c.g.y * c.g.z;
     n_thread += (unsigned long long)c.g.x * c.g.y * c.g.z * (unsigned long long)blk.n;
     blk.body = &body;
-    blk.dyn.assign(c.smem ? c.smem : 16, (char)0xff);
+    blk.dyn.resize(c.smem ? c.smem : 16); /* filled with NaN bytes per block, below */
     site_file = file;
     site_line = line;
     for (int i = 0; i < blk.n; i++) {
@@ -1435,12 +1435,6 @@ cudaError_t cudaIpcCloseMemHandle(void *p)
     ipc_maps.erase(it);
     regions.erase((uintptr_t)p);
     return cudaSuccess;
-}
-
-int pd_sim_device_accessible(const void *p)
-{
-    LOCK;
-    return p && find_region(p, nullptr) != nullptr;
 }
 
 /* ------------------------------------------------------------------ cuBLAS ---- */

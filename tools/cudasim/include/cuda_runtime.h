@@ -167,10 +167,6 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t *h, void *p);
 cudaError_t cudaIpcOpenMemHandle(void **p, cudaIpcMemHandle_t h, unsigned flags);
 cudaError_t cudaIpcCloseMemHandle(void *p);
 
-/* cudasim's own: 1 when p lies in memory a kernel may read (device, pinned or
- * registered host memory, an IPC mapping). */
-int pd_sim_device_accessible(const void *p);
-
 #ifdef __cplusplus
 }
 #endif
